@@ -1,0 +1,619 @@
+"""The borg worker: a child process that owns one borg repository connection.
+
+This module is the only code in vbremote that imports ``borg``. It runs as
+``python -m vbremote._borg._worker`` so that borg's process-wide habits
+(logging setup, passphrase prompts, environment variables, per-process
+repository locks, umask) stay in a process of their own. It reads calls from
+stdin and answers on the pipe it was given (see ``_protocol``).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import os
+import stat
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from typing import Any, BinaryIO
+
+from . import _protocol
+
+# --- borg is imported below, after stdout has been moved out of the way ---
+
+ZERO = bytes(4 << 20)
+
+# vbremote's default disk block size, kept in the manifest's config (borg keeps
+# unknown keys there when it rewrites the manifest). Keys there are bytes.
+_BLOCK_SIZE_KEY = b"vbremote_block_size"
+
+
+class _Refused(Exception):
+    """Raised in place of a terminal prompt: vbremote never waits on a terminal."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class _ForwardingHandler(logging.Handler):
+    """Sends log records to the parent and remembers the remote's recent words."""
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(logging.INFO)
+        self.worker = worker
+        self.remote_lines: collections.deque[str] = collections.deque(maxlen=20)
+        self.errors: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed borg log call must not kill the worker
+            message = str(record.msg)
+        if message.startswith("Remote: "):
+            self.remote_lines.append(message[len("Remote: ") :].strip())
+        if record.levelno >= logging.ERROR:
+            self.errors.append(message)
+        self.worker.send((_protocol.LOG, record.levelno, record.name, message))
+
+
+class Worker:
+    def __init__(self, rfile: BinaryIO, wfile: BinaryIO) -> None:
+        self.rfile = rfile
+        self.wfile = wfile
+        self.repository: Any = None
+        self.key: Any = None
+        self.manifest: Any = None
+        self.location = ""
+        self.append_only: bool | None = None
+        self.handler = _ForwardingHandler(self)
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2))
+
+    def send(self, message: Any) -> None:
+        _protocol.send(self.wfile, message)
+
+    # -- the loop ---------------------------------------------------------
+
+    def serve(self) -> None:
+        while True:
+            try:
+                op, kwargs = _protocol.receive(self.rfile)
+            except EOFError:
+                break
+            if op == "close":
+                self.close()
+                self.send((_protocol.OK, None))
+                break
+            self.handler.errors.clear()
+            try:
+                result = getattr(self, "op_" + op)(**kwargs)
+            except BaseException as exc:
+                kind, message, context = classify(exc, self.handler.remote_lines)
+                if kind == "borg" and not isinstance(exc, Exception):
+                    raise
+                if kind == "internal":
+                    logging.getLogger("vbremote.borg.worker").error(
+                        "unexpected error in the borg worker:\n%s", traceback.format_exc()
+                    )
+                self.send((_protocol.ERROR, kind, message, context))
+                if op in ("open", "init"):
+                    break
+            else:
+                self.send((_protocol.OK, result))
+        self.close()
+
+    def close(self) -> None:
+        if self.repository is not None:
+            repository, self.repository = self.repository, None
+            try:
+                repository.__exit__(None, None, None)
+            except Exception:
+                logging.getLogger("vbremote.borg.worker").exception("closing the repository failed")
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- opening ----------------------------------------------------------
+
+    def _connect(self, transport: Any, *, create: bool, lock_wait: float, exclusive: bool) -> Any:
+        from borg.helpers import Location
+        from borg.remote import RemoteRepository
+        from borg.repository import Repository
+
+        self.location = transport.location
+        command = transport.serve_command()
+        if command is None:
+            repository = Repository(
+                transport.path, create=create, exclusive=exclusive, lock_wait=lock_wait,
+                lock=True, make_parent_dirs=create,
+            )
+        else:
+            argv = list(command)
+
+            class CommandRepository(RemoteRepository):  # type: ignore[misc]
+                """borg's remote repository, started by the transport's own command line."""
+
+                def borg_cmd(self, args: Any, testing: bool) -> list[str]:
+                    return []
+
+                def ssh_cmd(self, location: Any) -> list[str]:
+                    return argv
+
+            args = _RemoteArgs(upload_ratelimit=transport.upload_ratelimit)
+            # borg wants a Location; the host part is never used since the
+            # command line comes from the transport.
+            location = Location("ssh://vbremote-transport" + _url_path(transport.path))
+            repository = CommandRepository(
+                location, create=create, exclusive=exclusive, lock_wait=lock_wait,
+                lock=True, make_parent_dirs=create, args=args,
+            )
+        repository.__enter__()
+        self.repository = repository
+        return repository
+
+    def op_init(
+        self, transport: Any, encryption: str, passphrase: str | None, lock_wait: float,
+        block_size: int, compression: str,
+    ) -> dict[str, Any]:
+        from borg.cache import Cache
+        from borg.crypto.key import key_creator, tam_required_file
+        from borg.helpers import Location, Manifest
+
+        _set_passphrase(passphrase, new=True)
+        repository = self._connect(transport, create=True, lock_wait=lock_wait, exclusive=True)
+        args = _InitArgs(encryption=encryption, location=Location(_borg_location(transport)))
+        key = key_creator(repository, args)
+        manifest = Manifest(key, repository)
+        manifest.key = key
+        manifest.config[_BLOCK_SIZE_KEY] = block_size
+        manifest.write()
+        repository.commit(compact=False)
+        with Cache(repository, key, manifest, warn_if_unencrypted=False):
+            pass
+        if key.tam_required:
+            open(tam_required_file(repository), "w").close()
+        self.key, self.manifest = key, manifest
+        self._set_compression(compression)
+        return self._describe(transport)
+
+    def op_open(
+        self, transport: Any, passphrase: str | None, lock_wait: float, exclusive: bool,
+        compression: str,
+    ) -> dict[str, Any]:
+        from borg.cache import assert_secure
+        from borg.helpers import Manifest
+
+        _set_passphrase(passphrase, new=False)
+        repository = self._connect(transport, create=False, lock_wait=lock_wait, exclusive=exclusive)
+        self.manifest, self.key = Manifest.load(repository, Manifest.NO_OPERATION_CHECK)
+        assert_secure(repository, self.manifest, lock_wait)
+        self._set_compression(compression)
+        return self._describe(transport)
+
+    def _set_compression(self, compression: str) -> None:
+        from borg.compress import CompressionSpec
+
+        try:
+            self.key.compressor = CompressionSpec(compression).compressor
+        except Exception as exc:  # borg raises argparse's error type here
+            raise _Refused("config", f"invalid compression {compression!r}: {exc}") from exc
+
+    def _describe(self, transport: Any) -> dict[str, Any]:
+        local_append_only = getattr(self.repository, "append_only", None)
+        self.append_only = local_append_only if transport.serve_command() is None else transport.append_only
+        return {
+            "id": self.repository.id.hex(),
+            "encryption": self.key.ARG_NAME,
+            "id_hash": "blake2b" if "blake2" in (self.key.ARG_NAME or "") else "sha256",
+            "append_only": self.append_only,
+            "block_size": self.manifest.config.get(_BLOCK_SIZE_KEY),
+        }
+
+    def _reload_manifest(self) -> None:
+        from borg.helpers import Manifest
+
+        self.manifest, _ = Manifest.load(self.repository, Manifest.NO_OPERATION_CHECK, key=self.key)
+
+    # -- reading ----------------------------------------------------------
+
+    def op_archives(self, known: frozenset[str]) -> list[dict[str, Any]]:
+        """Every archive, with its comment unless its id is in ``known``."""
+        from borg.item import ArchiveItem
+
+        self._reload_manifest()
+        infos = list(self.manifest.archives.list(sort_by=("ts",)))
+        wanted = [info.id for info in infos if info.id.hex() not in known]
+        comments: dict[bytes, str] = {}
+        if wanted:
+            for archive_id, cdata in zip(wanted, self.repository.get_many(wanted), strict=True):
+                data = self.key.decrypt(archive_id, cdata)
+                archive, _, _ = self.key.unpack_and_verify_archive(data, force_tam_not_required=True)
+                comments[archive_id] = ArchiveItem(internal_dict=archive).get("comment", "")
+        return [
+            {
+                "name": info.name,
+                "id": info.id.hex(),
+                "time": info.ts.replace(tzinfo=timezone.utc) if info.ts.tzinfo is None else info.ts,
+                "comment": comments.get(info.id),
+            }
+            for info in infos
+        ]
+
+    def _archive(self, name: str, cache: Any = None) -> Any:
+        from borg.archive import Archive
+
+        return Archive(self.repository, self.key, self.manifest, name, cache=cache)
+
+    def op_chunk_list(self, archive: str, path: str) -> tuple[int, list[tuple[bytes, int]]]:
+        self._reload_manifest()
+        found = None
+        for item in self._archive(archive).iter_items(filter=lambda item: item.path == path):
+            found = item
+        if found is None or "chunks" not in found:
+            raise _Refused("file_missing", f"archive {archive!r} has no file {path!r}")
+        chunks = [(bytes(c.id), int(c.size)) for c in found.chunks]
+        return sum(size for _, size in chunks), chunks
+
+    def op_fetch(self, ids: list[bytes]) -> None:
+        """Stream (id, plaintext) for each id, verified; borg pipelines the gets."""
+        for chunk_id, cdata in zip(ids, self.repository.get_many(ids), strict=True):
+            # decrypt() authenticates the ciphertext and checks the id of the plaintext.
+            self.send((_protocol.ITEM, (chunk_id, bytes(self.key.decrypt(chunk_id, cdata)))))
+
+    def op_local_ids(self, source: str, block_size: int, path: str) -> list[bytes]:
+        with open(source, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            return [
+                block.id for block in self._blocks(f.fileno(), size, block_size, path, keep_data=False)
+            ]
+
+    def _blocks(
+        self, fd: int, size: int, block_size: int, path: str, *, keep_data: bool
+    ) -> Iterator[_Block]:
+        """The file's fixed blocks, in order, hashed in parallel threads.
+
+        hashlib and hmac release the GIL on large buffers, so reading and
+        hashing overlap with whatever the caller does with each block
+        (compression and encryption, for a write).
+        """
+        id_hash = self.key.id_hash
+        zero_ids: dict[int, bytes] = {}
+
+        def job(offset: int) -> _Block:
+            length = min(block_size, size - offset)
+            data = os.pread(fd, length, offset)
+            if len(data) != length:
+                raise _Refused("changed", f"{path}: file shrank while it was read")
+            if ZERO.startswith(data):
+                zero_id = zero_ids.get(length)
+                if zero_id is None:
+                    zero_id = zero_ids[length] = id_hash(ZERO[:length])
+                return _Block(offset, length, zero_id, None, True)
+            return _Block(offset, length, id_hash(data), data if keep_data else None, False)
+
+        depth = 4 * (os.cpu_count() or 2)
+        pending: collections.deque[concurrent.futures.Future[_Block]] = collections.deque()
+        done = 0
+        try:
+            for offset in range(0, size, block_size):
+                pending.append(self.pool.submit(job, offset))
+                if len(pending) >= depth:
+                    block = pending.popleft().result()
+                    done += block.size
+                    yield block
+            while pending:
+                block = pending.popleft().result()
+                done += block.size
+                yield block
+        finally:
+            for future in pending:
+                future.cancel()
+
+    # -- writing ----------------------------------------------------------
+
+    def op_write(
+        self, name: str, files: list[dict[str, Any]], comment: str, timestamp: datetime | None,
+    ) -> dict[str, Any]:
+        from borg.archive import Archive, cached_hash
+        from borg.cache import Cache
+        from borg.chunker import get_chunker
+        from borg.constants import CHUNKER_PARAMS
+
+        self._reload_manifest()
+        if name in self.manifest.archives:
+            raise _Refused("archive_exists", f"archive {name!r} already exists")
+        fixed = [f for f in files if f["chunking"][0] == "fixed"]
+        archive_chunker = ("fixed", fixed[0]["chunking"][1]) if fixed else CHUNKER_PARAMS
+        total = sum(os.stat(f["source"]).st_size for f in files)
+        counts = {"read": 0, "new": 0, "stored": 0, "chunks": 0, "chunks_new": 0, "zero": 0}
+        with Cache(self.repository, self.key, self.manifest, lock_wait=1.0) as cache:
+            archive = Archive(
+                self.repository, self.key, self.manifest, name, cache=cache, create=True,
+                chunker_params=archive_chunker, noatime=True, noflags=True, noacls=True, noxattrs=True,
+            )
+            stats = archive.stats
+
+            def add(chunk_id: bytes, data: Any, zero: bool) -> Any:
+                before = stats.csize
+                known = cache.seen_chunk(chunk_id, len(data))
+                entry = cache.add_chunk(chunk_id, data, stats, wait=False)
+                self.repository.async_response(wait=False)
+                counts["chunks"] += 1
+                counts["zero"] += zero
+                if not known:
+                    counts["chunks_new"] += 1
+                    counts["new"] += len(data)
+                    counts["stored"] += stats.csize - before
+                return entry
+
+            try:
+                for spec in files:
+                    with open(spec["source"], "rb") as f:
+                        fd = f.fileno()
+                        st = os.fstat(fd)
+                        if not stat.S_ISREG(st.st_mode):
+                            raise _Refused("config", f"{spec['source']} is not a regular file")
+                        item = _item(spec["path"], st)
+                        entries = []
+                        if spec["chunking"][0] == "fixed":
+                            for block in self._blocks(
+                                fd, st.st_size, spec["chunking"][1], spec["path"], keep_data=True
+                            ):
+                                data = block.data if block.data is not None else ZERO[: block.size]
+                                entries.append(add(block.id, data, block.zero))
+                                counts["read"] += block.size
+                                self._progress("write", spec["path"], counts["read"], total)
+                        else:
+                            chunker = get_chunker(*CHUNKER_PARAMS, seed=self.key.chunk_seed)
+                            for chunk in chunker.chunkify(f, fd):
+                                chunk_id, data = cached_hash(chunk, self.key.id_hash)
+                                zero = chunk.meta["allocation"] != 0
+                                entries.append(add(chunk_id, data, zero))
+                                counts["read"] += len(data)
+                            self._progress("write", spec["path"], counts["read"], total)
+                        if sum(e.size for e in entries) != st.st_size:
+                            raise _Refused("changed", f"{spec['path']}: file changed size while it was read")
+                        item.chunks = entries
+                        item.get_size(memorize=True)
+                        stats.nfiles += 1
+                        archive.add_item(item, show_progress=False)
+                archive.save(comment=comment, timestamp=_naive_utc(timestamp))
+            except BaseException:
+                _quietly(self.repository.rollback)
+                _quietly(cache.rollback)
+                raise
+            info = self.manifest.archives[name]
+        counts_out: dict[str, Any] = dict(counts)
+        counts_out.update(id=info.id.hex(), time=info.ts.replace(tzinfo=timezone.utc))
+        return counts_out
+
+    def _progress(self, operation: str, path: str, done: int, total: int) -> None:
+        self.send((_protocol.PROGRESS, operation, path, done, total))
+
+    # -- deleting, compacting, checking ----------------------------------
+
+    def op_delete(self, names: list[str]) -> list[str]:
+        from borg.archive import Statistics
+        from borg.cache import Cache
+
+        self._reload_manifest()
+        missing = [n for n in names if n not in self.manifest.archives]
+        if missing:
+            raise _Refused("archive_missing", f"no archive named {missing[0]!r}")
+        stats = Statistics()
+        deleted = []
+        with Cache(self.repository, self.key, self.manifest, lock_wait=1.0) as cache:
+            try:
+                for name in names:
+                    self._archive(name, cache).delete(stats, forced=False)
+                    deleted.append(name)
+                self.manifest.write()
+                self.repository.commit(compact=False)
+                cache.commit()
+            except BaseException:
+                _quietly(self.repository.rollback)
+                _quietly(cache.rollback)
+                raise
+        return deleted
+
+    def op_compact(self) -> None:
+        from borg.helpers import Manifest
+
+        # As borg's own compact does: rewrite the manifest to open a transaction.
+        data = self.repository.get(Manifest.MANIFEST_ID)
+        self.repository.put(Manifest.MANIFEST_ID, data)
+        self.repository.commit(compact=True, threshold=0.1)
+
+    def op_check(self, verify_data: bool) -> tuple[bool, list[str]]:
+        from borg.archive import ArchiveChecker
+
+        ok = bool(self.repository.check(repair=False))
+        if ok:
+            ok = bool(ArchiveChecker().check(
+                self.repository, repair=False, verify_data=verify_data, sort_by="ts"
+            ))
+        return ok, list(self.handler.errors)
+
+
+
+class _Block:
+    __slots__ = ("data", "id", "offset", "size", "zero")
+
+    def __init__(self, offset: int, size: int, id: bytes, data: bytes | None, zero: bool) -> None:
+        self.offset, self.size, self.id, self.data, self.zero = offset, size, id, data, zero
+
+
+class _RemoteArgs:
+    """The few attributes borg's RemoteRepository reads from its argparse namespace."""
+
+    def __init__(self, upload_ratelimit: int) -> None:
+        self.upload_ratelimit = upload_ratelimit
+        self.upload_buffer = 0
+        self.rsh = None
+        self.remote_path = None
+        self.debug_topics: list[str] = []
+
+
+class _InitArgs:
+    def __init__(self, encryption: str, location: Any) -> None:
+        self.encryption = encryption
+        self.location = location
+
+
+def _url_path(path: str) -> str:
+    if path.startswith("/"):
+        return path
+    if path.startswith("~"):
+        return "/" + path
+    return "/./" + path
+
+
+def _borg_location(transport: Any) -> str:
+    if transport.serve_command() is None:
+        return str(transport.path)
+    return "ssh://vbremote-transport" + _url_path(transport.path)
+
+
+def _naive_utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+def _item(path: str, st: os.stat_result) -> Any:
+    from borg.archive import MetadataCollector
+    from borg.item import Item
+
+    collector = MetadataCollector(
+        noatime=True, noctime=False, nobirthtime=False, numeric_ids=False,
+        noflags=True, noacls=True, noxattrs=True,
+    )
+    item = Item(path=path)
+    item.update(collector.stat_simple_attrs(st, path))
+    return item
+
+
+def _quietly(call: Callable[[], object]) -> None:
+    try:
+        call()
+    except Exception:
+        logging.getLogger("vbremote.borg.worker").debug("cleanup step failed", exc_info=True)
+
+
+def _set_passphrase(passphrase: str | None, *, new: bool) -> None:
+    # This is the worker's own environment, not the caller's.
+    if passphrase is not None:
+        os.environ["BORG_PASSPHRASE"] = passphrase
+        if new:
+            os.environ["BORG_NEW_PASSPHRASE"] = passphrase
+
+
+# --- error classification: the one table from borg's errors to ours ---------
+
+
+def classify(exc: BaseException, remote_lines: collections.deque[str]) -> tuple[str, str, dict[str, Any]]:
+    from borg.archive import Archive
+    from borg.cache import Cache
+    from borg.crypto.key import (
+        KeyfileNotFoundError,
+        PassphraseWrong,
+        PasswordRetriesExceeded,
+        RepoKeyNotFoundError,
+    )
+    from borg.helpers import Error, IntegrityError
+    from borg.locking import LockError, LockErrorT, LockTimeout
+    from borg.remote import ConnectionClosed, PathNotAllowed, RemoteRepository
+    from borg.repository import Repository
+
+    table: list[tuple[type[BaseException] | tuple[type[BaseException], ...], str]] = [
+        (_Refused, ""),
+        ((Repository.DoesNotExist, Repository.InvalidRepository), "not_found"),
+        ((Repository.AlreadyExists, Repository.PathAlreadyExists), "exists"),
+        ((PassphraseWrong, PasswordRetriesExceeded), "passphrase_wrong"),
+        ((RepoKeyNotFoundError, KeyfileNotFoundError), "passphrase_missing"),
+        ((LockTimeout, LockError, LockErrorT), "locked"),
+        (PathNotAllowed, "access_denied"),
+        (ConnectionClosed, "connection"),
+        ((IntegrityError, Repository.ObjectNotFound), "integrity"),
+        (Archive.DoesNotExist, "archive_missing"),
+        (Archive.AlreadyExists, "archive_exists"),
+        ((Cache.RepositoryAccessAborted, Cache.RepositoryReplay), "access_denied"),
+        (RemoteRepository.RPCError, "borg"),
+        (Error, "borg"),
+        (OSError, "os"),
+    ]
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, Error) and hasattr(exc, "get_message"):
+        message = exc.get_message()
+    if isinstance(exc, RemoteRepository.RPCError):
+        message = exc.get_message()
+    context: dict[str, Any] = {"borg_class": type(exc).__name__}
+    for types, kind in table:
+        if isinstance(exc, types):
+            if isinstance(exc, _Refused):
+                kind = exc.kind
+            if kind == "connection":
+                remote = " ".join(remote_lines)
+                context["remote"] = remote
+                if remote:
+                    message = f"{message} The remote said: {remote}"
+                if "append-only" in remote or "not allowed" in remote.lower():
+                    kind = "access_denied"
+            if kind == "integrity":
+                context["chunk_id"] = _chunk_id_in(message)
+            return kind, message, context
+    return "internal", f"{type(exc).__name__}: {message}", context
+
+
+def _chunk_id_in(message: str) -> str | None:
+    for word in message.replace(":", " ").split():
+        if len(word) == 64 and all(c in "0123456789abcdef" for c in word):
+            return word
+    return None
+
+
+def _refuse_prompt(*args: Any, **kwargs: Any) -> str:
+    raise _Refused(
+        "passphrase_missing",
+        "the repository key needs a passphrase: pass passphrase= or set BORG_PASSPHRASE, "
+        "BORG_PASSCOMMAND or BORG_PASSPHRASE_FD",
+    )
+
+
+def main() -> None:
+    # The protocol owns the original stdin/stdout; anything borg prints goes to stderr.
+    rfile = os.fdopen(os.dup(0), "rb")
+    wfile = os.fdopen(os.dup(1), "wb")
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)
+    sys.stdin = open(os.devnull)  # noqa: SIM115 - lives as long as the process
+    sys.stdout = sys.stderr
+    sys.argv = ["vbremote"]
+    # borg's CLI sets this umask so that keys, caches and repositories are private.
+    os.umask(0o077)
+    # Never ask on a terminal: answer borg's yes/no questions with "no" unless
+    # the caller allowed them (the parent puts the allowed answers in our environment).
+    for name in ("BORG_RELOCATED_REPO_ACCESS_IS_OK", "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK"):
+        os.environ.setdefault(name, "no")
+
+    import borg.logger
+
+    worker = Worker(rfile, wfile)
+    # borg refuses to log before its setup_logging ran; in this process we
+    # route its records to the parent instead of configuring handlers twice.
+    borg.logger.configured = True
+    logging.getLogger("borg").json = False  # type: ignore[attr-defined]
+    root = logging.getLogger()
+    root.handlers[:] = [worker.handler]
+    root.setLevel(logging.INFO)
+
+    from borg.crypto.key import Passphrase
+
+    Passphrase.getpass = classmethod(_refuse_prompt)  # type: ignore[method-assign,assignment]
+    worker.serve()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The exceptions vbremote raises.
+
+Every error vbremote raises on purpose derives from :class:`VBRemoteError`.
+Errors of foreign libraries (borg, the ssh client) are translated at the
+adapter boundary and raised ``from`` the original, so callers catch one tree::
+
+    VBRemoteError
+    ├── ConfigurationError (also ValueError)      bad arguments, invalid options
+    └── RepositoryError                            anything about a borg repository
+        ├── RepositoryNotFound
+        ├── RepositoryExists
+        ├── PassphraseError
+        │   ├── PassphraseMissing                  encrypted, and no passphrase given
+        │   └── PassphraseWrong
+        ├── RepositoryLocked                       still locked after ``lock_wait``
+        ├── ConnectionFailed                       the transport did not reach ``borg serve``
+        │   └── AccessDenied                       the server refused the path or operation
+        ├── IntegrityError                         a chunk or object failed verification
+        ├── ArchiveNotFound
+        ├── ArchiveExists
+        ├── FileNotInArchive
+        ├── SourceChanged                          a local file changed while it was read
+        └── BorgError                              any other failure reported by borg
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AccessDenied",
+    "ArchiveExists",
+    "ArchiveNotFound",
+    "BorgError",
+    "ConfigurationError",
+    "ConnectionFailed",
+    "FileNotInArchive",
+    "IntegrityError",
+    "PassphraseError",
+    "PassphraseMissing",
+    "PassphraseWrong",
+    "RepositoryError",
+    "RepositoryExists",
+    "RepositoryLocked",
+    "RepositoryNotFound",
+    "SourceChanged",
+    "VBRemoteError",
+]
+
+
+class VBRemoteError(Exception):
+    """Base of every error vbremote raises on purpose."""
+
+
+class ConfigurationError(VBRemoteError, ValueError):
+    """An argument or option is invalid; nothing was changed."""
+
+
+class RepositoryError(VBRemoteError):
+    """A borg repository operation failed.
+
+    Attributes:
+        location: The repository's location as the transport describes it
+            (empty when not known).
+    """
+
+    def __init__(self, message: str, *, location: str = "") -> None:
+        super().__init__(message)
+        self.location = location
+
+
+class RepositoryNotFound(RepositoryError):
+    """No borg repository exists at the location."""
+
+
+class RepositoryExists(RepositoryError):
+    """``Repository.init`` found a repository (or a non-empty folder) already there."""
+
+
+class PassphraseError(RepositoryError):
+    """The repository key could not be unlocked."""
+
+
+class PassphraseMissing(PassphraseError):
+    """The repository is encrypted and no passphrase was given or found in borg's variables."""
+
+
+class PassphraseWrong(PassphraseError):
+    """The passphrase given does not unlock the repository key."""
+
+
+class RepositoryLocked(RepositoryError):
+    """Another process holds the repository lock and ``lock_wait`` ran out."""
+
+
+class ConnectionFailed(RepositoryError):
+    """The transport could not reach ``borg serve``; the message carries the remote's words."""
+
+
+class AccessDenied(ConnectionFailed):
+    """The server refused the repository path or the operation (e.g. ``--restrict-to-path``)."""
+
+
+class IntegrityError(RepositoryError):
+    """Stored data failed verification.
+
+    Attributes:
+        chunk_id: The hex id of the chunk that failed, when one chunk is to blame.
+    """
+
+    def __init__(self, message: str, *, location: str = "", chunk_id: str | None = None) -> None:
+        super().__init__(message, location=location)
+        self.chunk_id = chunk_id
+
+
+class ArchiveNotFound(RepositoryError):
+    """No archive of that name exists in the repository.
+
+    Attributes:
+        archive: The name asked for.
+    """
+
+    def __init__(self, message: str, *, location: str = "", archive: str = "") -> None:
+        super().__init__(message, location=location)
+        self.archive = archive
+
+
+class ArchiveExists(RepositoryError):
+    """An archive of that name already exists in the repository.
+
+    Attributes:
+        archive: The name that is taken.
+    """
+
+    def __init__(self, message: str, *, location: str = "", archive: str = "") -> None:
+        super().__init__(message, location=location)
+        self.archive = archive
+
+
+class FileNotInArchive(RepositoryError):
+    """The archive has no file at that archive-relative path.
+
+    Attributes:
+        archive: The archive searched.
+        path: The archive-relative path asked for.
+    """
+
+    def __init__(self, message: str, *, location: str = "", archive: str = "", path: str = "") -> None:
+        super().__init__(message, location=location)
+        self.archive = archive
+        self.path = path
+
+
+class SourceChanged(RepositoryError):
+    """A local file changed size while it was being stored; nothing was committed."""
+
+
+class BorgError(RepositoryError):
+    """borg reported a failure that has no more specific class here.
+
+    Attributes:
+        borg_class: The name of borg's exception class, for diagnostics.
+    """
+
+    def __init__(self, message: str, *, location: str = "", borg_class: str = "") -> None:
+        super().__init__(message, location=location)
+        self.borg_class = borg_class

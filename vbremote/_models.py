@@ -1,0 +1,402 @@
+"""Values that cross vbremote's layers: frozen, typed, free of borg and COM objects."""
+
+from __future__ import annotations
+
+import enum
+import json
+import posixpath
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from attrs import field, frozen
+
+from ._errors import ConfigurationError
+
+__all__ = [
+    "ArchiveFile",
+    "ArchiveInfo",
+    "CheckResult",
+    "ChunkRef",
+    "Chunking",
+    "CompactResult",
+    "DeleteResult",
+    "FileChunks",
+    "FileRole",
+    "FileSpec",
+    "Progress",
+    "SnapshotMetadata",
+    "SnapshotMode",
+    "WriteResult",
+]
+
+#: Version of the metadata record vbremote stores with each archive.
+METADATA_FORMAT = 1
+
+#: The block sizes vbremote accepts for disk images (see docs/repositories.md).
+BLOCK_SIZES = (1 << 20, 2 << 20, 4 << 20)
+
+#: Archive-relative folder reserved for disks that live outside the VM folder.
+EXTERNAL_FOLDER = "_external"
+
+
+class FileRole(enum.Enum):
+    """What a file in a snapshot archive is; the role decides how it is chunked."""
+
+    SETTINGS = "settings"
+    DISK = "disk"
+    STATE = "state"
+    NVRAM = "nvram"
+    OTHER = "other"
+
+
+class SnapshotMode(enum.Enum):
+    """How a snapshot was taken (see docs/snapshots.md)."""
+
+    ONLINE = "online"
+    OFFLINE = "offline"
+    MIGRATE = "migrate"
+
+
+@frozen
+class Chunking:
+    """How a file's content was cut into chunks.
+
+    Attributes:
+        kind: ``"fixed"`` (block-aligned; disk images) or ``"buzhash"``
+            (borg's content-defined default; small files).
+        params: The chunker parameters as borg records them: ``(block_size,)``
+            for fixed, ``(min_exp, max_exp, mask_bits, window)`` for buzhash.
+    """
+
+    kind: str
+    params: tuple[int, ...]
+
+    @classmethod
+    def fixed(cls, block_size: int) -> Chunking:
+        """Fixed-size blocks of ``block_size`` bytes (one of 1, 2 or 4 MiB).
+
+        Raises:
+            ConfigurationError: ``block_size`` is not one of the supported sizes.
+        """
+        if block_size not in BLOCK_SIZES:
+            raise ConfigurationError(
+                f"block size must be one of {', '.join(str(s >> 20) + ' MiB' for s in BLOCK_SIZES)},"
+                f" not {block_size} bytes"
+            )
+        return cls("fixed", (block_size,))
+
+    @classmethod
+    def buzhash(cls) -> Chunking:
+        """borg's default content-defined chunker (``buzhash,19,23,21,4095``)."""
+        return cls("buzhash", (19, 23, 21, 4095))
+
+    @property
+    def block_size(self) -> int | None:
+        """The block size of a fixed chunking, else ``None``."""
+        return self.params[0] if self.kind == "fixed" else None
+
+    def to_json(self) -> list[Any]:
+        return [self.kind, *self.params]
+
+    @classmethod
+    def from_json(cls, value: Any) -> Chunking:
+        if not isinstance(value, list) or not value or value[0] not in ("fixed", "buzhash"):
+            raise ValueError(f"bad chunking record {value!r}")
+        return cls(str(value[0]), tuple(int(v) for v in value[1:]))
+
+
+def _check_archive_path(path: str) -> str:
+    if not path or path.startswith("/") or "\\" in path or "\0" in path:
+        raise ConfigurationError(f"archive path must be relative and POSIX-style: {path!r}")
+    normal = posixpath.normpath(path)
+    if normal != path or normal == "." or normal.split("/")[0] == "..":
+        raise ConfigurationError(f"archive path must be normalised and stay inside: {path!r}")
+    return path
+
+
+@frozen
+class FileSpec:
+    """One local file to store in an archive.
+
+    Args:
+        source: The local file to read.
+        path: Where it goes in the archive, relative to the VM folder
+            (POSIX separators, no ``..``).
+        role: What the file is; disks are chunked in fixed blocks.
+    """
+
+    source: Path = field(converter=Path)
+    path: str = field(converter=_check_archive_path)
+    role: FileRole = FileRole.OTHER
+
+
+@frozen
+class ArchiveFile:
+    """A file as recorded in an archive's metadata.
+
+    Attributes:
+        path: Archive-relative path.
+        role: What the file is.
+        size: Size in bytes.
+        chunking: How its content was chunked.
+    """
+
+    path: str
+    role: FileRole
+    size: int
+    chunking: Chunking
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "role": self.role.value,
+            "size": self.size,
+            "chunking": self.chunking.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> ArchiveFile:
+        return cls(
+            path=str(value["path"]),
+            role=FileRole(value["role"]),
+            size=int(value["size"]),
+            chunking=Chunking.from_json(value["chunking"]),
+        )
+
+
+def _labels(value: Any) -> frozenset[str]:
+    labels = frozenset(value)
+    for label in labels:
+        if not isinstance(label, str) or not label or len(label) > 100:
+            raise ConfigurationError(f"labels must be non-empty strings of at most 100 characters: {label!r}")
+    return labels
+
+
+@frozen
+class SnapshotMetadata:
+    """What vbremote records about a snapshot, besides the files.
+
+    Args:
+        vm_name: The VM's name when the snapshot was taken.
+        vm_uuid: The VM's uuid; selection by VM uses this, so renamed VMs keep their history.
+        mode: How the snapshot was taken.
+        vbox_version: VirtualBox's version string, where known.
+        host: The host name the snapshot was taken on.
+        cpu_vendor: The host CPU vendor, where known.
+        cpu_portability: The VM's CPU portability level, where known.
+        labels: Free-form labels (retention policies can keep by label).
+        extra: Further JSON-serialisable facts; keys are free.
+    """
+
+    vm_name: str
+    vm_uuid: str
+    mode: SnapshotMode = SnapshotMode.OFFLINE
+    vbox_version: str | None = None
+    host: str | None = None
+    cpu_vendor: str | None = None
+    cpu_portability: int | None = None
+    labels: frozenset[str] = field(default=frozenset(), converter=_labels)
+    extra: Mapping[str, Any] = field(factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "vm": {"name": self.vm_name, "uuid": self.vm_uuid},
+            "mode": self.mode.value,
+            "vbox_version": self.vbox_version,
+            "host": self.host,
+            "cpu_vendor": self.cpu_vendor,
+            "cpu_portability": self.cpu_portability,
+            "labels": sorted(self.labels),
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> SnapshotMetadata:
+        return cls(
+            vm_name=str(value["vm"]["name"]),
+            vm_uuid=str(value["vm"]["uuid"]),
+            mode=SnapshotMode(value["mode"]),
+            vbox_version=value.get("vbox_version"),
+            host=value.get("host"),
+            cpu_vendor=value.get("cpu_vendor"),
+            cpu_portability=value.get("cpu_portability"),
+            labels=frozenset(value.get("labels", ())),
+            extra=dict(value.get("extra", {})),
+        )
+
+
+def encode_comment(metadata: SnapshotMetadata, files: list[ArchiveFile]) -> str:
+    """The archive comment that carries vbremote's metadata (compact JSON)."""
+    record = {"vbremote": METADATA_FORMAT, **metadata.to_json(), "files": [f.to_json() for f in files]}
+    return json.dumps(record, separators=(",", ":"), sort_keys=True)
+
+
+def decode_comment(comment: str) -> tuple[SnapshotMetadata, tuple[ArchiveFile, ...]] | None:
+    """Parse an archive comment; ``None`` when it is not vbremote's (or unreadable)."""
+    if not comment.startswith("{"):
+        return None
+    try:
+        record = json.loads(comment)
+        if not isinstance(record, dict) or record.get("vbremote") != METADATA_FORMAT:
+            return None
+        files = tuple(ArchiveFile.from_json(f) for f in record["files"])
+        return SnapshotMetadata.from_json(record), files
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+@frozen
+class ArchiveInfo:
+    """An archive written by vbremote, with its metadata.
+
+    Attributes:
+        name: The archive name (for display; the metadata is the source of truth).
+        id: The archive id, hex.
+        time: When the snapshot was taken (timezone-aware, UTC).
+        metadata: What vbremote recorded.
+        files: The files stored, with their roles and chunking.
+    """
+
+    name: str
+    id: str
+    time: datetime
+    metadata: SnapshotMetadata
+    files: tuple[ArchiveFile, ...]
+
+    @property
+    def vm_name(self) -> str:
+        """The VM's name when the snapshot was taken."""
+        return self.metadata.vm_name
+
+    @property
+    def vm_uuid(self) -> str:
+        """The VM's uuid."""
+        return self.metadata.vm_uuid
+
+    @property
+    def mode(self) -> SnapshotMode:
+        """How the snapshot was taken."""
+        return self.metadata.mode
+
+    def file(self, path: str) -> ArchiveFile:
+        """The file recorded at ``path``.
+
+        Raises:
+            KeyError: No file at that path.
+        """
+        for f in self.files:
+            if f.path == path:
+                return f
+        raise KeyError(path)
+
+
+@frozen
+class ChunkRef:
+    """One chunk of a stored file.
+
+    Attributes:
+        id: The chunk id (the repository key's id hash of the plaintext).
+        offset: Where the chunk starts in the file.
+        size: Its plaintext size.
+    """
+
+    id: bytes
+    offset: int
+    size: int
+
+
+@frozen
+class FileChunks:
+    """A stored file's chunk list, in file order."""
+
+    archive: str
+    path: str
+    size: int
+    chunks: tuple[ChunkRef, ...]
+
+
+@frozen
+class Progress:
+    """A progress event of a long operation.
+
+    Attributes:
+        operation: ``"write"``, ``"hash"``, ``"fetch"`` …
+        path: The file being worked on, where there is one.
+        done: Bytes done so far in this operation.
+        total: Bytes the operation will handle in all (0 when unknown).
+    """
+
+    operation: str
+    path: str
+    done: int
+    total: int
+
+
+@frozen
+class WriteResult:
+    """What writing an archive did.
+
+    Attributes:
+        archive: The archive written.
+        bytes_read: Bytes read from the local files.
+        bytes_new: Plaintext bytes of chunks the repository did not have.
+        bytes_stored: Bytes those new chunks took after compression and encryption.
+        chunks: Chunks in the archive's files.
+        chunks_new: Chunks that were sent to the repository.
+        chunks_zero: All-zero chunks (neither hashed nor compressed).
+        seconds: Wall time of the write.
+    """
+
+    archive: ArchiveInfo
+    bytes_read: int
+    bytes_new: int
+    bytes_stored: int
+    chunks: int
+    chunks_new: int
+    chunks_zero: int
+    seconds: float
+
+
+@frozen
+class DeleteResult:
+    """What deleting archives did.
+
+    Attributes:
+        deleted: Names of the archives removed from the repository's manifest.
+        append_only: ``True`` when the repository is known to be append-only
+            (deletes there free no space: the server keeps the data and can
+            roll the delete back), ``False`` when known not to be, ``None``
+            when the transport cannot tell.
+    """
+
+    deleted: tuple[str, ...]
+    append_only: bool | None
+
+
+@frozen
+class CompactResult:
+    """What compaction did.
+
+    Attributes:
+        freed_bytes: Bytes the repository folder shrank by, where it can be
+            measured (local transports); ``None`` otherwise.
+        append_only: As in :class:`DeleteResult`; an append-only repository is never compacted.
+    """
+
+    freed_bytes: int | None
+    append_only: bool | None
+
+
+@frozen
+class CheckResult:
+    """The outcome of a repository check.
+
+    Attributes:
+        ok: No problem was found.
+        problems: What borg reported, one message a problem.
+    """
+
+    ok: bool
+    problems: tuple[str, ...]

@@ -1,0 +1,521 @@
+"""vbremote's view of a borg repository."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid as uuid_module
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from attrs import define, field
+
+from ._borg import BorgWorker, ProgressCallback
+from ._errors import ArchiveNotFound, ConfigurationError, PassphraseMissing
+from ._models import (
+    ArchiveFile,
+    ArchiveInfo,
+    CheckResult,
+    ChunkRef,
+    Chunking,
+    CompactResult,
+    DeleteResult,
+    FileChunks,
+    FileRole,
+    FileSpec,
+    Progress,
+    SnapshotMetadata,
+    WriteResult,
+    decode_comment,
+    encode_comment,
+)
+from ._transports import Transport
+
+__all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_ENCRYPTION", "ENCRYPTION_MODES", "Passphrase", "Repository"]
+
+#: A passphrase, a callable that returns one (asked once, at open), or None
+#: for borg's own variables (BORG_PASSPHRASE, BORG_PASSCOMMAND, BORG_PASSPHRASE_FD).
+Passphrase = str | Callable[[], str] | None
+
+#: borg 1.4's encryption modes, all supported.
+ENCRYPTION_MODES = (
+    "repokey",
+    "repokey-blake2",
+    "keyfile",
+    "keyfile-blake2",
+    "authenticated",
+    "authenticated-blake2",
+    "none",
+)
+
+#: Chosen by measurement (docs/repositories.md, ``nox -s bench``): HMAC-SHA256
+#: ids run on the CPU's SHA extensions where present, and the key stays in the
+#: repository, so a second host only needs the passphrase.
+DEFAULT_ENCRYPTION = "repokey"
+
+#: Chosen by measurement (docs/repositories.md): VDI allocates 1 MiB blocks,
+#: so 1 MiB chunks send what a guest changed and no more.
+DEFAULT_BLOCK_SIZE = 1 << 20
+
+# How many chunk ids one fetch call asks the worker for; the worker pipelines
+# them to the server, and the next batch is asked for as soon as one is read.
+_FETCH_BATCH = 64
+
+_CompactProgress = Callable[[Progress], None]
+
+
+def _resolve_passphrase(passphrase: Passphrase) -> str | None:
+    if passphrase is None or isinstance(passphrase, str):
+        return passphrase
+    if callable(passphrase):
+        value = passphrase()
+        if not isinstance(value, str):
+            raise ConfigurationError("the passphrase callable must return a str")
+        return value
+    raise ConfigurationError("passphrase must be a str, a callable returning one, or None")
+
+
+def _worker_env(base_dir: Path | None, accept_relocated: bool, accept_unencrypted: bool) -> dict[str, str]:
+    env = {
+        "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes" if accept_relocated else "no",
+        "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes" if accept_unencrypted else "no",
+    }
+    if base_dir is not None:
+        env["BORG_BASE_DIR"] = os.fspath(base_dir)
+    return env
+
+
+def _check_lock_wait(lock_wait: float) -> float:
+    if lock_wait < 0:
+        raise ConfigurationError("lock_wait must be >= 0 seconds")
+    return float(lock_wait)
+
+
+def _folder_size(path: str) -> int:
+    total = 0
+    for folder, _, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+@define(eq=False)
+class Repository:
+    """An open borg repository, as vbremote uses it.
+
+    Open one with :meth:`open` (or create one with :meth:`init`) and use it as
+    a context manager; leaving the block closes it and releases borg's lock.
+    A Repository may be used from several threads; its calls run one at a time.
+
+    Attributes:
+        transport: How the repository is reached.
+        id: The borg repository id (hex).
+        encryption: The borg encryption mode (``repokey``, ``none`` …).
+        block_size: The default fixed block size for disk images.
+        append_only: Whether the repository is append-only, where known.
+    """
+
+    transport: Transport
+    id: str
+    encryption: str
+    block_size: int
+    append_only: bool | None
+    _worker: BorgWorker = field(repr=False)
+    # Archive metadata is immutable: what was read once is kept, keyed by archive id.
+    _metadata: dict[str, tuple[SnapshotMetadata, tuple[ArchiveFile, ...]] | None] = field(
+        factory=dict, repr=False
+    )
+
+    # -- opening ----------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls,
+        transport: Transport,
+        *,
+        encryption: str = DEFAULT_ENCRYPTION,
+        passphrase: Passphrase = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        compression: str = "lz4",
+        lock_wait: float = 1.0,
+        base_dir: Path | None = None,
+    ) -> Repository:
+        """Create a new repository and return it open.
+
+        Args:
+            transport: Where to create it; the folder must not exist or be empty.
+            encryption: One of :data:`ENCRYPTION_MODES`.
+            passphrase: The key's passphrase (see :data:`Passphrase`).
+            block_size: Default fixed block size for disk images (1, 2 or 4 MiB),
+                recorded in the repository.
+            compression: borg compression spec used for writes (``lz4``, ``zstd,3`` …).
+            lock_wait: Seconds to wait for borg's repository lock.
+            base_dir: borg's base folder for keys, cache and security data
+                (``BORG_BASE_DIR``) for this repository only; default: borg's own.
+
+        Returns:
+            The new repository, open with an exclusive lock.
+
+        Raises:
+            RepositoryExists: Something is already there.
+            PassphraseMissing: An encrypted mode was asked for without a passphrase.
+            ConnectionFailed: The transport did not reach ``borg serve``.
+            ConfigurationError: An argument is invalid.
+        """
+        if encryption not in ENCRYPTION_MODES:
+            raise ConfigurationError(f"encryption must be one of {', '.join(ENCRYPTION_MODES)}")
+        Chunking.fixed(block_size)
+        secret = _resolve_passphrase(passphrase)
+        if secret is None and encryption != "none" and not _env_has_passphrase():
+            raise PassphraseMissing(
+                f"encryption {encryption!r} needs a passphrase: pass passphrase= or set BORG_NEW_PASSPHRASE",
+                location=transport.location,
+            )
+        return cls._start(
+            transport,
+            "init",
+            dict(
+                encryption=encryption,
+                passphrase=secret,
+                lock_wait=_check_lock_wait(lock_wait),
+                block_size=block_size,
+                compression=compression,
+            ),
+            _worker_env(base_dir, accept_relocated=False, accept_unencrypted=True),
+        )
+
+    @classmethod
+    def open(
+        cls,
+        transport: Transport,
+        *,
+        passphrase: Passphrase = None,
+        lock_wait: float = 1.0,
+        read_only: bool = False,
+        compression: str = "lz4",
+        base_dir: Path | None = None,
+        accept_relocated: bool = False,
+        accept_unencrypted: bool = False,
+    ) -> Repository:
+        """Open an existing repository.
+
+        Args:
+            transport: How to reach it.
+            passphrase: The key's passphrase (see :data:`Passphrase`).
+            lock_wait: Seconds to wait for borg's repository lock.
+            read_only: Take borg's shared lock (reads only) instead of the exclusive one.
+            compression: borg compression spec used for writes.
+            base_dir: borg's base folder (``BORG_BASE_DIR``) for this repository only.
+            accept_relocated: Accept a repository whose location changed since
+                this user last used it (borg otherwise asks; vbremote refuses).
+            accept_unencrypted: Accept an unencrypted repository this user has
+                not used before (borg otherwise asks; vbremote refuses).
+
+        Returns:
+            The open repository; use it as a context manager.
+
+        Raises:
+            RepositoryNotFound: No repository there.
+            PassphraseMissing: The key needs a passphrase and none was found.
+            PassphraseWrong: The passphrase does not unlock the key.
+            RepositoryLocked: Still locked after ``lock_wait`` seconds.
+            ConnectionFailed: The transport did not reach ``borg serve``.
+            AccessDenied: The server refused the path, or borg refused a relocated
+                or unknown unencrypted repository.
+        """
+        return cls._start(
+            transport,
+            "open",
+            dict(
+                passphrase=_resolve_passphrase(passphrase),
+                lock_wait=_check_lock_wait(lock_wait),
+                exclusive=not read_only,
+                compression=compression,
+            ),
+            _worker_env(base_dir, accept_relocated, accept_unencrypted),
+        )
+
+    @classmethod
+    def _start(cls, transport: Transport, op: str, kwargs: dict[str, Any], env: dict[str, str]) -> Repository:
+        if not isinstance(transport, Transport):
+            raise ConfigurationError(f"transport must be a vbremote.Transport, not {type(transport).__name__}")
+        worker = BorgWorker(transport.location, env)
+        try:
+            info = worker.call(op, transport=transport, **kwargs)
+        except BaseException:
+            worker.abandon()
+            raise
+        return cls(
+            transport=transport,
+            id=info["id"],
+            encryption=info["encryption"],
+            block_size=info["block_size"] or DEFAULT_BLOCK_SIZE,
+            append_only=info["append_only"],
+            worker=worker,
+        )
+
+    def close(self) -> None:
+        """Close the connection and release the lock (idempotent)."""
+        self._worker.close()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- archives ---------------------------------------------------------
+
+    def archives(self, vm: str | None = None) -> list[ArchiveInfo]:
+        """The archives written by vbremote, oldest first.
+
+        Archives made by other tools are skipped. Metadata is read once per
+        archive and kept: a second listing costs one manifest read.
+
+        Args:
+            vm: Only this VM's archives: a uuid, or a name. A name selects the
+                uuid(s) of the archives that carry it, then all their archives,
+                so a renamed VM keeps its history and ``dev`` never selects ``dev2``.
+
+        Raises:
+            ConfigurationError: The name belongs to more than one VM (give the uuid).
+        """
+        listing = self._worker.call("archives", known=frozenset(self._metadata))
+        infos = []
+        for entry in listing:
+            if entry["comment"] is not None:
+                self._metadata[entry["id"]] = decode_comment(entry["comment"])
+            decoded = self._metadata.get(entry["id"])
+            if decoded is None:
+                continue
+            metadata, files = decoded
+            infos.append(
+                ArchiveInfo(name=entry["name"], id=entry["id"], time=entry["time"], metadata=metadata, files=files)
+            )
+        if vm is None:
+            return infos
+        return [a for a in infos if a.vm_uuid in _select_vm(infos, vm)]
+
+    def archive(self, name: str) -> ArchiveInfo:
+        """The vbremote archive named ``name``.
+
+        Raises:
+            ArchiveNotFound: There is none (or it was not written by vbremote).
+        """
+        for info in self.archives():
+            if info.name == name:
+                return info
+        raise ArchiveNotFound(f"no vbremote archive named {name!r}", location=self.transport.location, archive=name)
+
+    def write_archive(
+        self,
+        name: str,
+        files: Sequence[FileSpec],
+        metadata: SnapshotMetadata,
+        *,
+        timestamp: datetime | None = None,
+        block_size: int | None = None,
+        progress: Callable[[Progress], None] | None = None,
+    ) -> WriteResult:
+        """Store files in a new archive.
+
+        Disk images are cut in fixed blocks (all-zero blocks are neither hashed
+        nor compressed); other files use borg's default chunker. Reading and
+        hashing run in parallel threads, ahead of compression and encryption.
+        The archive is an ordinary borg archive that ``borg`` itself lists,
+        checks and extracts.
+
+        Args:
+            name: The archive name (must be new).
+            files: The files, with archive-relative paths and roles.
+            metadata: vbremote's record of the snapshot, stored with the archive.
+            timestamp: The archive time (default: now), like ``borg create --timestamp``.
+            block_size: Fixed block size for disks (default: the repository's).
+            progress: Called with a :class:`Progress` as bytes are read.
+
+        Returns:
+            What was written and what it cost.
+
+        Raises:
+            ArchiveExists: The name is taken.
+            ConfigurationError: No files, a duplicate path, a missing file, a bad block size.
+            SourceChanged: A file changed size while it was read; nothing was committed.
+        """
+        if not name or "/" in name or name != name.strip():
+            raise ConfigurationError(f"invalid archive name {name!r}")
+        if not files:
+            raise ConfigurationError("an archive needs at least one file")
+        seen: set[str] = set()
+        disk_chunking = Chunking.fixed(block_size if block_size is not None else self.block_size)
+        records: list[ArchiveFile] = []
+        specs: list[dict[str, Any]] = []
+        for spec in files:
+            if spec.path in seen:
+                raise ConfigurationError(f"two files for archive path {spec.path!r}")
+            seen.add(spec.path)
+            try:
+                size = spec.source.stat().st_size
+            except OSError as exc:
+                raise ConfigurationError(f"cannot read {spec.source}: {exc.strerror}") from exc
+            if not spec.source.is_file():
+                raise ConfigurationError(f"{spec.source} is not a regular file")
+            chunking = disk_chunking if spec.role is FileRole.DISK else Chunking.buzhash()
+            records.append(ArchiveFile(path=spec.path, role=spec.role, size=size, chunking=chunking))
+            specs.append({"source": os.fspath(spec.source), "path": spec.path, "chunking": chunking.to_json()})
+        comment = encode_comment(metadata, records)
+        started = time.monotonic()
+        result = self._worker.call(
+            "write",
+            progress=_progress_adapter(progress),
+            name=name,
+            files=specs,
+            comment=comment,
+            timestamp=timestamp,
+        )
+        # Sizes are the ones read, which may differ from the stat above only if
+        # a file grew and shrank back; the worker refuses any size change.
+        decoded = decode_comment(comment)
+        assert decoded is not None
+        self._metadata[result["id"]] = decoded
+        info = ArchiveInfo(name=name, id=result["id"], time=result["time"], metadata=metadata, files=tuple(records))
+        return WriteResult(
+            archive=info,
+            bytes_read=result["read"],
+            bytes_new=result["new"],
+            bytes_stored=result["stored"],
+            chunks=result["chunks"],
+            chunks_new=result["chunks_new"],
+            chunks_zero=result["zero"],
+            seconds=time.monotonic() - started,
+        )
+
+    def chunk_list(self, archive: str | ArchiveInfo, path: str) -> FileChunks:
+        """The chunk list of one stored file, with offsets.
+
+        Raises:
+            ArchiveNotFound: No such archive.
+            FileNotInArchive: The archive has no file at ``path``.
+        """
+        name = archive.name if isinstance(archive, ArchiveInfo) else archive
+        size, chunks = self._worker.call("chunk_list", archive=name, path=path)
+        refs = []
+        offset = 0
+        for chunk_id, chunk_size in chunks:
+            refs.append(ChunkRef(id=chunk_id, offset=offset, size=chunk_size))
+            offset += chunk_size
+        return FileChunks(archive=name, path=path, size=size, chunks=tuple(refs))
+
+    def local_chunk_ids(
+        self,
+        source: str | os.PathLike[str],
+        *,
+        block_size: int | None = None,
+        progress: Callable[[Progress], None] | None = None,
+    ) -> list[bytes]:
+        """The ids of a local file's fixed blocks, exactly as this repository's key computes them.
+
+        Hashing runs in parallel threads. Block ``i`` covers bytes
+        ``[i * block_size, (i + 1) * block_size)``; the last block may be short.
+
+        Raises:
+            ConfigurationError: The file cannot be read, or the block size is invalid.
+        """
+        size = Chunking.fixed(block_size if block_size is not None else self.block_size).params[0]
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigurationError(f"{path} is not a readable regular file")
+        result: list[bytes] = self._worker.call(
+            "local_ids", progress=_progress_adapter(progress), source=os.fspath(path), block_size=size, path=str(path)
+        )
+        return result
+
+    def fetch_chunks(self, ids: Iterable[bytes]) -> Iterator[tuple[bytes, bytes]]:
+        """Fetch chunks by id, in the order given, each verified against its id.
+
+        Requests are batched and pipelined (borg's ``get_many``), so a remote
+        repository is not one round trip per chunk.
+
+        Yields:
+            ``(id, plaintext)`` pairs.
+
+        Raises:
+            IntegrityError: A chunk is missing or failed verification (its id is on the error).
+        """
+        batch: list[bytes] = []
+        for chunk_id in ids:
+            batch.append(bytes(chunk_id))
+            if len(batch) >= _FETCH_BATCH:
+                yield from self._worker.stream("fetch", ids=batch)
+                batch = []
+        if batch:
+            yield from self._worker.stream("fetch", ids=batch)
+
+    def delete_archives(self, archives: Iterable[str | ArchiveInfo]) -> DeleteResult:
+        """Delete archives (all or none); run :meth:`compact` to free the space.
+
+        Raises:
+            ArchiveNotFound: One of them does not exist; nothing was deleted.
+        """
+        names = [a.name if isinstance(a, ArchiveInfo) else a for a in archives]
+        if not names:
+            return DeleteResult(deleted=(), append_only=self.append_only)
+        deleted = self._worker.call("delete", names=names)
+        return DeleteResult(deleted=tuple(deleted), append_only=self.append_only)
+
+    def compact(self) -> CompactResult:
+        """Free the space of deleted data (borg ``compact``).
+
+        An append-only repository is never compacted: its server keeps every
+        segment so that deletes can be rolled back there.
+        """
+        local = self.transport.serve_command() is None
+        before = _folder_size(self.transport.path) if local else None
+        self._worker.call("compact")
+        freed = None if before is None else max(0, before - _folder_size(self.transport.path))
+        return CompactResult(freed_bytes=freed, append_only=self.append_only)
+
+    def check(self, *, verify_data: bool = False) -> CheckResult:
+        """Check the repository and its archives (``borg check``; with ``verify_data``, every chunk)."""
+        ok, problems = self._worker.call("check", verify_data=verify_data)
+        return CheckResult(ok=ok, problems=tuple(problems))
+
+
+def _env_has_passphrase() -> bool:
+    return any(
+        name in os.environ
+        for name in ("BORG_NEW_PASSPHRASE", "BORG_PASSPHRASE", "BORG_PASSCOMMAND", "BORG_PASSPHRASE_FD")
+    )
+
+
+def _progress_adapter(callback: Callable[[Progress], None] | None) -> ProgressCallback | None:
+    if callback is None:
+        return None
+
+    def adapter(operation: str, path: str, done: int, total: int) -> None:
+        callback(Progress(operation=operation, path=path, done=done, total=total))
+
+    return adapter
+
+
+def _select_vm(infos: Sequence[ArchiveInfo], vm: str) -> set[str]:
+    try:
+        as_uuid = str(uuid_module.UUID(vm))
+    except ValueError:
+        as_uuid = None
+    if as_uuid is not None:
+        return {as_uuid, vm}
+    uuids = {a.vm_uuid for a in infos if a.vm_name == vm}
+    if len(uuids) > 1:
+        raise ConfigurationError(
+            f"the name {vm!r} belongs to more than one VM ({', '.join(sorted(uuids))}): give the uuid"
+        )
+    return uuids
+
