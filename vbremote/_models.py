@@ -66,26 +66,32 @@ class Chunking:
     Attributes:
         kind: ``"fixed"`` (block-aligned; disk images) or ``"buzhash"``
             (borg's content-defined default; small files).
-        params: The chunker parameters as borg records them: ``(block_size,)``
-            for fixed, ``(min_exp, max_exp, mask_bits, window)`` for buzhash.
+        params: The chunker parameters as borg records them:
+            ``(block_size, header_size)`` for fixed (borg's
+            ``--chunker-params fixed,BLOCK,HEADER``: a first chunk of
+            ``header_size`` bytes, then blocks), ``(min_exp, max_exp,
+            mask_bits, window)`` for buzhash.
     """
 
     kind: str
     params: tuple[int, ...]
 
     @classmethod
-    def fixed(cls, block_size: int) -> Chunking:
-        """Fixed-size blocks of ``block_size`` bytes (one of 1, 2 or 4 MiB).
+    def fixed(cls, block_size: int, header_size: int = 0) -> Chunking:
+        """Fixed-size blocks of ``block_size`` bytes (1, 2 or 4 MiB) after a header chunk.
 
         Raises:
-            ConfigurationError: ``block_size`` is not one of the supported sizes.
+            ConfigurationError: ``block_size`` is not one of the supported
+                sizes, or ``header_size`` is negative or larger than a block.
         """
         if block_size not in BLOCK_SIZES:
             raise ConfigurationError(
                 f"block size must be one of {', '.join(str(s >> 20) + ' MiB' for s in BLOCK_SIZES)},"
                 f" not {block_size} bytes"
             )
-        return cls("fixed", (block_size,))
+        if not 0 <= header_size <= block_size:
+            raise ConfigurationError(f"header size must be between 0 and the block size, not {header_size}")
+        return cls("fixed", (block_size, header_size))
 
     @classmethod
     def buzhash(cls) -> Chunking:
@@ -96,6 +102,15 @@ class Chunking:
     def block_size(self) -> int | None:
         """The block size of a fixed chunking, else ``None``."""
         return self.params[0] if self.kind == "fixed" else None
+
+    @property
+    def header_size(self) -> int:
+        """The size of the leading header chunk of a fixed chunking (0: none)."""
+        return self.params[1] if self.kind == "fixed" else 0
+
+    def borg_params(self) -> str:
+        """The same chunking as borg's ``--chunker-params`` value."""
+        return ",".join(str(p) for p in (self.kind, *self.params))
 
     def to_json(self) -> list[Any]:
         return [self.kind, *self.params]

@@ -14,6 +14,7 @@ from typing import Any
 from attrs import define, field
 
 from ._borg import BorgWorker, ProgressCallback
+from ._diskformats import disk_chunking
 from ._errors import ArchiveNotFound, ConfigurationError, PassphraseMissing
 from ._models import (
     ArchiveFile,
@@ -354,7 +355,7 @@ class Repository:
         if not files:
             raise ConfigurationError("an archive needs at least one file")
         seen: set[str] = set()
-        disk_chunking = Chunking.fixed(block_size if block_size is not None else self.block_size)
+        disk_block = Chunking.fixed(block_size if block_size is not None else self.block_size).params[0]
         records: list[ArchiveFile] = []
         specs: list[dict[str, Any]] = []
         for spec in files:
@@ -367,7 +368,7 @@ class Repository:
                 raise ConfigurationError(f"cannot read {spec.source}: {exc.strerror}") from exc
             if not spec.source.is_file():
                 raise ConfigurationError(f"{spec.source} is not a regular file")
-            chunking = disk_chunking if spec.role is FileRole.DISK else Chunking.buzhash()
+            chunking = disk_chunking(spec.source, disk_block) if spec.role is FileRole.DISK else Chunking.buzhash()
             records.append(ArchiveFile(path=spec.path, role=spec.role, size=size, chunking=chunking))
             specs.append({"source": os.fspath(spec.source), "path": spec.path, "chunking": chunking.to_json()})
         comment = encode_comment(metadata, records)
@@ -417,23 +418,31 @@ class Repository:
         self,
         source: str | os.PathLike[str],
         *,
-        block_size: int | None = None,
+        chunking: Chunking | None = None,
         progress: Callable[[Progress], None] | None = None,
     ) -> list[bytes]:
         """The ids of a local file's fixed blocks, exactly as this repository's key computes them.
 
-        Hashing runs in parallel threads. Block ``i`` covers bytes
-        ``[i * block_size, (i + 1) * block_size)``; the last block may be short.
+        Hashing runs in parallel threads. Give the chunking of the stored file
+        to compare with (``ArchiveInfo.file(path).chunking``); by default the
+        file is cut as :meth:`write_archive` would cut it now.
 
         Raises:
-            ConfigurationError: The file cannot be read, or the block size is invalid.
+            ConfigurationError: The file cannot be read, or the chunking is not a fixed one.
         """
-        size = Chunking.fixed(block_size if block_size is not None else self.block_size).params[0]
         path = Path(source)
         if not path.is_file():
             raise ConfigurationError(f"{path} is not a readable regular file")
+        if chunking is None:
+            chunking = disk_chunking(path, self.block_size)
+        if chunking.kind != "fixed":
+            raise ConfigurationError("local chunk ids are computed for fixed chunkings only")
         result: list[bytes] = self._worker.call(
-            "local_ids", progress=_progress_adapter(progress), source=os.fspath(path), block_size=size, path=str(path)
+            "local_ids",
+            progress=_progress_adapter(progress),
+            source=os.fspath(path),
+            params=(chunking.params[0], chunking.header_size),
+            path=str(path),
         )
         return result
 

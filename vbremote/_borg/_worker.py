@@ -261,15 +261,17 @@ class Worker:
             # decrypt() authenticates the ciphertext and checks the id of the plaintext.
             self.send((_protocol.ITEM, (chunk_id, bytes(self.key.decrypt(chunk_id, cdata)))))
 
-    def op_local_ids(self, source: str, block_size: int, path: str) -> list[bytes]:
+    def op_local_ids(self, source: str, params: tuple[int, int], path: str) -> list[bytes]:
+        ids = []
         with open(source, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            return [
-                block.id for block in self._blocks(f.fileno(), size, block_size, path, keep_data=False)
-            ]
+            for block in self._blocks(f.fileno(), size, params, path, keep_data=False):
+                ids.append(block.id)
+                self._progress("hash", path, block.offset + block.size, size)
+        return ids
 
     def _blocks(
-        self, fd: int, size: int, block_size: int, path: str, *, keep_data: bool
+        self, fd: int, size: int, params: tuple[int, int], path: str, *, keep_data: bool
     ) -> Iterator[_Block]:
         """The file's fixed blocks, in order, hashed in parallel threads.
 
@@ -280,8 +282,7 @@ class Worker:
         id_hash = self.key.id_hash
         zero_ids: dict[int, bytes] = {}
 
-        def job(offset: int) -> _Block:
-            length = min(block_size, size - offset)
+        def job(offset: int, length: int) -> _Block:
             data = os.pread(fd, length, offset)
             if len(data) != length:
                 raise _Refused("changed", f"{path}: file shrank while it was read")
@@ -294,18 +295,13 @@ class Worker:
 
         depth = 4 * (os.cpu_count() or 2)
         pending: collections.deque[concurrent.futures.Future[_Block]] = collections.deque()
-        done = 0
         try:
-            for offset in range(0, size, block_size):
-                pending.append(self.pool.submit(job, offset))
+            for offset, length in _extents(size, *params):
+                pending.append(self.pool.submit(job, offset, length))
                 if len(pending) >= depth:
-                    block = pending.popleft().result()
-                    done += block.size
-                    yield block
+                    yield pending.popleft().result()
             while pending:
-                block = pending.popleft().result()
-                done += block.size
-                yield block
+                yield pending.popleft().result()
         finally:
             for future in pending:
                 future.cancel()
@@ -324,7 +320,7 @@ class Worker:
         if name in self.manifest.archives:
             raise _Refused("archive_exists", f"archive {name!r} already exists")
         fixed = [f for f in files if f["chunking"][0] == "fixed"]
-        archive_chunker = ("fixed", fixed[0]["chunking"][1]) if fixed else CHUNKER_PARAMS
+        archive_chunker = tuple(fixed[0]["chunking"]) if fixed else CHUNKER_PARAMS
         total = sum(os.stat(f["source"]).st_size for f in files)
         counts = {"read": 0, "new": 0, "stored": 0, "chunks": 0, "chunks_new": 0, "zero": 0}
         with Cache(self.repository, self.key, self.manifest, lock_wait=1.0) as cache:
@@ -357,9 +353,8 @@ class Worker:
                         item = _item(spec["path"], st)
                         entries = []
                         if spec["chunking"][0] == "fixed":
-                            for block in self._blocks(
-                                fd, st.st_size, spec["chunking"][1], spec["path"], keep_data=True
-                            ):
+                            params = (spec["chunking"][1], spec["chunking"][2])
+                            for block in self._blocks(fd, st.st_size, params, spec["path"], keep_data=True):
                                 data = block.data if block.data is not None else ZERO[: block.size]
                                 entries.append(add(block.id, data, block.zero))
                                 counts["read"] += block.size
@@ -435,6 +430,18 @@ class Worker:
             ))
         return ok, list(self.handler.errors)
 
+
+
+def _extents(size: int, block_size: int, header_size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of each chunk, as borg's fixed chunker cuts them."""
+    offset = 0
+    if header_size and size:
+        offset = min(header_size, size)
+        yield 0, offset
+    while offset < size:
+        length = min(block_size, size - offset)
+        yield offset, length
+        offset += length
 
 
 class _Block:

@@ -1,0 +1,161 @@
+"""The vbremote demo: ``python -m vbremote.demo``.
+
+It needs no VirtualBox and no server: the repository lives in a temporary
+folder, and the VM is a VM-like folder with a real VDI disk made by qemu-img.
+It shows the repository layer end to end: create a repository, store the VM
+folder, let the "guest" change 2 % of its disk, store it again, and show what
+the second archive really cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from . import FileRole, FileSpec, LocalTransport, Progress, Repository, SnapshotMetadata, SnapshotMode
+from .testing import MIB, guest_write, make_vdi
+
+_SETTINGS = """<?xml version="1.0"?>
+<VirtualBox xmlns="http://www.virtualbox.org/" version="1.19-linux">
+  <Machine uuid="{{{uuid}}}" name="{name}" OSType="Debian_64" snapshotFolder="Snapshots">
+    <MediaRegistry>
+      <HardDisks>
+        <HardDisk uuid="{{{disk}}}" location="{name}.vdi" format="VDI" type="Normal"/>
+      </HardDisks>
+    </MediaRegistry>
+    <Hardware>
+      <Memory RAMSize="2048"/>
+      <StorageControllers>
+        <StorageController name="SATA" type="AHCI" PortCount="1">
+          <AttachedDevice type="HardDisk" port="0" device="0">
+            <Image uuid="{{{disk}}}"/>
+          </AttachedDevice>
+        </StorageController>
+      </StorageControllers>
+    </Hardware>
+  </Machine>
+</VirtualBox>
+"""
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _progress_printer(label: str) -> tuple[Callable[[Progress], None], Callable[[], None]]:
+    last = [0.0]
+    interactive = sys.stdout.isatty()
+
+    def show(event: Progress) -> None:
+        if not interactive:
+            return
+        now = time.monotonic()
+        if now - last[0] > 0.2 or event.done == event.total:
+            last[0] = now
+            percent = 100 * event.done / event.total if event.total else 100
+            print(f"\r  {label}: {percent:5.1f} %  {_size(event.done)} of {_size(event.total)}", end="", flush=True)
+
+    def finish() -> None:
+        if interactive:
+            print()
+
+    return show, finish
+
+
+def make_vm_folder(folder: Path, name: str, disk_size: int) -> tuple[Path, str]:
+    """A VM-like folder: settings file, a real VDI disk with guest-like content, NVRAM."""
+    folder.mkdir(parents=True)
+    vm_uuid = str(uuid.uuid4())
+    (folder / f"{name}.vbox").write_text(_SETTINGS.format(uuid=vm_uuid, disk=uuid.uuid4(), name=name))
+    make_vdi(folder / f"{name}.vdi", disk_size, seed=1)
+    (folder / f"{name}.nvram").write_bytes(random.Random(2).randbytes(128 * 1024))
+    return folder, vm_uuid
+
+
+def vm_files(folder: Path, name: str) -> list[FileSpec]:
+    return [
+        FileSpec(folder / f"{name}.vbox", f"{name}.vbox", FileRole.SETTINGS),
+        FileSpec(folder / f"{name}.vdi", f"{name}.vdi", FileRole.DISK),
+        FileSpec(folder / f"{name}.nvram", f"{name}.nvram", FileRole.NVRAM),
+    ]
+
+
+def run(workdir: Path, disk_mib: int) -> None:
+    name = "demo-vm"
+    print(f"vbremote demo in {workdir}\n")
+    folder, vm_uuid = make_vm_folder(workdir / name, name, disk_mib * MIB)
+    disk = folder / f"{name}.vdi"
+    print(f"1. A VM folder with a {disk_mib} MiB VDI disk ({_size(disk.stat().st_size)} allocated), made by qemu-img.")
+
+    transport = LocalTransport(workdir / "repository")
+    base = workdir / "borg"
+    passphrase = "demo passphrase"
+    metadata = SnapshotMetadata(vm_name=name, vm_uuid=vm_uuid, mode=SnapshotMode.OFFLINE, host="demo-host")
+    with Repository.init(transport, passphrase=passphrase, base_dir=base) as repo:
+        print(f"2. A borg repository at {transport.location} ({repo.encryption}, {repo.block_size // MIB} MiB blocks).")
+        show, finish = _progress_printer("archive 1")
+        first = repo.write_archive(f"{name}-1", vm_files(folder, name), metadata, progress=show)
+        finish()
+        print(
+            f"   stored {_size(first.bytes_read)} as {_size(first.bytes_stored)} in {first.seconds:.2f} s"
+            f" ({first.chunks} chunks, {first.chunks_zero} all-zero)"
+        )
+
+        rng = random.Random(3)
+        blocks = disk_mib
+        changed = max(1, blocks * 2 // 100)
+        for index in rng.sample(range(blocks), changed):
+            guest_write(disk, index * MIB, rng.randbytes(MIB))
+        print(f"3. The guest rewrote {changed} of {blocks} 1 MiB blocks (2 %), through qemu-io.")
+
+        show, finish = _progress_printer("archive 2")
+        second = repo.write_archive(f"{name}-2", vm_files(folder, name), metadata, progress=show)
+        finish()
+        print(
+            f"   read {_size(second.bytes_read)}, sent {second.chunks_new} new chunks:"
+            f" {_size(second.bytes_new)} of data, {_size(second.bytes_stored)} stored"
+        )
+
+        print("4. The repository's archives:")
+        print(f"   {'name':<14} {'time (UTC)':<20} {'mode':<8} {'vm uuid':<36} files")
+        for info in repo.archives(vm=name):
+            files = ", ".join(f"{f.path} ({f.role.value})" for f in info.files)
+            print(f"   {info.name:<14} {info.time:%Y-%m-%d %H:%M:%S}  {info.mode.value:<8} {info.vm_uuid} {files}")
+
+        result = repo.check(verify_data=True)
+        print(f"5. borg check --verify-data: {'no problems' if result.ok else result.problems}")
+        chunks = repo.chunk_list(second.archive, f"{name}.vdi")
+        local = repo.local_chunk_ids(disk)
+        same = sum(a == b.id for a, b in zip(local, chunks.chunks, strict=True))
+        print(f"   local block ids equal to archive 2's chunk ids: {same} of {len(local)}")
+    print("\nThese are ordinary borg archives: with BORG_BASE_DIR and BORG_PASSPHRASE set,")
+    print(f"`borg list {transport.location}` lists them and `borg extract` restores the folder.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vbremote.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--disk-mib", type=int, default=256, help="size of the demo VM's disk (MiB)")
+    parser.add_argument("--keep", type=Path, help="work in this (new) folder and keep it")
+    args = parser.parse_args(argv)
+    if args.keep is not None:
+        args.keep.mkdir(parents=True)
+        run(args.keep, args.disk_mib)
+    else:
+        with tempfile.TemporaryDirectory(prefix="vbremote-demo-") as workdir:
+            run(Path(workdir), args.disk_mib)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
