@@ -450,7 +450,9 @@ class Repository:
         """Fetch chunks by id, in the order given, each verified against its id.
 
         Requests are batched and pipelined (borg's ``get_many``), so a remote
-        repository is not one round trip per chunk.
+        repository is not one round trip per chunk. The repository is busy
+        until the iteration ends: exhaust the iterator, leave the loop, or
+        close it (``contextlib.closing``) before other calls.
 
         Yields:
             ``(id, plaintext)`` pairs.

@@ -123,7 +123,10 @@ class BorgWorker:
             self._send(op, kwargs)
             replies = self._replies(progress)
             try:
-                yield from replies
+                # Not "yield from": closing this generator must not close
+                # `replies`, which the finally clause still drains.
+                for item in replies:  # noqa: UP028
+                    yield item
             finally:
                 for _ in replies:
                     pass

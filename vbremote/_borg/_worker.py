@@ -34,9 +34,10 @@ _BLOCK_SIZE_KEY = b"vbremote_block_size"
 class _Refused(Exception):
     """Raised in place of a terminal prompt: vbremote never waits on a terminal."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, *, chunk_id: str | None = None) -> None:
         super().__init__(message)
         self.kind = kind
+        self.chunk_id = chunk_id
 
 
 class _ForwardingHandler(logging.Handler):
@@ -181,13 +182,16 @@ class Worker:
         self, transport: Any, passphrase: str | None, lock_wait: float, exclusive: bool,
         compression: str,
     ) -> dict[str, Any]:
-        from borg.cache import assert_secure
+        from borg.cache import SecurityManager, assert_secure
         from borg.helpers import Manifest
 
         _set_passphrase(passphrase, new=False)
         repository = self._connect(transport, create=False, lock_wait=lock_wait, exclusive=exclusive)
         self.manifest, self.key = Manifest.load(repository, Manifest.NO_OPERATION_CHECK)
         assert_secure(repository, self.manifest, lock_wait)
+        # borg asks this only when it first writes; refuse at open instead, and
+        # remember the repository when the caller accepted it.
+        SecurityManager(repository).assert_access_unknown(True, self.manifest, self.key)
         self._set_compression(compression)
         return self._describe(transport)
 
@@ -257,9 +261,19 @@ class Worker:
 
     def op_fetch(self, ids: list[bytes]) -> None:
         """Stream (id, plaintext) for each id, verified; borg pipelines the gets."""
-        for chunk_id, cdata in zip(ids, self.repository.get_many(ids), strict=True):
-            # decrypt() authenticates the ciphertext and checks the id of the plaintext.
-            self.send((_protocol.ITEM, (chunk_id, bytes(self.key.decrypt(chunk_id, cdata)))))
+        from borg.helpers import IntegrityError
+        from borg.repository import Repository
+
+        replies = iter(self.repository.get_many(ids))
+        for chunk_id in ids:
+            try:
+                # decrypt() authenticates the ciphertext and checks the id of the plaintext.
+                data = bytes(self.key.decrypt(chunk_id, next(replies)))
+            except (IntegrityError, Repository.ObjectNotFound) as exc:
+                raise _Refused(
+                    "integrity", f"chunk {chunk_id.hex()}: {exc.get_message()}", chunk_id=chunk_id.hex()
+                ) from exc
+            self.send((_protocol.ITEM, (chunk_id, data)))
 
     def op_local_ids(self, source: str, params: tuple[int, int], path: str) -> list[bytes]:
         ids = []
@@ -545,7 +559,10 @@ def classify(exc: BaseException, remote_lines: collections.deque[str]) -> tuple[
         ((IntegrityError, Repository.ObjectNotFound), "integrity"),
         (Archive.DoesNotExist, "archive_missing"),
         (Archive.AlreadyExists, "archive_exists"),
-        ((Cache.RepositoryAccessAborted, Cache.RepositoryReplay), "access_denied"),
+        (
+            (Cache.RepositoryAccessAborted, Cache.RepositoryReplay, Cache.CacheInitAbortedError),
+            "access_denied",
+        ),
         (RemoteRepository.RPCError, "borg"),
         (Error, "borg"),
         (OSError, "os"),
@@ -568,7 +585,7 @@ def classify(exc: BaseException, remote_lines: collections.deque[str]) -> tuple[
                 if "append-only" in remote or "not allowed" in remote.lower():
                     kind = "access_denied"
             if kind == "integrity":
-                context["chunk_id"] = _chunk_id_in(message)
+                context["chunk_id"] = getattr(exc, "chunk_id", None) or _chunk_id_in(message)
             return kind, message, context
     return "internal", f"{type(exc).__name__}: {message}", context
 

@@ -1,0 +1,443 @@
+"""Repository: real borg repositories in temporary folders."""
+
+from __future__ import annotations
+
+import os
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from helpers import PASSPHRASE, disk_content, metadata, vm_specs
+
+import vbremote
+from vbremote.testing import MIB, guest_write
+
+
+def write_disk(tmp_path: Path, content: bytes, name: str = "disk.img") -> vbremote.FileSpec:
+    path = tmp_path / name
+    path.write_bytes(content)
+    return vbremote.FileSpec(path, name, vbremote.FileRole.DISK)
+
+
+class TestOpen:
+    def test_init_then_open(self, transport, base_dir):
+        """A repository made by init opens again with the same passphrase and id."""
+        with vbremote.Repository.init(transport, passphrase=PASSPHRASE, base_dir=base_dir) as first:
+            repo_id = first.id
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir) as again:
+            assert again.id == repo_id
+            assert again.encryption == "repokey"
+            assert again.block_size == vbremote.DEFAULT_BLOCK_SIZE
+
+    def test_passphrase_callable(self, transport, base_dir):
+        """A callable passphrase is asked once at open."""
+        calls = []
+
+        def secret() -> str:
+            calls.append(1)
+            return PASSPHRASE
+
+        vbremote.Repository.init(transport, passphrase=secret, base_dir=base_dir).close()
+        vbremote.Repository.open(transport, passphrase=secret, base_dir=base_dir).close()
+        assert len(calls) == 2
+
+    def test_missing_repository(self, tmp_path, base_dir):
+        """Opening where no repository is raises RepositoryNotFound."""
+        with pytest.raises(vbremote.RepositoryNotFound):
+            vbremote.Repository.open(vbremote.LocalTransport(tmp_path / "nothing"), base_dir=base_dir)
+
+    def test_init_twice(self, repo, transport, base_dir):
+        """init where a repository exists raises RepositoryExists and changes nothing."""
+        with pytest.raises(vbremote.RepositoryExists):
+            vbremote.Repository.init(transport, passphrase="other", base_dir=base_dir)
+        assert repo.archives() == []
+
+    def test_wrong_passphrase(self, repo, transport, base_dir):
+        """A wrong passphrase raises PassphraseWrong."""
+        repo.close()
+        with pytest.raises(vbremote.PassphraseWrong):
+            vbremote.Repository.open(transport, passphrase="wrong", base_dir=base_dir)
+
+    def test_missing_passphrase(self, repo, transport, base_dir, monkeypatch):
+        """No passphrase anywhere raises PassphraseMissing instead of prompting."""
+        repo.close()
+        for name in ("BORG_PASSPHRASE", "BORG_PASSCOMMAND", "BORG_PASSPHRASE_FD", "BORG_NEW_PASSPHRASE"):
+            monkeypatch.delenv(name, raising=False)
+        with pytest.raises(vbremote.PassphraseMissing):
+            vbremote.Repository.open(transport, base_dir=base_dir)
+
+    def test_passphrase_from_borg_environment(self, repo, transport, base_dir, monkeypatch):
+        """Without passphrase=, borg's own BORG_PASSPHRASE is used."""
+        repo.close()
+        monkeypatch.setenv("BORG_PASSPHRASE", PASSPHRASE)
+        vbremote.Repository.open(transport, base_dir=base_dir).close()
+
+    def test_init_encrypted_without_passphrase(self, transport, base_dir, monkeypatch):
+        """init of an encrypted repository without any passphrase is refused before anything is made."""
+        for name in ("BORG_PASSPHRASE", "BORG_PASSCOMMAND", "BORG_PASSPHRASE_FD", "BORG_NEW_PASSPHRASE"):
+            monkeypatch.delenv(name, raising=False)
+        with pytest.raises(vbremote.PassphraseMissing):
+            vbremote.Repository.init(transport, base_dir=base_dir)
+        assert not Path(transport.path).exists()
+
+    @pytest.mark.parametrize(
+        ("kwargs", "match"),
+        [
+            ({"encryption": "rot13"}, "encryption"),
+            ({"block_size": 3 * MIB}, "block size"),
+            ({"lock_wait": -1}, "lock_wait"),
+        ],
+    )
+    def test_bad_init_arguments(self, transport, base_dir, kwargs, match):
+        """Invalid init arguments raise ConfigurationError (a ValueError) and create nothing."""
+        with pytest.raises(vbremote.ConfigurationError, match=match):
+            vbremote.Repository.init(transport, passphrase="x", base_dir=base_dir, **kwargs)
+        assert not Path(transport.path).exists()
+
+    def test_bad_compression(self, repo, transport, base_dir):
+        """An invalid compression spec raises ConfigurationError."""
+        repo.close()
+        with pytest.raises(vbremote.ConfigurationError, match="compression"):
+            vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir, compression="gzip9")
+
+    def test_locked(self, repo, transport, base_dir):
+        """A second open waits lock_wait seconds for borg's lock, then raises RepositoryLocked."""
+        with pytest.raises(vbremote.RepositoryLocked):
+            vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir, lock_wait=0.3)
+
+    def test_lock_released_on_close(self, repo, transport, base_dir):
+        """Closing releases the lock for the next open."""
+        repo.close()
+        vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir, lock_wait=0).close()
+
+    def test_shared_locks(self, repo, transport, base_dir):
+        """Two read-only opens share borg's lock."""
+        repo.close()
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir, read_only=True):
+            with vbremote.Repository.open(
+                transport, passphrase=PASSPHRASE, base_dir=base_dir, read_only=True, lock_wait=0
+            ):
+                pass
+
+    @pytest.mark.parametrize("encryption", vbremote.ENCRYPTION_MODES)
+    def test_every_encryption_mode(self, tmp_path, base_dir, encryption):
+        """Every borg 1.4 encryption mode round-trips, and local ids equal stored ids."""
+        transport = vbremote.LocalTransport(tmp_path / encryption)
+        content = disk_content(3) + b"tail"
+        spec = write_disk(tmp_path, content)
+        with vbremote.Repository.init(
+            transport, encryption=encryption, passphrase=PASSPHRASE, base_dir=base_dir
+        ) as repo:
+            repo.write_archive("a", [spec], metadata())
+            chunks = repo.chunk_list("a", spec.path)
+            assert repo.local_chunk_ids(spec.source) == [c.id for c in chunks.chunks]
+            assert b"".join(d for _, d in repo.fetch_chunks(c.id for c in chunks.chunks)) == content
+        with vbremote.Repository.open(
+            transport, passphrase=PASSPHRASE, base_dir=base_dir, accept_unencrypted=True
+        ) as repo:
+            assert [a.name for a in repo.archives()] == ["a"]
+
+    def test_unknown_unencrypted_refused(self, tmp_path, base_dir):
+        """An unencrypted repository this user never saw is refused unless accepted (borg would ask)."""
+        transport = vbremote.LocalTransport(tmp_path / "plain")
+        vbremote.Repository.init(transport, encryption="none", base_dir=base_dir).close()
+        other_base = tmp_path / "other-base"
+        other_base.mkdir()
+        with pytest.raises(vbremote.AccessDenied):
+            vbremote.Repository.open(transport, base_dir=other_base)
+        vbremote.Repository.open(transport, base_dir=other_base, accept_unencrypted=True).close()
+
+    def test_not_a_transport(self, tmp_path):
+        """A transport that is not a Transport raises ConfigurationError."""
+        with pytest.raises(vbremote.ConfigurationError):
+            vbremote.Repository.open(str(tmp_path))  # type: ignore[arg-type]
+
+
+class TestWrite:
+    def test_write_and_list(self, repo, vm_folder):
+        """An archive lists with its metadata, roles, sizes and chunking."""
+        meta = metadata("dev", mode=vbremote.SnapshotMode.ONLINE, labels={"before-upgrade"})
+        result = repo.write_archive("dev-1", vm_specs(vm_folder), meta)
+        [info] = repo.archives()
+        assert info == result.archive
+        assert (info.name, info.vm_name, info.vm_uuid, info.mode) == ("dev-1", "dev", meta.vm_uuid, meta.mode)
+        assert info.metadata.labels == {"before-upgrade"}
+        disk = info.file("vm.vdi")
+        assert disk.role is vbremote.FileRole.DISK
+        assert disk.size == (vm_folder / "vm.vdi").stat().st_size
+        assert disk.chunking.kind == "fixed"
+        assert info.file("vm.vbox").chunking.kind == "buzhash"
+        assert result.bytes_read == sum(p.stat().st_size for p in vm_folder.iterdir())
+
+    def test_vdi_blocks_stay_aligned(self, repo, vm_folder):
+        """A qemu-made VDI gets a header chunk so that a 1 MiB guest write changes one chunk."""
+        disk = vm_folder / "vm.vdi"
+        first = repo.write_archive("one", vm_specs(vm_folder), metadata())
+        assert first.archive.file("vm.vdi").chunking.header_size > 0
+        guest_write(disk, 7 * MIB, os.urandom(MIB))
+        second = repo.write_archive("two", vm_specs(vm_folder), first.archive.metadata)
+        # One changed data block of the disk (the settings and NVRAM files are unchanged).
+        assert second.chunks_new == 1
+        assert second.bytes_new == MIB
+
+    def test_zero_blocks(self, repo, tmp_path):
+        """All-zero blocks are recognised and stored once."""
+        spec = write_disk(tmp_path, bytes(5 * MIB) + b"x")
+        result = repo.write_archive("zeros", [spec], metadata())
+        assert result.chunks_zero == 5
+        assert result.chunks_new == 2  # one zero chunk and the tail
+
+    def test_incremental_sends_only_changes(self, repo, tmp_path):
+        """A second archive after a small change sends only the changed blocks."""
+        content = bytearray(disk_content(10))
+        spec = write_disk(tmp_path, bytes(content))
+        meta = metadata()
+        repo.write_archive("one", [spec], meta)
+        content[4 * MIB + 10 : 4 * MIB + 20] = b"0123456789"
+        spec.source.write_bytes(bytes(content))
+        second = repo.write_archive("two", [spec], meta)
+        assert (second.chunks_new, second.bytes_new) == (1, MIB)
+
+    def test_block_size_per_archive(self, repo, tmp_path):
+        """The block size can be chosen per archive and is recorded."""
+        spec = write_disk(tmp_path, disk_content(8))
+        result = repo.write_archive("big", [spec], metadata(), block_size=4 * MIB)
+        assert result.archive.files[0].chunking == vbremote.Chunking.fixed(4 * MIB)
+        assert result.chunks == 2
+
+    def test_repository_default_block_size(self, tmp_path, base_dir):
+        """init records the default block size in the repository."""
+        transport = vbremote.LocalTransport(tmp_path / "r")
+        vbremote.Repository.init(transport, passphrase="p", base_dir=base_dir, block_size=2 * MIB).close()
+        with vbremote.Repository.open(transport, passphrase="p", base_dir=base_dir) as repo:
+            assert repo.block_size == 2 * MIB
+
+    def test_timestamp(self, repo, tmp_path):
+        """An archive can be given its time, like borg create --timestamp."""
+        when = datetime(2024, 3, 31, 1, 30, tzinfo=timezone.utc)
+        repo.write_archive("old", [write_disk(tmp_path, b"x")], metadata(), timestamp=when)
+        assert repo.archive("old").time == when
+
+    def test_progress(self, repo, tmp_path):
+        """Progress events report bytes done up to the total."""
+        events: list[vbremote.Progress] = []
+        repo.write_archive("p", [write_disk(tmp_path, disk_content(4))], metadata(), progress=events.append)
+        assert events
+        assert events[-1].done == events[-1].total == 4 * MIB
+        assert all(e.operation == "write" for e in events)
+
+    def test_name_taken(self, repo, tmp_path):
+        """Writing an existing name raises ArchiveExists and keeps the first archive."""
+        spec = write_disk(tmp_path, b"one")
+        repo.write_archive("a", [spec], metadata())
+        with pytest.raises(vbremote.ArchiveExists):
+            repo.write_archive("a", [spec], metadata())
+        assert len(repo.archives()) == 1
+
+    @pytest.mark.parametrize("name", ["", " a", "a/b"])
+    def test_bad_names(self, repo, tmp_path, name):
+        """Invalid archive names raise ConfigurationError."""
+        with pytest.raises(vbremote.ConfigurationError):
+            repo.write_archive(name, [write_disk(tmp_path, b"x")], metadata())
+
+    def test_bad_files(self, repo, tmp_path):
+        """No files, missing files and duplicate paths raise ConfigurationError; nothing is written."""
+        spec = write_disk(tmp_path, b"x")
+        with pytest.raises(vbremote.ConfigurationError):
+            repo.write_archive("a", [], metadata())
+        with pytest.raises(vbremote.ConfigurationError):
+            repo.write_archive("a", [vbremote.FileSpec(tmp_path / "none", "none")], metadata())
+        with pytest.raises(vbremote.ConfigurationError):
+            repo.write_archive("a", [spec, spec], metadata())
+        assert repo.archives() == []
+
+    def test_failed_write_leaves_nothing(self, repo, tmp_path):
+        """A write that fails half-way commits nothing, and the repository stays usable and clean."""
+        good = write_disk(tmp_path, disk_content(3), "good.img")
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        with pytest.raises(vbremote.VBRemoteError):
+            repo.write_archive("a", [good, vbremote.FileSpec(fifo, "fifo")], metadata())
+        assert repo.archives() == []
+        assert repo.check().ok
+        repo.write_archive("a", [good], metadata())
+        assert [a.name for a in repo.archives()] == ["a"]
+
+    def test_foreign_archives_are_skipped(self, repo, transport, borg_cli, tmp_path):
+        """Archives made by other tools (no vbremote metadata) are not listed."""
+        (tmp_path / "f").write_text("x")
+        repo.write_archive("ours", [write_disk(tmp_path, b"y")], metadata())
+        repo.close()
+        borg_cli("create", f"{transport.path}::theirs", "f", cwd=tmp_path)
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=borg_cli.base_dir) as again:
+            assert [a.name for a in again.archives()] == ["ours"]
+
+
+class TestSelection:
+    def test_by_uuid_and_name(self, repo, tmp_path):
+        """vm= selects by uuid or by name; 'dev' never selects 'dev2'."""
+        spec = write_disk(tmp_path, b"x")
+        dev, dev2 = metadata("dev"), metadata("dev2")
+        repo.write_archive("dev-1", [spec], dev)
+        repo.write_archive("dev2-1", [spec], dev2)
+        repo.write_archive("dev-2", [spec], dev)
+        assert [a.name for a in repo.archives(vm="dev")] == ["dev-1", "dev-2"]
+        assert [a.name for a in repo.archives(vm=dev2.vm_uuid)] == ["dev2-1"]
+        assert repo.archives(vm="nope") == []
+
+    def test_renamed_vm_keeps_history(self, repo, tmp_path):
+        """Selecting by the new name finds the archives taken under the old name."""
+        spec = write_disk(tmp_path, b"x")
+        old = metadata("old-name")
+        repo.write_archive("a1", [spec], old)
+        repo.write_archive("a2", [spec], metadata("new-name", old.vm_uuid))
+        assert [a.name for a in repo.archives(vm="new-name")] == ["a1", "a2"]
+
+    def test_ambiguous_name(self, repo, tmp_path):
+        """A name used by two VMs must be given as a uuid."""
+        spec = write_disk(tmp_path, b"x")
+        repo.write_archive("a1", [spec], metadata("same"))
+        repo.write_archive("a2", [spec], metadata("same"))
+        with pytest.raises(vbremote.ConfigurationError, match="uuid"):
+            repo.archives(vm="same")
+
+    def test_missing_archive(self, repo):
+        """archive() of an unknown name raises ArchiveNotFound."""
+        with pytest.raises(vbremote.ArchiveNotFound):
+            repo.archive("nope")
+
+
+class TestRead:
+    def test_chunk_list_offsets(self, repo, tmp_path):
+        """A chunk list covers the file with contiguous offsets."""
+        content = disk_content(3) + b"tail"
+        spec = write_disk(tmp_path, content)
+        repo.write_archive("a", [spec], metadata())
+        chunks = repo.chunk_list("a", spec.path)
+        assert chunks.size == len(content)
+        assert [c.offset for c in chunks.chunks] == [0, MIB, 2 * MIB, 3 * MIB]
+        assert [c.size for c in chunks.chunks] == [MIB, MIB, MIB, 4]
+
+    def test_chunk_list_errors(self, repo, tmp_path):
+        """Unknown archives and paths raise their own errors."""
+        repo.write_archive("a", [write_disk(tmp_path, b"x")], metadata())
+        with pytest.raises(vbremote.ArchiveNotFound):
+            repo.chunk_list("b", "disk.img")
+        with pytest.raises(vbremote.FileNotInArchive):
+            repo.chunk_list("a", "other.img")
+
+    def test_fetch_in_order_and_early_exit(self, repo, tmp_path):
+        """fetch_chunks yields in the order asked, and a loop left early leaves the repository usable."""
+        content = disk_content(200, seed=3)
+        spec = write_disk(tmp_path, content)
+        repo.write_archive("a", [spec], metadata())
+        ids = [c.id for c in repo.chunk_list("a", spec.path).chunks]
+        wanted = list(reversed(ids))
+        got = [chunk_id for chunk_id, _ in repo.fetch_chunks(wanted)]
+        assert got == wanted
+        for _ in repo.fetch_chunks(ids):
+            break
+        assert len(repo.archives()) == 1
+
+    def test_fetch_missing_chunk(self, repo):
+        """Fetching an id the repository lacks raises IntegrityError."""
+        with pytest.raises(vbremote.IntegrityError):
+            list(repo.fetch_chunks([bytes(32)]))
+
+    def test_corruption_is_detected(self, repo, transport, tmp_path):
+        """A flipped byte in a stored chunk raises IntegrityError naming the chunk."""
+        content = os.urandom(MIB)
+        spec = write_disk(tmp_path, content)
+        repo.write_archive("a", [spec], metadata())
+        chunk_id = repo.chunk_list("a", spec.path).chunks[0].id
+        repo.close()
+        segment = max(Path(transport.path, "data").rglob("[0-9]*"), key=lambda p: p.stat().st_size)
+        data = bytearray(segment.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        segment.write_bytes(bytes(data))
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=repo_base(repo)) as again:
+            with pytest.raises(vbremote.IntegrityError) as caught:
+                list(again.fetch_chunks([chunk_id]))
+            assert caught.value.chunk_id == chunk_id.hex()
+            assert not again.check(verify_data=True).ok
+
+    def test_local_ids_need_fixed_chunking(self, repo, tmp_path):
+        """local_chunk_ids refuses a content-defined chunking and a missing file."""
+        spec = write_disk(tmp_path, b"x")
+        with pytest.raises(vbremote.ConfigurationError):
+            repo.local_chunk_ids(spec.source, chunking=vbremote.Chunking.buzhash())
+        with pytest.raises(vbremote.ConfigurationError):
+            repo.local_chunk_ids(tmp_path / "none")
+
+    def test_threads_share_a_repository(self, repo, tmp_path):
+        """Calls from several threads run one at a time and all succeed."""
+        spec = write_disk(tmp_path, disk_content(4))
+        repo.write_archive("a", [spec], metadata())
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                for _ in range(5):
+                    ids = [c.id for c in repo.chunk_list("a", spec.path).chunks]
+                    assert len(list(repo.fetch_chunks(ids))) == 4
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+
+
+def repo_base(repo: vbremote.Repository) -> Path:
+    # The fixture's base folder sits beside the repository folder.
+    return Path(repo.transport.path).parent / "borg-base"
+
+
+class TestDeleteCompactCheck:
+    def test_delete_and_compact_free_space(self, repo, tmp_path):
+        """Deleting an archive and compacting frees its unique data."""
+        spec = write_disk(tmp_path, os.urandom(4 * MIB))
+        repo.write_archive("a", [spec], metadata())
+        result = repo.delete_archives(["a"])
+        assert result.deleted == ("a",)
+        assert result.append_only is False
+        compacted = repo.compact()
+        assert compacted.freed_bytes is not None
+        assert compacted.freed_bytes >= 4 * MIB
+        assert repo.archives() == []
+
+    def test_delete_unknown_changes_nothing(self, repo, tmp_path):
+        """Deleting a list with an unknown name deletes nothing."""
+        repo.write_archive("a", [write_disk(tmp_path, b"x")], metadata())
+        with pytest.raises(vbremote.ArchiveNotFound):
+            repo.delete_archives(["a", "b"])
+        assert [a.name for a in repo.archives()] == ["a"]
+
+    def test_shared_chunks_survive_delete(self, repo, tmp_path):
+        """Chunks shared with a remaining archive stay readable after delete and compact."""
+        content = disk_content(3)
+        spec = write_disk(tmp_path, content)
+        meta = metadata()
+        repo.write_archive("a", [spec], meta)
+        repo.write_archive("b", [spec], meta)
+        repo.delete_archives(["a"])
+        repo.compact()
+        ids = [c.id for c in repo.chunk_list("b", spec.path).chunks]
+        assert b"".join(d for _, d in repo.fetch_chunks(ids)) == content
+        assert repo.check(verify_data=True).ok
+
+    def test_append_only_repository(self, tmp_path, base_dir, borg_cli):
+        """In an append-only repository a delete frees nothing, and the result says so."""
+        transport = vbremote.LocalTransport(tmp_path / "ao")
+        borg_cli("init", "--encryption=repokey", "--append-only", transport.path)
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir) as repo:
+            assert repo.append_only is True
+            repo.write_archive("a", [write_disk(tmp_path, os.urandom(2 * MIB))], metadata())
+            assert repo.delete_archives(["a"]).append_only is True
+            compacted = repo.compact()
+            assert compacted.append_only is True
+            assert compacted.freed_bytes == 0
