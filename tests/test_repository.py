@@ -441,3 +441,17 @@ class TestDeleteCompactCheck:
             compacted = repo.compact()
             assert compacted.append_only is True
             assert compacted.freed_bytes == 0
+
+
+class TestRelocated:
+    def test_moved_repository(self, tmp_path, base_dir):
+        """A repository moved since last use is refused (borg would ask) unless accept_relocated."""
+        first = vbremote.LocalTransport(tmp_path / "a")
+        vbremote.Repository.init(first, passphrase=PASSPHRASE, base_dir=base_dir).close()
+        moved = tmp_path / "b"
+        Path(first.path).rename(moved)
+        with pytest.raises(vbremote.AccessDenied, match="accept_relocated"):
+            vbremote.Repository.open(vbremote.LocalTransport(moved), passphrase=PASSPHRASE, base_dir=base_dir)
+        vbremote.Repository.open(
+            vbremote.LocalTransport(moved), passphrase=PASSPHRASE, base_dir=base_dir, accept_relocated=True
+        ).close()

@@ -61,6 +61,25 @@ class _ForwardingHandler(logging.Handler):
         self.worker.send((_protocol.LOG, record.levelno, record.name, message))
 
 
+class _StderrTap:
+    """borg writes a remote's plain stderr lines (ssh's errors) to sys.stderr; log them."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        if text.startswith("Remote: "):
+            logging.getLogger("borg.remote").warning("%s", text.rstrip())
+            return len(text)
+        return int(self.stream.write(text))
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 class Worker:
     def __init__(self, rfile: BinaryIO, wfile: BinaryIO) -> None:
         self.rfile = rfile
@@ -572,6 +591,11 @@ def classify(exc: BaseException, remote_lines: collections.deque[str]) -> tuple[
         message = exc.get_message()
     if isinstance(exc, RemoteRepository.RPCError):
         message = exc.get_message()
+    if isinstance(exc, Cache.RepositoryAccessAborted):
+        message += (
+            ": the repository was last used by this user at another location"
+            " (pass accept_relocated=True if it was moved on purpose)"
+        )
     context: dict[str, Any] = {"borg_class": type(exc).__name__}
     for types, kind in table:
         if isinstance(exc, types):
@@ -613,6 +637,7 @@ def main() -> None:
     os.dup2(devnull, 0)
     os.dup2(2, 1)
     sys.stdin = open(os.devnull)  # noqa: SIM115 - lives as long as the process
+    sys.stderr = _StderrTap(sys.stderr)  # type: ignore[assignment]
     sys.stdout = sys.stderr
     sys.argv = ["vbremote"]
     # borg's CLI sets this umask so that keys, caches and repositories are private.

@@ -1,0 +1,109 @@
+"""Interoperability with the real borg command-line tool (the peer users have)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from helpers import PASSPHRASE, disk_content, metadata, vm_specs
+
+import vbremote
+from vbremote.testing import MIB
+
+pytestmark = pytest.mark.borgcli
+
+
+class TestBorgReadsOurArchives:
+    def test_list_check_extract(self, repo, transport, vm_folder, borg_cli, tmp_path):
+        """borg lists, checks with --verify-data, and extracts our archive byte for byte."""
+        repo.write_archive("dev-1", vm_specs(vm_folder), metadata("dev"))
+        repo.close()
+        listing = json.loads(borg_cli("list", "--json", transport.path))
+        assert [a["name"] for a in listing["archives"]] == ["dev-1"]
+        borg_cli("check", "--verify-data", transport.path)
+        target = tmp_path / "extracted"
+        target.mkdir()
+        borg_cli("extract", f"{transport.path}::dev-1", cwd=target)
+        for name in ("vm.vbox", "vm.vdi", "vm.nvram"):
+            assert (target / name).read_bytes() == (vm_folder / name).read_bytes()
+
+    def test_metadata_is_the_archive_comment(self, repo, transport, vm_folder, borg_cli):
+        """borg info shows vbremote's metadata as the archive comment (plain JSON)."""
+        meta = metadata("dev")
+        repo.write_archive("dev-1", vm_specs(vm_folder), meta)
+        repo.close()
+        info = json.loads(borg_cli("info", "--json", f"{transport.path}::dev-1"))
+        comment = json.loads(info["archives"][0]["comment"])
+        assert comment["vm"] == {"name": "dev", "uuid": meta.vm_uuid}
+        assert {f["path"] for f in comment["files"]} == {"vm.vbox", "vm.vdi", "vm.nvram"}
+
+    def test_borg_records_our_chunker(self, repo, transport, tmp_path, borg_cli):
+        """borg info reports the fixed chunker parameters vbremote used."""
+        spec = tmp_path / "d.img"
+        spec.write_bytes(disk_content(2))
+        repo.write_archive("a", [vbremote.FileSpec(spec, "d.img", vbremote.FileRole.DISK)], metadata())
+        repo.close()
+        info = json.loads(borg_cli("info", "--json", f"{transport.path}::a"))
+        assert info["archives"][0]["chunker_params"][:2] == ["fixed", MIB]
+
+    def test_borg_writes_after_us(self, repo, transport, tmp_path, borg_cli, base_dir):
+        """borg create and delete on our repository keep our archives and our settings intact."""
+        spec = tmp_path / "d.img"
+        spec.write_bytes(disk_content(2))
+        repo.write_archive("ours", [vbremote.FileSpec(spec, "d.img", vbremote.FileRole.DISK)], metadata())
+        repo.close()
+        borg_cli("create", f"{transport.path}::theirs", "d.img", cwd=tmp_path)
+        borg_cli("delete", f"{transport.path}::theirs")
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir) as again:
+            assert [a.name for a in again.archives()] == ["ours"]
+            assert again.check(verify_data=True).ok
+
+
+class TestWeReadBorgArchives:
+    @pytest.mark.parametrize("encryption", ["repokey", "repokey-blake2", "authenticated", "none"])
+    def test_borg_fixed_chunks_equal_local_ids(self, tmp_path, base_dir, borg_cli, encryption):
+        """A 'borg create --chunker-params fixed,4194304' archive has the chunk ids vbremote computes locally."""
+        repo_path = tmp_path / "r"
+        borg_cli("init", f"--encryption={encryption}", str(repo_path))
+        image = tmp_path / "disk.img"
+        image.write_bytes(disk_content(9, seed=5) + os.urandom(12345))
+        borg_cli(
+            "create", "-C", "lz4", "--chunker-params", "fixed,4194304", f"{repo_path}::cli", "disk.img",
+            cwd=tmp_path,
+        )
+        with vbremote.Repository.open(
+            vbremote.LocalTransport(repo_path), passphrase=PASSPHRASE, base_dir=base_dir
+        ) as repo:
+            stored = repo.chunk_list("cli", "disk.img")
+            local = repo.local_chunk_ids(image, chunking=vbremote.Chunking.fixed(4 * MIB))
+            assert local == [c.id for c in stored.chunks]
+            data = b"".join(d for _, d in repo.fetch_chunks(c.id for c in stored.chunks))
+            assert data == image.read_bytes()
+
+    def test_borg_header_chunker_equals_ours(self, repo, transport, vm_folder, borg_cli, tmp_path):
+        """borg's own 'fixed,BLOCK,HEADER' chunking of a VDI gives the ids of vbremote's header-aware chunking."""
+        written = repo.write_archive("ours", vm_specs(vm_folder), metadata())
+        chunking = written.archive.file("vm.vdi").chunking
+        assert chunking.header_size > 0
+        ours = [c.id for c in repo.chunk_list("ours", "vm.vdi").chunks]
+        repo.close()
+        borg_cli(
+            "create", "--chunker-params", chunking.borg_params(), f"{transport.path}::cli", "vm.vdi",
+            cwd=vm_folder,
+        )
+        with vbremote.Repository.open(
+            transport, passphrase=PASSPHRASE, base_dir=borg_cli.base_dir
+        ) as again:
+            assert [c.id for c in again.chunk_list("cli", "vm.vdi").chunks] == ours
+
+
+def test_restored_folder_matches(tmp_path: Path, vm_folder: Path, repo, transport, borg_cli) -> None:
+    """Disaster recovery without vbremote: borg extract gives back the whole VM folder."""
+    repo.write_archive("vm-1", vm_specs(vm_folder), metadata())
+    repo.close()
+    out = tmp_path / "out"
+    out.mkdir()
+    borg_cli("extract", f"{transport.path}::vm-1", cwd=out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in vm_folder.iterdir())
