@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -114,11 +114,11 @@ class TestOpen:
     def test_shared_locks(self, repo, transport, base_dir):
         """Two read-only opens share borg's lock."""
         repo.close()
-        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir, read_only=True):
-            with vbremote.Repository.open(
-                transport, passphrase=PASSPHRASE, base_dir=base_dir, read_only=True, lock_wait=0
-            ):
-                pass
+        with (
+            vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir, read_only=True),
+            vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir, read_only=True, lock_wait=0),
+        ):
+            pass
 
     @pytest.mark.parametrize("encryption", vbremote.ENCRYPTION_MODES)
     def test_every_encryption_mode(self, tmp_path, base_dir, encryption):
@@ -215,7 +215,7 @@ class TestWrite:
 
     def test_timestamp(self, repo, tmp_path):
         """An archive can be given its time, like borg create --timestamp."""
-        when = datetime(2024, 3, 31, 1, 30, tzinfo=timezone.utc)
+        when = datetime(2024, 3, 31, 1, 30, tzinfo=UTC)
         repo.write_archive("old", [write_disk(tmp_path, b"x")], metadata(), timestamp=when)
         assert repo.archive("old").time == when
 

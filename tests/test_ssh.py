@@ -154,7 +154,7 @@ class TestSSHTransport:
             sshd.transport(tmp_path / "repo"),
             ssh_options=(f"UserKnownHostsFile={empty}", "StrictHostKeyChecking=yes"),
         )
-        with pytest.raises(vbremote.ConnectionFailed, match="(?i)host key"):
+        with pytest.raises(vbremote.ConnectionFailed, match=r"(?i)host key"):
             vbremote.Repository.init(transport, passphrase=PASSPHRASE, base_dir=base_dir)
 
     def test_connection_refused(self, tmp_path, base_dir):
@@ -162,7 +162,7 @@ class TestSSHTransport:
         transport = vbremote.SSHTransport(
             "127.0.0.1", str(tmp_path / "r"), port=_free_port(), ssh_options=("ConnectTimeout=5",)
         )
-        with pytest.raises(vbremote.ConnectionFailed, match="(?i)refused"):
+        with pytest.raises(vbremote.ConnectionFailed, match=r"(?i)refused"):
             vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir)
 
     def test_missing_remote_repository(self, sshd, tmp_path, base_dir):
@@ -173,9 +173,11 @@ class TestSSHTransport:
     def test_lock_between_two_clients(self, sshd, tmp_path, base_dir):
         """A second client over SSH waits for the first one's lock, then raises RepositoryLocked."""
         transport = sshd.transport(tmp_path / "repo")
-        with vbremote.Repository.init(transport, passphrase=PASSPHRASE, base_dir=base_dir):
-            with pytest.raises(vbremote.RepositoryLocked):
-                vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir, lock_wait=0.5)
+        with (
+            vbremote.Repository.init(transport, passphrase=PASSPHRASE, base_dir=base_dir),
+            pytest.raises(vbremote.RepositoryLocked),
+        ):
+            vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir, lock_wait=0.5)
 
 
 class TestAppendOnlyKey:

@@ -28,8 +28,8 @@ from ._models import (
     ArchiveFile,
     ArchiveInfo,
     CheckResult,
-    ChunkRef,
     Chunking,
+    ChunkRef,
     CompactResult,
     DeleteResult,
     FileChunks,
@@ -46,9 +46,6 @@ from ._transports import CommandTransport, LocalTransport, SSHTransport, Transpo
 __version__ = "0.1.0.dev0"
 
 __all__ = [
-    "DEFAULT_BLOCK_SIZE",
-    "DEFAULT_ENCRYPTION",
-    "ENCRYPTION_MODES",
     "AccessDenied",
     "ArchiveExists",
     "ArchiveFile",
@@ -62,7 +59,10 @@ __all__ = [
     "CompactResult",
     "ConfigurationError",
     "ConnectionFailed",
+    "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_ENCRYPTION",
     "DeleteResult",
+    "ENCRYPTION_MODES",
     "FileChunks",
     "FileNotInArchive",
     "FileRole",

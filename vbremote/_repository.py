@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid as uuid_module
@@ -20,8 +21,8 @@ from ._models import (
     ArchiveFile,
     ArchiveInfo,
     CheckResult,
-    ChunkRef,
     Chunking,
+    ChunkRef,
     CompactResult,
     DeleteResult,
     FileChunks,
@@ -99,10 +100,8 @@ def _folder_size(path: str) -> int:
     total = 0
     for folder, _, names in os.walk(path):
         for name in names:
-            try:
+            with contextlib.suppress(FileNotFoundError):  # removed while we walk
                 total += os.lstat(os.path.join(folder, name)).st_size
-            except FileNotFoundError:
-                pass
     return total
 
 

@@ -11,6 +11,7 @@ works between them exactly as between two ``borg`` commands.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import subprocess
@@ -86,7 +87,8 @@ class BorgWorker:
             )
         except OSError as exc:
             raise _errors.RepositoryError(f"cannot start the borg worker: {exc}", location=location) from exc
-        assert self._process.stdin is not None and self._process.stdout is not None
+        assert self._process.stdin is not None
+        assert self._process.stdout is not None
         self._stdin: IO[bytes] = self._process.stdin
         self._stdout: IO[bytes] = self._process.stdout
         self._stderr_reader = threading.Thread(
@@ -191,31 +193,19 @@ class BorgWorker:
         try:
             self.call("close")
         except _errors.RepositoryError:
-            pass
+            pass  # a worker that is already gone has released its lock with its process
         finally:
-            self._closed = True
-            for stream in (self._stdin, self._stdout):
-                try:
-                    stream.close()
-                except OSError:
-                    pass
-            try:
-                self._process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-            self._stderr_reader.join(timeout=5)
-            if self._process.stderr is not None:
-                self._process.stderr.close()
+            self._reap()
 
     def abandon(self) -> None:
         """After a failed open: reap the worker, which has already exited."""
+        self._reap()
+
+    def _reap(self) -> None:
         self._closed = True
         for stream in (self._stdin, self._stdout):
-            try:
+            with contextlib.suppress(OSError):
                 stream.close()
-            except OSError:
-                pass
         try:
             self._process.wait(timeout=30)
         except subprocess.TimeoutExpired:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pickle
 import struct
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 _HEADER = struct.Struct("<I")
 
@@ -21,21 +21,21 @@ OK = "ok"  # (OK, value): the call finished
 ERROR = "error"  # (ERROR, kind, message, context dict)
 
 
-def send(stream: BinaryIO, message: Any) -> None:
+def send(stream: IO[bytes], message: Any) -> None:
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     stream.write(_HEADER.pack(len(data)))
     stream.write(data)
     stream.flush()
 
 
-def receive(stream: BinaryIO) -> Any:
+def receive(stream: IO[bytes]) -> Any:
     """Read one message; raises EOFError when the other side is gone."""
     header = _read_exactly(stream, _HEADER.size)
     (length,) = _HEADER.unpack(header)
     return pickle.loads(_read_exactly(stream, length))
 
 
-def _read_exactly(stream: BinaryIO, size: int) -> bytes:
+def _read_exactly(stream: IO[bytes], size: int) -> bytes:
     parts = []
     while size:
         part = stream.read(size)

@@ -17,8 +17,8 @@ import stat
 import sys
 import traceback
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
-from typing import Any, BinaryIO
+from datetime import UTC, datetime
+from typing import IO, Any
 
 from . import _protocol
 
@@ -81,7 +81,7 @@ class _StderrTap:
 
 
 class Worker:
-    def __init__(self, rfile: BinaryIO, wfile: BinaryIO) -> None:
+    def __init__(self, rfile: IO[bytes], wfile: IO[bytes]) -> None:
         self.rfile = rfile
         self.wfile = wfile
         self.repository: Any = None
@@ -257,7 +257,7 @@ class Worker:
             {
                 "name": info.name,
                 "id": info.id.hex(),
-                "time": info.ts.replace(tzinfo=timezone.utc) if info.ts.tzinfo is None else info.ts,
+                "time": info.ts.replace(tzinfo=UTC) if info.ts.tzinfo is None else info.ts,
                 "comment": comments.get(info.id),
             }
             for info in infos
@@ -413,7 +413,7 @@ class Worker:
                 raise
             info = self.manifest.archives[name]
         counts_out: dict[str, Any] = dict(counts)
-        counts_out.update(id=info.id.hex(), time=info.ts.replace(tzinfo=timezone.utc))
+        counts_out.update(id=info.id.hex(), time=info.ts.replace(tzinfo=UTC))
         return counts_out
 
     def _progress(self, operation: str, path: str, done: int, total: int) -> None:
@@ -518,7 +518,7 @@ def _borg_location(transport: Any) -> str:
 def _naive_utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
-    return value.astimezone(timezone.utc).replace(tzinfo=None)
+    return value.astimezone(UTC).replace(tzinfo=None)
 
 
 def _item(path: str, st: os.stat_result) -> Any:
@@ -637,7 +637,7 @@ def main() -> None:
     os.dup2(devnull, 0)
     os.dup2(2, 1)
     sys.stdin = open(os.devnull)  # noqa: SIM115 - lives as long as the process
-    sys.stderr = _StderrTap(sys.stderr)  # type: ignore[assignment]
+    sys.stderr = _StderrTap(sys.stderr)
     sys.stdout = sys.stderr
     sys.argv = ["vbremote"]
     # borg's CLI sets this umask so that keys, caches and repositories are private.
@@ -660,7 +660,7 @@ def main() -> None:
 
     from borg.crypto.key import Passphrase
 
-    Passphrase.getpass = classmethod(_refuse_prompt)  # type: ignore[method-assign,assignment]
+    Passphrase.getpass = classmethod(_refuse_prompt)
     worker.serve()
 
 

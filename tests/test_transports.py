@@ -1,0 +1,118 @@
+"""Transports: construction, validation, the commands they run, and conformance."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+from helpers import borg_executable
+
+import vbremote
+from vbremote.testing import TransportCheckFailed, check_transport
+
+
+class TestLocal:
+    def test_path_made_absolute(self, tmp_path, monkeypatch):
+        """A relative path is resolved when the transport is made, not later."""
+        monkeypatch.chdir(tmp_path)
+        transport = vbremote.LocalTransport("repo")
+        assert transport.path == str(tmp_path / "repo")
+        assert transport.serve_command() is None
+
+    def test_empty_path(self):
+        """An empty path raises ConfigurationError."""
+        with pytest.raises(vbremote.ConfigurationError):
+            vbremote.LocalTransport("")
+
+    def test_conformance(self, tmp_path):
+        """check_transport passes for a local folder."""
+        check_transport(vbremote.LocalTransport(tmp_path / "repo"))
+
+
+class TestSSH:
+    def test_command_line(self):
+        """The ssh command carries user, port, key and options, never prompts, and quotes the remote command."""
+        transport = vbremote.SSHTransport(
+            "backup.example.org", "/srv/borg/vms", user="borg", port=2222,
+            identity_file="/keys/id", ssh_options=("Compression=no",), remote_borg="/opt/borg 1.4/borg",
+        )
+        argv = transport.serve_command()
+        assert argv[:5] == ["ssh", "-o", "BatchMode=yes", "-p", "2222"]
+        assert argv[5:7] == ["-i", "/keys/id"]
+        assert "Compression=no" in argv
+        assert argv[-2] == "borg@backup.example.org"
+        assert argv[-1] == "'/opt/borg 1.4/borg' serve"
+
+    def test_location(self):
+        """The location is borg's ssh:// syntax, with relative and home paths marked as borg marks them."""
+        assert vbremote.SSHTransport("h", "/abs").location == "ssh://h/abs"
+        assert vbremote.SSHTransport("h", "rel", user="u", port=2).location == "ssh://u@h:2/./rel"
+        assert vbremote.SSHTransport("h", "~/r").location == "ssh://h/~/r"
+        assert vbremote.SSHTransport("::1", "/r").location == "ssh://[::1]/r"
+
+    @pytest.mark.parametrize(
+        "kwargs",
+        [
+            {"host": "", "path": "/r"},
+            {"host": "-oProxyCommand=x", "path": "/r"},
+            {"host": "u@h", "path": "/r"},
+            {"host": "h", "path": ""},
+            {"host": "h", "path": "/r", "port": 0},
+            {"host": "h", "path": "/r", "upload_ratelimit": -1},
+        ],
+    )
+    def test_bad_arguments(self, kwargs):
+        """Hosts that ssh would read as options, empty paths and bad ports raise ConfigurationError."""
+        with pytest.raises(vbremote.ConfigurationError):
+            vbremote.SSHTransport(**kwargs)
+
+    def test_picklable(self):
+        """Transports pickle (they travel to the worker process)."""
+        transport = vbremote.SSHTransport("h", "/r", user="u", append_only=True)
+        assert pickle.loads(pickle.dumps(transport)) == transport
+
+
+class TestCommand:
+    def test_string_command_is_split(self):
+        """A command given as a string is split like a shell would."""
+        transport = vbremote.CommandTransport("borg serve --append-only", "/r")
+        assert transport.serve_command() == ["borg", "serve", "--append-only"]
+
+    def test_empty_command(self):
+        """An empty command raises ConfigurationError."""
+        with pytest.raises(vbremote.ConfigurationError):
+            vbremote.CommandTransport([], "/r")
+
+    def test_conformance_with_borg_serve(self, tmp_path):
+        """check_transport passes through a plain 'borg serve' command."""
+        check_transport(vbremote.CommandTransport([borg_executable(), "serve"], str(tmp_path / "repo")))
+
+    def test_failing_command(self, tmp_path, base_dir):
+        """A command that does not speak borg's protocol raises ConnectionFailed with its words."""
+        transport = vbremote.CommandTransport(["sh", "-c", "echo no borg here >&2; exit 3"], str(tmp_path / "r"))
+        with pytest.raises(vbremote.ConnectionFailed, match="no borg here"):
+            vbremote.Repository.open(transport, passphrase="p", base_dir=base_dir)
+
+
+class BrokenTransport(vbremote.Transport):
+    """A third-party transport whose command is not borg serve: the check must catch it."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def location(self) -> str:
+        return "broken::" + self._path
+
+    def serve_command(self) -> list[str]:
+        return ["sh", "-c", "exit 0"]
+
+
+def test_check_catches_a_broken_transport(tmp_path):
+    """check_transport fails for a transport that does not reach borg serve."""
+    with pytest.raises((TransportCheckFailed, vbremote.VBRemoteError)):
+        check_transport(BrokenTransport(str(tmp_path / "r")))

@@ -1,0 +1,48 @@
+"""Example user code, type-checked with mypy --strict (not run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import vbremote
+
+
+def backup(folder: Path, vm_name: str, vm_uuid: str) -> vbremote.WriteResult:
+    transport: vbremote.Transport = vbremote.SSHTransport(
+        "backup.example.org", "/srv/borg/vms", user="borg", identity_file=Path("~/.ssh/id_ed25519")
+    )
+
+    def secret() -> str:
+        return "from a keyring"
+
+    with vbremote.Repository.open(transport, passphrase=secret, lock_wait=30) as repo:
+        files = [
+            vbremote.FileSpec(folder / f"{vm_name}.vbox", f"{vm_name}.vbox", vbremote.FileRole.SETTINGS),
+            vbremote.FileSpec(folder / f"{vm_name}.vdi", f"{vm_name}.vdi", vbremote.FileRole.DISK),
+        ]
+        metadata = vbremote.SnapshotMetadata(vm_name, vm_uuid, mode=vbremote.SnapshotMode.OFFLINE)
+
+        def show(event: vbremote.Progress) -> None:
+            print(event.path, event.done, event.total)
+
+        result = repo.write_archive(f"{vm_name}-1", files, metadata, progress=show)
+        newest: list[vbremote.ArchiveInfo] = repo.archives(vm=vm_uuid)[-1:]
+        for info in newest:
+            chunks: vbremote.FileChunks = repo.chunk_list(info, f"{vm_name}.vdi")
+            chunking = info.file(f"{vm_name}.vdi").chunking
+            local: list[bytes] = repo.local_chunk_ids(folder / f"{vm_name}.vdi", chunking=chunking)
+            changed = [c for c, mine in zip(chunks.chunks, local, strict=False) if c.id != mine]
+            for chunk_id, data in repo.fetch_chunks(c.id for c in changed):
+                print(chunk_id.hex(), len(data))
+        return result
+
+
+def handle() -> None:
+    try:
+        backup(Path("/vms/dev"), "dev", "0b8e1c6a-0000-4000-8000-000000000001")
+    except vbremote.RepositoryLocked as exc:
+        print("busy:", exc.location)
+    except vbremote.IntegrityError as exc:
+        print("bad chunk:", exc.chunk_id)
+    except vbremote.VBRemoteError as exc:
+        print("failed:", exc)
