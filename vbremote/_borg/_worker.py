@@ -160,6 +160,16 @@ class Worker:
                 def ssh_cmd(self, location: Any) -> list[str]:
                     return argv
 
+                def close(self) -> None:
+                    # When the command fails, borg may see its stdout close before
+                    # it has read the command's last words on stderr: read them now.
+                    if self.p:
+                        # Closing stdin ends borg serve; its stderr then ends too.
+                        self.p.stdin.close()
+                        _drain_stderr(self.p, self.stderr_received)
+                        self.stderr_received = b""
+                    super().close()
+
             args = _RemoteArgs(upload_ratelimit=transport.upload_ratelimit)
             # borg wants a Location; the host part is never used since the
             # command line comes from the transport.
@@ -532,6 +542,30 @@ def _item(path: str, st: os.stat_result) -> Any:
     item = Item(path=path)
     item.update(collector.stat_simple_attrs(st, path))
     return item
+
+
+def _drain_stderr(process: Any, partial: bytes, timeout: float = 2.0) -> None:
+    """Log what is left on a serve command's stderr, waiting at most ``timeout`` for its end."""
+    import select
+    import time
+
+    data = partial
+    fd = process.stderr.fileno()
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            break
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        data += chunk
+    for line in data.decode("utf-8", "replace").splitlines():
+        if line.strip():
+            logging.getLogger("borg.remote").warning("Remote: %s", line.strip())
 
 
 def _quietly(call: Callable[[], object]) -> None:
