@@ -166,7 +166,8 @@ class Worker:
                     if self.p:
                         # Closing stdin ends borg serve; its stderr then ends too.
                         self.p.stdin.close()
-                        _drain_stderr(self.p, self.stderr_received)
+                        partial: bytes = getattr(self, "stderr_received", b"")
+                        _drain_stderr(self.p, partial)
                         self.stderr_received = b""
                     super().close()
 
