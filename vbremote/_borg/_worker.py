@@ -91,6 +91,9 @@ class Worker:
         self.append_only: bool | None = None
         self.handler = _ForwardingHandler(self)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2))
+        # One thread: borg's compressors write into one module-wide buffer,
+        # and the cipher takes its nonces in order.
+        self.encrypt_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
 
     def send(self, message: Any) -> None:
         _protocol.send(self.wfile, message)
@@ -133,6 +136,7 @@ class Worker:
             except Exception:
                 logging.getLogger("vbremote.borg.worker").exception("closing the repository failed")
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.encrypt_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- opening ----------------------------------------------------------
 
@@ -398,11 +402,9 @@ class Worker:
                         entries = []
                         if spec["chunking"][0] == "fixed":
                             params = (spec["chunking"][1], spec["chunking"][2])
-                            for block in self._blocks(fd, st.st_size, params, spec["path"], keep_data=True):
-                                data = block.data if block.data is not None else ZERO[: block.size]
-                                entries.append(add(block.id, data, block.zero))
-                                counts["read"] += block.size
-                                self._progress("write", spec["path"], counts["read"], total)
+                            entries = self._store_blocks(
+                                fd, st.st_size, params, spec["path"], cache, stats, counts, total
+                            )
                         else:
                             chunker = get_chunker(*CHUNKER_PARAMS, seed=self.key.chunk_seed)
                             for chunk in chunker.chunkify(f, fd):
@@ -426,6 +428,67 @@ class Worker:
         counts_out: dict[str, Any] = dict(counts)
         counts_out.update(id=info.id.hex(), time=info.ts.replace(tzinfo=UTC))
         return counts_out
+
+    def _store_blocks(
+        self, fd: int, size: int, params: tuple[int, int], path: str, cache: Any, stats: Any,
+        counts: dict[str, int], total: int,
+    ) -> list[Any]:
+        """Store a file's fixed blocks through a read/hash -> compress/encrypt -> store pipeline.
+
+        Threads read and hash blocks ahead (hashing releases the GIL). One
+        thread compresses and encrypts new blocks: lz4/zstd release the GIL
+        but borg's compressors share one output buffer, and the cipher's
+        nonces must be taken in order, so never two at once. This thread
+        stores in file order and does the chunk bookkeeping of borg's
+        ``Cache.add_chunk``; it never encrypts while blocks are in flight.
+        """
+        from borg.item import ChunkListEntry
+
+        key = self.key
+        depth = 2 * (os.cpu_count() or 2)
+        in_flight: set[bytes] = set()
+        queue: collections.deque[tuple[_Block, concurrent.futures.Future[bytes] | None]] = collections.deque()
+        entries: list[Any] = []
+
+        def encrypt(block: _Block) -> bytes:
+            return bytes(key.encrypt(block.data if block.data is not None else ZERO[: block.size]))
+
+        def finish() -> None:
+            block, future = queue.popleft()
+            if future is None:  # known to the repository, or an earlier block of this file
+                entries.append(cache.chunk_incref(block.id, stats))
+            else:
+                cdata = future.result()
+                self.repository.put(block.id, cdata, wait=False)
+                self.repository.async_response(wait=False)
+                cache.chunks.add(block.id, 1, block.size, len(cdata))
+                stats.update(block.size, len(cdata), True)
+                in_flight.discard(block.id)
+                entries.append(ChunkListEntry(block.id, block.size, len(cdata)))
+                counts["chunks_new"] += 1
+                counts["new"] += block.size
+                counts["stored"] += len(cdata)
+            counts["chunks"] += 1
+            counts["zero"] += block.zero
+            counts["read"] += block.size
+            self._progress("write", path, counts["read"], total)
+
+        try:
+            for block in self._blocks(fd, size, params, path, keep_data=True):
+                if block.id in in_flight or cache.seen_chunk(block.id, block.size):
+                    queue.append((block, None))
+                else:
+                    in_flight.add(block.id)
+                    queue.append((block, self.encrypt_pool.submit(encrypt, block)))
+                while len(queue) > depth or (queue and _ready(queue[0][1])):
+                    finish()
+            while queue:
+                finish()
+        finally:
+            for _, future in queue:
+                if future is not None:
+                    future.cancel()
+        return entries
 
     def _progress(self, operation: str, path: str, done: int, total: int) -> None:
         self.send((_protocol.PROGRESS, operation, path, done, total))
@@ -493,6 +556,10 @@ class _Block:
 
     def __init__(self, offset: int, size: int, id: bytes, data: bytes | None, zero: bool) -> None:
         self.offset, self.size, self.id, self.data, self.zero = offset, size, id, data, zero
+
+
+def _ready(future: concurrent.futures.Future[bytes] | None) -> bool:
+    return future is None or future.done()
 
 
 class _RemoteArgs:
