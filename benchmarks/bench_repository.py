@@ -80,6 +80,8 @@ class Bench:
         # files cache sees the same file changed, as it would in real use.
         shutil.copyfile(version, self.folder / "vm.vdi")
         os.utime(self.folder / "vm.vdi")
+        # Flush the copy now, so its write-back does not land inside a timed run.
+        os.sync()
 
     def specs(self) -> list[vbremote.FileSpec]:
         return [

@@ -252,17 +252,54 @@ class TestWrite:
             repo.write_archive("a", [spec, spec], metadata())
         assert repo.archives() == []
 
-    def test_failed_write_leaves_nothing(self, repo, tmp_path):
-        """A write that fails half-way commits nothing, and the repository stays usable and clean."""
+    def test_not_a_regular_file(self, repo, tmp_path):
+        """A FIFO (or any non-regular file) is refused before anything is written."""
         good = write_disk(tmp_path, disk_content(3), "good.img")
         fifo = tmp_path / "fifo"
         os.mkfifo(fifo)
-        with pytest.raises(vbremote.VBRemoteError):
+        with pytest.raises(vbremote.ConfigurationError):
             repo.write_archive("a", [good, vbremote.FileSpec(fifo, "fifo")], metadata())
         assert repo.archives() == []
-        assert repo.check().ok
-        repo.write_archive("a", [good], metadata())
-        assert [a.name for a in repo.archives()] == ["a"]
+
+    def test_cancelled_write_commits_nothing(self, transport, base_dir, tmp_path):
+        """Raising from the progress callback cancels the write: nothing is committed, and the repository is clean."""
+        vbremote.Repository.init(transport, passphrase=PASSPHRASE, base_dir=base_dir).close()
+        spec = write_disk(tmp_path, disk_content(64, seed=2))
+
+        def cancel(event: vbremote.Progress) -> None:
+            if event.done >= 8 * MIB:
+                raise KeyboardInterrupt
+
+        repo = vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir)
+        with pytest.raises(KeyboardInterrupt):
+            repo.write_archive("a", [spec], metadata(), progress=cancel)
+        repo.close()
+        # borg removes the killed worker's stale lock itself (same host, dead process).
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir, lock_wait=5) as again:
+            assert again.archives() == []
+            assert again.check(verify_data=True).ok
+            again.write_archive("a", [spec], metadata())
+            assert [a.name for a in again.archives()] == ["a"]
+
+    def test_worker_killed_mid_write(self, transport, base_dir, tmp_path):
+        """A crash of the borg side mid-write loses nothing committed and leaves no stale lock."""
+        vbremote.Repository.init(transport, passphrase=PASSPHRASE, base_dir=base_dir).close()
+        spec = write_disk(tmp_path, disk_content(64, seed=3))
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir) as repo:
+            repo.write_archive("kept", [spec], metadata())
+        repo = vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir)
+        spec.source.write_bytes(disk_content(64, seed=4))
+
+        def crash(event: vbremote.Progress) -> None:
+            if event.done >= 8 * MIB:
+                os.kill(repo._worker._process.pid, 9)
+
+        with pytest.raises(vbremote.RepositoryError, match="ended unexpectedly"):
+            repo.write_archive("lost", [spec], metadata(), progress=crash)
+        repo.close()
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir, lock_wait=5) as again:
+            assert [a.name for a in again.archives()] == ["kept"]
+            assert again.check(verify_data=True).ok
 
     def test_foreign_archives_are_skipped(self, repo, transport, borg_cli, tmp_path):
         """Archives made by other tools (no vbremote metadata) are not listed."""

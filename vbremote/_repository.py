@@ -339,7 +339,9 @@ class Repository:
             metadata: vbremote's record of the snapshot, stored with the archive.
             timestamp: The archive time (default: now), like ``borg create --timestamp``.
             block_size: Fixed block size for disks (default: the repository's).
-            progress: Called with a :class:`Progress` as bytes are read.
+            progress: Called with a :class:`Progress` as bytes are read. To
+                cancel, raise from it: nothing is committed, and the repository
+                is closed (open it again to go on).
 
         Returns:
             What was written and what it cost.

@@ -109,11 +109,23 @@ class BorgWorker:
     # -- calls ------------------------------------------------------------
 
     def call(self, op: str, progress: ProgressCallback | None = None, **kwargs: Any) -> Any:
-        """Run one operation in the worker and return its result."""
+        """Run one operation in the worker and return its result.
+
+        If the call is interrupted here (KeyboardInterrupt, or an exception
+        from the progress callback), the worker is killed: its uncommitted
+        work is discarded, as borg discards a killed command's, and the
+        repository must be opened again.
+        """
         with self._lock:
             self._send(op, kwargs)
-            for _ in self._replies(progress):
-                raise _errors.RepositoryError(f"unexpected streamed reply to {op}", location=self.location)
+            try:
+                for _ in self._replies(progress):
+                    raise _errors.RepositoryError(f"unexpected streamed reply to {op}", location=self.location)
+            except _errors.VBRemoteError:
+                raise
+            except BaseException:
+                self._kill()
+                raise
             return self._result
 
     def stream(self, op: str, progress: ProgressCallback | None = None, **kwargs: Any) -> Iterator[Any]:
@@ -174,15 +186,11 @@ class BorgWorker:
         return _errors.BorgError(message, location=self.location, borg_class=context.get("borg_class", ""))
 
     def _died(self) -> _errors.RepositoryError:
-        self._closed = True
-        try:
-            code = self._process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            code = None
-        self._stderr_reader.join(timeout=1)
+        self._reap()
         tail = " | ".join(list(self._stderr)[-5:])
         return _errors.RepositoryError(
-            f"the borg worker ended unexpectedly (exit code {code}){': ' + tail if tail else ''}",
+            f"the borg worker ended unexpectedly (exit code {self._process.returncode})"
+            f"{': ' + tail if tail else ''}",
             location=self.location,
         )
 
@@ -196,6 +204,11 @@ class BorgWorker:
             pass  # a worker that is already gone has released its lock with its process
         finally:
             self._reap()
+
+    def _kill(self) -> None:
+        with contextlib.suppress(OSError):
+            self._process.kill()
+        self._reap()
 
     def abandon(self) -> None:
         """After a failed open: reap the worker, which has already exited."""
