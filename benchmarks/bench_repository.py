@@ -143,8 +143,15 @@ class Bench:
 
     def best_of(self, run: Callable[[], dict[str, float]]) -> dict[str, float]:
         """Each figure is the median of the repeats (sizes do not vary)."""
-        runs = [run() for _ in range(self.repeat)]
-        return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        return median([run() for _ in range(self.repeat)])
+
+    def alternating(self, *runs: Callable[[], dict[str, float]]) -> list[dict[str, float]]:
+        """Medians of several runs taken in turn, so that drift of the machine hits all alike."""
+        results: list[list[dict[str, float]]] = [[] for _ in runs]
+        for _ in range(self.repeat):
+            for collected, run in zip(results, runs, strict=True):
+                collected.append(run())
+        return [median(collected) for collected in results]
 
     def hashing(self, encryption: str) -> dict[str, float]:
         """vbremote's parallel local ids versus one thread of the same id function."""
@@ -182,6 +189,10 @@ class Bench:
         }
 
 
+def median(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
 def mib_s(size: float, seconds: float) -> str:
     return f"{size / MIB / seconds:7.0f} MiB/s"
 
@@ -191,6 +202,9 @@ def main() -> int:
     parser.add_argument("--disk-mib", type=int, default=1024, help="size of the VDI (default 1024)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure, the median is shown")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument(
+        "--sections", default="1234", help="which numbered sections to run (default: 1234)"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="vbremote-bench-") as tmp:
@@ -201,45 +215,66 @@ def main() -> int:
         size = sum(p.stat().st_size for p in bench.folder.iterdir())
         print(f"VM folder: {size / MIB:.0f} MiB; {os.cpu_count()} CPUs; median of {args.repeat} runs\n")
 
-        borg = bench.best_of(bench.borg_pair)
-        ours4 = bench.best_of(lambda: bench.vbremote_pair(block_size=4 * MIB))
-        print("1. archive write, vbremote (4 MiB blocks) / borg create -C lz4 --chunker-params fixed,4194304")
-        print("   (vbremote timed from open to close, like a borg command; write alone in brackets)")
-        for label in ("full", "incr"):
-            ratio = ours4[f"{label}_total_s"] / borg[f"{label}_s"]
-            print(f"   {label:<5} vbremote {ours4[f'{label}_total_s']:6.2f} s ({ours4[f'{label}_s']:5.2f} s)"
-                  f"   borg {borg[f'{label}_s']:6.2f} s   ratio {ratio:4.2f}"
-                  f"   stored: vbremote {ours4[f'{label}_stored'] / MIB:7.1f} MiB,"
-                  f" borg {borg[f'{label}_stored'] / MIB:7.1f} MiB")
-        bench.results["write"] = {"borg": borg, "vbremote_4mib": ours4}
-
-        print("\n2. local chunk ids: vbremote (parallel) / one thread of the same id hash")
-        for encryption in ("repokey", "repokey-blake2"):
-            h = bench.hashing(encryption)
-            speedup = h["single_s"] / h["parallel_s"]
-            print(f"   {encryption:<15} parallel {mib_s(h['bytes'], h['parallel_s'])}   single"
-                  f" {mib_s(h['bytes'], h['single_s'])}   speed-up {speedup:4.2f}x")
-            bench.results[f"hash_{encryption}"] = h
-
-        print("\n3. block size: the incremental archive (2 % of 1 MiB guest blocks rewritten)")
-        sizes = {}
-        for block in (1, 2, 4):
-            r = ours4 if block == 4 else bench.best_of(lambda b=block: bench.vbremote_pair(block_size=b * MIB))
-            sizes[block] = r
-            print(f"   {block} MiB: stored {r['incr_stored'] / MIB:6.1f} MiB (new data {r['incr_new'] / MIB:6.1f} MiB)"
-                  f" in {r['incr_s']:5.2f} s; full write {r['full_s']:5.2f} s")
-        bench.results["block_sizes"] = sizes
-
-        print("\n4. id hash: full write time (1 MiB blocks) by encryption mode")
-        modes = {}
-        for encryption in ("repokey", "repokey-blake2", "authenticated", "none"):
-            r = bench.best_of(lambda e=encryption: bench.vbremote_pair(block_size=MIB, encryption=e))
-            modes[encryption] = r
-            print(f"   {encryption:<20} full {r['full_s']:5.2f} s   incremental {r['incr_s']:5.2f} s")
-        bench.results["encryption"] = modes
+        ours4: dict[str, float] | None = None
+        if "1" in args.sections:
+            borg, ours4 = bench.alternating(bench.borg_pair, lambda: bench.vbremote_pair(block_size=4 * MIB))
+            write_section(bench, borg, ours4)
+        if "2" in args.sections:
+            hash_section(bench)
+        if "3" in args.sections:
+            block_section(bench, ours4)
+        if "4" in args.sections:
+            encryption_section(bench)
         if args.json:
             args.json.write_text(json.dumps(bench.results, indent=2))
     return 0
+
+
+def write_section(bench: Bench, borg: dict[str, float], ours4: dict[str, float]) -> None:
+    print("1. archive write, vbremote (4 MiB blocks) / borg create -C lz4 --chunker-params fixed,4194304")
+    print("   (vbremote timed from open to close, like a borg command; write alone in brackets)")
+    for label in ("full", "incr"):
+        ratio = ours4[f"{label}_total_s"] / borg[f"{label}_s"]
+        print(f"   {label:<5} vbremote {ours4[f'{label}_total_s']:6.2f} s ({ours4[f'{label}_s']:5.2f} s)"
+              f"   borg {borg[f'{label}_s']:6.2f} s   ratio {ratio:4.2f}"
+              f"   stored: vbremote {ours4[f'{label}_stored'] / MIB:7.1f} MiB,"
+              f" borg {borg[f'{label}_stored'] / MIB:7.1f} MiB")
+    bench.results["write"] = {"borg": borg, "vbremote_4mib": ours4}
+
+
+def hash_section(bench: Bench) -> None:
+    print("\n2. local chunk ids: vbremote (parallel) / one thread of the same id hash")
+    for encryption in ("repokey", "repokey-blake2"):
+        h = bench.hashing(encryption)
+        speedup = h["single_s"] / h["parallel_s"]
+        print(f"   {encryption:<15} parallel {mib_s(h['bytes'], h['parallel_s'])}   single"
+              f" {mib_s(h['bytes'], h['single_s'])}   speed-up {speedup:4.2f}x")
+        bench.results[f"hash_{encryption}"] = h
+
+
+def block_section(bench: Bench, ours4: dict[str, float] | None) -> None:
+    print("\n3. block size: the incremental archive (2 % of 1 MiB guest blocks rewritten)")
+    sizes = {}
+    for block in (1, 2, 4):
+        r = (
+            ours4
+            if block == 4 and ours4 is not None
+            else bench.best_of(lambda b=block: bench.vbremote_pair(block_size=b * MIB))
+        )
+        sizes[block] = r
+        print(f"   {block} MiB: stored {r['incr_stored'] / MIB:6.1f} MiB (new data {r['incr_new'] / MIB:6.1f} MiB)"
+              f" in {r['incr_s']:5.2f} s; full write {r['full_s']:5.2f} s")
+    bench.results["block_sizes"] = sizes
+
+
+def encryption_section(bench: Bench) -> None:
+    print("\n4. id hash: full write time (1 MiB blocks) by encryption mode")
+    modes = {}
+    for encryption in ("repokey", "repokey-blake2", "authenticated", "none"):
+        r = bench.best_of(lambda e=encryption: bench.vbremote_pair(block_size=MIB, encryption=e))
+        modes[encryption] = r
+        print(f"   {encryption:<20} full {r['full_s']:5.2f} s   incremental {r['incr_s']:5.2f} s")
+    bench.results["encryption"] = modes
 
 
 if __name__ == "__main__":
