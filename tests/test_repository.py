@@ -81,6 +81,15 @@ class TestOpen:
             vbremote.Repository.init(transport, base_dir=base_dir)
         assert not Path(transport.path).exists()
 
+    def test_failed_init_leaves_nothing(self, transport, base_dir, monkeypatch):
+        """An init whose key cannot be made (a failing BORG_PASSCOMMAND) leaves no half-made repository."""
+        for name in ("BORG_PASSPHRASE", "BORG_PASSPHRASE_FD", "BORG_NEW_PASSPHRASE"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("BORG_PASSCOMMAND", "false")
+        with pytest.raises(vbremote.RepositoryError):
+            vbremote.Repository.init(transport, base_dir=base_dir)
+        assert not Path(transport.path).exists()
+
     @pytest.mark.parametrize(
         ("kwargs", "match"),
         [

@@ -302,7 +302,8 @@ class Repository:
             )
         if vm is None:
             return infos
-        return [a for a in infos if a.vm_uuid in _select_vm(infos, vm)]
+        selected = _select_vm(infos, vm)
+        return [a for a in infos if a.vm_uuid in selected]
 
     def archive(self, name: str) -> ArchiveInfo:
         """The vbremote archive named ``name``.

@@ -15,6 +15,7 @@ import logging
 import os
 import stat
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -32,7 +33,7 @@ _BLOCK_SIZE_KEY = b"vbremote_block_size"
 
 
 class _Refused(Exception):
-    """Raised in place of a terminal prompt: vbremote never waits on a terminal."""
+    """A refusal of the worker's own (or a prompt it will not show), with the kind of error it maps to."""
 
     def __init__(self, kind: str, message: str, *, chunk_id: str | None = None) -> None:
         super().__init__(message)
@@ -89,6 +90,7 @@ class Worker:
         self.manifest: Any = None
         self.location = ""
         self.append_only: bool | None = None
+        self.send_lock = threading.Lock()
         self.handler = _ForwardingHandler(self)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2))
         # One thread: borg's compressors write into one module-wide buffer,
@@ -96,7 +98,9 @@ class Worker:
         self.encrypt_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
 
     def send(self, message: Any) -> None:
-        _protocol.send(self.wfile, message)
+        # Log records may come from any thread; frames must not interleave.
+        with self.send_lock:
+            _protocol.send(self.wfile, message)
 
     # -- the loop ---------------------------------------------------------
 
@@ -113,10 +117,8 @@ class Worker:
             self.handler.errors.clear()
             try:
                 result = getattr(self, "op_" + op)(**kwargs)
-            except BaseException as exc:
+            except Exception as exc:
                 kind, message, context = classify(exc, self.handler.remote_lines)
-                if kind == "borg" and not isinstance(exc, Exception):
-                    raise
                 if kind == "internal":
                     logging.getLogger("vbremote.borg.worker").error(
                         "unexpected error in the borg worker:\n%s", traceback.format_exc()
@@ -197,17 +199,24 @@ class Worker:
 
         _set_passphrase(passphrase, new=True)
         repository = self._connect(transport, create=True, lock_wait=lock_wait, exclusive=True)
-        args = _InitArgs(encryption=encryption, location=Location(_borg_location(transport)))
-        key = key_creator(repository, args)
-        manifest = Manifest(key, repository)
-        manifest.key = key
-        manifest.config[_BLOCK_SIZE_KEY] = block_size
-        manifest.write()
-        repository.commit(compact=False)
-        with Cache(repository, key, manifest, warn_if_unencrypted=False):
-            pass
-        if key.tam_required:
-            open(tam_required_file(repository), "w").close()
+        try:
+            args = _InitArgs(encryption=encryption, location=Location(_borg_location(transport)))
+            key = key_creator(repository, args)
+            manifest = Manifest(key, repository)
+            manifest.key = key
+            manifest.config[_BLOCK_SIZE_KEY] = block_size
+            manifest.write()
+            repository.commit(compact=False)
+            with Cache(repository, key, manifest, warn_if_unencrypted=False):
+                pass
+            if key.tam_required:
+                open(tam_required_file(repository), "w").close()
+        except Exception:
+            # As borg init does: a repository without a usable key is no repository.
+            self.repository = None
+            _quietly(repository.destroy)
+            _quietly(repository.close)
+            raise
         self.key, self.manifest = key, manifest
         self._set_compression(compression)
         return self._describe(transport)
@@ -437,10 +446,11 @@ class Worker:
 
         Threads read and hash blocks ahead (hashing releases the GIL). One
         thread compresses and encrypts new blocks: lz4/zstd release the GIL
-        but borg's compressors share one output buffer, and the cipher's
-        nonces must be taken in order, so never two at once. This thread
-        stores in file order and does the chunk bookkeeping of borg's
-        ``Cache.add_chunk``; it never encrypts while blocks are in flight.
+        but borg's compressors share one output buffer, and the cipher takes
+        its nonces in order, so never two at once. (A separate compression
+        thread was measured slower: more threads, more GIL hand-offs.) This
+        thread stores in file order and does the chunk bookkeeping of borg's
+        ``Cache.add_chunk``; nothing else encrypts while blocks are in flight.
         """
         from borg.item import ChunkListEntry
 
@@ -488,6 +498,9 @@ class Worker:
             for _, future in queue:
                 if future is not None:
                     future.cancel()
+            # A block still being encrypted (after an error) must be done
+            # before anything else may use the key.
+            concurrent.futures.wait([f for _, f in queue if f is not None and not f.cancelled()])
         return entries
 
     def _progress(self, operation: str, path: str, done: int, total: int) -> None:
