@@ -139,8 +139,8 @@ def run(workdir: Path, disk_mib: int) -> None:
         local = repo.local_chunk_ids(disk)
         same = sum(a == b.id for a, b in zip(local, chunks.chunks, strict=True))
         print(f"   local block ids equal to archive 2's chunk ids: {same} of {len(local)}")
-    print("\nThese are ordinary borg archives: with BORG_BASE_DIR and BORG_PASSPHRASE set,")
-    print(f"`borg list {transport.location}` lists them and `borg extract` restores the folder.")
+    print("\nThese are ordinary borg archives; the borg CLI reads them (with --keep DIR the folder stays):")
+    print(f"  BORG_BASE_DIR={base} BORG_PASSPHRASE='{passphrase}' borg list {transport.location}")
 
 
 def main(argv: list[str] | None = None) -> int:
