@@ -32,9 +32,10 @@ def borg_executable() -> str:
 class BorgCLI:
     """Runs the real ``borg`` command with a private base folder and the test passphrase."""
 
-    def __init__(self, base_dir: Path, passphrase: str = PASSPHRASE) -> None:
+    def __init__(self, base_dir: Path, passphrase: str = PASSPHRASE, extra_env: dict[str, str] | None = None) -> None:
         self.base_dir = base_dir
         self.passphrase = passphrase
+        self.extra_env = extra_env or {}
         self.executable = borg_executable()
 
     def env(self) -> dict[str, str]:
@@ -45,6 +46,7 @@ class BorgCLI:
             BORG_RELOCATED_REPO_ACCESS_IS_OK="yes",
             BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
         )
+        env.update(self.extra_env)
         return env
 
     def run(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

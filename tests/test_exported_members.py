@@ -14,6 +14,8 @@ EXPECTED = {
     "PassphraseWrong", "Progress", "Repository", "RepositoryError", "RepositoryExists",
     "RepositoryLocked", "RepositoryNotFound", "SSHTransport", "SnapshotMetadata", "SnapshotMode",
     "SourceChanged", "Transport", "VBRemoteError", "WriteResult",
+    "PROTECTED_LABEL", "Decision", "Guards", "KeepLabels", "KeepRules", "PlanEntry", "PruneError",
+    "PruneRefused", "PrunePlan", "PruneResult", "Pruner", "RetentionPolicy",
 }
 
 

@@ -21,6 +21,8 @@ adapter boundary and raised ``from`` the original, so callers catch one tree::
         ├── FileNotInArchive
         ├── SourceChanged                          a local file changed while it was read
         └── BorgError                              any other failure reported by borg
+    PruneError                                     pruning
+    └── PruneRefused                               a guard (or an append-only repository) said no
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ __all__ = [
     "PassphraseError",
     "PassphraseMissing",
     "PassphraseWrong",
+    "PruneError",
+    "PruneRefused",
     "RepositoryError",
     "RepositoryExists",
     "RepositoryLocked",
@@ -163,3 +167,19 @@ class BorgError(RepositoryError):
     def __init__(self, message: str, *, location: str = "", borg_class: str = "") -> None:
         super().__init__(message, location=location)
         self.borg_class = borg_class
+
+
+class PruneError(VBRemoteError):
+    """Pruning failed or was refused.
+
+    Attributes:
+        vm: The VM (name or uuid) being pruned.
+    """
+
+    def __init__(self, message: str, *, vm: str = "") -> None:
+        super().__init__(message)
+        self.vm = vm
+
+
+class PruneRefused(PruneError):
+    """A guard refused to prune (e.g. backups stopped), or deletes would free nothing; nothing was deleted."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import attrs
 from attrs import define, field
 
 from ._borg import BorgWorker, ProgressCallback
@@ -399,6 +400,24 @@ class Repository:
             chunks_zero=result["zero"],
             seconds=time.monotonic() - started,
         )
+
+    def set_labels(self, archive: str | ArchiveInfo, labels: Iterable[str]) -> ArchiveInfo:
+        """Replace an archive's labels (e.g. add ``"protected"``); the data is untouched.
+
+        The metadata is rewritten as borg rewrites an archive's comment, so the
+        archive gets a new id.
+
+        Raises:
+            ArchiveNotFound: No such vbremote archive.
+            ConfigurationError: A label is invalid.
+        """
+        name = archive.name if isinstance(archive, ArchiveInfo) else archive
+        current = self.archive(name)
+        metadata = attrs.evolve(current.metadata, labels=frozenset(labels))
+        comment = encode_comment(metadata, list(current.files))
+        new_id = self._worker.call("set_comment", name=name, comment=comment)
+        self._metadata[new_id] = (metadata, current.files)
+        return attrs.evolve(current, id=new_id, metadata=metadata)
 
     def chunk_list(self, archive: str | ArchiveInfo, path: str) -> FileChunks:
         """The chunk list of one stored file, with offsets.

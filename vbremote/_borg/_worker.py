@@ -532,6 +532,25 @@ class Worker:
                 raise
         return deleted
 
+    def op_set_comment(self, name: str, comment: str) -> str:
+        """Replace an archive's comment (borg's set_meta: the archive gets a new id)."""
+        from borg.cache import Cache
+
+        self._reload_manifest()
+        if name not in self.manifest.archives:
+            raise _Refused("archive_missing", f"no archive named {name!r}")
+        with Cache(self.repository, self.key, self.manifest, lock_wait=1.0) as cache:
+            try:
+                self._archive(name, cache).set_meta("comment", comment)
+                self.manifest.write()
+                self.repository.commit(compact=False)
+                cache.commit()
+            except BaseException:
+                _quietly(self.repository.rollback)
+                _quietly(cache.rollback)
+                raise
+        return str(self.manifest.archives[name].id.hex())
+
     def op_compact(self) -> None:
         from borg.helpers import Manifest
 
