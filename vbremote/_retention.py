@@ -164,7 +164,7 @@ class KeepRules(RetentionPolicy):
     def __attrs_post_init__(self) -> None:
         if self.last is not None and self.secondly is not None:
             raise ConfigurationError("last and secondly are the same rule in borg: give one")
-        if self.quarterly_13weekly is not None and self.quarterly_3monthly is not None:
+        if self.quarterly_13weekly and self.quarterly_3monthly:
             raise ConfigurationError("borg allows one quarterly rule: quarterly_13weekly or quarterly_3monthly")
         if self.within is None and not any(self._count(name) for name, _ in _PERIODS):
             # As borg prune: rules with a count of 0 do not count as rules.
