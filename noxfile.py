@@ -56,3 +56,4 @@ def bench(session: nox.Session) -> None:
     """Benchmarks against the borg CLI on the same data (ratios, not timed tests)."""
     session.install("-e", ".")
     session.run("python", "benchmarks/bench_repository.py", *session.posargs)
+    session.run("python", "benchmarks/bench_prune.py")

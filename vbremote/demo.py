@@ -3,8 +3,8 @@
 It needs no VirtualBox and no server: the repository lives in a temporary
 folder, and the VM is a VM-like folder with a real VDI disk made by qemu-img.
 It shows the repository layer end to end: create a repository, store the VM
-folder, let the "guest" change 2 % of its disk, store it again, and show what
-the second archive really cost.
+folder, let the "guest" change 2 % of its disk, store it again, show what
+the second archive really cost, and prune by borg's retention rules.
 """
 
 from __future__ import annotations
@@ -18,7 +18,17 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from . import FileRole, FileSpec, LocalTransport, Progress, Repository, SnapshotMetadata, SnapshotMode
+from . import (
+    FileRole,
+    FileSpec,
+    KeepRules,
+    LocalTransport,
+    Progress,
+    Pruner,
+    Repository,
+    SnapshotMetadata,
+    SnapshotMode,
+)
 from .testing import MIB, guest_write, make_vdi
 
 _SETTINGS = """<?xml version="1.0"?>
@@ -139,6 +149,16 @@ def run(workdir: Path, disk_mib: int) -> None:
         local = repo.local_chunk_ids(disk)
         same = sum(a == b.id for a, b in zip(local, chunks.chunks, strict=True))
         print(f"   local block ids equal to archive 2's chunk ids: {same} of {len(local)}")
+
+        pruner = Pruner(repo, KeepRules(last=1))
+        print("6. Retention with borg's rule keep-last 1; the plan:")
+        for line in pruner.plan(name).table().splitlines():
+            print("   " + line)
+        pruned = pruner.prune(name)
+        print(
+            f"   pruned {', '.join(pruned.deleted) or 'nothing'}; compaction freed {_size(pruned.freed_bytes or 0)}"
+            " (borg rewrites a segment once 10 % of it is unused)"
+        )
     print("\nThese are ordinary borg archives; the borg CLI reads them (with --keep DIR the folder stays):")
     print(f"  BORG_BASE_DIR={base} BORG_PASSPHRASE='{passphrase}' borg list {transport.location}")
 
