@@ -501,3 +501,29 @@ class TestRelocated:
         vbremote.Repository.open(
             vbremote.LocalTransport(moved), passphrase=PASSPHRASE, base_dir=base_dir, accept_relocated=True
         ).close()
+
+
+class TestMetadataCache:
+    def test_second_listing_reads_no_archive_metadata(self, repo, tmp_path):
+        """Archive metadata is read once per archive id; later listings only read the manifest."""
+        spec = write_disk(tmp_path, b"x")
+        for n in range(5):
+            repo.write_archive(f"a{n}", [spec], metadata())
+        replies: list[list[dict[str, object]]] = []
+        call = repo._worker.call
+
+        def spy(op: str, progress=None, **kwargs):
+            result = call(op, progress, **kwargs)
+            if op == "archives":
+                replies.append(result)
+            return result
+
+        repo._worker.call = spy
+        # write_archive already knows what it wrote: no comment is read back.
+        assert len(repo.archives()) == 5
+        assert all(entry["comment"] is None for entry in replies[-1])
+
+    def test_set_labels_unknown_archive(self, repo):
+        """set_labels on an unknown archive raises ArchiveNotFound."""
+        with pytest.raises(vbremote.ArchiveNotFound):
+            repo.set_labels("nope", {"x"})

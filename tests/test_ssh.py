@@ -226,3 +226,28 @@ class TestAppendOnlyKey:
         transport = sshd.transport(outside, key=sshd.forced_key)
         with pytest.raises(vbremote.AccessDenied, match="not allowed"):
             vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir)
+
+
+class TestPruneThroughAppendOnlyKey:
+    def test_refused_through_key_and_works_on_server(self, sshd, tmp_path, base_dir):
+        """Pruning through the append-only key is refused; on the server, with a local transport, it works."""
+        repo_path = sshd.forced_root / f"prune-{tmp_path.name}"
+        admin = tmp_path / "admin-base"
+        admin.mkdir()
+        server = vbremote.LocalTransport(repo_path)
+        vbremote.Repository.init(server, passphrase=PASSPHRASE, base_dir=admin).close()
+        image = tmp_path / "disk.img"
+        meta = metadata("dev")
+        transport = sshd.transport(repo_path, key=sshd.forced_key, append_only=True)
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir) as repo:
+            for n in range(3):
+                image.write_bytes(disk_content(2, seed=n))
+                repo.write_archive(f"dev-{n}", [vbremote.FileSpec(image, "d.img", vbremote.FileRole.DISK)], meta)
+            with pytest.raises(vbremote.PruneRefused, match="append-only"):
+                vbremote.Pruner(repo, vbremote.KeepRules(last=1)).prune("dev")
+            assert len(repo.archives()) == 3
+        with vbremote.Repository.open(server, passphrase=PASSPHRASE, base_dir=admin) as repo:
+            result = vbremote.Pruner(repo, vbremote.KeepRules(last=1)).prune("dev")
+            assert sorted(result.deleted) == ["dev-0", "dev-1"]
+            assert result.freed_bytes
+            assert repo.check(verify_data=True).ok
