@@ -290,21 +290,20 @@ class Repository:
             ConfigurationError: The name belongs to more than one VM (give the uuid).
         """
         listing = self._worker.call("archives", known=frozenset(self._metadata))
-        infos = []
+        rows = []
         for entry in listing:
             if entry["comment"] is not None:
                 self._metadata[entry["id"]] = decode_comment(entry["comment"])
             decoded = self._metadata.get(entry["id"])
-            if decoded is None:
-                continue
-            metadata, files = decoded
-            infos.append(
-                ArchiveInfo(name=entry["name"], id=entry["id"], time=entry["time"], metadata=metadata, files=files)
-            )
-        if vm is None:
-            return infos
-        selected = _select_vm(infos, vm)
-        return [a for a in infos if a.vm_uuid in selected]
+            if decoded is not None:
+                rows.append((entry, decoded))
+        if vm is not None:
+            selected = _select_vm([(meta.vm_name, meta.vm_uuid) for _, (meta, _) in rows], vm)
+            rows = [row for row in rows if row[1][0].vm_uuid in selected]
+        return [
+            ArchiveInfo(name=entry["name"], id=entry["id"], time=entry["time"], metadata=meta, files=files)
+            for entry, (meta, files) in rows
+        ]
 
     def archive(self, name: str) -> ArchiveInfo:
         """The vbremote archive named ``name``.
@@ -537,14 +536,15 @@ def _progress_adapter(callback: Callable[[Progress], None] | None) -> ProgressCa
     return adapter
 
 
-def _select_vm(infos: Sequence[ArchiveInfo], vm: str) -> set[str]:
+def _select_vm(vms: Sequence[tuple[str, str]], vm: str) -> set[str]:
+    """The uuids that ``vm`` (a uuid, or a name) selects among (name, uuid) pairs."""
     try:
         as_uuid = str(uuid_module.UUID(vm))
     except ValueError:
         as_uuid = None
     if as_uuid is not None:
         return {as_uuid, vm}
-    uuids = {a.vm_uuid for a in infos if a.vm_name == vm}
+    uuids = {uuid for name, uuid in vms if name == vm}
     if len(uuids) > 1:
         raise ConfigurationError(
             f"the name {vm!r} belongs to more than one VM ({', '.join(sorted(uuids))}): give the uuid"
