@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import os
 import stat
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import IO, Any
 
+from .._transports import _borg_url_path
 from . import _protocol
 
 # --- borg is imported below, after stdout has been moved out of the way ---
@@ -180,7 +182,7 @@ class Worker:
             args = _RemoteArgs(upload_ratelimit=transport.upload_ratelimit)
             # borg wants a Location; the host part is never used since the
             # command line comes from the transport.
-            location = Location("ssh://vbremote-transport" + _url_path(transport.path))
+            location = Location(_borg_location(transport))
             repository = CommandRepository(
                 location, create=create, exclusive=exclusive, lock_wait=lock_wait,
                 lock=True, make_parent_dirs=create, args=args,
@@ -369,7 +371,6 @@ class Worker:
         self, name: str, files: list[dict[str, Any]], comment: str, timestamp: datetime | None,
     ) -> dict[str, Any]:
         from borg.archive import Archive, cached_hash
-        from borg.cache import Cache
         from borg.chunker import get_chunker
         from borg.constants import CHUNKER_PARAMS
 
@@ -380,7 +381,8 @@ class Worker:
         archive_chunker = tuple(fixed[0]["chunking"]) if fixed else CHUNKER_PARAMS
         total = sum(os.stat(f["source"]).st_size for f in files)
         counts = {"read": 0, "new": 0, "stored": 0, "chunks": 0, "chunks_new": 0, "zero": 0}
-        with Cache(self.repository, self.key, self.manifest, lock_wait=1.0) as cache:
+        # archive.save() writes the manifest and commits.
+        with self._transaction(commit=False) as cache:
             archive = Archive(
                 self.repository, self.key, self.manifest, name, cache=cache, create=True,
                 chunker_params=archive_chunker, noatime=True, noflags=True, noacls=True, noxattrs=True,
@@ -400,39 +402,34 @@ class Worker:
                     counts["stored"] += stats.csize - before
                 return entry
 
-            try:
-                for spec in files:
-                    with open(spec["source"], "rb") as f:
-                        fd = f.fileno()
-                        st = os.fstat(fd)
-                        if not stat.S_ISREG(st.st_mode):
-                            raise _Refused("config", f"{spec['source']} is not a regular file")
-                        item = _item(spec["path"], st)
-                        entries = []
-                        if spec["chunking"][0] == "fixed":
-                            params = (spec["chunking"][1], spec["chunking"][2])
-                            entries = self._store_blocks(
-                                fd, st.st_size, params, spec["path"], cache, stats, counts, total
-                            )
-                        else:
-                            chunker = get_chunker(*CHUNKER_PARAMS, seed=self.key.chunk_seed)
-                            for chunk in chunker.chunkify(f, fd):
-                                chunk_id, data = cached_hash(chunk, self.key.id_hash)
-                                zero = chunk.meta["allocation"] != 0
-                                entries.append(add(chunk_id, data, zero))
-                                counts["read"] += len(data)
-                            self._progress("write", spec["path"], counts["read"], total)
-                        if sum(e.size for e in entries) != st.st_size:
-                            raise _Refused("changed", f"{spec['path']}: file changed size while it was read")
-                        item.chunks = entries
-                        item.get_size(memorize=True)
-                        stats.nfiles += 1
-                        archive.add_item(item, show_progress=False)
-                archive.save(comment=comment, timestamp=_naive_utc(timestamp))
-            except BaseException:
-                _quietly(self.repository.rollback)
-                _quietly(cache.rollback)
-                raise
+            for spec in files:
+                with open(spec["source"], "rb") as f:
+                    fd = f.fileno()
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode):
+                        raise _Refused("config", f"{spec['source']} is not a regular file")
+                    item = _item(spec["path"], st)
+                    entries = []
+                    if spec["chunking"][0] == "fixed":
+                        params = (spec["chunking"][1], spec["chunking"][2])
+                        entries = self._store_blocks(
+                            fd, st.st_size, params, spec["path"], cache, stats, counts, total
+                        )
+                    else:
+                        chunker = get_chunker(*CHUNKER_PARAMS, seed=self.key.chunk_seed)
+                        for chunk in chunker.chunkify(f, fd):
+                            chunk_id, data = cached_hash(chunk, self.key.id_hash)
+                            zero = chunk.meta["allocation"] != 0
+                            entries.append(add(chunk_id, data, zero))
+                            counts["read"] += len(data)
+                        self._progress("write", spec["path"], counts["read"], total)
+                    if sum(e.size for e in entries) != st.st_size:
+                        raise _Refused("changed", f"{spec['path']}: file changed size while it was read")
+                    item.chunks = entries
+                    item.get_size(memorize=True)
+                    stats.nfiles += 1
+                    archive.add_item(item, show_progress=False)
+            archive.save(comment=comment, timestamp=_naive_utc(timestamp))
             info = self.manifest.archives[name]
         counts_out: dict[str, Any] = dict(counts)
         counts_out.update(id=info.id.hex(), time=info.ts.replace(tzinfo=UTC))
@@ -508,47 +505,44 @@ class Worker:
 
     # -- deleting, compacting, checking ----------------------------------
 
+    @contextlib.contextmanager
+    def _transaction(self, *, commit: bool = True) -> Iterator[Any]:
+        """borg's chunk cache for one change; committed at the end (unless the
+        body committed itself), rolled back with the repository on any error."""
+        from borg.cache import Cache
+
+        with Cache(self.repository, self.key, self.manifest, lock_wait=1.0) as cache:
+            try:
+                yield cache
+                if commit:
+                    self.manifest.write()
+                    self.repository.commit(compact=False)
+                    cache.commit()
+            except BaseException:
+                _quietly(self.repository.rollback)
+                _quietly(cache.rollback)
+                raise
+
     def op_delete(self, names: list[str]) -> list[str]:
         from borg.archive import Statistics
-        from borg.cache import Cache
 
         self._reload_manifest()
         missing = [n for n in names if n not in self.manifest.archives]
         if missing:
             raise _Refused("archive_missing", f"no archive named {missing[0]!r}")
         stats = Statistics()
-        deleted = []
-        with Cache(self.repository, self.key, self.manifest, lock_wait=1.0) as cache:
-            try:
-                for name in names:
-                    self._archive(name, cache).delete(stats, forced=False)
-                    deleted.append(name)
-                self.manifest.write()
-                self.repository.commit(compact=False)
-                cache.commit()
-            except BaseException:
-                _quietly(self.repository.rollback)
-                _quietly(cache.rollback)
-                raise
-        return deleted
+        with self._transaction() as cache:
+            for name in names:
+                self._archive(name, cache).delete(stats, forced=False)
+        return names
 
     def op_set_comment(self, name: str, comment: str) -> str:
         """Replace an archive's comment (borg's set_meta: the archive gets a new id)."""
-        from borg.cache import Cache
-
         self._reload_manifest()
         if name not in self.manifest.archives:
             raise _Refused("archive_missing", f"no archive named {name!r}")
-        with Cache(self.repository, self.key, self.manifest, lock_wait=1.0) as cache:
-            try:
-                self._archive(name, cache).set_meta("comment", comment)
-                self.manifest.write()
-                self.repository.commit(compact=False)
-                cache.commit()
-            except BaseException:
-                _quietly(self.repository.rollback)
-                _quietly(cache.rollback)
-                raise
+        with self._transaction() as cache:
+            self._archive(name, cache).set_meta("comment", comment)
         return str(self.manifest.archives[name].id.hex())
 
     def op_compact(self) -> None:
@@ -611,18 +605,10 @@ class _InitArgs:
         self.location = location
 
 
-def _url_path(path: str) -> str:
-    if path.startswith("/"):
-        return path
-    if path.startswith("~"):
-        return "/" + path
-    return "/./" + path
-
-
 def _borg_location(transport: Any) -> str:
     if transport.serve_command() is None:
         return str(transport.path)
-    return "ssh://vbremote-transport" + _url_path(transport.path)
+    return "ssh://vbremote-transport" + _borg_url_path(transport.path)
 
 
 def _naive_utc(value: datetime | None) -> datetime | None:
