@@ -521,7 +521,7 @@ class TestMetadataCache:
         repo._worker.call = spy
         # write_archive already knows what it wrote: no comment is read back.
         assert len(repo.archives()) == 5
-        assert all(entry["comment"] is None for entry in replies[-1])
+        assert all(comment is None for _, _, _, comment in replies[-1])
 
     def test_set_labels_unknown_archive(self, repo):
         """set_labels on an unknown archive raises ArchiveNotFound."""

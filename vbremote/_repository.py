@@ -289,20 +289,24 @@ class Repository:
         Raises:
             ConfigurationError: The name belongs to more than one VM (give the uuid).
         """
-        listing = self._worker.call("archives", known=frozenset(self._metadata))
+        listing = self._worker.call("archives")
+        missing = frozenset(archive_id for _, archive_id, _, comment in listing
+                            if comment is None and archive_id not in self._metadata)
+        if missing:  # the worker thinks we have them; ask again rather than skip them
+            listing = self._worker.call("archives", resend=missing)
         rows = []
-        for entry in listing:
-            if entry["comment"] is not None:
-                self._metadata[entry["id"]] = decode_comment(entry["comment"])
-            decoded = self._metadata.get(entry["id"])
+        for name, archive_id, when, comment in listing:
+            if comment is not None:
+                self._metadata[archive_id] = decode_comment(comment)
+            decoded = self._metadata.get(archive_id)
             if decoded is not None:
-                rows.append((entry, decoded))
+                rows.append(((name, archive_id, when), decoded))
         if vm is not None:
             selected = _select_vm([(meta.vm_name, meta.vm_uuid) for _, (meta, _) in rows], vm)
             rows = [row for row in rows if row[1][0].vm_uuid in selected]
         return [
-            ArchiveInfo(name=entry["name"], id=entry["id"], time=entry["time"], metadata=meta, files=files)
-            for entry, (meta, files) in rows
+            ArchiveInfo(name=name, id=archive_id, time=when, metadata=meta, files=files)
+            for (name, archive_id, when), (meta, files) in rows
         ]
 
     def archive(self, name: str) -> ArchiveInfo:

@@ -92,6 +92,8 @@ class Worker:
         self.manifest: Any = None
         self.location = ""
         self.append_only: bool | None = None
+        # Ids of the archives whose comment the parent has (it caches them).
+        self.sent: set[bytes] = set()
         self.send_lock = threading.Lock()
         self.handler = _ForwardingHandler(self)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2))
@@ -264,28 +266,30 @@ class Worker:
 
         self.manifest, _ = Manifest.load(self.repository, Manifest.NO_OPERATION_CHECK, key=self.key)
 
+    # While the repository is open we hold borg's lock (shared or exclusive),
+    # so nobody else can change the manifest: the one loaded at open, kept
+    # current by our own writes, is the repository's (it is reloaded after a
+    # rollback).
+
     # -- reading ----------------------------------------------------------
 
-    def op_archives(self, known: frozenset[str]) -> list[dict[str, Any]]:
-        """Every archive, with its comment unless its id is in ``known``."""
+    def op_archives(self, resend: frozenset[str] = frozenset()) -> list[tuple[str, str, datetime, str | None]]:
+        """Every archive as (name, id, time, comment): the comment only the first
+        time an archive is listed on this connection (or when its id is in ``resend``)."""
         from borg.item import ArchiveItem
 
-        self._reload_manifest()
         infos = list(self.manifest.archives.list(sort_by=("ts",)))
-        wanted = [info.id for info in infos if info.id.hex() not in known]
+        wanted = [info.id for info in infos if info.id not in self.sent or info.id.hex() in resend]
         comments: dict[bytes, str] = {}
-        if wanted:
-            for archive_id, cdata in zip(wanted, self.repository.get_many(wanted), strict=True):
-                data = self.key.decrypt(archive_id, cdata)
-                archive, _, _ = self.key.unpack_and_verify_archive(data, force_tam_not_required=True)
-                comments[archive_id] = ArchiveItem(internal_dict=archive).get("comment", "")
+        # get_many pipelines the reads (one round trip for all, remotely).
+        for archive_id, cdata in zip(wanted, self.repository.get_many(wanted), strict=True):
+            data = self.key.decrypt(archive_id, cdata)
+            archive, _, _ = self.key.unpack_and_verify_archive(data, force_tam_not_required=True)
+            comments[archive_id] = ArchiveItem(internal_dict=archive).get("comment", "")
+        self.sent.update(wanted)
         return [
-            {
-                "name": info.name,
-                "id": info.id.hex(),
-                "time": info.ts.replace(tzinfo=UTC) if info.ts.tzinfo is None else info.ts,
-                "comment": comments.get(info.id),
-            }
+            (info.name, info.id.hex(), info.ts.replace(tzinfo=UTC) if info.ts.tzinfo is None else info.ts,
+             comments.get(info.id))
             for info in infos
         ]
 
@@ -295,7 +299,6 @@ class Worker:
         return Archive(self.repository, self.key, self.manifest, name, cache=cache)
 
     def op_chunk_list(self, archive: str, path: str) -> tuple[int, list[tuple[bytes, int]]]:
-        self._reload_manifest()
         found = None
         for item in self._archive(archive).iter_items(filter=lambda item: item.path == path):
             found = item
@@ -374,7 +377,6 @@ class Worker:
         from borg.chunker import get_chunker
         from borg.constants import CHUNKER_PARAMS
 
-        self._reload_manifest()
         if name in self.manifest.archives:
             raise _Refused("archive_exists", f"archive {name!r} already exists")
         fixed = [f for f in files if f["chunking"][0] == "fixed"]
@@ -431,6 +433,7 @@ class Worker:
                     archive.add_item(item, show_progress=False)
             archive.save(comment=comment, timestamp=_naive_utc(timestamp))
             info = self.manifest.archives[name]
+            self.sent.add(info.id)  # the parent knows what it wrote
         counts_out: dict[str, Any] = dict(counts)
         counts_out.update(id=info.id.hex(), time=info.ts.replace(tzinfo=UTC))
         return counts_out
@@ -521,12 +524,12 @@ class Worker:
             except BaseException:
                 _quietly(self.repository.rollback)
                 _quietly(cache.rollback)
+                _quietly(self._reload_manifest)
                 raise
 
     def op_delete(self, names: list[str]) -> list[str]:
         from borg.archive import Statistics
 
-        self._reload_manifest()
         missing = [n for n in names if n not in self.manifest.archives]
         if missing:
             raise _Refused("archive_missing", f"no archive named {missing[0]!r}")
@@ -538,12 +541,13 @@ class Worker:
 
     def op_set_comment(self, name: str, comment: str) -> str:
         """Replace an archive's comment (borg's set_meta: the archive gets a new id)."""
-        self._reload_manifest()
         if name not in self.manifest.archives:
             raise _Refused("archive_missing", f"no archive named {name!r}")
         with self._transaction() as cache:
             self._archive(name, cache).set_meta("comment", comment)
-        return str(self.manifest.archives[name].id.hex())
+        new_id = self.manifest.archives[name].id
+        self.sent.add(new_id)
+        return str(new_id.hex())
 
     def op_compact(self) -> None:
         from borg.helpers import Manifest
