@@ -15,7 +15,7 @@ EXPECTED = {
     "RepositoryLocked", "RepositoryNotFound", "SSHTransport", "SnapshotMetadata", "SnapshotMode",
     "SourceChanged", "Transport", "VBRemoteError", "WriteResult",
     "PROTECTED_LABEL", "Decision", "Guards", "KeepLabels", "KeepRules", "PlanEntry", "PruneError",
-    "PruneRefused", "PrunePlan", "PruneResult", "Pruner", "RetentionPolicy",
+    "PruneRefused", "PrunePlan", "PruneResult", "Pruner", "RetentionPolicy", "SettingsFileError",
 }
 
 

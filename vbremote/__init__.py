@@ -23,6 +23,7 @@ from ._errors import (
     RepositoryExists,
     RepositoryLocked,
     RepositoryNotFound,
+    SettingsFileError,
     SourceChanged,
     VBRemoteError,
 )
@@ -96,6 +97,7 @@ __all__ = [
     "RepositoryNotFound",
     "RetentionPolicy",
     "SSHTransport",
+    "SettingsFileError",
     "SnapshotMetadata",
     "SnapshotMode",
     "SourceChanged",

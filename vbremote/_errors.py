@@ -5,24 +5,25 @@ Errors of foreign libraries (borg, the ssh client) are translated at the
 adapter boundary and raised ``from`` the original, so callers catch one tree::
 
     VBRemoteError
-    ├── ConfigurationError (also ValueError)      bad arguments, invalid options
-    └── RepositoryError                            anything about a borg repository
-        ├── RepositoryNotFound
-        ├── RepositoryExists
-        ├── PassphraseError
-        │   ├── PassphraseMissing                  encrypted, and no passphrase given
-        │   └── PassphraseWrong
-        ├── RepositoryLocked                       still locked after ``lock_wait``
-        ├── ConnectionFailed                       the transport did not reach ``borg serve``
-        │   └── AccessDenied                       the server refused the path or operation
-        ├── IntegrityError                         a chunk or object failed verification
-        ├── ArchiveNotFound
-        ├── ArchiveExists
-        ├── FileNotInArchive
-        ├── SourceChanged                          a local file changed while it was read
-        └── BorgError                              any other failure reported by borg
-    PruneError                                     pruning
-    └── PruneRefused                               a guard (or an append-only repository) said no
+    ├── ConfigurationError (also ValueError)       bad arguments, invalid options
+    ├── RepositoryError                            anything about a borg repository
+    │   ├── RepositoryNotFound
+    │   ├── RepositoryExists
+    │   ├── PassphraseError
+    │   │   ├── PassphraseMissing                  encrypted, and no passphrase given
+    │   │   └── PassphraseWrong
+    │   ├── RepositoryLocked                       still locked after ``lock_wait``
+    │   ├── ConnectionFailed                       the transport did not reach ``borg serve``
+    │   │   └── AccessDenied                       the server refused the path or operation
+    │   ├── IntegrityError                         a chunk or object failed verification
+    │   ├── ArchiveNotFound
+    │   ├── ArchiveExists
+    │   ├── FileNotInArchive
+    │   ├── SourceChanged                          a local file changed while it was read
+    │   └── BorgError                              any other failure reported by borg
+    ├── PruneError                                 pruning
+    │   └── PruneRefused                           a guard (or an append-only repository) said no
+    └── SettingsFileError (also ValueError)        a .vbox file that is malformed, hostile or unexpected
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ __all__ = [
     "RepositoryExists",
     "RepositoryLocked",
     "RepositoryNotFound",
+    "SettingsFileError",
     "SourceChanged",
     "VBRemoteError",
 ]
@@ -183,3 +185,7 @@ class PruneError(VBRemoteError):
 
 class PruneRefused(PruneError):
     """A guard refused to prune (e.g. backups stopped), or deletes would free nothing; nothing was deleted."""
+
+
+class SettingsFileError(VBRemoteError, ValueError):
+    """A VirtualBox settings file is malformed, hostile (entities, huge), or not in the expected state."""

@@ -1,0 +1,496 @@
+"""The VirtualBox settings file (``.vbox``): a small typed model and the rewrites vbremote needs.
+
+- :func:`parse_settings` reads the parts vbremote uses: the machine, its media
+  registry (with nested differencing disks), the snapshot tree, the current
+  snapshot, the saved-state file, the storage attachments and the NVRAM file.
+- :func:`freeze_instant` rewrites a settings file taken right after a
+  transient snapshot so that it describes the frozen instant as the
+  machine's current state (see docs: "What a snapshot archive contains").
+- :func:`relocate` maps the paths in a settings file to a new VM folder.
+
+Everything else in the file is kept as it is. Settings files are untrusted
+input here (they come from archives): documents with a DOCTYPE or entity
+declarations, oversized files and paths that escape the VM folder are refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import posixpath
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Mapping
+
+from attrs import frozen
+
+from ._errors import SettingsFileError
+
+__all__ = [
+    "MAX_SETTINGS_SIZE",
+    "Attachment",
+    "MachineSettings",
+    "Medium",
+    "SnapshotNode",
+    "freeze_instant",
+    "parse_settings",
+    "relocate",
+]
+
+NS = "http://www.virtualbox.org/"
+_N = "{" + NS + "}"
+
+#: Settings files larger than this are refused (real ones are a few hundred KiB at most).
+MAX_SETTINGS_SIZE = 16 << 20
+
+_ROOT_START = re.compile(rb"<(?:[A-Za-z_][\w.-]*:)?VirtualBox[\s>]")
+
+
+@frozen
+class Medium:
+    """A medium in the machine's media registry.
+
+    Attributes:
+        uuid: The medium's uuid (no braces, lower case).
+        location: Its path as written (relative to the VM folder, or absolute).
+        format: ``VDI``, ``VMDK`` …
+        type: ``Normal``, ``Immutable`` … where given.
+        children: Differencing media based on it.
+    """
+
+    uuid: str
+    location: str
+    format: str
+    type: str | None
+    children: tuple[Medium, ...]
+
+
+@frozen
+class Attachment:
+    """A device attached to a storage controller.
+
+    Attributes:
+        controller: The controller's name.
+        port: Its port.
+        device: Its device number.
+        type: ``HardDisk``, ``DVD``, ``Floppy``.
+        medium: The attached medium's uuid, or ``None`` (an empty drive).
+    """
+
+    controller: str
+    port: int
+    device: int
+    type: str
+    medium: str | None
+
+
+@frozen
+class SnapshotNode:
+    """A snapshot in the snapshot tree.
+
+    Attributes:
+        uuid: The snapshot's uuid.
+        name: Its name.
+        time_stamp: When it was taken, as written (ISO 8601, UTC).
+        state_file: Its saved-state file (online snapshots), or ``None``.
+        attachments: The storage attachments of its hardware.
+        children: Snapshots taken after it, on top of it.
+    """
+
+    uuid: str
+    name: str
+    time_stamp: str
+    state_file: str | None
+    attachments: tuple[Attachment, ...]
+    children: tuple[SnapshotNode, ...]
+
+    def walk(self) -> Iterator[SnapshotNode]:
+        """This snapshot and all below it, depth first."""
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+
+@frozen
+class MachineSettings:
+    """What vbremote reads from a ``.vbox`` file.
+
+    Attributes:
+        uuid: The machine's uuid.
+        name: Its name.
+        state_file: The saved-state file (the machine is Saved), or ``None``.
+        current_snapshot: The current snapshot's uuid, or ``None``.
+        snapshot_folder: The snapshot folder, as written.
+        media: The media registry's hard disks (trees).
+        attachments: The current hardware's storage attachments.
+        snapshot: The root of the snapshot tree, or ``None``.
+        nvram: The NVRAM file (EFI machines), or ``None``.
+    """
+
+    uuid: str
+    name: str
+    state_file: str | None
+    current_snapshot: str | None
+    snapshot_folder: str | None
+    media: tuple[Medium, ...]
+    attachments: tuple[Attachment, ...]
+    snapshot: SnapshotNode | None
+    nvram: str | None
+
+    def all_media(self) -> Iterator[Medium]:
+        """Every hard disk in the registry, parents before children."""
+        stack = list(reversed(self.media))
+        while stack:
+            medium = stack.pop()
+            yield medium
+            stack.extend(reversed(medium.children))
+
+    def medium(self, uuid: str) -> Medium:
+        """The registered hard disk with this uuid.
+
+        Raises:
+            KeyError: None.
+        """
+        wanted = _bare(uuid)
+        for medium in self.all_media():
+            if medium.uuid == wanted:
+                return medium
+        raise KeyError(uuid)
+
+    def chain(self, uuid: str) -> tuple[Medium, ...]:
+        """A medium and its parents up to the base, base first."""
+        wanted = _bare(uuid)
+
+        def search(media: tuple[Medium, ...], path: tuple[Medium, ...]) -> tuple[Medium, ...] | None:
+            for medium in media:
+                here = (*path, medium)
+                if medium.uuid == wanted:
+                    return here
+                found = search(medium.children, here)
+                if found:
+                    return found
+            return None
+
+        found = search(self.media, ())
+        if found is None:
+            raise KeyError(uuid)
+        return found
+
+    def snapshots(self) -> Iterator[SnapshotNode]:
+        """Every snapshot, depth first."""
+        if self.snapshot is not None:
+            yield from self.snapshot.walk()
+
+
+def _bare(uuid: str) -> str:
+    return uuid.strip().strip("{}").lower()
+
+
+def _braced(uuid: str) -> str:
+    return "{" + _bare(uuid) + "}"
+
+
+# -- reading ----------------------------------------------------------------
+
+
+def _load(data: bytes) -> tuple[bytes, ET.Element]:
+    """The prolog (declaration and comments before the root) and the parsed root."""
+    if len(data) > MAX_SETTINGS_SIZE:
+        raise SettingsFileError(f"settings file is {len(data)} bytes, more than {MAX_SETTINGS_SIZE}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SettingsFileError("settings file is not UTF-8") from exc
+    if "<!DOCTYPE" in text or "<!ENTITY" in text:
+        raise SettingsFileError("settings file declares a DOCTYPE or entities; VirtualBox never writes those")
+    start = _ROOT_START.search(data)
+    prolog = data[: start.start()] if start else b""
+    parser = ET.XMLParser(target=ET.TreeBuilder(insert_comments=True))
+    try:
+        parser.feed(data)
+        root = parser.close()
+    except ET.ParseError as exc:
+        raise SettingsFileError(f"settings file is not well-formed XML: {exc}") from exc
+    if root.tag != _N + "VirtualBox":
+        raise SettingsFileError(f"not a VirtualBox settings file (root element {root.tag!r})")
+    machine = root.find(_N + "Machine")
+    if machine is None:
+        raise SettingsFileError("settings file has no Machine element")
+    return prolog, root
+
+
+def _dump(prolog: bytes, root: ET.Element) -> bytes:
+    # VirtualBox writes its namespace as the default one. ElementTree's own
+    # default_namespace option refuses unqualified attributes (all of them
+    # here), and register_namespace would change state for the whole process;
+    # so the tags lose their namespace and the root carries xmlns.
+    for element in root.iter():
+        if isinstance(element.tag, str) and element.tag.startswith(_N):
+            element.tag = element.tag[len(_N) :]
+    attributes = dict(root.attrib)
+    root.attrib.clear()
+    root.set("xmlns", NS)
+    root.attrib.update(attributes)
+    body = ET.tostring(root, encoding="unicode")
+    if not prolog.strip():
+        prolog = b'<?xml version="1.0"?>\n'
+    return prolog + body.encode("utf-8") + b"\n"
+
+
+def _machine(root: ET.Element) -> ET.Element:
+    machine = root.find(_N + "Machine")
+    assert machine is not None  # checked by _load
+    return machine
+
+
+def _required(element: ET.Element, name: str) -> str:
+    value = element.get(name)
+    if value is None:
+        raise SettingsFileError(f"{element.tag.removeprefix(_N)} element without {name!r}")
+    return value
+
+
+def _media(parent: ET.Element) -> tuple[Medium, ...]:
+    out = []
+    for disk in parent.findall(_N + "HardDisk"):
+        out.append(
+            Medium(
+                uuid=_bare(_required(disk, "uuid")),
+                location=_required(disk, "location"),
+                format=disk.get("format", ""),
+                type=disk.get("type"),
+                children=_media(disk),
+            )
+        )
+    return tuple(out)
+
+
+def _attachments(hardware: ET.Element | None) -> tuple[Attachment, ...]:
+    if hardware is None:
+        return ()
+    out = []
+    for controller in hardware.iter(_N + "StorageController"):
+        for device in controller.findall(_N + "AttachedDevice"):
+            image = device.find(_N + "Image")
+            try:
+                out.append(
+                    Attachment(
+                        controller=_required(controller, "name"),
+                        port=int(device.get("port", "0")),
+                        device=int(device.get("device", "0")),
+                        type=_required(device, "type"),
+                        medium=_bare(_required(image, "uuid")) if image is not None else None,
+                    )
+                )
+            except ValueError as exc:
+                raise SettingsFileError(f"bad storage attachment: {exc}") from exc
+    return tuple(out)
+
+
+def _snapshot(element: ET.Element) -> SnapshotNode:
+    container = element.find(_N + "Snapshots")
+    children = () if container is None else tuple(_snapshot(s) for s in container.findall(_N + "Snapshot"))
+    return SnapshotNode(
+        uuid=_bare(_required(element, "uuid")),
+        name=element.get("name", ""),
+        time_stamp=element.get("timeStamp", ""),
+        state_file=element.get("stateFile"),
+        attachments=_attachments(element.find(_N + "Hardware")),
+        children=children,
+    )
+
+
+def _nvram(hardware: ET.Element | None) -> str | None:
+    if hardware is None:
+        return None
+    for element in hardware.iter(_N + "NVRAM"):
+        path = element.get("path")
+        if path:
+            return path
+    return None
+
+
+def parse_settings(data: bytes) -> MachineSettings:
+    """Read a ``.vbox`` file.
+
+    Raises:
+        SettingsFileError: Not a VirtualBox settings file, malformed, hostile or too large.
+    """
+    _, root = _load(data)
+    machine = _machine(root)
+    registry = machine.find(_N + "MediaRegistry")
+    disks = registry.find(_N + "HardDisks") if registry is not None else None
+    snapshot = machine.find(_N + "Snapshot")
+    current = machine.get("currentSnapshot")
+    return MachineSettings(
+        uuid=_bare(_required(machine, "uuid")),
+        name=_required(machine, "name"),
+        state_file=machine.get("stateFile"),
+        current_snapshot=_bare(current) if current else None,
+        snapshot_folder=machine.get("snapshotFolder"),
+        media=_media(disks) if disks is not None else (),
+        attachments=_attachments(machine.find(_N + "Hardware")),
+        snapshot=_snapshot(snapshot) if snapshot is not None else None,
+        nvram=_nvram(machine.find(_N + "Hardware")),
+    )
+
+
+# -- the frozen instant -------------------------------------------------------
+
+
+def _find_snapshot(machine: ET.Element, uuid: str) -> tuple[ET.Element, ET.Element, ET.Element | None]:
+    """The snapshot element, the element that holds it, and its parent snapshot element."""
+    wanted = _bare(uuid)
+
+    Found = tuple[ET.Element, ET.Element, ET.Element | None]
+
+    def search(holder: ET.Element, parent: ET.Element | None) -> Found | None:
+        for snapshot in holder.findall(_N + "Snapshot"):
+            if _bare(snapshot.get("uuid", "")) == wanted:
+                return snapshot, holder, parent
+            container = snapshot.find(_N + "Snapshots")
+            if container is not None:
+                found = search(container, snapshot)
+                if found:
+                    return found
+        return None
+
+    found = search(machine, None)
+    if found is None:
+        raise SettingsFileError(f"no snapshot {uuid} in the settings file")
+    return found
+
+
+def _hard_disks_attached(element: ET.Element | None) -> set[str]:
+    return {a.medium for a in _attachments(element) if a.type == "HardDisk" and a.medium}
+
+
+def freeze_instant(data: bytes, snapshot_uuid: str) -> bytes:
+    """Describe the instant of a transient snapshot as the machine's current state.
+
+    ``data`` is the settings file written right after the snapshot was
+    taken; the snapshot must be the current one and have no children. The
+    result: the snapshot is gone from the tree, its hardware is the current
+    hardware (attaching the frozen media), the differencing media the
+    snapshot created for the running machine are gone from the registry,
+    the current snapshot is its parent (or none), and its saved-state file,
+    if any, is the machine's state file (so the machine is Saved), else the
+    machine has none (PoweredOff).
+
+    Raises:
+        SettingsFileError: The snapshot is missing, not current, has
+            children, or the in-flight media are not leaves of the registry.
+    """
+    prolog, root = _load(data)
+    machine = _machine(root)
+    snapshot, holder, parent = _find_snapshot(machine, snapshot_uuid)
+    if _bare(machine.get("currentSnapshot", "")) != _bare(snapshot_uuid):
+        raise SettingsFileError(f"snapshot {snapshot_uuid} is not the current snapshot")
+    container = snapshot.find(_N + "Snapshots")
+    if container is not None and container.find(_N + "Snapshot") is not None:
+        raise SettingsFileError(f"snapshot {snapshot_uuid} has child snapshots")
+    frozen_hardware = snapshot.find(_N + "Hardware")
+    current_hardware = machine.find(_N + "Hardware")
+    if frozen_hardware is None or current_hardware is None:
+        raise SettingsFileError("the snapshot or the machine has no Hardware element")
+
+    in_flight = _hard_disks_attached(current_hardware)
+    # The current hardware becomes the snapshot's.
+    index = list(machine).index(current_hardware)
+    machine.remove(current_hardware)
+    machine.insert(index, copy.deepcopy(frozen_hardware))
+    holder.remove(snapshot)
+    if holder.tag == _N + "Snapshots" and holder.find(_N + "Snapshot") is None and parent is not None:
+        parent.remove(holder)
+
+    still_used = _hard_disks_attached(machine.find(_N + "Hardware"))
+    for element in machine.iter(_N + "Snapshot"):
+        still_used |= _hard_disks_attached(element.find(_N + "Hardware"))
+    _drop_media(machine, in_flight - still_used)
+
+    if parent is not None:
+        machine.set("currentSnapshot", _braced(_required(parent, "uuid")))
+    else:
+        machine.attrib.pop("currentSnapshot", None)
+    state_file = snapshot.get("stateFile")
+    if state_file:
+        machine.set("stateFile", state_file)
+    else:
+        machine.attrib.pop("stateFile", None)
+    if snapshot.get("timeStamp"):
+        machine.set("lastStateChange", snapshot.get("timeStamp", ""))
+    return _dump(prolog, root)
+
+
+def _drop_media(machine: ET.Element, uuids: set[str]) -> None:
+    if not uuids:
+        return
+    registry = machine.find(_N + "MediaRegistry")
+    disks = registry.find(_N + "HardDisks") if registry is not None else None
+    if disks is None:
+        raise SettingsFileError("in-flight media are attached but the media registry is missing")
+    found: set[str] = set()
+
+    def prune(holder: ET.Element) -> None:
+        for disk in list(holder.findall(_N + "HardDisk")):
+            uuid = _bare(disk.get("uuid", ""))
+            if uuid in uuids:
+                if disk.find(_N + "HardDisk") is not None:
+                    raise SettingsFileError(f"in-flight medium {uuid} has children in the registry")
+                holder.remove(disk)
+                found.add(uuid)
+            else:
+                prune(disk)
+
+    prune(disks)
+    missing = uuids - found
+    if missing:
+        raise SettingsFileError(f"attached media not in the registry: {', '.join(sorted(missing))}")
+
+
+# -- relocation ---------------------------------------------------------------
+
+
+def _inside(path: str) -> str:
+    normal = posixpath.normpath(path)
+    if normal.startswith("/") or normal == ".." or normal.startswith("../"):
+        raise SettingsFileError(f"path {path!r} escapes the VM folder")
+    return normal
+
+
+def relocate(data: bytes, *, old_folder: str, external: Mapping[str, str] | None = None) -> bytes:
+    """Make every path in a settings file valid in a new VM folder.
+
+    Relative paths stay (after checking that they stay inside the folder);
+    absolute paths inside ``old_folder`` become relative; absolute paths
+    elsewhere (disks outside the VM folder) must be in ``external``, which
+    maps them to paths relative to the new folder (e.g. ``_external/data.vdi``).
+    Media locations, state files (machine and snapshots) and the NVRAM path
+    are mapped.
+
+    Raises:
+        SettingsFileError: A path escapes the folder, or an outside path has no mapping.
+    """
+    external = dict(external or {})
+    old = posixpath.normpath(old_folder)
+    prolog, root = _load(data)
+    machine = _machine(root)
+
+    def mapped(path: str) -> str:
+        if not path.startswith("/"):
+            return _inside(path)
+        normal = posixpath.normpath(path)
+        if normal.startswith(old + "/"):
+            return _inside(normal[len(old) + 1 :])
+        if path in external:
+            return _inside(external[path])
+        raise SettingsFileError(f"{path!r} is outside the VM folder and has no mapping")
+
+    for disk in machine.iter(_N + "HardDisk"):
+        disk.set("location", mapped(_required(disk, "location")))
+    for element in [machine, *machine.iter(_N + "Snapshot")]:
+        if element.get("stateFile"):
+            element.set("stateFile", mapped(element.get("stateFile", "")))
+    for element in machine.iter(_N + "NVRAM"):
+        if element.get("path"):
+            element.set("path", mapped(element.get("path", "")))
+    return _dump(prolog, root)
