@@ -94,6 +94,8 @@ class Worker:
         self.append_only: bool | None = None
         # Ids of the archives whose comment the parent has (it caches them).
         self.sent: set[bytes] = set()
+        # The manifest's archives, sorted by time; dropped whenever the manifest may change.
+        self.listing: list[Any] | None = None
         self.send_lock = threading.Lock()
         self.handler = _ForwardingHandler(self)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2))
@@ -264,6 +266,7 @@ class Worker:
     def _reload_manifest(self) -> None:
         from borg.helpers import Manifest
 
+        self.listing = None
         self.manifest, _ = Manifest.load(self.repository, Manifest.NO_OPERATION_CHECK, key=self.key)
 
     # While the repository is open we hold borg's lock (shared or exclusive),
@@ -278,7 +281,10 @@ class Worker:
         time an archive is listed on this connection (or when its id is in ``resend``)."""
         from borg.item import ArchiveItem
 
-        infos = list(self.manifest.archives.list(sort_by=("ts",)))
+        if self.listing is None:
+            # Parsing every archive's time is the costly part of a listing.
+            self.listing = list(self.manifest.archives.list(sort_by=("ts",)))
+        infos = self.listing
         wanted = [info.id for info in infos if info.id not in self.sent or info.id.hex() in resend]
         comments: dict[bytes, str] = {}
         # get_many pipelines the reads (one round trip for all, remotely).
@@ -514,6 +520,7 @@ class Worker:
         body committed itself), rolled back with the repository on any error."""
         from borg.cache import Cache
 
+        self.listing = None
         with Cache(self.repository, self.key, self.manifest, lock_wait=1.0) as cache:
             try:
                 yield cache
