@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import time
 
 import pytest
 from helpers import borg_executable
@@ -116,3 +118,18 @@ def test_check_catches_a_broken_transport(tmp_path):
     """check_transport fails for a transport that does not reach borg serve."""
     with pytest.raises((TransportCheckFailed, vbremote.VBRemoteError)):
         check_transport(BrokenTransport(str(tmp_path / "r")))
+
+
+def test_upload_ratelimit_is_honoured(tmp_path, base_dir):
+    """upload_ratelimit reaches borg: 3 MiB of new data at 1 MiB/s cannot arrive in under 2 s."""
+    transport = vbremote.CommandTransport(
+        [borg_executable(), "serve"], str(tmp_path / "repo"), upload_ratelimit=1024
+    )
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(3 << 20))
+    spec = vbremote.FileSpec(image, "disk.img", vbremote.FileRole.DISK)
+    with vbremote.Repository.init(transport, passphrase="p", base_dir=base_dir, compression="none") as repo:
+        started = time.monotonic()
+        repo.write_archive("a", [spec], vbremote.SnapshotMetadata("vm", "u"))
+        # A lower bound only: a slow machine makes this longer, never shorter.
+        assert time.monotonic() - started >= 2.0
