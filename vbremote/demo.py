@@ -28,6 +28,7 @@ from . import (
     Repository,
     SnapshotMetadata,
     SnapshotMode,
+    WriteResult,
 )
 from .testing import MIB, guest_write, make_vdi
 
@@ -83,6 +84,15 @@ def _progress_printer(label: str) -> tuple[Callable[[Progress], None], Callable[
     return show, finish
 
 
+def _write_with_progress(
+    repo: Repository, archive: str, files: list[FileSpec], metadata: SnapshotMetadata
+) -> WriteResult:
+    show, finish = _progress_printer(archive)
+    result = repo.write_archive(archive, files, metadata, progress=show)
+    finish()
+    return result
+
+
 def make_vm_folder(folder: Path, name: str, disk_size: int) -> tuple[Path, str]:
     """A VM-like folder: settings file, a real VDI disk with guest-like content, NVRAM."""
     folder.mkdir(parents=True)
@@ -114,9 +124,7 @@ def run(workdir: Path, disk_mib: int) -> None:
     metadata = SnapshotMetadata(vm_name=name, vm_uuid=vm_uuid, mode=SnapshotMode.OFFLINE, host="demo-host")
     with Repository.init(transport, passphrase=passphrase, base_dir=base) as repo:
         print(f"2. A borg repository at {transport.location} ({repo.encryption}, {repo.block_size // MIB} MiB blocks).")
-        show, finish = _progress_printer("archive 1")
-        first = repo.write_archive(f"{name}-1", vm_files(folder, name), metadata, progress=show)
-        finish()
+        first = _write_with_progress(repo, f"{name}-1", vm_files(folder, name), metadata)
         print(
             f"   stored {_size(first.bytes_read)} as {_size(first.bytes_stored)} in {first.seconds:.2f} s"
             f" ({first.chunks} chunks, {first.chunks_zero} all-zero)"
@@ -129,9 +137,7 @@ def run(workdir: Path, disk_mib: int) -> None:
             guest_write(disk, index * MIB, rng.randbytes(MIB))
         print(f"3. The guest rewrote {changed} of {blocks} 1 MiB blocks (2 %), through qemu-io.")
 
-        show, finish = _progress_printer("archive 2")
-        second = repo.write_archive(f"{name}-2", vm_files(folder, name), metadata, progress=show)
-        finish()
+        second = _write_with_progress(repo, f"{name}-2", vm_files(folder, name), metadata)
         print(
             f"   read {_size(second.bytes_read)}, sent {second.chunks_new} new chunks:"
             f" {_size(second.bytes_new)} of data, {_size(second.bytes_stored)} stored"
