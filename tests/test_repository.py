@@ -270,6 +270,22 @@ class TestWrite:
             repo.write_archive("a", [good, vbremote.FileSpec(fifo, "fifo")], metadata())
         assert repo.archives() == []
 
+    def test_file_changed_before_read(self, repo, tmp_path):
+        """A file whose size changes after write_archive looked at it raises SourceChanged; nothing is committed."""
+        first = write_disk(tmp_path, disk_content(48, seed=6), "first.img")
+        second = write_disk(tmp_path, b"short", "second.img")
+
+        def grow(event: vbremote.Progress) -> None:
+            # While the worker is still busy with the first file, the second one grows.
+            if event.path == "first.img" and second.source.stat().st_size == 5:
+                with open(second.source, "ab") as f:
+                    f.write(b"longer now")
+
+        with pytest.raises(vbremote.SourceChanged, match=r"second\.img"):
+            repo.write_archive("a", [first, second], metadata(), progress=grow)
+        assert repo.archives() == []
+        assert repo.check().ok
+
     def test_cancelled_write_commits_nothing(self, transport, base_dir, tmp_path):
         """Raising from the progress callback cancels the write: nothing is committed, and the repository is clean."""
         vbremote.Repository.init(transport, passphrase=PASSPHRASE, base_dir=base_dir).close()

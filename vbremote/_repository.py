@@ -376,7 +376,9 @@ class Repository:
                 raise ConfigurationError(f"{spec.source} is not a regular file")
             chunking = disk_chunking(spec.source, disk_block) if spec.role is FileRole.DISK else Chunking.buzhash()
             records.append(ArchiveFile(path=spec.path, role=spec.role, size=size, chunking=chunking))
-            specs.append({"source": os.fspath(spec.source), "path": spec.path, "chunking": chunking.to_json()})
+            specs.append(
+                {"source": os.fspath(spec.source), "path": spec.path, "size": size, "chunking": chunking.to_json()}
+            )
         comment = encode_comment(metadata, records)
         started = time.monotonic()
         result = self._worker.call(
@@ -387,11 +389,8 @@ class Repository:
             comment=comment,
             timestamp=timestamp,
         )
-        # Sizes are the ones read, which may differ from the stat above only if
-        # a file grew and shrank back; the worker refuses any size change.
-        decoded = decode_comment(comment)
-        assert decoded is not None
-        self._metadata[result["id"]] = decoded
+        # The worker stored each file at exactly the size recorded above, or refused.
+        self._metadata[result["id"]] = (metadata, tuple(records))
         info = ArchiveInfo(name=name, id=result["id"], time=result["time"], metadata=metadata, files=tuple(records))
         return WriteResult(
             archive=info,

@@ -416,6 +416,9 @@ class Worker:
                     st = os.fstat(fd)
                     if not stat.S_ISREG(st.st_mode):
                         raise _Refused("config", f"{spec['source']} is not a regular file")
+                    if st.st_size != spec["size"]:
+                        # The metadata records the size the caller saw.
+                        raise _Refused("changed", f"{spec['path']}: file changed size before it was read")
                     item = _item(spec["path"], st)
                     entries = []
                     if spec["chunking"][0] == "fixed":
