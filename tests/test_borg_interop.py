@@ -62,7 +62,7 @@ class TestBorgReadsOurArchives:
 
 
 class TestWeReadBorgArchives:
-    @pytest.mark.parametrize("encryption", ["repokey", "repokey-blake2", "authenticated", "none"])
+    @pytest.mark.parametrize("encryption", vbremote.ENCRYPTION_MODES)
     def test_borg_fixed_chunks_equal_local_ids(self, tmp_path, base_dir, borg_cli, encryption):
         """A 'borg create --chunker-params fixed,4194304' archive has the chunk ids vbremote computes locally."""
         repo_path = tmp_path / "r"
