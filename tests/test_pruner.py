@@ -190,6 +190,18 @@ class TestPruner:
                 vbremote.Pruner(repo, vbremote.KeepRules(last=1), clock=lambda: NOW).prune("dev")
             assert len(repo.archives()) == 2
 
+    def test_plan_all(self, repo, tmp_path):
+        """plan_all plans every VM from one listing, keyed by uuid, with the same decisions as plan."""
+        dev, dev2 = metadata("dev"), metadata("dev2")
+        for day in range(3):
+            add(repo, tmp_path, f"dev-{day}", NOW - timedelta(days=day), dev)
+            add(repo, tmp_path, f"dev2-{day}", NOW - timedelta(days=day), dev2)
+        pruner = vbremote.Pruner(repo, vbremote.KeepRules(last=2), clock=lambda: NOW)
+        plans = pruner.plan_all()
+        assert set(plans) == {dev.vm_uuid, dev2.vm_uuid}
+        assert plans[dev.vm_uuid].entries == pruner.plan("dev").entries
+        assert [a.name for a in plans[dev2.vm_uuid].prune] == ["dev2-2"]
+
     def test_table(self, repo, tmp_path):
         """The plan renders as a table with one line per archive."""
         meta = metadata("dev")

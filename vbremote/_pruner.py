@@ -138,8 +138,25 @@ class Pruner:
             ConfigurationError: The policy returned the wrong number of decisions,
                 or the VM name is ambiguous.
         """
+        return self._plan(vm, self.repository.archives(vm=vm), self.clock())
+
+    def plan_all(self) -> dict[str, PrunePlan]:
+        """Plan every VM in the repository from one listing; changes nothing.
+
+        Returns:
+            A plan per VM, keyed by the VM's uuid (each plan's ``vm`` is the uuid too).
+
+        Raises:
+            ConfigurationError: The policy returned the wrong number of decisions.
+        """
         now = self.clock()
-        archives = sorted(self.repository.archives(vm=vm), key=lambda a: a.time, reverse=True)
+        by_vm: dict[str, list[ArchiveInfo]] = {}
+        for archive in self.repository.archives():
+            by_vm.setdefault(archive.vm_uuid, []).append(archive)
+        return {uuid: self._plan(uuid, archives, now) for uuid, archives in by_vm.items()}
+
+    def _plan(self, vm: str, archives: list[ArchiveInfo], now: datetime) -> PrunePlan:
+        archives = sorted(archives, key=lambda a: a.time, reverse=True)
         decisions = list(self.policy.decide(archives, now))
         if len(decisions) != len(archives):
             raise ConfigurationError(
