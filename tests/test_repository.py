@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from datetime import UTC, datetime
@@ -538,6 +539,22 @@ class TestMetadataCache:
         # write_archive already knows what it wrote: no comment is read back.
         assert len(repo.archives()) == 5
         assert all(comment is None for _, _, _, comment in replies[-1])
+
+    def test_metadata_kept_across_connections(self, repo, transport, base_dir, tmp_path):
+        """A new connection reads archive metadata from vbremote's cache file; a damaged file is ignored."""
+        spec = write_disk(tmp_path, b"x")
+        names = [f"a{n}" for n in range(4)]
+        for name in names:
+            repo.write_archive(name, [spec], metadata())
+        repo.close()
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir) as again:
+            assert [a.name for a in again.archives()] == names
+            ids = {a.id for a in again.archives()}
+        [cache_file] = base_dir.rglob("vbremote/*.json")
+        assert set(json.loads(cache_file.read_text())) == ids
+        cache_file.write_text("{not json")
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir) as again:
+            assert [a.name for a in again.archives()] == names
 
     def test_set_labels_unknown_archive(self, repo):
         """set_labels on an unknown archive raises ArchiveNotFound."""

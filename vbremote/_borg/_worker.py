@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import json
 import logging
 import os
 import stat
@@ -287,17 +288,62 @@ class Worker:
         infos = self.listing
         wanted = [info.id for info in infos if info.id not in self.sent or info.id.hex() in resend]
         comments: dict[bytes, str] = {}
+        known = self._comment_cache() if wanted else {}
+        fetch = [archive_id for archive_id in wanted if archive_id.hex() not in known]
+        for archive_id in wanted:
+            if archive_id.hex() in known:
+                comments[archive_id] = known[archive_id.hex()]
         # get_many pipelines the reads (one round trip for all, remotely).
-        for archive_id, cdata in zip(wanted, self.repository.get_many(wanted), strict=True):
+        for archive_id, cdata in zip(fetch, self.repository.get_many(fetch), strict=True):
             data = self.key.decrypt(archive_id, cdata)
             archive, _, _ = self.key.unpack_and_verify_archive(data, force_tam_not_required=True)
             comments[archive_id] = ArchiveItem(internal_dict=archive).get("comment", "")
+        if fetch:
+            self._save_comment_cache(comments, {info.id.hex() for info in infos})
         self.sent.update(wanted)
         return [
             (info.name, info.id.hex(), info.ts.replace(tzinfo=UTC) if info.ts.tzinfo is None else info.ts,
              comments.get(info.id))
             for info in infos
         ]
+
+    # Archive metadata never changes for a given archive id (the id is the
+    # keyed hash of the metadata, comment included), so what was read is kept
+    # on disk beside borg's own cache, and a new connection reads it from
+    # there instead of fetching every archive again.
+
+    def _comment_cache_path(self) -> str:
+        from borg.helpers import get_cache_dir
+
+        return os.path.join(get_cache_dir(), "vbremote", self.repository.id.hex() + ".json")
+
+    def _comment_cache(self) -> dict[str, str]:
+        try:
+            with open(self._comment_cache_path(), encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+
+    def _save_comment_cache(self, comments: dict[bytes, str], live: set[str]) -> None:
+        cache = {k: v for k, v in self._comment_cache().items() if k in live}
+        cache.update({archive_id.hex(): comment for archive_id, comment in comments.items()})
+        path = self._comment_cache_path()
+        temporary = f"{path}.{os.getpid()}.tmp"
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(temporary, "w", encoding="utf-8") as f:
+                json.dump(cache, f, separators=(",", ":"))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, path)
+        except OSError:
+            # A cache that cannot be written only costs the next listing time.
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            logging.getLogger("vbremote.borg.worker").debug("cannot write %s", path, exc_info=True)
 
     def _archive(self, name: str, cache: Any = None) -> Any:
         from borg.archive import Archive
