@@ -69,6 +69,27 @@ class _Header:
             uuid_module.UUID(self.parent_uuid).bytes_le, uuid_module.UUID(self.parent_modification).bytes_le,
         )
 
+    @classmethod
+    def unpack(cls, head: bytes, path: Path) -> _Header:
+        (_, signature, version, _, image_type, _, _, offset_bmap, offset_data, _, _, _, _, _,
+         disk_size, block_size, _, blocks, allocated, u_image, u_mod, u_parent, u_parent_mod) = _HEADER.unpack(head)
+        if signature != SIGNATURE or version != VERSION:
+            raise ConfigurationError(f"{path} is not a VDI 1.1 image")
+        if block_size != VDI_BLOCK_SIZE or image_type not in (TYPE_DYNAMIC, TYPE_DIFF):
+            raise ConfigurationError(f"{path}: unsupported VDI (block size {block_size}, type {image_type})")
+        return cls(
+            image_type=image_type,
+            offset_bmap=offset_bmap,
+            offset_data=offset_data,
+            disk_size=disk_size,
+            blocks=blocks,
+            allocated=allocated,
+            uuid=str(uuid_module.UUID(bytes_le=u_image)),
+            modification=str(uuid_module.UUID(bytes_le=u_mod)),
+            parent_uuid=str(uuid_module.UUID(bytes_le=u_parent)),
+            parent_modification=str(uuid_module.UUID(bytes_le=u_parent_mod)),
+        )
+
 
 class VDI:
     """An open VDI image file.
@@ -133,30 +154,13 @@ class VDI:
             head = f.read(_HEADER.size)
             if len(head) < _HEADER.size:
                 raise ConfigurationError(f"{path} is too short for a VDI header")
-            values = _HEADER.unpack(head)
-            (_, signature, version, _, image_type, _, _, offset_bmap, offset_data, _, _, _, _, _,
-             disk_size, block_size, _, blocks, allocated, u_image, u_mod, u_parent, u_parent_mod) = values
-            if signature != SIGNATURE or version != VERSION:
-                raise ConfigurationError(f"{path} is not a VDI 1.1 image")
-            if block_size != VDI_BLOCK_SIZE or image_type not in (TYPE_DYNAMIC, TYPE_DIFF):
-                raise ConfigurationError(f"{path}: unsupported VDI (block size {block_size}, type {image_type})")
-            f.seek(offset_bmap)
-            block_map = list(struct.unpack(f"<{blocks}I", f.read(4 * blocks)))
-        header = _Header(
-            image_type=image_type,
-            offset_bmap=offset_bmap,
-            offset_data=offset_data,
-            disk_size=disk_size,
-            blocks=blocks,
-            allocated=allocated,
-            uuid=str(uuid_module.UUID(bytes_le=u_image)),
-            modification=str(uuid_module.UUID(bytes_le=u_mod)),
-            parent_uuid=str(uuid_module.UUID(bytes_le=u_parent)),
-            parent_modification=str(uuid_module.UUID(bytes_le=u_parent_mod)),
-        )
-        if image_type == TYPE_DIFF and (parent is None or parent.uuid != header.parent_uuid):
+            header = _Header.unpack(head, path)
+            f.seek(header.offset_bmap)
+            block_map = list(struct.unpack(f"<{header.blocks}I", f.read(4 * header.blocks)))
+        is_diff = header.image_type == TYPE_DIFF
+        if is_diff and (parent is None or parent.uuid != header.parent_uuid):
             raise ConfigurationError(f"{path} is a differencing image of {header.parent_uuid}: give its parent")
-        return cls(path, header, block_map, parent if image_type == TYPE_DIFF else None)
+        return cls(path, header, block_map, parent if is_diff else None)
 
     # -- properties ---------------------------------------------------------
 
