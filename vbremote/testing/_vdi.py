@@ -254,3 +254,15 @@ class VDI:
             block = self.read_block(index)
             self.parent.write(index * VDI_BLOCK_SIZE, block)
         return self.parent
+
+    def rebase(self, parent: VDI) -> None:
+        """Record ``parent`` as this differencing image's parent (after its old parent was merged away)."""
+        if not self.is_diff:
+            raise ConfigurationError("only a differencing image has a parent")
+        if parent.size != self.size:
+            raise ConfigurationError(f"{parent.path} is {parent.size} bytes, {self.path} is {self.size}")
+        self.header.parent_uuid = parent.uuid
+        self.header.parent_modification = parent.header.modification
+        self.parent = parent
+        with open(self.path, "r+b") as f:
+            f.write(self.header.pack())
