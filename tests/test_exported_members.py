@@ -16,6 +16,9 @@ EXPECTED = {
     "SourceChanged", "Transport", "VBRemoteError", "WriteResult",
     "PROTECTED_LABEL", "Decision", "Guards", "KeepLabels", "KeepRules", "PlanEntry", "PruneError",
     "PruneRefused", "PrunePlan", "PruneResult", "Pruner", "RetentionPolicy", "SettingsFileError",
+    "DiskAttachment", "InvalidVMState", "LockRetry", "MachineState", "MediumInfo", "SnapshotInfo",
+    "SnapshotNotFound", "VMInfo", "VMLocked", "VMNotFound", "VirtualBoxError", "VirtualBoxHost",
+    "VirtualBoxOperationFailed", "VirtualBoxTimeout", "VirtualBoxUnavailable",
 }
 
 
@@ -47,5 +50,6 @@ def test_testing_namespace():
     """vbremote.testing exports its checks and image helpers."""
     assert set(vbremote.testing.__all__) == {
         "MIB", "TransportCheckFailed", "check_transport", "guest_write", "make_vdi", "mixed_content",
-        "qemu_tools_available",
+        "qemu_tools_available", "VIRTUALBOX_PROFILES", "Fault", "GuestWorkload", "SimulatedVBoxError",
+        "SimulatedVirtualBox", "Timing", "VirtualBoxManager",
     }

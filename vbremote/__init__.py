@@ -14,6 +14,7 @@ from ._errors import (
     ConnectionFailed,
     FileNotInArchive,
     IntegrityError,
+    InvalidVMState,
     PassphraseError,
     PassphraseMissing,
     PassphraseWrong,
@@ -24,8 +25,15 @@ from ._errors import (
     RepositoryLocked,
     RepositoryNotFound,
     SettingsFileError,
+    SnapshotNotFound,
     SourceChanged,
     VBRemoteError,
+    VirtualBoxError,
+    VirtualBoxOperationFailed,
+    VirtualBoxTimeout,
+    VirtualBoxUnavailable,
+    VMLocked,
+    VMNotFound,
 )
 from ._models import (
     ArchiveFile,
@@ -35,18 +43,24 @@ from ._models import (
     ChunkRef,
     CompactResult,
     DeleteResult,
+    DiskAttachment,
     FileChunks,
     FileRole,
     FileSpec,
+    MachineState,
+    MediumInfo,
     Progress,
+    SnapshotInfo,
     SnapshotMetadata,
     SnapshotMode,
+    VMInfo,
     WriteResult,
 )
 from ._pruner import PROTECTED_LABEL, Guards, PlanEntry, PrunePlan, Pruner, PruneResult
 from ._repository import DEFAULT_BLOCK_SIZE, DEFAULT_ENCRYPTION, ENCRYPTION_MODES, Passphrase, Repository
 from ._retention import Decision, KeepLabels, KeepRules, RetentionPolicy
 from ._transports import CommandTransport, LocalTransport, SSHTransport, Transport
+from ._vbox import LockRetry, VirtualBoxHost
 
 __version__ = "0.1.0.dev0"
 
@@ -68,6 +82,7 @@ __all__ = [
     "DEFAULT_ENCRYPTION",
     "Decision",
     "DeleteResult",
+    "DiskAttachment",
     "ENCRYPTION_MODES",
     "FileChunks",
     "FileNotInArchive",
@@ -75,9 +90,13 @@ __all__ = [
     "FileSpec",
     "Guards",
     "IntegrityError",
+    "InvalidVMState",
     "KeepLabels",
     "KeepRules",
     "LocalTransport",
+    "LockRetry",
+    "MachineState",
+    "MediumInfo",
     "PROTECTED_LABEL",
     "Passphrase",
     "PassphraseError",
@@ -98,10 +117,20 @@ __all__ = [
     "RetentionPolicy",
     "SSHTransport",
     "SettingsFileError",
+    "SnapshotInfo",
     "SnapshotMetadata",
     "SnapshotMode",
+    "SnapshotNotFound",
     "SourceChanged",
     "Transport",
     "VBRemoteError",
+    "VMInfo",
+    "VMLocked",
+    "VMNotFound",
+    "VirtualBoxError",
+    "VirtualBoxHost",
+    "VirtualBoxOperationFailed",
+    "VirtualBoxTimeout",
+    "VirtualBoxUnavailable",
     "WriteResult",
 ]

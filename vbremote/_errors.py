@@ -23,7 +23,15 @@ adapter boundary and raised ``from`` the original, so callers catch one tree::
     │   └── BorgError                              any other failure reported by borg
     ├── PruneError                                 pruning
     │   └── PruneRefused                           a guard (or an append-only repository) said no
-    └── SettingsFileError (also ValueError)        a .vbox file that is malformed, hostile or unexpected
+    ├── SettingsFileError (also ValueError)        a .vbox file that is malformed, hostile or unexpected
+    └── VirtualBoxError                            anything VirtualBox refused or failed
+        ├── VirtualBoxUnavailable                  vboxapi is not installed or the service is not running
+        ├── VMNotFound                             no registered VM of that name or uuid
+        ├── SnapshotNotFound
+        ├── InvalidVMState                         the VM's state does not allow the operation
+        ├── VMLocked                               another session held the VM through every retry
+        ├── VirtualBoxTimeout                      an operation did not finish in time
+        └── VirtualBoxOperationFailed              VirtualBox reported a failure (its text and result code)
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ __all__ = [
     "ConnectionFailed",
     "FileNotInArchive",
     "IntegrityError",
+    "InvalidVMState",
     "PassphraseError",
     "PassphraseMissing",
     "PassphraseWrong",
@@ -47,8 +56,15 @@ __all__ = [
     "RepositoryLocked",
     "RepositoryNotFound",
     "SettingsFileError",
+    "SnapshotNotFound",
     "SourceChanged",
     "VBRemoteError",
+    "VMLocked",
+    "VMNotFound",
+    "VirtualBoxError",
+    "VirtualBoxOperationFailed",
+    "VirtualBoxTimeout",
+    "VirtualBoxUnavailable",
 ]
 
 
@@ -189,3 +205,57 @@ class PruneRefused(PruneError):
 
 class SettingsFileError(VBRemoteError, ValueError):
     """A VirtualBox settings file is malformed, hostile (entities, huge), or not in the expected state."""
+
+
+class VirtualBoxError(VBRemoteError):
+    """VirtualBox refused or failed an operation.
+
+    Attributes:
+        vm: The VM (name or uuid) concerned, where there is one.
+        result_code: VirtualBox's COM result code (unsigned, e.g. ``0x80BB0002``), where there is one.
+        text: VirtualBox's own message, where there is one.
+    """
+
+    def __init__(self, message: str, *, vm: str = "", result_code: int | None = None, text: str = "") -> None:
+        super().__init__(message)
+        self.vm = vm
+        self.result_code = result_code
+        self.text = text
+
+
+class VirtualBoxUnavailable(VirtualBoxError):
+    """VirtualBox's Python bindings (vboxapi) are not importable, or the VirtualBox service is not reachable."""
+
+
+class VMNotFound(VirtualBoxError):
+    """No registered VM has that name or uuid."""
+
+
+class SnapshotNotFound(VirtualBoxError):
+    """The VM has no snapshot of that name or uuid."""
+
+
+class InvalidVMState(VirtualBoxError):
+    """The VM's state does not allow the operation (e.g. restoring a snapshot of a running VM).
+
+    Attributes:
+        state: The VM's state when the operation was refused, where known.
+    """
+
+    def __init__(
+        self, message: str, *, vm: str = "", result_code: int | None = None, text: str = "", state: object = None
+    ) -> None:
+        super().__init__(message, vm=vm, result_code=result_code, text=text)
+        self.state = state
+
+
+class VMLocked(VirtualBoxError):
+    """Another session held the VM's lock through every retry."""
+
+
+class VirtualBoxTimeout(VirtualBoxError):
+    """A VirtualBox operation did not finish in the time given (a cancelable one was canceled)."""
+
+
+class VirtualBoxOperationFailed(VirtualBoxError):
+    """VirtualBox reported a failure; ``text`` and ``result_code`` carry its words."""

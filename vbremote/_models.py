@@ -25,9 +25,14 @@ __all__ = [
     "FileChunks",
     "FileRole",
     "FileSpec",
+    "MachineState",
+    "MediumInfo",
     "Progress",
     "SnapshotMetadata",
+    "SnapshotInfo",
     "SnapshotMode",
+    "VMInfo",
+    "DiskAttachment",
     "WriteResult",
 ]
 
@@ -415,3 +420,204 @@ class CheckResult:
 
     ok: bool
     problems: tuple[str, ...]
+
+
+class MachineState(enum.Enum):
+    """A VM's state, by VirtualBox's name for it (``MachineState_<name>``).
+
+    The adapter maps VirtualBox's numbers through the connected manager's
+    constants, which differ between 6.1 and 7.x; ``UNKNOWN`` is a value this
+    version of vbremote does not know.
+    """
+
+    NULL = "Null"
+    POWERED_OFF = "PoweredOff"
+    SAVED = "Saved"
+    TELEPORTED = "Teleported"
+    ABORTED = "Aborted"
+    ABORTED_SAVED = "AbortedSaved"
+    RUNNING = "Running"
+    PAUSED = "Paused"
+    STUCK = "Stuck"
+    TELEPORTING = "Teleporting"
+    LIVE_SNAPSHOTTING = "LiveSnapshotting"
+    STARTING = "Starting"
+    STOPPING = "Stopping"
+    SAVING = "Saving"
+    RESTORING = "Restoring"
+    TELEPORTING_PAUSED_VM = "TeleportingPausedVM"
+    TELEPORTING_IN = "TeleportingIn"
+    FAULT_TOLERANT_SYNCING = "FaultTolerantSyncing"
+    DELETING_SNAPSHOT_ONLINE = "DeletingSnapshotOnline"
+    DELETING_SNAPSHOT_PAUSED = "DeletingSnapshotPaused"
+    ONLINE_SNAPSHOTTING = "OnlineSnapshotting"
+    RESTORING_SNAPSHOT = "RestoringSnapshot"
+    DELETING_SNAPSHOT = "DeletingSnapshot"
+    SETTING_UP = "SettingUp"
+    SNAPSHOTTING = "Snapshotting"
+    UNKNOWN = "Unknown"
+
+    @property
+    def is_running(self) -> bool:
+        """Running or Paused: a guest is there (an online snapshot is possible)."""
+        return self in (MachineState.RUNNING, MachineState.PAUSED)
+
+    @property
+    def is_off(self) -> bool:
+        """No VM process: powered off, saved, aborted or teleported."""
+        return self in (
+            MachineState.POWERED_OFF,
+            MachineState.SAVED,
+            MachineState.TELEPORTED,
+            MachineState.ABORTED,
+            MachineState.ABORTED_SAVED,
+        )
+
+    @property
+    def is_saved(self) -> bool:
+        """A saved-state file holds the guest's RAM (Saved, AbortedSaved)."""
+        return self in (MachineState.SAVED, MachineState.ABORTED_SAVED)
+
+
+@frozen
+class MediumInfo:
+    """A disk image, as VirtualBox registers it.
+
+    Attributes:
+        uuid: The medium's uuid.
+        location: Its file's absolute path.
+        format: ``VDI``, ``VMDK`` …
+        logical_size: The guest-visible size in bytes.
+        parent: The parent's uuid (a differencing image), or ``None`` (a base).
+    """
+
+    uuid: str
+    location: Path
+    format: str
+    logical_size: int
+    parent: str | None
+
+
+@frozen
+class DiskAttachment:
+    """A drive attached to a storage controller, with its medium's whole chain.
+
+    Attributes:
+        controller: The controller's name.
+        port: The port.
+        device: The device on the port.
+        type: ``"HardDisk"``, ``"DVD"`` or ``"Floppy"``.
+        chain: The attached medium and its parents, base first (empty for an empty drive).
+    """
+
+    controller: str
+    port: int
+    device: int
+    type: str
+    chain: tuple[MediumInfo, ...]
+
+    @property
+    def medium(self) -> MediumInfo | None:
+        """The attached medium (the chain's last), or ``None``."""
+        return self.chain[-1] if self.chain else None
+
+    @property
+    def base(self) -> MediumInfo | None:
+        """The chain's base medium, or ``None``."""
+        return self.chain[0] if self.chain else None
+
+
+@frozen
+class SnapshotInfo:
+    """A VirtualBox snapshot in a VM's snapshot tree.
+
+    Attributes:
+        uuid: The snapshot's uuid.
+        name: Its name.
+        description: Its description.
+        taken: When it was taken (UTC).
+        online: Whether it holds a saved state (taken from a running or saved VM).
+        state_file: Its saved-state file, or ``None``.
+        attachments: The drives of the machine at the snapshot, with their frozen media.
+        parent: The parent snapshot's uuid, or ``None``.
+        children: The snapshots taken on top of it.
+    """
+
+    uuid: str
+    name: str
+    description: str
+    taken: datetime
+    online: bool
+    state_file: Path | None
+    attachments: tuple[DiskAttachment, ...]
+    parent: str | None
+    children: tuple[SnapshotInfo, ...]
+
+    def walk(self) -> tuple[SnapshotInfo, ...]:
+        """This snapshot and every one below it, depth first."""
+        out = [self]
+        for child in self.children:
+            out.extend(child.walk())
+        return tuple(out)
+
+
+@frozen
+class VMInfo:
+    """What vbremote knows about a registered VM, read in one go.
+
+    Attributes:
+        uuid: The VM's uuid.
+        name: Its name.
+        state: Its state.
+        settings_file: The ``.vbox`` file.
+        snapshot_folder: Where VirtualBox puts differencing images and saved states.
+        state_file: The saved-state file (Saved VMs), or ``None``.
+        nvram_file: The NVRAM file VirtualBox names for the VM, or ``None``.
+        cpu_portability_level: The CPUID portability level (0: all host features).
+        attachments: The drives of the current state.
+        snapshot_tree: The root of the snapshot tree, or ``None``.
+        current_snapshot: The current snapshot's uuid, or ``None``.
+        locked: Whether a session holds (or is releasing) the VM's lock.
+    """
+
+    uuid: str
+    name: str
+    state: MachineState
+    settings_file: Path
+    snapshot_folder: Path
+    state_file: Path | None
+    nvram_file: Path | None
+    cpu_portability_level: int
+    attachments: tuple[DiskAttachment, ...]
+    snapshot_tree: SnapshotInfo | None
+    current_snapshot: str | None
+    locked: bool
+
+    @property
+    def folder(self) -> Path:
+        """The VM folder (the settings file's folder)."""
+        return self.settings_file.parent
+
+    @property
+    def disks(self) -> tuple[DiskAttachment, ...]:
+        """The hard disks of the current state."""
+        return tuple(a for a in self.attachments if a.type == "HardDisk")
+
+    def snapshots(self) -> tuple[SnapshotInfo, ...]:
+        """Every snapshot, depth first."""
+        return self.snapshot_tree.walk() if self.snapshot_tree else ()
+
+    def snapshot(self, name_or_uuid: str) -> SnapshotInfo:
+        """The snapshot with this uuid, or else the first with this name.
+
+        Raises:
+            KeyError: None has it.
+        """
+        everything = self.snapshots()
+        for snapshot in everything:
+            if snapshot.uuid == name_or_uuid.strip("{}").lower():
+                return snapshot
+        for snapshot in everything:
+            if snapshot.name == name_or_uuid:
+                return snapshot
+        raise KeyError(name_or_uuid)

@@ -492,6 +492,16 @@ class SimulatedVirtualBox:
             image = self._image(machine, attachment.medium)
             return image.read(0, image.size)
 
+    def disk_matches_guest(self, vm: str, disk: int = 0) -> bool:
+        """Whether the disk reads back exactly what the guest wrote, checked at one instant.
+
+        (:meth:`guest_content` and :meth:`disk_content` each hold for their
+        own instant only, while the guest writes.)
+        """
+        machine = self.machine(vm)
+        with machine.disk_lock:
+            return self.disk_content(vm, disk) == self.guest_content(vm, disk)
+
     def read_image(self, path: str | os.PathLike[str]) -> bytes:
         """The guest content of one image file of a registered VM, read through its parents."""
         wanted = Path(path).resolve()
