@@ -334,9 +334,16 @@ class VirtualBoxHost:
         if not isinstance(level, int) or not 0 <= level <= 3:
             raise ConfigurationError(f"the CPU portability level is 0 to 3, not {level!r}")
         key = _key(vm)
-        with self._translated(vm=key), self._session(vm, "Write") as session:
-            session.machine.CPUIDPortabilityLevel = level
-            session.machine.saveSettings()
+        with self._translated(vm=key):
+            # A running VM's process holds the write lock: say why at once
+            # rather than retrying the lock until the budget runs out.
+            state = self._state(self._find(vm).state)
+            if state.is_running:
+                raise InvalidVMState(f"{key} is {state.value}: power it off to change its CPU settings", vm=key,
+                                     state=state)
+            with self._session(vm, "Write") as session:
+                session.machine.CPUIDPortabilityLevel = level
+                session.machine.saveSettings()
 
     def unregister(self, vm: str | VMInfo) -> Path:
         """Unregister a VM (with its snapshots); its files stay. Returns its settings file.

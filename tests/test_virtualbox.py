@@ -1,0 +1,251 @@
+"""VirtualBoxHost's behaviour: one suite, run on every simulator profile and, unchanged, on real VirtualBox.
+
+The real run needs vboxapi and a disposable powered-off VM named by the
+VBREMOTE_TEST_VM environment variable (its snapshots are taken and deleted,
+it is started and powered off); elsewhere it is skipped with the reason.
+Scenes are set with the adapter's own calls only, so the same code runs on both.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import vbremote
+from vbremote.testing import MIB, VIRTUALBOX_PROFILES, SimulatedVirtualBox, Timing
+
+TARGETS = [*VIRTUALBOX_PROFILES, pytest.param("real", marks=pytest.mark.vbox)]
+
+
+class Scene:
+    """A host and one VM to work on, powered off at the start."""
+
+    def __init__(self, host: vbremote.VirtualBoxHost, vm: str, sim: SimulatedVirtualBox | None) -> None:
+        self.host = host
+        self.vm = vm
+        self.sim = sim
+
+    def running(self) -> None:
+        if not self.host.state(self.vm).is_running:
+            self.host.start(self.vm)
+
+    def reset(self) -> None:
+        """Power off and delete every snapshot (for the real VM after a test)."""
+        if self.host.state(self.vm).is_running:
+            self.host.power_off(self.vm)
+        for snapshot in reversed(self.host.vm(self.vm).snapshots()):
+            self.host.delete_snapshot(self.vm, snapshot.uuid)
+
+
+@pytest.fixture(params=TARGETS)
+def scene(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Scene]:
+    if request.param == "real":
+        try:
+            import vboxapi  # type: ignore[import-not-found]  # noqa: F401
+        except ImportError:
+            pytest.skip("vboxapi is not importable: real VirtualBox is not installed here")
+        name = os.environ.get("VBREMOTE_TEST_VM")
+        if not name:
+            pytest.skip("set VBREMOTE_TEST_VM to a disposable powered-off VM to run against real VirtualBox")
+        host = vbremote.VirtualBoxHost.connect()
+        real = Scene(host, name, None)
+        yield real
+        real.reset()
+        return
+    with SimulatedVirtualBox(tmp_path / "vbox", version=request.param, timing=Timing(unlock_delay=0.2)) as sim:
+        sim.create_vm("dev", disk_size=8 * MIB, disks=2, firmware="EFI",
+                      external_disk_folder=tmp_path / "elsewhere")
+        yield Scene(vbremote.VirtualBoxHost.connect(manager=sim.manager()), "dev", sim)
+
+
+class TestReading:
+    def test_find_by_name_and_uuid(self, scene: Scene):
+        """A VM is found by name and by uuid, and appears in the list of VMs."""
+        by_name = scene.host.vm(scene.vm)
+        assert scene.host.vm(by_name.uuid) == by_name
+        assert by_name.uuid in {vm.uuid for vm in scene.host.vms()}
+        assert by_name.state is vbremote.MachineState.POWERED_OFF
+
+    def test_unknown_vm(self, scene: Scene):
+        """An unknown name raises VMNotFound naming it."""
+        with pytest.raises(vbremote.VMNotFound) as info:
+            scene.host.vm("no-such-vm-here")
+        assert info.value.vm == "no-such-vm-here"
+
+    def test_files_and_disks(self, scene: Scene):
+        """The settings file, snapshot folder and each disk's base medium are real paths."""
+        vm = scene.host.vm(scene.vm)
+        assert vm.settings_file.is_file()
+        assert vm.snapshot_folder.parent == vm.folder or vm.snapshot_folder.is_absolute()
+        assert vm.disks
+        for disk in vm.disks:
+            assert disk.base is not None
+            assert disk.base.parent is None
+            assert disk.base.location.is_file()
+            assert disk.base.logical_size > 0
+
+    def test_version(self, scene: Scene):
+        """The version is VirtualBox's dotted version."""
+        assert scene.host.version.count(".") >= 2
+
+
+class TestSnapshots:
+    def test_offline_snapshot_and_delete(self, scene: Scene):
+        """An offline snapshot adds a differencing image on each disk; deleting it merges back to the base."""
+        before = scene.host.vm(scene.vm)
+        snapshot = scene.host.take_snapshot(scene.vm, "vbremote-test", description="offline")
+        assert not snapshot.online
+        assert snapshot.state_file is None
+        after = scene.host.vm(scene.vm)
+        assert after.current_snapshot == snapshot.uuid
+        assert after.state is vbremote.MachineState.POWERED_OFF
+        for old, new in zip(before.disks, after.disks, strict=True):
+            assert new.chain[:-1] == old.chain
+            assert new.medium is not None
+            assert new.medium.location.is_file()
+        frozen = {a.medium.uuid for a in snapshot.attachments if a.medium is not None and a.type == "HardDisk"}
+        assert frozen == {d.medium.uuid for d in before.disks if d.medium is not None}
+        scene.host.delete_snapshot(scene.vm, snapshot.uuid)
+        final = scene.host.vm(scene.vm)
+        assert final.snapshot_tree is None
+        assert final.current_snapshot is None
+        assert [d.chain for d in final.disks] == [d.chain for d in before.disks]
+
+    def test_live_snapshot_keeps_the_vm_running(self, scene: Scene):
+        """A live snapshot of a running VM saves its state; the VM runs on, and on after the online delete."""
+        scene.running()
+        events: list[vbremote.Progress] = []
+        snapshot = scene.host.take_snapshot(scene.vm, "vbremote-live", on_progress=events.append)
+        assert snapshot.online
+        assert snapshot.state_file is not None
+        assert snapshot.state_file.is_file()
+        assert scene.host.state(scene.vm) is vbremote.MachineState.RUNNING
+        scene.host.delete_snapshot(scene.vm, snapshot.uuid)
+        assert scene.host.state(scene.vm) is vbremote.MachineState.RUNNING
+        assert not snapshot.state_file.exists()
+        assert all(e.total == 100 and 0 <= e.done <= 100 for e in events)
+
+    def test_nested_snapshots_delete_the_middle(self, scene: Scene):
+        """Deleting a middle snapshot re-parents its child and keeps the current state."""
+        first = scene.host.take_snapshot(scene.vm, "one")
+        second = scene.host.take_snapshot(scene.vm, "two")
+        third = scene.host.take_snapshot(scene.vm, "three")
+        scene.host.delete_snapshot(scene.vm, second.uuid)
+        vm = scene.host.vm(scene.vm)
+        assert [s.name for s in vm.snapshots()] == ["one", "three"]
+        assert vm.snapshot(third.uuid).parent == first.uuid
+        assert vm.current_snapshot == third.uuid
+        for snapshot in (third, first):
+            scene.host.delete_snapshot(scene.vm, snapshot.uuid)
+        assert scene.host.vm(scene.vm).snapshot_tree is None
+
+    def test_unknown_snapshot(self, scene: Scene):
+        """Deleting a snapshot that does not exist raises SnapshotNotFound and changes nothing."""
+        with pytest.raises(vbremote.SnapshotNotFound):
+            scene.host.delete_snapshot(scene.vm, "no-such-snapshot")
+        assert scene.host.vm(scene.vm).snapshot_tree is None
+
+    def test_restore(self, scene: Scene):
+        """Restoring an offline snapshot makes it current again, PoweredOff, with a fresh differencing image."""
+        snapshot = scene.host.take_snapshot(scene.vm, "base")
+        scene.host.take_snapshot(scene.vm, "later")
+        scene.host.restore_snapshot(scene.vm, snapshot.uuid)
+        vm = scene.host.vm(scene.vm)
+        assert vm.current_snapshot == snapshot.uuid
+        assert vm.state is vbremote.MachineState.POWERED_OFF
+        frozen = {a.medium.uuid for a in snapshot.attachments if a.type == "HardDisk" and a.medium}
+        assert {d.chain[-2].uuid for d in vm.disks} == frozen
+
+    def test_restore_refused_while_running(self, scene: Scene):
+        """Restoring while the VM runs raises InvalidVMState and leaves the VM running."""
+        snapshot = scene.host.take_snapshot(scene.vm, "base")
+        scene.running()
+        with pytest.raises(vbremote.InvalidVMState):
+            scene.host.restore_snapshot(scene.vm, snapshot.uuid)
+        assert scene.host.state(scene.vm) is vbremote.MachineState.RUNNING
+
+
+class TestStates:
+    def test_save_state_and_resume(self, scene: Scene):
+        """Save state leaves the VM Saved with a state file; starting resumes it."""
+        scene.running()
+        scene.host.save_state(scene.vm)
+        vm = scene.host.vm(scene.vm)
+        assert vm.state is vbremote.MachineState.SAVED
+        assert vm.state_file is not None
+        assert vm.state_file.is_file()
+        scene.host.start(scene.vm)
+        assert scene.host.state(scene.vm) is vbremote.MachineState.RUNNING
+
+    def test_power_off_refused_when_off(self, scene: Scene):
+        """Powering off a VM that is off raises InvalidVMState."""
+        with pytest.raises(vbremote.InvalidVMState):
+            scene.host.power_off(scene.vm)
+
+    def test_lock_retried_after_power_off(self, scene: Scene):
+        """A write lock right after power-off waits out the 'being unlocked' window instead of failing."""
+        scene.running()
+        scene.host.power_off(scene.vm)
+        scene.host.set_cpu_portability_level(scene.vm, 1)
+        assert scene.host.vm(scene.vm).cpu_portability_level == 1
+
+    def test_cpu_portability_level(self, scene: Scene):
+        """The level is saved; a bad level is refused before VirtualBox is asked; a running VM refuses."""
+        scene.host.set_cpu_portability_level(scene.vm, 3)
+        assert scene.host.vm(scene.vm).cpu_portability_level == 3
+        with pytest.raises(vbremote.ConfigurationError):
+            scene.host.set_cpu_portability_level(scene.vm, 4)
+        scene.running()
+        with pytest.raises(vbremote.InvalidVMState):
+            scene.host.set_cpu_portability_level(scene.vm, 0)
+        assert scene.host.vm(scene.vm).cpu_portability_level == 3
+
+    def test_unregister_and_register(self, scene: Scene):
+        """Unregistering keeps the files; registering the settings file brings the same VM back."""
+        before = scene.host.vm(scene.vm)
+        settings = scene.host.unregister(scene.vm)
+        assert settings.is_file()
+        with pytest.raises(vbremote.VMNotFound):
+            scene.host.vm(before.uuid)
+        again = scene.host.register(settings)
+        assert (again.uuid, again.name, again.disks) == (before.uuid, before.name, before.disks)
+        with pytest.raises(vbremote.VirtualBoxOperationFailed):
+            scene.host.register(settings)
+
+    def test_unregister_refused_while_running(self, scene: Scene):
+        """A running VM is not unregistered."""
+        scene.running()
+        with pytest.raises(vbremote.InvalidVMState):
+            scene.host.unregister(scene.vm)
+        assert scene.host.state(scene.vm) is vbremote.MachineState.RUNNING
+
+
+def test_connect_without_vboxapi():
+    """Without vboxapi, connect() says what to install."""
+    try:
+        import vboxapi  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        with pytest.raises(vbremote.VirtualBoxUnavailable, match="vboxapi"):
+            vbremote.VirtualBoxHost.connect()
+    else:
+        pytest.skip("vboxapi is installed here")
+
+
+def test_lock_retry_gives_up(tmp_path: Path):
+    """When the lock stays taken longer than the retry budget, VMLocked is raised and nothing changes."""
+    with SimulatedVirtualBox(tmp_path / "vbox", timing=Timing(unlock_delay=5.0)) as sim:
+        sim.create_vm("dev", disk_size=4 * MIB)
+        host = vbremote.VirtualBoxHost.connect(manager=sim.manager(),
+                                               lock_retry=vbremote.LockRetry(total=0.3, first=0.05))
+        host.start("dev")
+        host.power_off("dev")
+        started = time.monotonic()
+        with pytest.raises(vbremote.VMLocked) as info:
+            host.set_cpu_portability_level("dev", 2)
+        assert time.monotonic() - started < 2.0
+        assert info.value.result_code == 0x80BB0007
+        assert host.vm("dev").cpu_portability_level == 0
