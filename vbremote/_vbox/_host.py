@@ -225,7 +225,9 @@ class VirtualBoxHost:
         with self._translated(vm=key), self._session(vm, "Shared") as session:
             progress, snapshot_id = session.machine.takeSnapshot(name, description, bool(pause))
             self._wait(progress, "take snapshot", key, timeout, on_progress)
-            snapshot = session.machine.findSnapshot(str(snapshot_id))
+            # Read it through a fresh machine object: the session ends with the
+            # VM process should the VM die right after the snapshot.
+            snapshot = self._find(vm).findSnapshot(str(snapshot_id))
             return self._snapshot_info(snapshot, parent=_uuid(snapshot.parent), recurse=False)
 
     def delete_snapshot(

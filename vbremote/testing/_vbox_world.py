@@ -1254,7 +1254,8 @@ class SimulatedVirtualBox:
             assert isinstance(medium, Medium)
             location = Path(medium.location)
             path = location if location.is_absolute() else folder / location
-            size = VDI.open(path, parent=machine.images.get(parent) if parent else None).size if path.exists() else 0
+            # A differencing image has its base's size; a missing base reads as size 0 (inaccessible).
+            size = machine.media[parent].size if parent else (VDI.open(path).size if path.exists() else 0)
             machine.media[medium.uuid] = _Medium(medium.uuid, path, parent, size)
             if parent:
                 machine.media[parent].children.append(medium.uuid)
@@ -1263,7 +1264,6 @@ class SimulatedVirtualBox:
 
         for medium in parsed.media:
             add(medium, None)
-        machine.images.clear()
         machine.attachments = [_Attachment(a.controller, a.port, a.device, a.type, a.medium)
                                for a in parsed.attachments]
         descriptions = {_bare(s.get("uuid", "")): (s.findtext(_N + "Description") or "")

@@ -1,0 +1,322 @@
+"""The simulated VirtualBox: its vboxapi surface, its files, its guest, and injected faults."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import vbremote
+from vbremote._settings import freeze_instant, parse_settings
+from vbremote.testing import (
+    MIB,
+    VIRTUALBOX_PROFILES,
+    Fault,
+    GuestWorkload,
+    SimulatedVBoxError,
+    SimulatedVirtualBox,
+    Timing,
+)
+
+qemu = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed (qemu-utils)")
+
+
+@pytest.fixture(params=VIRTUALBOX_PROFILES)
+def sim(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SimulatedVirtualBox]:
+    with SimulatedVirtualBox(tmp_path / "vbox", version=request.param, timing=Timing(unlock_delay=0.1)) as simulator:
+        simulator.create_vm("dev", disk_size=8 * MIB)
+        yield simulator
+
+
+@pytest.fixture
+def sim71(tmp_path: Path) -> Iterator[SimulatedVirtualBox]:
+    with SimulatedVirtualBox(tmp_path / "vbox", timing=Timing(unlock_delay=0.1)) as simulator:
+        simulator.create_vm("dev", disk_size=8 * MIB)
+        yield simulator
+
+
+def host_of(sim: SimulatedVirtualBox) -> vbremote.VirtualBoxHost:
+    return vbremote.VirtualBoxHost.connect(manager=sim.manager())
+
+
+class TestSurface:
+    def test_machine_state_values_per_profile(self, sim: SimulatedVirtualBox):
+        """MachineState_Running is 5 on 6.1 and 6 from 7.0 on (AbortedSaved came in between)."""
+        constants = sim.manager().constants
+        if sim.profile == "6.1":
+            assert constants.MachineState_Running == 5
+            assert not hasattr(constants, "MachineState_AbortedSaved")
+        else:
+            assert constants.MachineState_Running == 6
+            assert constants.MachineState_AbortedSaved == 5
+        assert constants.all_values("LockType") == {"Null": 0, "Shared": 1, "Write": 2, "VM": 3}
+
+    def test_attribute_and_getter_access(self, sim71: SimulatedVirtualBox):
+        """Attributes read as obj.name and obj.getName(); arrays through mgr.getArray."""
+        mgr = sim71.manager()
+        machine = mgr.getVirtualBox().findMachine("dev")
+        assert machine.getName() == machine.name == "dev"
+        assert machine.getCPUIDPortabilityLevel() == 0
+        assert len(mgr.getArray(machine, "mediumAttachments")) == 2
+
+    def test_errors_carry_signed_result_codes(self, sim71: SimulatedVirtualBox):
+        """A COM error's errno is the signed 32-bit code; xcptIsEqual matches the unsigned one."""
+        mgr = sim71.manager()
+        with pytest.raises(SimulatedVBoxError) as info:
+            mgr.getVirtualBox().findMachine("nope")
+        assert info.value.errno == 0x80BB0001 - (1 << 32)
+        assert mgr.xcptIsOurXcptKind(info.value)
+        assert mgr.xcptIsEqual(info.value, 0x80BB0001)
+        assert mgr.xcptToString(info.value) == "VBOX_E_OBJECT_NOT_FOUND"
+
+    def test_read_only_machine_refuses_changes(self, sim71: SimulatedVirtualBox):
+        """The machine from findMachine refuses snapshots (E_NOTIMPL) and setters (not mutable)."""
+        mgr = sim71.manager()
+        machine = mgr.getVirtualBox().findMachine("dev")
+        with pytest.raises(SimulatedVBoxError) as info:
+            machine.takeSnapshot("x", "", False)
+        assert mgr.xcptIsEqual(info.value, 0x80004001)
+        with pytest.raises(SimulatedVBoxError) as info:
+            machine.CPUIDPortabilityLevel = 2
+        assert mgr.xcptIsEqual(info.value, 0x80BB0002)
+
+    def test_session_lock_types(self, sim71: SimulatedVirtualBox):
+        """Shared on an unlocked VM gets the write lock; a second write lock is refused; unlock twice is refused."""
+        mgr = sim71.manager()
+        vbox = mgr.getVirtualBox()
+        machine = vbox.findMachine("dev")
+        first, second = mgr.getSessionObject(vbox), mgr.getSessionObject(vbox)
+        machine.lockMachine(first, mgr.constants.LockType_Shared)
+        assert first.type == mgr.constants.SessionType_WriteLock
+        with pytest.raises(SimulatedVBoxError) as info:
+            machine.lockMachine(second, mgr.constants.LockType_Write)
+        assert mgr.xcptIsEqual(info.value, 0x80BB0007)
+        first.unlockMachine()
+        with pytest.raises(SimulatedVBoxError) as info:
+            first.unlockMachine()
+        assert mgr.xcptIsEqual(info.value, 0x80BB000B)
+
+    def test_unsaved_changes_are_discarded_on_unlock(self, sim71: SimulatedVirtualBox):
+        """A setting changed without saveSettings is gone after unlockMachine, as on VirtualBox."""
+        mgr = sim71.manager()
+        vbox = mgr.getVirtualBox()
+        session = mgr.getSessionObject(vbox)
+        vbox.findMachine("dev").lockMachine(session, mgr.constants.LockType_Write)
+        session.machine.CPUIDPortabilityLevel = 3
+        assert session.machine.CPUIDPortabilityLevel == 3
+        session.unlockMachine()
+        assert vbox.findMachine("dev").CPUIDPortabilityLevel == 0
+
+    def test_open_machine_arity(self, sim: SimulatedVirtualBox):
+        """openMachine takes a password argument from 7.0 on; the adapter handles both."""
+        vbox = sim.manager().getVirtualBox()
+        path = vbox.findMachine("dev").settingsFilePath
+        if sim.profile == "6.1":
+            with pytest.raises(TypeError):
+                vbox.openMachine(path, "")
+        else:
+            with pytest.raises(TypeError):
+                vbox.openMachine(path)
+
+    def test_paused_vm_snapshot_state(self, sim: SimulatedVirtualBox):
+        """From Paused, a snapshot without pausing is live on 6.1 and online (not live) on 7.x."""
+        mgr = sim.manager()
+        vbox = mgr.getVirtualBox()
+        sim.start("dev")
+        session = mgr.getSessionObject(vbox)
+        vbox.findMachine("dev").lockMachine(session, mgr.constants.LockType_Shared)
+        try:
+            session.console.pause()
+            sim.inject("dev", Fault.HANG)
+            progress, _ = session.machine.takeSnapshot("p", "", False)
+            expected = "LiveSnapshotting" if sim.profile == "6.1" else "OnlineSnapshotting"
+            assert session.machine.state == getattr(mgr.constants, f"MachineState_{expected}")
+            progress.cancel()
+            progress.waitForCompletion(5000)
+            assert progress.completed
+            assert progress.canceled
+            assert session.machine.state == mgr.constants.MachineState_Paused
+            assert session.machine.snapshotCount == 0
+        finally:
+            session.unlockMachine()
+
+    def test_progress_wait_slices(self, sim71: SimulatedVirtualBox):
+        """waitForCompletion returns at its timeout while the work goes on; a merge cannot be canceled."""
+        host = host_of(sim71)
+        snapshot = host.take_snapshot("dev", "s")
+        mgr = sim71.manager()
+        vbox = mgr.getVirtualBox()
+        session = mgr.getSessionObject(vbox)
+        vbox.findMachine("dev").lockMachine(session, mgr.constants.LockType_Shared)
+        try:
+            sim71.inject("dev", Fault.HANG)
+            progress = session.machine.deleteSnapshot(snapshot.uuid)
+            started = time.monotonic()
+            progress.waitForCompletion(100)
+            assert 0.05 < time.monotonic() - started < 2
+            assert not progress.completed
+            with pytest.raises(SimulatedVBoxError):
+                progress.cancel()
+            with pytest.raises(SimulatedVBoxError):
+                progress.getResultCode()
+        finally:
+            session.unlockMachine()
+
+
+class TestFilesAndGuest:
+    def test_settings_file_kept_current(self, sim: SimulatedVirtualBox):
+        """After each operation the .vbox file on disk says what the API says."""
+        host = host_of(sim)
+        sim.start("dev")
+        first = host.take_snapshot("dev", "one")
+        host.take_snapshot("dev", "two")
+        host.save_state("dev")
+        vm = host.vm("dev")
+        parsed = parse_settings(vm.settings_file.read_bytes())
+        assert parsed.uuid == vm.uuid
+        assert parsed.current_snapshot == vm.current_snapshot
+        assert [s.uuid for s in parsed.snapshots()] == [s.uuid for s in vm.snapshots()]
+        assert vm.state_file is not None
+        assert parsed.state_file == vm.state_file.relative_to(vm.folder).as_posix()
+        disk = vm.disks[0]
+        assert [m.uuid for m in parsed.chain(disk.chain[-1].uuid)] == [m.uuid for m in disk.chain]
+        assert parsed.snapshot is not None
+        assert parsed.snapshot.uuid == first.uuid
+
+    def test_live_snapshot_freezes_while_the_guest_writes(self, tmp_path: Path):
+        """During and after a live snapshot the frozen image does not change; the merge keeps every write."""
+        timing = Timing(snapshot=0.2, merge_block=0.01, unlock_delay=0.1)
+        with SimulatedVirtualBox(tmp_path / "vbox", timing=timing) as sim:
+            sim.create_vm("dev", disk_size=16 * MIB)
+            sim.start("dev", workload=GuestWorkload(rate=500, pattern="hot", seed=3))
+            host = host_of(sim)
+            snapshot = host.take_snapshot("dev", "live")
+            frozen_path = snapshot.attachments[0].chain[-1].location
+            frozen = sim.read_image(frozen_path)
+            writes = sim.guest_writes("dev")
+            time.sleep(0.3)
+            assert sim.guest_writes("dev") > writes
+            assert sim.read_image(frozen_path) == frozen
+            writes = sim.guest_writes("dev")
+            host.delete_snapshot("dev", snapshot.uuid)
+            assert sim.guest_writes("dev") > writes + 5  # the guest wrote during the merge
+            assert sim.disk_matches_guest("dev")
+            assert host.vm("dev").disks[0].chain[0].location == frozen_path
+            assert len(host.vm("dev").disks[0].chain) == 1
+            assert not list((frozen_path.parent / "Snapshots").glob("*.vdi"))
+
+    @qemu
+    def test_qemu_reads_the_base_image(self, sim71: SimulatedVirtualBox, tmp_path: Path):
+        """qemu-img converts the base image to exactly the content the guest sees."""
+        host = host_of(sim71)
+        sim71.start("dev", workload=GuestWorkload(rate=300))
+        time.sleep(0.2)
+        host.power_off("dev")
+        base = host.vm("dev").disks[0].base
+        assert base is not None
+        out = tmp_path / "raw"
+        subprocess.run(["qemu-img", "convert", "-f", "vdi", "-O", "raw", str(base.location), str(out)], check=True)
+        assert out.read_bytes() == sim71.guest_content("dev")
+        check = subprocess.run(["qemu-img", "check", "-f", "vdi", str(base.location)], capture_output=True)
+        assert check.returncode == 0
+
+    def test_restore_discards_the_current_image(self, sim71: SimulatedVirtualBox):
+        """Restoring removes the current differencing image and starts a fresh one from the snapshot."""
+        host = host_of(sim71)
+        snapshot = host.take_snapshot("dev", "s")
+        sim71.start("dev", workload=GuestWorkload(rate=300))
+        time.sleep(0.2)
+        host.power_off("dev")
+        current = host.vm("dev").disks[0].chain[-1].location
+        before = sim71.read_image(snapshot.attachments[0].chain[-1].location)
+        host.restore_snapshot("dev", snapshot.uuid)
+        assert not current.exists()
+        assert sim71.disk_content("dev") == before
+
+    def test_a_new_host_loads_the_registry(self, sim: SimulatedVirtualBox):
+        """A simulator started on the same home finds the VMs, snapshots and an Aborted VM as they were."""
+        host = host_of(sim)
+        snapshot = host.take_snapshot("dev", "kept")
+        sim.start("dev", workload=None)
+        sim.crash("dev")
+        assert host.state("dev") is vbremote.MachineState.ABORTED
+        with SimulatedVirtualBox(sim.home, version=sim.profile) as again:
+            vm = host_of(again).vm("dev")
+            assert vm.state is vbremote.MachineState.ABORTED
+            assert vm.current_snapshot == snapshot.uuid
+            assert vm.disks == host.vm("dev").disks
+
+    def test_frozen_instant_of_a_live_transient_snapshot(self, sim71: SimulatedVirtualBox):
+        """freeze_instant on the simulator's file after a live snapshot: Saved, at the frozen media."""
+        host = host_of(sim71)
+        sim71.start("dev")
+        snapshot = host.take_snapshot("dev", "vbremote-transient")
+        vm = host.vm("dev")
+        frozen = parse_settings(freeze_instant(vm.settings_file.read_bytes(), snapshot.uuid))
+        assert frozen.snapshot is None
+        assert frozen.current_snapshot is None
+        assert snapshot.state_file is not None
+        assert frozen.state_file == snapshot.state_file.relative_to(vm.folder).as_posix()
+        assert [a.medium for a in frozen.attachments if a.type == "HardDisk"] == [
+            a.chain[-1].uuid for a in snapshot.attachments if a.type == "HardDisk"
+        ]
+        assert {m.uuid for m in frozen.all_media()} == {vm.disks[0].base.uuid}  # type: ignore[union-attr]
+
+
+class TestFaults:
+    def test_no_space(self, sim71: SimulatedVirtualBox):
+        """A snapshot that runs out of space fails with VirtualBox's text and leaves nothing behind."""
+        host = host_of(sim71)
+        sim71.start("dev")
+        files = set(host.vm("dev").folder.rglob("*"))
+        sim71.inject("dev", Fault.NO_SPACE)
+        with pytest.raises(vbremote.VirtualBoxOperationFailed) as info:
+            host.take_snapshot("dev", "s")
+        assert info.value.result_code == 0x80BB0004
+        assert "VERR_DISK_FULL" in info.value.text
+        vm = host.vm("dev")
+        assert vm.state is vbremote.MachineState.RUNNING
+        assert vm.snapshot_tree is None
+        assert set(vm.folder.rglob("*")) <= files | {vm.folder / "Logs" / "VBox.log"}
+
+    def test_merge_failure_keeps_everything(self, sim71: SimulatedVirtualBox):
+        """A failed merge raises; the snapshot and the guest's data stay, and a second delete works."""
+        host = host_of(sim71)
+        sim71.start("dev")
+        snapshot = host.take_snapshot("dev", "s")
+        sim71.inject("dev", Fault.MERGE_FAILURE)
+        with pytest.raises(vbremote.VirtualBoxOperationFailed, match="merge"):
+            host.delete_snapshot("dev", snapshot.uuid)
+        assert host.vm("dev").current_snapshot == snapshot.uuid
+        assert host.state("dev") is vbremote.MachineState.RUNNING
+        assert sim71.disk_matches_guest("dev")
+        host.delete_snapshot("dev", snapshot.uuid)
+        assert sim71.disk_matches_guest("dev")
+
+    def test_crash_after_take_leaves_a_stale_snapshot(self, sim71: SimulatedVirtualBox):
+        """The VM dies right after the snapshot: Aborted, the snapshot stays, and can be deleted offline."""
+        host = host_of(sim71)
+        sim71.start("dev")
+        sim71.inject("dev", Fault.VM_CRASH_AFTER_TAKE)
+        snapshot = host.take_snapshot("dev", "vbremote-transient")
+        vm = host.vm("dev")
+        assert vm.state is vbremote.MachineState.ABORTED
+        assert vm.snapshot(snapshot.uuid).name == "vbremote-transient"
+        host.delete_snapshot("dev", snapshot.uuid)
+        assert host.vm("dev").snapshot_tree is None
+        assert sim71.disk_matches_guest("dev")
+
+    def test_timeout_cancels_a_hung_snapshot(self, sim71: SimulatedVirtualBox):
+        """A snapshot that never finishes times out, is canceled, and the VM runs on without it."""
+        host = host_of(sim71)
+        sim71.start("dev")
+        sim71.inject("dev", Fault.HANG)
+        with pytest.raises(vbremote.VirtualBoxTimeout, match="canceled"):
+            host.take_snapshot("dev", "s", timeout=0.3)
+        vm = host.vm("dev")
+        assert vm.state is vbremote.MachineState.RUNNING
+        assert vm.snapshot_tree is None
