@@ -249,3 +249,36 @@ def test_lock_retry_gives_up(tmp_path: Path):
         assert time.monotonic() - started < 2.0
         assert info.value.result_code == 0x80BB0007
         assert host.vm("dev").cpu_portability_level == 0
+
+
+class TestPyvbox:
+    def test_from_pyvbox_reads_7x_states_right(self, tmp_path: Path):
+        """A pyvbox VirtualBox object is unwrapped; vbremote reads a 7.x Running VM as Running where pyvbox cannot."""
+        virtualbox = pytest.importorskip("virtualbox")
+        with SimulatedVirtualBox(tmp_path / "vbox", version="7.1") as sim:
+            sim.create_vm("dev", disk_size=4 * MIB)
+            sim.start("dev", workload=None)
+            manager = sim.manager()
+            wrapped = virtualbox.VirtualBox(interface=manager.getVirtualBox())
+            assert str(wrapped.find_machine("dev").state) == "Paused"  # pyvbox's 6.1 numbering
+            host = vbremote.VirtualBoxHost.from_pyvbox(wrapped, manager=manager)
+            assert host.vm("dev").state is vbremote.MachineState.RUNNING
+
+    def test_from_pyvbox_refuses_other_objects(self):
+        """Something that is not a pyvbox VirtualBox object is refused with ConfigurationError."""
+        with pytest.raises(vbremote.ConfigurationError):
+            vbremote.VirtualBoxHost.from_pyvbox(object())
+
+    def test_from_pyvbox_without_vboxapi(self, tmp_path: Path):
+        """Without a manager and without vboxapi, pyvbox's own manager is unavailable: a clear error."""
+        virtualbox = pytest.importorskip("virtualbox")
+        try:
+            import vboxapi  # type: ignore[import-not-found]  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            pytest.skip("vboxapi is installed here")
+        with SimulatedVirtualBox(tmp_path / "vbox") as sim:
+            wrapped = virtualbox.VirtualBox(interface=sim.manager().getVirtualBox())
+            with pytest.raises(vbremote.VirtualBoxUnavailable):
+                vbremote.VirtualBoxHost.from_pyvbox(wrapped)
