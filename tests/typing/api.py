@@ -46,3 +46,20 @@ def handle() -> None:
         print("bad chunk:", exc.chunk_id)
     except vbremote.VBRemoteError as exc:
         print("failed:", exc)
+
+
+def snapshot_running_vms(manager: object | None = None) -> list[vbremote.SnapshotInfo]:
+    host = vbremote.VirtualBoxHost.connect(manager=manager, lock_retry=vbremote.LockRetry(total=30.0))
+    taken: list[vbremote.SnapshotInfo] = []
+    for vm in host.vms():
+        if not vm.state.is_running:
+            continue
+        disks: list[Path] = [d.base.location for d in vm.disks if d.base is not None]
+        print(vm.name, disks, vm.nvram_file)
+        try:
+            taken.append(host.take_snapshot(vm, "nightly", timeout=60.0))
+        except vbremote.InvalidVMState as exc:
+            print("changed state:", exc.state)
+        except vbremote.VirtualBoxError as exc:
+            print(exc.vm, hex(exc.result_code or 0), exc.text)
+    return taken

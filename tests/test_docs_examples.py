@@ -1,0 +1,22 @@
+"""The code examples in the docs run as printed."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+DOCS = Path(__file__).parent.parent / "docs"
+
+
+def example(page: str, name: str) -> str:
+    text = (DOCS / page).read_text()
+    found = re.search(rf"<!-- example: {re.escape(name)} -->\n```python\n(.*?)```", text, re.S)
+    assert found, f"no example {name!r} in {page}"
+    return found.group(1)
+
+
+def test_live_snapshot_example():
+    """docs/virtualbox.md: a live snapshot on the simulator, frozen image, online merge keeps every write."""
+    code = example("virtualbox.md", "live-snapshot")
+    assert len(code.strip().splitlines()) <= 14
+    exec(compile(code, "docs/virtualbox.md", "exec"), {})
