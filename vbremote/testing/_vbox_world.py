@@ -506,13 +506,15 @@ class SimulatedVirtualBox:
         """The guest content of one image file of a registered VM, read through its parents."""
         wanted = Path(path).resolve()
         with self.lock:
-            for machine in self.machines.values():
-                for medium in machine.media.values():
-                    if medium.path.resolve() == wanted:
-                        with machine.disk_lock:
-                            image = self._image(machine, medium.uuid)
-                            return image.read(0, image.size)
-        raise ConfigurationError(f"{path} is no medium of a registered VM")
+            found = [(m, medium.uuid) for m in self.machines.values() for medium in m.media.values()
+                     if medium.path.resolve() == wanted]
+        if not found:
+            raise ConfigurationError(f"{path} is no medium of a registered VM")
+        # The disk lock is taken before the host lock everywhere else; never the other way round.
+        machine, uuid = found[0]
+        with machine.disk_lock:
+            image = self._image(machine, uuid)
+            return image.read(0, image.size)
 
     # -- faults and state -------------------------------------------------------
 
