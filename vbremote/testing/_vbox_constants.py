@@ -70,22 +70,12 @@ def constants_for(profile: str) -> dict[str, int]:
     if profile not in PROFILES:
         raise ValueError(f"unknown VirtualBox profile {profile!r}; choose one of {', '.join(PROFILES)}")
     values: dict[str, int] = {}
-    if profile == "6.1":
-        values |= _enum("MachineState", _STATES_61)
-        values |= {
-            "MachineState_FirstOnline": 5,
-            "MachineState_LastOnline": 19,
-            "MachineState_FirstTransient": 8,
-            "MachineState_LastTransient": 23,
-        }
-    else:
-        values |= _enum("MachineState", _STATES_70)
-        values |= {
-            "MachineState_FirstOnline": 6,
-            "MachineState_LastOnline": 19,
-            "MachineState_FirstTransient": 9,
-            "MachineState_LastTransient": 23,
-        }
+    states = _enum("MachineState", _STATES_61 if profile == "6.1" else _STATES_70)
+    values |= states
+    # The range markers name the same states in every version; their numbers follow the shift.
+    for marker, state in (("FirstOnline", "Running"), ("LastOnline", "OnlineSnapshotting"),
+                          ("FirstTransient", "Teleporting"), ("LastTransient", "Snapshotting")):
+        values[f"MachineState_{marker}"] = states[f"MachineState_{state}"]
     values |= _enum("SessionState", ["Null", "Unlocked", "Locked", "Spawning", "Unlocking"])
     values |= _enum("SessionType", ["Null", "WriteLock", "Remote", "Shared"])
     values |= _enum("LockType", ["Null", "Shared", "Write", "VM"])

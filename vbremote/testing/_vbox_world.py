@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from attrs import define, field, frozen
 
 from .._errors import ConfigurationError, SettingsFileError
-from .._settings import NS, parse_settings
+from .._settings import NS, Medium, SnapshotNode, _bare, parse_settings
 from ._images import MIB, mixed_content
 from ._vbox_constants import PROFILES, RESULT_CODES, constants_for, signed32
 from ._vdi import VDI, VDI_BLOCK_SIZE
@@ -231,10 +231,6 @@ def _now_iso() -> str:
 def _sav_name() -> str:
     now = dt.datetime.now(dt.UTC)
     return now.strftime("%Y-%m-%dT%H-%M-%S-") + f"{now.microsecond * 1000:09d}Z.sav"
-
-
-def _bare(uuid: str) -> str:
-    return uuid.strip().strip("{}").lower()
 
 
 class _Canceled(Exception):
@@ -1250,10 +1246,7 @@ class SimulatedVirtualBox:
         elif element.get("aborted") == "true":
             machine.state = "Aborted"
 
-        def add(medium: object, parent: str | None) -> None:
-            from .._settings import Medium
-
-            assert isinstance(medium, Medium)
+        def add(medium: Medium, parent: str | None) -> None:
             location = Path(medium.location)
             path = location if location.is_absolute() else folder / location
             # A differencing image has its base's size; a missing base reads as size 0 (inaccessible).
@@ -1271,10 +1264,7 @@ class SimulatedVirtualBox:
         descriptions = {_bare(s.get("uuid", "")): (s.findtext(_N + "Description") or "")
                         for s in element.iter(_N + "Snapshot")}
 
-        def add_snapshot(node: object, parent: str | None) -> None:
-            from .._settings import SnapshotNode
-
-            assert isinstance(node, SnapshotNode)
+        def add_snapshot(node: SnapshotNode, parent: str | None) -> None:
             stamp = dt.datetime.strptime(node.time_stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
             machine.snapshots[node.uuid] = _Snapshot(
                 node.uuid, node.name, descriptions.get(node.uuid, ""), int(stamp.timestamp() * 1000),
