@@ -25,8 +25,11 @@ from ._errors import (
     RepositoryLocked,
     RepositoryNotFound,
     SettingsFileError,
+    SnapshotError,
+    SnapshotInProgress,
     SnapshotNotFound,
     SourceChanged,
+    TransientSnapshotLeft,
     VBRemoteError,
     VirtualBoxError,
     VirtualBoxOperationFailed,
@@ -59,6 +62,13 @@ from ._models import (
 from ._pruner import PROTECTED_LABEL, Guards, PlanEntry, PrunePlan, Pruner, PruneResult
 from ._repository import DEFAULT_BLOCK_SIZE, DEFAULT_ENCRYPTION, ENCRYPTION_MODES, Passphrase, Repository
 from ._retention import Decision, KeepLabels, KeepRules, RetentionPolicy
+from ._snapshotter import (
+    DEFAULT_NAME_TEMPLATE,
+    TRANSIENT_PREFIX,
+    SnapshotResult,
+    SnapshotStats,
+    Snapshotter,
+)
 from ._transports import CommandTransport, LocalTransport, SSHTransport, Transport
 from ._vbox import LockRetry, VirtualBoxHost
 
@@ -80,6 +90,7 @@ __all__ = [
     "ConnectionFailed",
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_ENCRYPTION",
+    "DEFAULT_NAME_TEMPLATE",
     "Decision",
     "DeleteResult",
     "DiskAttachment",
@@ -117,11 +128,18 @@ __all__ = [
     "RetentionPolicy",
     "SSHTransport",
     "SettingsFileError",
+    "SnapshotError",
+    "SnapshotInProgress",
     "SnapshotInfo",
     "SnapshotMetadata",
     "SnapshotMode",
     "SnapshotNotFound",
+    "SnapshotResult",
+    "SnapshotStats",
+    "Snapshotter",
     "SourceChanged",
+    "TRANSIENT_PREFIX",
+    "TransientSnapshotLeft",
     "Transport",
     "VBRemoteError",
     "VMInfo",
