@@ -536,11 +536,14 @@ class TestProgressAndLogs:
                 phases.append(event.operation)
         assert phases == ["locking", "leftovers", "snapshot", "archive", "merge"]
         sizes = {f.path: f.size for f in result.archive.files}
-        last: dict[str, int] = {}
+        done: dict[str, list[int]] = {}
         for event in events:
             if event.operation == "archive":
                 assert event.total == sizes[event.path]
                 assert 0 <= event.done <= event.total
-                last[event.path] = event.done
-        assert last["dev.vdi"] == sizes["dev.vdi"]
+                done.setdefault(event.path, []).append(event.done)
+        for disk in ("dev.vdi", "_external/dev-disk2.vdi"):
+            assert done[disk] == sorted(done[disk])
+            assert done[disk][0] < sizes[disk], "counted from the file's own start"
+            assert done[disk][-1] == sizes[disk]
         assert any(r.name == "vbremote.snapshot" and result.archive.name in r.getMessage() for r in caplog.records)
