@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vbremote._errors import SettingsFileError
 from vbremote._settings import MAX_SETTINGS_SIZE, freeze_instant, parse_settings, relocate
@@ -68,6 +71,100 @@ class TestParse:
     def test_settings_error_is_value_error(self):
         """SettingsFileError is also a ValueError."""
         assert issubclass(SettingsFileError, ValueError)
+
+
+HOSTILE = {
+    "internal-entity": '<!DOCTYPE VirtualBox [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;">]>',
+    "external-entity": '<!DOCTYPE VirtualBox [<!ENTITY ext SYSTEM "file:///etc/hostname">]>',
+    "parameter-entity": '<!DOCTYPE VirtualBox [<!ENTITY % p SYSTEM "http://example.invalid/p.dtd"> %p;]>',
+    "external-dtd": '<!DOCTYPE VirtualBox SYSTEM "http://example.invalid/vbox.dtd">',
+    "public-dtd": '<!DOCTYPE VirtualBox PUBLIC "-//X//Y" "file:///etc/hostname">',
+}
+NAME_REFERENCE = {"internal-entity": "&lol2;", "external-entity": "&ext;"}
+
+
+def hostile(kind: str, encoding: str, *, declaration: bool) -> bytes:
+    """A settings file carrying a DTD, in an encoding, with or without an XML declaration naming it."""
+    name = NAME_REFERENCE.get(kind, "vm")
+    declared = "UTF-16" if encoding.startswith("utf-16") else encoding.removesuffix("-sig").upper()
+    prolog = f'<?xml version="1.0" encoding="{declared}"?>\n' if declaration else ""
+    text = (
+        prolog + HOSTILE[kind] + '\n<VirtualBox xmlns="http://www.virtualbox.org/" version="1.19-linux">'
+        f'<Machine uuid="{{6f1c58a4-3b59-4d1e-9d50-1b0c9c8a7d21}}" name="{name}"/></VirtualBox>\n'
+    )
+    return text.encode(encoding)
+
+
+REWRITES = {
+    "parse_settings": parse_settings,
+    "freeze_instant": lambda data: freeze_instant(data, TRANSIENT),
+    "relocate": lambda data: relocate(data, old_folder="/vms/dev"),
+}
+
+
+class TestHostileDocuments:
+    @pytest.mark.parametrize("function", sorted(REWRITES))
+    @pytest.mark.parametrize("kind", sorted(HOSTILE))
+    @pytest.mark.parametrize(
+        ("encoding", "declaration"),
+        [("utf-8", False), ("utf-8", True), ("utf-8-sig", False), ("utf-16-le", False), ("utf-16-be", False),
+         ("utf-16-le", True), ("utf-16", False), ("utf-16", True)],
+    )
+    def test_dtd_refused_before_anything_is_expanded(self, function, kind, encoding, declaration):
+        """A DOCTYPE (entities, external references) is refused by the XML parser itself, in every encoding expat reads.
+
+        UTF-16 without a byte-order mark is the case a substring test on the bytes misses.
+        """
+        data = hostile(kind, encoding, declaration=declaration)
+        with pytest.raises(SettingsFileError, match="DOCTYPE") as raised:
+            REWRITES[function](data)
+        assert "lol" not in str(raised.value)
+
+    @pytest.mark.parametrize("function", sorted(REWRITES))
+    @pytest.mark.parametrize("encoding", ["utf-32", "utf-32-le", "utf-32-be"])
+    @pytest.mark.parametrize("kind", sorted(HOSTILE))
+    def test_utf32_refused(self, function, kind, encoding):
+        """UTF-32 documents (which expat cannot read) carrying a DTD are refused with the typed error."""
+        with pytest.raises(SettingsFileError):
+            REWRITES[function](hostile(kind, encoding, declaration=kind == "external-dtd"))
+
+    @pytest.mark.parametrize("declared", ["UTF-16LE", "UTF-16BE", "UTF-32", "no-such-encoding"])
+    def test_declared_encoding_expat_cannot_read(self, declared):
+        """A declared encoding the parser cannot read is refused with the typed error, not a bare ValueError."""
+        data = (f'<?xml version="1.0" encoding="{declared}"?>\n' + HOSTILE["internal-entity"]
+                + '<VirtualBox xmlns="http://www.virtualbox.org/" version="1.19-linux"/>')
+        for encoding in ("utf-16-le", "utf-8"):
+            with pytest.raises(SettingsFileError):
+                parse_settings(data.encode(encoding))
+
+    @pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-16"])
+    def test_clean_document_not_in_utf8_refused(self, encoding):
+        """VirtualBox writes UTF-8; a clean document in another encoding is refused."""
+        data = NESTED.decode().replace('<?xml version="1.0"?>', "", 1).encode(encoding)
+        with pytest.raises(SettingsFileError, match="not UTF-8"):
+            parse_settings(data)
+
+    def test_entity_reference_without_declaration(self):
+        """An undefined entity reference is malformed, not silently dropped."""
+        data = NESTED.replace(b'name="dev"', b'name="&undefined;"', 1)
+        with pytest.raises(SettingsFileError, match="well-formed"):
+            parse_settings(data)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=400))
+    def test_arbitrary_bytes(self, data):
+        """Arbitrary bytes either parse or raise SettingsFileError, nothing else."""
+        with contextlib.suppress(SettingsFileError):
+            parse_settings(data)
+
+    @settings(max_examples=200, deadline=None)
+    @given(cut=st.integers(min_value=0, max_value=len(NESTED)), junk=st.binary(max_size=40))
+    def test_damaged_real_layout(self, cut, junk):
+        """A settings file cut short or with junk spliced in parses or raises SettingsFileError, nothing else."""
+        data = NESTED[:cut] + junk + NESTED[cut:]
+        for function in REWRITES.values():
+            with contextlib.suppress(SettingsFileError):
+                function(data)
 
 
 class TestFreezeInstant:
