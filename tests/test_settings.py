@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from attrs import frozen
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vbremote._errors import SettingsFileError
-from vbremote._settings import MAX_SETTINGS_SIZE, freeze_instant, parse_settings, relocate
+from vbremote._settings import MAX_SETTINGS_SIZE, NS, freeze_instant, parse_settings, relocate
 
 DATA = Path(__file__).parent / "data"
 NESTED = (DATA / "nested.vbox").read_bytes()
@@ -244,3 +246,227 @@ class TestRelocate:
         data = EFI.replace(b'path="efi-vm.nvram"', b'path="/vms/efi/efi-vm.nvram"')
         out = parse_settings(relocate(data, old_folder="/vms/efi"))
         assert out.nvram == "efi-vm.nvram"
+
+
+# -- every layout VirtualBox 6.1 to 7.2 writes ------------------------------------------------------------------------
+
+S1, S2 = "51000000-0000-4000-8000-000000000001", "52000000-0000-4000-8000-000000000002"
+SNAPSHOT_NVRAM = {
+    S1: "Snapshots/2026-10-01T08-00-00-111111111Z.nvram",
+    S2: "Snapshots/2026-11-01T08-00-00-123456789Z.nvram",
+    TRANSIENT: "Snapshots/2026-11-20T09-15-00-987654321Z.nvram",
+}
+TRANSIENT_SAV = "Snapshots/2026-11-20T09-15-00-987654321Z.sav"
+OLD_FOLDER = "/home/u/VirtualBox VMs/dev"
+EXTERNAL = {"/srv/vm-data/data.vdi": "_external/data.vdi"}
+
+
+@frozen
+class Layout:
+    """A settings fixture and what it holds (see tests/data/README.md for the real files each follows)."""
+
+    file: str
+    version: str
+    storage_beside_hardware: bool
+    efi: bool
+    online: bool
+
+    @property
+    def data(self) -> bytes:
+        return (DATA / self.file).read_bytes()
+
+
+LAYOUTS = [
+    Layout("v1.15-sibling-bios.vbox", "1.15", storage_beside_hardware=True, efi=False, online=False),
+    Layout("v1.16-sibling-bios.vbox", "1.16", storage_beside_hardware=True, efi=False, online=True),
+    Layout("v1.17-sibling-bios.vbox", "1.17", storage_beside_hardware=True, efi=False, online=True),
+    Layout("v1.17-hardware-bios.vbox", "1.17", storage_beside_hardware=False, efi=False, online=False),
+    Layout("v1.18-efi.vbox", "1.18", storage_beside_hardware=False, efi=True, online=True),
+    Layout("v1.19-efi.vbox", "1.19", storage_beside_hardware=False, efi=True, online=True),
+    Layout("v1.20-efi.vbox", "1.20", storage_beside_hardware=False, efi=True, online=False),
+]
+layouts = pytest.mark.parametrize("layout", LAYOUTS, ids=[layout.file for layout in LAYOUTS])
+
+
+def hard_disks(attachments) -> list[str | None]:
+    return [a.medium for a in attachments if a.type == "HardDisk"]
+
+
+def machine_children(data: bytes) -> list[str]:
+    machine = ET.fromstring(data).find(f"{{{NS}}}Machine")
+    assert machine is not None
+    return [child.tag.removeprefix(f"{{{NS}}}") for child in machine if isinstance(child.tag, str)]
+
+
+class TestLayouts:
+    """Settings files of versions 1.15 to 1.20 in every layout (Settings.cpp, 6.1.38 to 7.2).
+
+    StorageControllers sits beside Hardware before 1.17 and in 1.17 files of VirtualBox 6.0
+    (MachineConfigFile::buildHardwareXML picks the parent with ``m->sv >= SettingsVersion_v1_17``;
+    readMachine and readSnapshot read it there in every version); NVRAM is Hardware/BIOS/NVRAM up to
+    1.19 and Hardware/Firmware/NVRAM from 1.20, with Platform beside Hardware (buildPlatformXML).
+    """
+
+    @layouts
+    def test_parse(self, layout):
+        """Machine and every snapshot: attachments, NVRAM copies, saved states and the version are read."""
+        settings = parse_settings(layout.data)
+        assert settings.version == layout.version
+        assert hard_disks(settings.attachments) == [disk(4), disk(4, "d")]
+        nodes = list(settings.snapshots())
+        assert [n.uuid for n in nodes] == [S1, S2, TRANSIENT]
+        assert [hard_disks(n.attachments) for n in nodes] == [[disk(i), disk(i, "d")] for i in (1, 2, 3)]
+        assert nodes[2].state_file == (TRANSIENT_SAV if layout.online else None)
+        if layout.efi:
+            assert settings.nvram == "dev.nvram"
+            assert [n.nvram for n in nodes] == [SNAPSHOT_NVRAM[n.uuid] for n in nodes]
+        else:
+            assert settings.nvram is None
+            assert [n.nvram for n in nodes] == [None, None, None]
+        assert settings.current_state_modified is layout.online
+
+    @layouts
+    def test_freeze_instant(self, layout):
+        """The transient snapshot's state becomes current: frozen media, its NVRAM and .sav; in-flight media gone."""
+        out = freeze_instant(layout.data, TRANSIENT)
+        frozen = parse_settings(out)
+        assert [s.uuid for s in frozen.snapshots()] == [S1, S2]
+        assert frozen.current_snapshot == S2
+        assert hard_disks(frozen.attachments) == [disk(3), disk(3, "d")]
+        registered = {m.uuid for m in frozen.all_media()}
+        assert registered == {disk(i, p) for i in (1, 2, 3) for p in "ad"}
+        assert frozen.state_file == (TRANSIENT_SAV if layout.online else None)
+        assert frozen.nvram == (SNAPSHOT_NVRAM[TRANSIENT] if layout.efi else None)
+        assert frozen.current_state_modified is True
+        assert b'lastStateChange="2026-11-20T09:15:00Z"' in out
+
+    @layouts
+    def test_freeze_instant_keeps_the_layout(self, layout):
+        """The frozen file keeps the version's layout: one Hardware, storage where it was, one Platform on 1.20."""
+        before, after = machine_children(layout.data), machine_children(freeze_instant(layout.data, TRANSIENT))
+        assert after.count("Hardware") == 1
+        assert after.count("StorageControllers") == (1 if layout.storage_beside_hardware else 0)
+        assert after.count("Platform") == (1 if layout.version == "1.20" else 0)
+        assert [t for t in after if t not in ("Snapshot",)] == [t for t in before if t not in ("Snapshot",)]
+        root = ET.fromstring(freeze_instant(layout.data, TRANSIENT))
+        n = f"{{{NS}}}"
+        firmware = "Firmware" if layout.version == "1.20" else "BIOS"
+        nvram = root.findall(f"{n}Machine/{n}Hardware/{n}{firmware}/{n}NVRAM")
+        assert [e.get("path") for e in nvram] == ([SNAPSHOT_NVRAM[TRANSIENT]] if layout.efi else [])
+
+    @layouts
+    def test_frozen_state_is_the_snapshots(self, layout):
+        """Hardware, platform and recording settings changed after the snapshot are replaced by the snapshot's."""
+        root = ET.fromstring(layout.data)
+        n = f"{{{NS}}}"
+        machine = root.find(f"{n}Machine")
+        assert machine is not None
+        changed = [machine.find(f"{n}Hardware/{n}Memory"), machine.find(f"{n}Platform/{n}Chipset"),
+                   machine.find(f"{n}VideoCapture")]
+        for element in changed:
+            if element is not None:
+                element.set("changed-after-the-snapshot", "yes")
+        assert b"changed-after-the-snapshot" in ET.tostring(root)
+        out = freeze_instant(ET.tostring(root), TRANSIENT)
+        assert b"changed-after-the-snapshot" not in out
+
+    @layouts
+    def test_relocate(self, layout):
+        """Absolute paths inside the folder become relative, the outside disk is mapped, snapshot NVRAM copies too."""
+        data = layout.data.replace(b'path="Snapshots/', f'path="{OLD_FOLDER}/Snapshots/'.encode())
+        data = data.replace(b'location="dev.vdi"', f'location="{OLD_FOLDER}/dev.vdi"'.encode())
+        out = parse_settings(relocate(data, old_folder=OLD_FOLDER, external=EXTERNAL))
+        assert out.medium(disk(1)).location == "dev.vdi"
+        assert out.medium(disk(1, "d")).location == "_external/data.vdi"
+        if layout.efi:
+            assert [n.nvram for n in out.snapshots()] == [SNAPSHOT_NVRAM[u] for u in (S1, S2, TRANSIENT)]
+        assert hard_disks(out.attachments) == [disk(4), disk(4, "d")]
+
+    @layouts
+    def test_freeze_then_relocate(self, layout):
+        """The archived file (frozen, then relocated) describes the instant with nothing outside the folder."""
+        out = parse_settings(relocate(freeze_instant(layout.data, TRANSIENT), old_folder=OLD_FOLDER,
+                                      external=EXTERNAL))
+        assert hard_disks(out.attachments) == [disk(3), disk(3, "d")]
+        assert out.medium(disk(1, "d")).location == "_external/data.vdi"
+        assert all(not m.location.startswith("/") for m in out.all_media())
+        assert out.nvram == (SNAPSHOT_NVRAM[TRANSIENT] if layout.efi else None)
+
+    def test_storage_beside_hardware_in_a_117_file(self):
+        """A 1.17 file of VirtualBox 6.0 (storage beside Hardware) is read by its layout, not by its version."""
+        for name in ("v1.17-sibling-bios.vbox", "v1.17-hardware-bios.vbox"):
+            data = (DATA / name).read_bytes()
+            assert [hard_disks(n.attachments) for n in parse_settings(data).snapshots()] == [
+                [disk(i), disk(i, "d")] for i in (1, 2, 3)
+            ]
+
+    @pytest.mark.parametrize(
+        ("file", "wrong"),
+        [("v1.19-efi.vbox", (b"<BIOS>", b"</BIOS>", b"<Firmware>", b"</Firmware>")),
+         ("v1.20-efi.vbox", (b'<Firmware type="EFI">', b"</Firmware>", b'<Firmware type="EFI"/><BIOS>', b"</BIOS>"))],
+    )
+    def test_nvram_only_where_the_version_puts_it(self, file, wrong):
+        """readHardware reads NVRAM from BIOS before 1.20 and from Firmware from 1.20 on; the other place is ignored."""
+        old_open, old_close, new_open, new_close = wrong
+        data = (DATA / file).read_bytes().replace(old_open, new_open).replace(old_close, new_close)
+        settings = parse_settings(data)
+        assert settings.nvram is None
+        assert [n.nvram for n in settings.snapshots()] == [None, None, None]
+
+    @settings(max_examples=60, deadline=None)
+    @given(data=st.data())
+    def test_storage_placement_does_not_change_the_result(self, data):
+        """Whichever owner keeps its controllers beside Hardware (mixed too), parse and freeze read the same disks."""
+        layout = data.draw(st.sampled_from(LAYOUTS))
+        root = ET.fromstring(layout.data)
+        n = f"{{{NS}}}"
+        owners = [root.find(f"{n}Machine"), *root.iter(f"{n}Snapshot")]
+        for owner in owners:
+            assert owner is not None
+            beside = data.draw(st.booleans())
+            controllers = owner.find(f"{n}StorageControllers")
+            hardware = owner.find(f"{n}Hardware")
+            assert hardware is not None
+            if controllers is None:
+                controllers = hardware.find(f"{n}StorageControllers")
+                assert controllers is not None
+                hardware.remove(controllers)
+            else:
+                owner.remove(controllers)
+            target = owner if beside else hardware
+            target.insert(list(target).index(hardware) + 1 if beside else len(target), controllers)
+        moved = ET.tostring(root)
+        assert [hard_disks(s.attachments) for s in parse_settings(moved).snapshots()] == [
+            [disk(i), disk(i, "d")] for i in (1, 2, 3)
+        ]
+        frozen = parse_settings(freeze_instant(moved, TRANSIENT))
+        assert hard_disks(frozen.attachments) == [disk(3), disk(3, "d")]
+        assert disk(4) not in {m.uuid for m in frozen.all_media()}
+
+
+class TestSnapshotFolder:
+    """relocate maps Machine/@snapshotFolder; outside folders become VirtualBox's default, Snapshots."""
+
+    @pytest.mark.parametrize(
+        ("folder", "external", "expected"),
+        [
+            ("Snapshots", {}, "Snapshots"),
+            ("./snaps/../Snapshots", {}, "Snapshots"),
+            (f"{OLD_FOLDER}/Snapshots", {}, "Snapshots"),
+            ("/var/vbox-snapshots/dev", {}, "Snapshots"),
+            ("../shared-snapshots", {}, "Snapshots"),
+            ("/var/vbox-snapshots/dev", {"/var/vbox-snapshots/dev": "_external/snapshots"}, "_external/snapshots"),
+        ],
+        ids=["relative", "relative-normalised", "absolute-inside", "absolute-outside", "escaping", "mapped"],
+    )
+    def test_mapped(self, folder, external, expected):
+        """The snapshot folder ends inside the new folder: relative, mapped, or the default for an outside one."""
+        data = NESTED.replace(b'snapshotFolder="Snapshots"', f'snapshotFolder="{folder}"'.encode())
+        out = parse_settings(relocate(data, old_folder=OLD_FOLDER, external={**EXTERNAL, **external}))
+        assert out.snapshot_folder == expected
+
+    def test_mapping_that_escapes_is_refused(self):
+        """A mapping of the snapshot folder that climbs out of the new folder is refused."""
+        data = NESTED.replace(b'snapshotFolder="Snapshots"', b'snapshotFolder="/var/snaps"')
+        with pytest.raises(SettingsFileError, match="escapes"):
+            relocate(data, old_folder=OLD_FOLDER, external={**EXTERNAL, "/var/snaps": "../snaps"})
