@@ -377,11 +377,7 @@ def _nvram_elements(owner: ET.Element, version: tuple[int, int]) -> list[ET.Elem
     7.1.12 and 7.2; 6.1.38 writes ``BIOS/NVRAM``).
     """
     firmware = "Firmware" if version >= (1, 20) else "BIOS"
-    found = owner.findall(f"{_N}Hardware/{_N}{firmware}/{_N}NVRAM")
-    if not found:
-        # Files of earlier simulator releases put it directly in Hardware.
-        found = owner.findall(f"{_N}Hardware/{_N}NVRAM")
-    return found
+    return owner.findall(f"{_N}Hardware/{_N}{firmware}/{_N}NVRAM")
 
 
 def _nvram(owner: ET.Element, version: tuple[int, int]) -> str | None:
