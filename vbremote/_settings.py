@@ -474,10 +474,16 @@ def _take_state(machine: ET.Element, snapshot: ET.Element) -> None:
     tags = {_N + name for name in _STATE_ELEMENTS}
     old = [child for child in machine if child.tag in tags]
     index = list(machine).index(old[0]) if old else len(machine)
+    # The copies take the indentation of the elements they replace.
+    inner = old[0].tail if old else None
+    last = old[-1].tail if old and old[-1] is machine[-1] else inner
     for child in old:
         machine.remove(child)
-    for offset, child in enumerate(c for c in snapshot if c.tag in tags):
-        machine.insert(index + offset, copy.deepcopy(child))
+    new = [copy.deepcopy(c) for c in snapshot if c.tag in tags]
+    for offset, child in enumerate(new):
+        ET.indent(child, space="  ", level=2)  # Machine's children are at level 2 (VirtualBox indents by 2)
+        child.tail = last if offset == len(new) - 1 else inner
+        machine.insert(index + offset, child)
 
 
 def freeze_instant(data: bytes, snapshot_uuid: str) -> bytes:
