@@ -65,6 +65,20 @@ class TestParse:
         with pytest.raises(SettingsFileError):
             parse_settings(data)
 
+    @pytest.mark.parametrize("version", [None, "", "linux", "1.x-linux", "1.19-"])
+    def test_without_a_version(self, version):
+        """A file without a settings version is refused, as ConfigFileBase refuses it ("Cannot handle settings version")."""
+        data = NESTED.replace(b' version="1.19-linux"', b"" if version is None else f' version="{version}"'.encode())
+        for function in REWRITES.values():
+            with pytest.raises(SettingsFileError, match="version"):
+                function(data)
+
+    @pytest.mark.parametrize("version", ["1.15-windows", "1.19-macosx", "1.22-linux", "1.7"])
+    def test_versions_read(self, version):
+        """Any host suffix, or none, and versions newer than 1.20 are read (1.20 and newer: Firmware/NVRAM)."""
+        data = NESTED.replace(b' version="1.19-linux"', f' version="{version}"'.encode())
+        assert parse_settings(data).version == version.split("-")[0]
+
     def test_too_large(self):
         """Oversized files are refused before parsing."""
         with pytest.raises(SettingsFileError, match="bytes"):
