@@ -67,7 +67,7 @@ class TestParse:
 
     @pytest.mark.parametrize("version", [None, "", "linux", "1.x-linux", "1.19-"])
     def test_without_a_version(self, version):
-        """A file without a settings version is refused, as ConfigFileBase refuses it ("Cannot handle settings version")."""
+        """A file without a valid settings version is refused (ConfigFileBase: "Cannot handle settings version")."""
         data = NESTED.replace(b' version="1.19-linux"', b"" if version is None else f' version="{version}"'.encode())
         for function in REWRITES.values():
             with pytest.raises(SettingsFileError, match="version"):
