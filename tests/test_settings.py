@@ -79,6 +79,25 @@ class TestParse:
         data = NESTED.replace(b' version="1.19-linux"', f' version="{version}"'.encode())
         assert parse_settings(data).version == version.split("-")[0]
 
+    @pytest.mark.parametrize(
+        ("kind", "depth", "refused"),
+        [("snapshot", 250, None), ("snapshot", 251, "snapshot tree depth"), ("snapshot", 3000, "snapshot tree depth"),
+         ("medium", 300, None), ("medium", 301, "medium tree depth"), ("medium", 5000, "medium tree depth"),
+         ("extra", 560, None), ("extra", 5000, "deeper")],
+    )
+    def test_nesting_depth(self, kind, depth, refused):
+        """Trees as deep as VirtualBox allows are read and rewritten; deeper ones are refused, not a RecursionError.
+
+        include/VBox/settings.h: SETTINGS_SNAPSHOT_DEPTH_MAX 250, SETTINGS_MEDIUM_DEPTH_MAX 300 (7.1.12).
+        """
+        data = deep_settings(kind, depth)
+        for function in REWRITES.values():
+            if refused:
+                with pytest.raises(SettingsFileError, match=refused):
+                    function(data)
+            else:
+                function(data)
+
     def test_too_large(self):
         """Oversized files are refused before parsing."""
         with pytest.raises(SettingsFileError, match="bytes"):
@@ -109,6 +128,40 @@ def hostile(kind: str, encoding: str, *, declaration: bool) -> bytes:
         f'<Machine uuid="{{6f1c58a4-3b59-4d1e-9d50-1b0c9c8a7d21}}" name="{name}"/></VirtualBox>\n'
     )
     return text.encode(encoding)
+
+
+def deep_settings(kind: str, depth: int) -> bytes:
+    """A settings file whose snapshot tree, medium tree or extra data nests ``depth`` levels deep.
+
+    The deepest snapshot is the current one (the one freeze_instant is asked for).
+    """
+    hardware = "<Hardware><StorageControllers/></Hardware>"
+    machine, current = "", ""
+    if kind == "snapshot":
+        inner = ""
+        for level in range(depth, 0, -1):
+            uuid = TRANSIENT if level == depth else f"00000000-0000-4000-8000-{level:012d}"
+            current = current or uuid
+            children = f"<Snapshots>{inner}</Snapshots>" if inner else ""
+            inner = (f'<Snapshot uuid="{{{uuid}}}" name="s{level}" timeStamp="2026-01-01T00:00:00Z">'
+                     f"{hardware}{children}</Snapshot>")
+        machine = inner
+    elif kind == "medium":
+        inner = ""
+        for level in range(depth, 0, -1):
+            uuid = f"d0000000-0000-4000-8000-{level:012d}"
+            inner = f'<HardDisk uuid="{{{uuid}}}" location="d{level}.vdi">{inner}</HardDisk>'
+        machine = f"<MediaRegistry><HardDisks>{inner}</HardDisks></MediaRegistry>"
+        current = TRANSIENT
+        machine += f'<Snapshot uuid="{{{TRANSIENT}}}" name="t" timeStamp="2026-01-01T00:00:00Z">{hardware}</Snapshot>'
+    else:
+        machine = "<ExtraData>" + "<X>" * depth + "</X>" * depth + "</ExtraData>"
+        current = TRANSIENT
+        machine += f'<Snapshot uuid="{{{TRANSIENT}}}" name="t" timeStamp="2026-01-01T00:00:00Z">{hardware}</Snapshot>'
+    return (
+        f'<VirtualBox xmlns="http://www.virtualbox.org/" version="1.19-linux"><Machine uuid="{{{TRANSIENT}}}" '
+        f'name="deep" currentSnapshot="{{{current}}}">{machine}{hardware}</Machine></VirtualBox>'
+    ).encode()
 
 
 REWRITES = {

@@ -69,6 +69,14 @@ _N = "{" + NS + "}"
 #: Settings files larger than this are refused (real ones are a few hundred KiB at most).
 MAX_SETTINGS_SIZE = 16 << 20
 
+# VirtualBox refuses deeper snapshot trees and medium trees (include/VBox/settings.h:
+# SETTINGS_SNAPSHOT_DEPTH_MAX, SETTINGS_MEDIUM_DEPTH_MAX; MachineConfigFile::readSnapshot,
+# ConfigFileBase::readMediumOne), and no element of its files nests deeper than a
+# snapshot tree of that depth (two elements a level) with its hardware inside.
+_SNAPSHOT_DEPTH_MAX = 250
+_MEDIUM_DEPTH_MAX = 300
+_ELEMENT_DEPTH_MAX = 2 * _SNAPSHOT_DEPTH_MAX + 64
+
 _ROOT_START = re.compile(rb"<(?:[A-Za-z_][\w.-]*:)?VirtualBox[\s>]")
 _VERSION = re.compile(r"(\d+)\.(\d+)(?:-\w+)?")
 
@@ -271,9 +279,27 @@ def _load(data: bytes) -> tuple[bytes, ET.Element]:
     machine = root.find(_N + "Machine")
     if machine is None:
         raise SettingsFileError("settings file has no Machine element")
+    _check_depth(root)
     start = _ROOT_START.search(data)
     prolog = data[: start.start()] if start else b""
     return prolog, root
+
+
+def _check_depth(root: ET.Element) -> None:
+    """Refuse nesting deeper than VirtualBox allows (the walks below recurse; this check does not)."""
+    snapshot, medium = _N + "Snapshot", _N + "HardDisk"
+    stack = [(root, 1, 0, 0)]
+    while stack:
+        element, depth, snapshots, media = stack.pop()
+        snapshots += element.tag == snapshot
+        media += element.tag == medium
+        if depth > _ELEMENT_DEPTH_MAX:
+            raise SettingsFileError(f"settings file nests elements deeper than {_ELEMENT_DEPTH_MAX}")
+        if snapshots > _SNAPSHOT_DEPTH_MAX:
+            raise SettingsFileError(f"maximum snapshot tree depth of {_SNAPSHOT_DEPTH_MAX} exceeded")
+        if media > _MEDIUM_DEPTH_MAX:
+            raise SettingsFileError(f"maximum medium tree depth of {_MEDIUM_DEPTH_MAX} exceeded")
+        stack.extend((child, depth + 1, snapshots, media) for child in element)
 
 
 def _dump(prolog: bytes, root: ET.Element) -> bytes:
