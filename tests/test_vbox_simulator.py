@@ -319,6 +319,21 @@ class TestSettingsFiles:
         assert {d.chain[-1].uuid for d in vm.disks}.isdisjoint(m.uuid for m in frozen.all_media())
 
 
+    def test_snapshot_nvram_copy_written_and_read_back(self, sim: SimulatedVirtualBox):
+        """A snapshot's own NVRAM copy is written in its hardware and read back by a new host on the same home."""
+        host = host_of(sim)
+        uuid = sim.create_vm("vm2", firmware="EFI")
+        snapshot = host.take_snapshot("vm2", "one")
+        machine = sim.machines[uuid]
+        machine.snapshots[snapshot.uuid].nvram = "Snapshots/2026-11-20T09-15-00-987654321Z.nvram"
+        sim.write_settings(machine)
+        parsed = parse_settings(host.vm("vm2").settings_file.read_bytes())
+        assert parsed.nvram == "vm2.nvram"
+        assert [n.nvram for n in parsed.snapshots()] == ["Snapshots/2026-11-20T09-15-00-987654321Z.nvram"]
+        with SimulatedVirtualBox(sim.home, version=sim.profile) as again:
+            assert again.machines[uuid].snapshots[snapshot.uuid].nvram == machine.snapshots[snapshot.uuid].nvram
+
+
 class TestFaults:
     def test_no_space(self, sim71: SimulatedVirtualBox):
         """A snapshot that runs out of space fails with VirtualBox's text and leaves nothing behind."""
