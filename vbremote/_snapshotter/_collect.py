@@ -72,9 +72,8 @@ def _nvram_files(settings: MachineSettings) -> Iterator[str]:
     if settings.nvram:
         yield settings.nvram
     for node in settings.snapshots():
-        path = getattr(node, "nvram", None)
-        if path:
-            yield str(path)
+        if node.nvram:
+            yield node.nvram
 
 
 def collect(settings: MachineSettings, folder: Path, *, vm: str = "") -> Collected:
