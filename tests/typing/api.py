@@ -63,3 +63,26 @@ def snapshot_running_vms(manager: object | None = None) -> list[vbremote.Snapsho
         except vbremote.VirtualBoxError as exc:
             print(exc.vm, hex(exc.result_code or 0), exc.text)
     return taken
+
+
+def nightly(repo: vbremote.Repository, names: list[str]) -> list[vbremote.SnapshotResult]:
+    host = vbremote.VirtualBoxHost.connect()
+    snapshotter = vbremote.Snapshotter(host, repo, state_dir=Path("/var/lib/vbremote"), lock_wait=60.0)
+    done: list[vbremote.SnapshotResult] = []
+    for name in names:
+        try:
+            result = snapshotter.take(name, "auto", labels={"nightly"}, progress=lambda e: print(e.operation))
+        except vbremote.TransientSnapshotLeft as exc:
+            archive: vbremote.ArchiveInfo | None = exc.archive
+            print("left", exc.snapshot, archive.name if archive else "-")
+            continue
+        except vbremote.SnapshotInProgress as exc:
+            print("busy:", exc.lock_file)
+            continue
+        stats: vbremote.SnapshotStats = result.stats
+        mode: vbremote.SnapshotMode = result.mode
+        print(result.archive.name, mode.value, stats.bytes_new, stats.seconds_transient, len(result.leftovers))
+        done.append(result)
+    migrated = snapshotter.take(names[0], vbremote.SnapshotMode.MIGRATE)
+    print(migrated.vm_state.value, vbremote.TRANSIENT_PREFIX, vbremote.DEFAULT_NAME_TEMPLATE)
+    return done
