@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -450,6 +453,56 @@ class TestLock:
         assert result.leftovers == ()
         assert isinstance(outcome[0], vbremote.SnapshotResult)
         assert scene71.host.vm("dev").snapshots() == ()
+
+
+# Run in a child process: snapshot the VM and die by SIGKILL in the middle of the archive.
+_CRASHING_RUN = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    import vbremote
+    from vbremote.testing import SimulatedVirtualBox
+
+    home, repo_path, base_dir, state_dir = (Path(a) for a in sys.argv[1:5])
+    sim = SimulatedVirtualBox(home, version="7.1")
+    host = vbremote.VirtualBoxHost.connect(manager=sim.manager())
+    repo = vbremote.Repository.open(vbremote.LocalTransport(repo_path), passphrase=os.environ["PASSPHRASE"],
+                                    base_dir=base_dir)
+
+    def die(event):
+        if event.operation == "archive" and event.done > 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    vbremote.Snapshotter(host, repo, state_dir=state_dir).take("dev", progress=die)
+""")
+
+
+class TestCrash:
+    def test_killed_run_leaves_a_leftover_the_next_run_removes(self, tmp_path: Path, base_dir: Path,
+                                                                borg_cli: BorgCLI):
+        """A run killed mid-archive leaves its lock free, nothing committed, and a leftover the next run removes."""
+        home = tmp_path / "vbox"
+        with SimulatedVirtualBox(home, version="7.1") as sim:
+            sim.create_vm("dev", disk_size=8 * MIB, firmware="EFI")
+        transport = vbremote.LocalTransport(tmp_path / "repo")
+        vbremote.Repository.init(transport, passphrase=borg_cli.passphrase, base_dir=base_dir).close()
+        env = {**os.environ, "PASSPHRASE": borg_cli.passphrase,
+               "PYTHONPATH": os.pathsep.join([str(Path(vbremote.__file__).parent.parent),
+                                              os.environ.get("PYTHONPATH", "")])}
+        child = subprocess.run(
+            [sys.executable, "-c", _CRASHING_RUN, str(home), str(transport.path), str(base_dir),
+             str(tmp_path / "state")], env=env, capture_output=True, text=True, timeout=120, check=False)
+        assert child.returncode == -signal.SIGKILL, child.stderr
+        borg_cli("check", str(transport.path))
+        assert borg_cli("list", "--short", str(transport.path)).split() == []
+        with SimulatedVirtualBox(home, version="7.1") as sim, vbremote.Repository.open(
+                transport, passphrase=borg_cli.passphrase, base_dir=base_dir) as repo:
+            host = vbremote.VirtualBoxHost.connect(manager=sim.manager())
+            (left,) = host.vm("dev").snapshots()
+            assert left.name.startswith(vbremote.TRANSIENT_PREFIX)
+            result = vbremote.Snapshotter(host, repo, state_dir=tmp_path / "state").take("dev")
+            assert [s.uuid for s in result.leftovers] == [left.uuid]
+            assert host.vm("dev").snapshots() == ()
+            assert [a.name for a in repo.archives()] == [result.archive.name]
 
 
 class TestConsistency:
