@@ -469,7 +469,11 @@ _CRASHING_RUN = textwrap.dedent("""
                                     base_dir=base_dir)
 
     def die(event):
+        # The whole run dies at once, its borg worker too (as when a service's process group is killed).
         if event.operation == "archive" and event.done > 0:
+            worker = repo._worker._process
+            worker.kill()
+            worker.wait()
             os.kill(os.getpid(), signal.SIGKILL)
 
     vbremote.Snapshotter(host, repo, state_dir=state_dir).take("dev", progress=die)
