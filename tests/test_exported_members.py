@@ -7,12 +7,13 @@ import vbremote.testing
 
 EXPECTED = {
     "DEFAULT_BLOCK_SIZE", "DEFAULT_ENCRYPTION", "ENCRYPTION_MODES",
-    "AccessDenied", "ArchiveExists", "ArchiveFile", "ArchiveInfo", "ArchiveNotFound", "BorgError",
+    "AccessDenied", "ArchiveExists", "ArchiveFile", "ArchiveInfo", "ArchiveMetadataError", "ArchiveNotFound",
+    "BorgError",
     "CheckResult", "ChunkRef", "Chunking", "CommandTransport", "CompactResult", "ConfigurationError",
     "ConnectionFailed", "DeleteResult", "FileChunks", "FileNotInArchive", "FileRole", "FileSpec",
     "IntegrityError", "LocalTransport", "Passphrase", "PassphraseError", "PassphraseMissing",
     "PassphraseWrong", "Progress", "Repository", "RepositoryError", "RepositoryExists",
-    "RepositoryLocked", "RepositoryNotFound", "SSHTransport", "SnapshotMetadata", "SnapshotMode",
+    "RepositoryLocked", "RepositoryNotFound", "RepositoryReadOnly", "SSHTransport", "SnapshotMetadata", "SnapshotMode",
     "SourceChanged", "Transport", "VBRemoteError", "WriteResult",
     "PROTECTED_LABEL", "Decision", "Guards", "KeepLabels", "KeepRules", "PlanEntry", "PruneError",
     "PruneRefused", "PrunePlan", "PruneResult", "Pruner", "RetentionPolicy", "SettingsFileError",

@@ -540,21 +540,81 @@ class TestMetadataCache:
         assert len(repo.archives()) == 5
         assert all(comment is None for _, _, _, comment in replies[-1])
 
-    def test_metadata_kept_across_connections(self, repo, transport, base_dir, tmp_path):
-        """A new connection reads archive metadata from vbremote's cache file; a damaged file is ignored."""
+    def _cached_then_gone(self, repo, transport, borg_cli, tmp_path, names):
+        """Write archives and list them (filling the cache); then remove their metadata from the repository."""
         spec = write_disk(tmp_path, b"x")
-        names = [f"a{n}" for n in range(4)]
         for name in names:
-            repo.write_archive(name, [spec], metadata())
+            repo.write_archive(name, [spec], metadata(name))
+        repo.close()
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=borg_cli.base_dir) as again:
+            archives = again.archives()
+        assert [a.name for a in archives] == names
+        [cache_file] = borg_cli.base_dir.rglob("vbremote/*.json")
+        # Without their metadata objects the repository cannot describe these
+        # archives any more: only the cache can.
+        borg_cli("debug", "delete-obj", transport.path, *(a.id for a in archives))
+        return cache_file, archives
+
+    def test_metadata_read_from_the_cache(self, repo, transport, borg_cli, tmp_path):
+        """A new connection lists archives from the cache file, without reading their metadata from the repository."""
+        names = [f"a{n}" for n in range(4)]
+        self._cached_then_gone(repo, transport, borg_cli, tmp_path, names)
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=borg_cli.base_dir) as again:
+            assert [(a.name, a.vm_name) for a in again.archives()] == [(n, n) for n in names]
+
+    def test_tampered_entry_is_ignored(self, repo, transport, borg_cli, tmp_path):
+        """A cache entry whose comment was changed fails its MAC and is fetched from the repository again."""
+        cache_file, _ = self._cached_then_gone(repo, transport, borg_cli, tmp_path, ["a"])
+        data = json.loads(cache_file.read_text())
+        [(archive_id, (comment, mac))] = data["entries"].items()
+        data["entries"][archive_id] = [comment.replace('"name":"a"', '"name":"forged"'), mac]
+        cache_file.write_text(json.dumps(data))
+        with (
+            vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=borg_cli.base_dir) as again,
+            # The repository no longer has the object, so the refetch fails: the forged entry was not used.
+            pytest.raises(vbremote.IntegrityError),
+        ):
+            again.archives()
+
+    def test_entry_bound_to_its_archive(self, repo, transport, borg_cli, tmp_path):
+        """An entry moved to another archive's id fails its MAC: archive a cannot claim b's metadata."""
+        cache_file, archives = self._cached_then_gone(repo, transport, borg_cli, tmp_path, ["a", "b"])
+        data = json.loads(cache_file.read_text())
+        a_id, b_id = archives[0].id, archives[1].id
+        data["entries"][a_id] = data["entries"][b_id]
+        cache_file.write_text(json.dumps(data))
+        with (
+            vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=borg_cli.base_dir) as again,
+            pytest.raises(vbremote.IntegrityError),
+        ):
+            again.archives()
+
+    def test_tampered_entry_is_refetched(self, repo, transport, base_dir, tmp_path):
+        """With the repository intact, a tampered entry is refetched: the listing says what the repository says."""
+        spec = write_disk(tmp_path, b"x")
+        repo.write_archive("a", [spec], metadata("real"))
         repo.close()
         with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir) as again:
-            assert [a.name for a in again.archives()] == names
-            ids = {a.id for a in again.archives()}
+            again.archives()
         [cache_file] = base_dir.rglob("vbremote/*.json")
-        assert set(json.loads(cache_file.read_text())) == ids
+        data = json.loads(cache_file.read_text())
+        [(archive_id, (comment, mac))] = data["entries"].items()
+        data["entries"][archive_id] = [comment.replace('"name":"real"', '"name":"forged"'), mac]
+        cache_file.write_text(json.dumps(data))
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir) as again:
+            assert [a.vm_name for a in again.archives()] == ["real"]
         cache_file.write_text("{not json")
         with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir) as again:
-            assert [a.name for a in again.archives()] == names
+            assert [a.vm_name for a in again.archives()] == ["real"]
+
+    def test_no_cache_without_a_key(self, tmp_path, base_dir):
+        """An unencrypted repository has no secret to authenticate a cache with, so none is written."""
+        transport = vbremote.LocalTransport(tmp_path / "plain")
+        with vbremote.Repository.init(transport, encryption="none", base_dir=base_dir) as plain:
+            plain.write_archive("a", [write_disk(tmp_path, b"x")], metadata())
+        with vbremote.Repository.open(transport, base_dir=base_dir, accept_unencrypted=True) as again:
+            assert [a.name for a in again.archives()] == ["a"]
+        assert list(base_dir.rglob("vbremote/*.json")) == []
 
     def test_set_labels_unknown_archive(self, repo):
         """set_labels on an unknown archive raises ArchiveNotFound."""

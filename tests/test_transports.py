@@ -45,12 +45,20 @@ class TestSSH:
         assert argv[-2] == "borg@backup.example.org"
         assert argv[-1] == "'/opt/borg 1.4/borg' serve"
 
+    def test_port_only_when_given(self):
+        """Without a port, ssh is not told one: ssh_config's Port line for the host applies."""
+        argv = vbremote.SSHTransport("store-alias", "/r").serve_command()
+        assert "-p" not in argv
+        assert argv == ["ssh", "-o", "BatchMode=yes", "store-alias", "borg serve"]
+        assert vbremote.SSHTransport("h", "/r", port=22).serve_command()[3:5] == ["-p", "22"]
+
     def test_location(self):
         """The location is borg's ssh:// syntax, with relative and home paths marked as borg marks them."""
         assert vbremote.SSHTransport("h", "/abs").location == "ssh://h/abs"
         assert vbremote.SSHTransport("h", "rel", user="u", port=2).location == "ssh://u@h:2/./rel"
         assert vbremote.SSHTransport("h", "~/r").location == "ssh://h/~/r"
         assert vbremote.SSHTransport("::1", "/r").location == "ssh://[::1]/r"
+        assert vbremote.SSHTransport("h", "/abs", port=22).location == "ssh://h:22/abs"
 
     @pytest.mark.parametrize(
         "kwargs",
@@ -130,6 +138,6 @@ def test_upload_ratelimit_is_honoured(tmp_path, base_dir):
     spec = vbremote.FileSpec(image, "disk.img", vbremote.FileRole.DISK)
     with vbremote.Repository.init(transport, passphrase="p", base_dir=base_dir, compression="none") as repo:
         started = time.monotonic()
-        repo.write_archive("a", [spec], vbremote.SnapshotMetadata("vm", "u"))
+        repo.write_archive("a", [spec], vbremote.SnapshotMetadata("vm", "0b8e1c6a-0000-4000-8000-000000000001"))
         # A lower bound only: a slow machine makes this longer, never shorter.
         assert time.monotonic() - started >= 2.0
