@@ -159,6 +159,8 @@ class Repository:
     _metadata: dict[str, tuple[SnapshotMetadata, tuple[ArchiveFile, ...]] | _Unreadable | None] = field(
         factory=dict, repr=False
     )
+    # Archives whose refusal was logged already (once per archive and connection).
+    _warned: set[str] = field(factory=set, repr=False)
 
     # -- opening ----------------------------------------------------------
 
@@ -341,7 +343,9 @@ class Repository:
         rows = []
         for (name, archive_id, when), decoded in self._listing():
             if isinstance(decoded, _Unreadable):
-                _log.warning("skipping archive %r of %s: %s", name, self.transport.location, decoded.message)
+                if archive_id not in self._warned:
+                    self._warned.add(archive_id)
+                    _log.warning("skipping archive %r of %s: %s", name, self.transport.location, decoded.message)
             else:
                 rows.append(((name, archive_id, when), decoded))
         if vm is not None:
