@@ -51,6 +51,15 @@ json_values = st.recursive(
     max_leaves=20,
 )
 UUID = "0b8e1c6a-0000-4000-8000-000000000001"
+RECORD_KEYS = {"vm", "mode", "vbox_version", "host", "cpu_vendor", "cpu_portability", "labels", "extra", "files"}
+# Values near the valid ones, so that generated records get past the first checks.
+plausible = (
+    json_values
+    | st.sampled_from(["online", "disk", "vm.vdi", "../x", "/abs", "a//b", UUID, "fixed", "buzhash"])
+    | st.lists(st.sampled_from(["fixed", "buzhash", 1 << 20, 0, 19, 23, 21, 4095, -1]), max_size=5)
+    | st.fixed_dictionaries({"name": st.text(max_size=5), "uuid": st.sampled_from([UUID, "x"])})
+    | st.lists(st.dictionaries(st.sampled_from(["path", "role", "size", "chunking"]), json_values), max_size=2)
+)
 
 
 def good_record() -> dict[str, Any]:
@@ -89,7 +98,11 @@ class TestMetadataRecord:
         decoded = decode_comment(encode_comment(metadata, files))
         assert decoded == (metadata, tuple(files))
 
-    @pytest.mark.parametrize("comment", ["", "hello", "{", "[]", '{"other": 1}', "{" + "[" * 100000])
+    @pytest.mark.parametrize(
+        "comment",
+        ["", "hello", "{", "[]", '{"other": 1}', '{"vbremote": ' + "[" * 100_000 + "]" * 100_000 + "}"],
+        ids=["empty", "text", "brace", "list", "other-tool", "nested-too-deep"],
+    )
     def test_foreign_comments(self, comment):
         """Comments that are not vbremote's record decode to None instead of failing."""
         assert decode_comment(comment) is None
@@ -111,6 +124,18 @@ class TestMetadataRecord:
         decodes_or_refuses(json.dumps(value))
         if isinstance(value, dict):
             decodes_or_refuses(json.dumps({**value, "vbremote": 1}))
+
+    @given(
+        st.dictionaries(st.sampled_from(sorted(RECORD_KEYS)), plausible, max_size=len(RECORD_KEYS)),
+        st.lists(
+            st.dictionaries(st.sampled_from(["path", "role", "size", "chunking", "x"]), plausible) | json_values,
+            max_size=3,
+        ),
+    )
+    def test_record_shaped_json_decodes_or_is_refused(self, record, files):
+        """Records with vbremote's keys and plausible or hostile values are valid or refused, never a crash."""
+        decodes_or_refuses(json.dumps({**record, "vbremote": 1, "files": files}))
+        decodes_or_refuses(json.dumps({**good_record(), **record}))
 
     @given(st.data())
     def test_damaged_record_decodes_or_is_refused(self, data):
