@@ -196,7 +196,8 @@ class Repository:
             RepositoryExists: Something is already there.
             PassphraseMissing: An encrypted mode was asked for without a passphrase.
             ConnectionFailed: The transport did not reach ``borg serve``.
-            ConfigurationError: An argument is invalid.
+            ConfigurationError: An argument is invalid, or the transport's class
+                cannot be imported by module path in the worker process.
         """
         if encryption not in ENCRYPTION_MODES:
             raise ConfigurationError(f"encryption must be one of {', '.join(ENCRYPTION_MODES)}")
@@ -239,7 +240,9 @@ class Repository:
             transport: How to reach it.
             passphrase: The key's passphrase (see :data:`Passphrase`).
             lock_wait: Seconds to wait for borg's repository lock.
-            read_only: Take borg's shared lock (reads only) instead of the exclusive one.
+            read_only: Take borg's shared lock (reads only) instead of the exclusive
+                one; every write then raises :class:`~vbremote.RepositoryReadOnly`
+                before anything is sent.
             compression: borg compression spec used for writes.
             base_dir: borg's base folder (``BORG_BASE_DIR``) for this repository only.
             accept_relocated: Accept a repository whose location changed since
@@ -258,6 +261,8 @@ class Repository:
             ConnectionFailed: The transport did not reach ``borg serve``.
             AccessDenied: The server refused the path, or borg refused a relocated
                 or unknown unencrypted repository.
+            ConfigurationError: The transport's class cannot be imported by
+                module path in the worker process (see :class:`~vbremote.Transport`).
         """
         return cls._start(
             transport,
