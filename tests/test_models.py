@@ -100,7 +100,7 @@ class TestMetadataRecord:
 
     @pytest.mark.parametrize(
         "comment",
-        ["", "hello", "{", "[]", '{"other": 1}', '{"vbremote": ' + "[" * 100_000 + "]" * 100_000 + "}"],
+        ["", "hello", "{", "[]", '{"other": 1}', '{"other": ' + "[" * 100_000 + "]" * 100_000 + "}"],
         ids=["empty", "text", "brace", "list", "other-tool", "nested-too-deep"],
     )
     def test_foreign_comments(self, comment):
@@ -227,6 +227,20 @@ class TestHostileRecords:
         assert "'nightly-1'" in str(caught.value)
         assert isinstance(caught.value, vbremote.RepositoryError)
         assert isinstance(caught.value, ValueError)
+
+    @pytest.mark.parametrize(
+        ("comment", "words"),
+        [
+            ('{"vbremote": ' + "[" * 100_000 + "]" * 100_000 + "}", "nests too deep"),
+            ('{"vbremote":1,"vm":{"name":"vm"', "not valid JSON"),
+        ],
+        ids=["too-deep", "truncated"],
+    )
+    def test_unparsable_record_is_refused(self, comment, words):
+        """A comment that claims to be vbremote's but does not parse is refused, not taken for another tool's."""
+        with pytest.raises(vbremote.ArchiveMetadataError, match=words) as caught:
+            decode_comment(comment, archive="a")
+        assert caught.value.archive == "a"
 
     def test_nan_is_refused(self):
         """NaN and Infinity, which strict JSON lacks, are refused wherever they appear."""

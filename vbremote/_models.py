@@ -539,7 +539,13 @@ def decode_comment(
         return None
     try:
         record = json.loads(comment, parse_constant=_refuse_constant)
-    except (ValueError, RecursionError):
+    except (ValueError, RecursionError) as exc:
+        if '"vbremote"' in comment:  # damaged or built to break the parser
+            reason = "nests too deep" if isinstance(exc, RecursionError) else "is not valid JSON"
+            raise ArchiveMetadataError(
+                f"archive {archive!r} has invalid vbremote metadata: the record {reason}",
+                archive=archive, location=location,
+            ) from None
         return None  # not JSON: another tool's comment
     if not isinstance(record, dict) or "vbremote" not in record:
         return None
