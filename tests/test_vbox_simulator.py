@@ -286,6 +286,26 @@ class TestSessions:
         finally:
             shared.unlockMachine()
 
+    def test_shared_sessions_end_with_the_holder(self, sim: SimulatedVirtualBox):
+        """When the write holder unlocks, or the VM process ends, the shared sessions on it are unlocked.
+
+        ``SessionMachine::uninit`` (``MachineImpl.cpp``) uninitializes every remote control.
+        """
+        mgr = sim.manager()
+        vbox = mgr.getVirtualBox()
+        machine = vbox.findMachine("dev")
+        c = mgr.constants
+        holder, shared = mgr.getSessionObject(vbox), mgr.getSessionObject(vbox)
+        machine.lockMachine(holder, c.LockType_Write)
+        machine.lockMachine(shared, c.LockType_Shared)
+        holder.unlockMachine()
+        assert shared.state == c.SessionState_Unlocked
+        sim.start("dev", workload=None)
+        machine.lockMachine(shared, c.LockType_Shared)
+        assert shared.state == c.SessionState_Locked
+        sim.power_off("dev")
+        assert shared.state == c.SessionState_Unlocked
+
     def test_launching_session_is_remote(self, sim: SimulatedVirtualBox):
         """The session given to launchVMProcess becomes a Remote session with the VM's console.
 

@@ -467,6 +467,21 @@ def test_lock_retry_gives_up(tmp_path: Path):
         assert host.vm("dev").cpu_portability_level == 0
 
 
+def test_last_progress_event_says_done(tmp_path: Path):
+    """An operation that finishes while the progress callback runs still ends with a done=100 event."""
+    with SimulatedVirtualBox(tmp_path / "vbox", timing=Timing(snapshot=0.3)) as sim:
+        sim.create_vm("dev", disk_size=4 * MIB)
+        host = vbremote.VirtualBoxHost.connect(manager=sim.manager())
+        events: list[vbremote.Progress] = []
+
+        def slow(event: vbremote.Progress) -> None:
+            events.append(event)
+            time.sleep(0.5)  # the snapshot completes meanwhile
+
+        host.take_snapshot("dev", "s", on_progress=slow)
+        assert [e.done for e in events] == [0, 100]
+
+
 class TestPyvbox:
     def test_from_pyvbox_reads_7x_states_right(self, tmp_path: Path):
         """A pyvbox VirtualBox object is unwrapped; vbremote reads a 7.x Running VM as Running where pyvbox cannot."""
