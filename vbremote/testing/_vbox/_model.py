@@ -153,6 +153,8 @@ class _Snapshot:
     attachments: list[_Attachment]
     parent: str | None
     children: list[str] = field(factory=list)
+    # The snapshot's own NVRAM copy (EFI machines), relative to the VM folder.
+    nvram: str | None = None
 
 
 @define(eq=False)
