@@ -450,6 +450,31 @@ class TestOpening:
         assert medium.lastAccessError == ""
 
 
+    def test_failed_restore_keeps_the_saved_state(self, sim: SimulatedVirtualBox):
+        """Resuming a Saved VM whose disk is missing fails; it is AbortedSaved on 7.x, Saved on 6.1, its .sav kept.
+
+        ``Console::i_powerDown`` (``src/VBox/Main/src-client/ConsoleImpl.cpp``): a failed Restoring
+        goes to ``AbortedSaved`` in 7.1.12 and back to ``Saved`` in 6.1.38, keeping the state file.
+        """
+        host = host_of(sim)
+        sim.start("dev", workload=None)
+        host.save_state("dev")
+        vm = host.vm("dev")
+        assert vm.state_file is not None
+        disk = vm.disks[0].chain[-1].location
+        settings = host.unregister("dev")
+        disk.rename(disk.with_name("aside.vdi"))
+        host.register(settings)
+        with pytest.raises(vbremote.VirtualBoxOperationFailed, match="Could not open the medium"):
+            host.start("dev")
+        after = host.vm("dev")
+        expected = vbremote.MachineState.SAVED if sim.profile == "6.1" else vbremote.MachineState.ABORTED_SAVED
+        assert after.state is expected
+        assert after.state_file == vm.state_file
+        assert vm.state_file.is_file()
+        assert parse_settings(after.settings_file.read_bytes()).state_file is not None
+
+
 class TestFilesAndGuest:
     def test_settings_file_kept_current(self, sim: SimulatedVirtualBox):
         """After each operation the .vbox file on disk says what the API says."""

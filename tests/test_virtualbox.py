@@ -348,6 +348,31 @@ class TestRegistering:
             finally:
                 aside.rename(missing)
 
+    def test_start_with_a_missing_medium_fails(self, scene: Scene):
+        """Starting a VM whose disk is missing fails with the medium's access error; the VM stays PoweredOff.
+
+        ``Console::i_powerUpThreadTask`` locks the media; ``Medium::i_createMediumLockList`` fails
+        an inaccessible hard disk with ``E_FAIL`` and its last access error; ``Console::i_powerDown``
+        sets Starting back to PoweredOff (``ConsoleImpl.cpp``, ``MediumImpl.cpp``, 6.1.38 and 7.1.12).
+        """
+        before = scene.host.vm(scene.vm)
+        disk = before.disks[-1]
+        assert disk.medium is not None
+        missing = disk.medium.location
+        aside = missing.with_name(missing.name + ".aside")
+        with scene.unregistered() as settings:
+            missing.rename(aside)
+            try:
+                scene.host.register(settings)
+                with pytest.raises(vbremote.VirtualBoxOperationFailed) as info:
+                    scene.host.start(scene.vm)
+                assert info.value.result_code == 0x80004005
+                assert "Could not open the medium" in info.value.text
+                assert scene.host.state(scene.vm) is vbremote.MachineState.POWERED_OFF
+                scene.host.unregister(before.uuid)
+            finally:
+                aside.rename(missing)
+
     def test_settings_file_name_need_not_match(self, scene: Scene):
         """A settings file named otherwise than its VM registers; the VM keeps its name and that file.
 

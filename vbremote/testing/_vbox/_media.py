@@ -26,6 +26,7 @@ __all__ = [
     "drop_medium",
     "expected",
     "image",
+    "inaccessible_disk",
     "merge",
     "new_diff",
     "slot",
@@ -56,6 +57,18 @@ def check_media(machine: _Machine) -> None:
     for medium in machine.media.values():
         if not medium.accessible:
             check_medium(medium)
+
+
+def inaccessible_disk(machine: _Machine) -> _Medium | None:
+    """The first medium of the current hard disks' chains that cannot be opened, if any."""
+    for attachment in machine.hard_disks():
+        uuid = attachment.medium
+        while uuid is not None:
+            medium = machine.media[uuid]
+            if not medium.accessible:
+                return medium
+            uuid = medium.parent
+    return None
 
 
 def image(machine: _Machine, uuid: str) -> VDI:

@@ -36,7 +36,8 @@ _FROM_OFFLINE = frozenset({"Snapshotting", "DeletingSnapshot", "RestoringSnapsho
 _AFTER_CRASH = frozenset({"Running", "Paused", *OFFLINE})
 
 #: Machine state -> the states the simulator may move it to, and by what:
-#: ``launchVMProcess`` (Starting/Restoring -> Running), ``powerDown``
+#: ``launchVMProcess`` (Starting/Restoring -> Running, or back when a disk is
+#: inaccessible), ``powerDown``
 #: (Stopping -> PoweredOff), ``pause``/``resume``, ``saveState`` (Saving ->
 #: Saved), ``discardSavedState``, ``takeSnapshot`` (a snapshotting state,
 #: then back), ``deleteSnapshot`` (a deleting state, then back),
@@ -49,8 +50,9 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "Teleported": frozenset({"Starting", *_FROM_OFFLINE}),
     "Saved": frozenset({"Restoring", "PoweredOff", *_FROM_OFFLINE}),
     "AbortedSaved": frozenset({"Restoring", "PoweredOff", *_FROM_OFFLINE}),
-    "Starting": frozenset({"Running", "Aborted"}),
-    "Restoring": frozenset({"Running", "Aborted"}),
+    # A start that fails (an inaccessible disk) goes back: Console::i_powerDown (ConsoleImpl.cpp).
+    "Starting": frozenset({"Running", "Aborted", "PoweredOff"}),
+    "Restoring": frozenset({"Running", "Aborted", "AbortedSaved", "Saved"}),
     "Running": frozenset({"Paused", "Stopping", "Saving", "LiveSnapshotting", "OnlineSnapshotting",
                           "DeletingSnapshotOnline", "Aborted"}),
     # LiveSnapshotting from Paused: a snapshot without pause on 6.1.

@@ -316,6 +316,7 @@ class World:
                 )
             resume = machine.state in ("Saved", "AbortedSaved")
             _media.check_media(machine)  # the VM process opens (locks) its media
+            unusable = _media.inaccessible_disk(machine)
             machine.holder = "vm"
             # The launching session becomes a Remote one with the VM process's console
             # (Session::assignMachine with no machine, then assignRemoteMachine; SessionImpl.cpp).
@@ -326,6 +327,17 @@ class World:
 
         def work(op: Operation) -> None:
             op.sleep(self.timing.start)
+            if unusable is not None:
+                # Console::i_powerUpThreadTask: LockMedia fails on an inaccessible hard disk with
+                # E_FAIL and the medium's last access error (Medium::i_createMediumLockList);
+                # Console::i_powerDown then sets Starting back to PoweredOff and Restoring to
+                # AbortedSaved (7.x) or Saved (6.1), keeping the state file (ConsoleImpl.cpp).
+                with self.lock:
+                    back = "PoweredOff" if not resume else ("Saved" if self.profile == "6.1" else "AbortedSaved")
+                    self.set_state(machine, back)
+                    self.write_settings(machine)
+                _sessions.vm_process_ended(self.lock, machine, self.timing.unlock_delay)
+                raise SimulatedVBoxError("E_FAIL", unusable.access_error)
             with self.lock:
                 if resume and machine.state_file:
                     if not _media.state_file_in_snapshots(machine, machine.state_file):
