@@ -19,6 +19,8 @@ adapter boundary and raised ``from`` the original, so callers catch one tree::
     │   ├── ArchiveNotFound
     │   ├── ArchiveExists
     │   ├── FileNotInArchive
+    │   ├── ArchiveMetadataError (also ValueError)  an archive's metadata is malformed or hostile
+    │   ├── RepositoryReadOnly                     a write to a repository opened with ``read_only=True``
     │   ├── SourceChanged                          a local file changed while it was read
     │   └── BorgError                              any other failure reported by borg
     ├── SnapshotError                              taking a snapshot (Snapshotter)
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AccessDenied",
     "ArchiveExists",
+    "ArchiveMetadataError",
     "ArchiveNotFound",
     "BorgError",
     "ConfigurationError",
@@ -63,6 +66,7 @@ __all__ = [
     "RepositoryExists",
     "RepositoryLocked",
     "RepositoryNotFound",
+    "RepositoryReadOnly",
     "SettingsFileError",
     "SnapshotError",
     "SnapshotInProgress",
@@ -180,6 +184,27 @@ class FileNotInArchive(RepositoryError):
         super().__init__(message, location=location)
         self.archive = archive
         self.path = path
+
+
+class ArchiveMetadataError(RepositoryError, ValueError):
+    """An archive's vbremote metadata is malformed or hostile, and was refused.
+
+    Archive metadata comes from the repository server, which may be
+    compromised: every path, role, size, chunking and string in it is checked
+    each time it is read. An archive that fails is never used (see
+    ``docs/repositories.md``, "Untrusted archives").
+
+    Attributes:
+        archive: The archive's name (empty when the record was checked on its own).
+    """
+
+    def __init__(self, message: str, *, location: str = "", archive: str = "") -> None:
+        super().__init__(message, location=location)
+        self.archive = archive
+
+
+class RepositoryReadOnly(RepositoryError):
+    """A write was asked of a repository opened with ``read_only=True``; nothing was changed."""
 
 
 class SourceChanged(RepositoryError):
