@@ -8,6 +8,7 @@ without vbremote's help.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 from helpers import BorgCLI
 
 import vbremote
+from vbremote._models import decode_comment
 from vbremote.testing import MIB, Fault, GuestWorkload, SimulatedVirtualBox, Timing
 
 # Cheap enough to run on two profiles: the oldest and a current one.
@@ -143,11 +145,18 @@ class TestModes:
         where = f"{scene.transport.path}::{result.archive.name}"
         listed = scene.borg("list", "--bypass-lock", "--format", "{path}{NL}", where)
         assert set(listed.split()) == {f.path for f in result.archive.files}
-        extra = result.archive.metadata.extra
-        assert extra["external"] == {"_external/dev-disk2.vdi": str(scene.tmp_path / "elsewhere" / "dev-disk2.vdi")}
+        metadata = result.archive.metadata
+        assert metadata.external == {"_external/dev-disk2.vdi": str(scene.tmp_path / "elsewhere" / "dev-disk2.vdi")}
+        assert metadata.taken == result.archive.time
         disks = {d.port: d.base for d in scene.host.vm("dev").disks}
-        assert extra["media"]["dev.vdi"] == {"uuid": disks[0].uuid, "parent": None}
-        assert extra["media"]["_external/dev-disk2.vdi"] == {"uuid": disks[1].uuid, "parent": None}
+        for port, path in ((0, "dev.vdi"), (1, "_external/dev-disk2.vdi")):
+            stored = result.archive.file(path)
+            assert (stored.medium, stored.parent) == (disks[port].uuid, None)
+        assert result.archive.file("dev.vbox").medium is None
+        # The comment as borg itself shows it reads back as the same metadata and files.
+        info = json.loads(scene.borg("info", "--bypass-lock", "--json", where))
+        decoded = decode_comment(info["archives"][0]["comment"])
+        assert decoded == (metadata, result.archive.files)
         assert result.archive.metadata.vbox_version == scene.host.version
         assert result.stats.bytes_read == sum(f.size for f in result.archive.files)
         assert result.stats.seconds_transient >= result.stats.seconds_archive > 0

@@ -28,7 +28,7 @@ import uuid as uuid_module
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from attrs import define, field
 
@@ -346,11 +346,6 @@ class Snapshotter:
         labels: frozenset[str],
         collected: Collected,
     ) -> SnapshotMetadata:
-        extra: dict[str, Any] = {
-            "instant": {"time": snapshot.taken.isoformat(), "snapshot": snapshot.uuid},
-            "media": {path: {"uuid": m.uuid, "parent": m.parent} for path, m in collected.media.items()},
-            "external": {path: written for written, path in collected.external.items()},
-        }
         return SnapshotMetadata(
             vm_name=info.name,
             vm_uuid=info.uuid,
@@ -360,7 +355,8 @@ class Snapshotter:
             cpu_vendor=_cpu_vendor(),
             cpu_portability=info.cpu_portability_level,
             labels=labels,
-            extra=extra,
+            taken=snapshot.taken,
+            external={path: written for written, path in collected.external.items()},
         )
 
     # -- deleting the transient snapshot ------------------------------------------------

@@ -96,7 +96,7 @@ def collect(settings: MachineSettings, folder: Path, *, vm: str = "") -> Collect
     seen: dict[Path, str] = {}
     taken: set[str] = set()
 
-    def place(written: str, role: FileRole, *, required: bool) -> str | None:
+    def place(written: str, role: FileRole, *, required: bool, medium: MediumRecord | None = None) -> str | None:
         source = Path(posixpath.normpath(posixpath.join(str(folder), written)))
         if source in seen:
             return seen[source]
@@ -117,13 +117,15 @@ def collect(settings: MachineSettings, folder: Path, *, vm: str = "") -> Collect
             raise SnapshotError(f"{vm}: {source} lies in the VM folder's reserved {EXTERNAL_FOLDER}/", vm=vm)
         taken.add(path)
         seen[source] = path
-        files.append(FileSpec(source, path, role))
+        files.append(FileSpec(source, path, role, medium=medium.uuid if medium else None,
+                              parent=medium.parent if medium else None))
         return path
 
     for medium, parent in _registry(settings):
-        path = place(medium.location, FileRole.DISK, required=True)
+        record = MediumRecord(uuid=medium.uuid, parent=parent)
+        path = place(medium.location, FileRole.DISK, required=True, medium=record)
         assert path is not None
-        media[path] = MediumRecord(uuid=medium.uuid, parent=parent)
+        media[path] = record
     for state_file in _state_files(settings):
         place(state_file, FileRole.STATE, required=True)
     for nvram in _nvram_files(settings):
