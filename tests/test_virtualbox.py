@@ -9,6 +9,7 @@ Scenes are set with the adapter's own calls only, so the same code runs on both.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,6 +168,94 @@ class TestSnapshots:
         with pytest.raises(vbremote.InvalidVMState):
             scene.host.restore_snapshot(scene.vm, snapshot.uuid)
         assert scene.host.state(scene.vm) is vbremote.MachineState.RUNNING
+
+
+SAV_NAME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}-\d{9}Z\.sav")
+
+
+class TestSnapshotKinds:
+    """What kind of snapshot each VM state gets (src/VBox/Main/src-server/SnapshotImpl.cpp, takeSnapshot)."""
+
+    def test_paused_vm_gets_an_online_snapshot_and_stays_paused(self, scene: Scene):
+        """A Paused VM's snapshot saves its state (fPause=true: 7.0.10+ refuses a live one) and leaves it Paused."""
+        scene.running()
+        scene.host.pause(scene.vm)
+        snapshot = scene.host.take_snapshot(scene.vm, "vbremote-paused")
+        assert snapshot.online
+        assert snapshot.state_file is not None
+        assert snapshot.state_file.is_file()
+        assert scene.host.state(scene.vm) is vbremote.MachineState.PAUSED
+        scene.host.resume(scene.vm)
+        assert scene.host.state(scene.vm) is vbremote.MachineState.RUNNING
+
+    def test_live_needs_a_running_vm(self, scene: Scene):
+        """live=True for a VM that is not Running raises InvalidVMState before VirtualBox is asked; nothing is made."""
+        with pytest.raises(vbremote.InvalidVMState) as info:
+            scene.host.take_snapshot(scene.vm, "vbremote-live", live=True)
+        assert info.value.snapshot_id is None
+        assert scene.host.vm(scene.vm).snapshot_tree is None
+
+    def test_not_live_pauses_a_running_vm_for_the_snapshot(self, scene: Scene):
+        """live=False on a Running VM saves its state while paused, then the VM runs on."""
+        scene.running()
+        snapshot = scene.host.take_snapshot(scene.vm, "vbremote-paused-live", live=False)
+        assert snapshot.online
+        assert snapshot.state_file is not None
+        assert scene.host.state(scene.vm) is vbremote.MachineState.RUNNING
+
+    def test_state_file_named_by_time_in_the_snapshot_folder(self, scene: Scene):
+        """A live snapshot's state file is <snapshot folder>/<UTC time>Z.sav (i_composeSavedStateFilename)."""
+        scene.running()
+        snapshot = scene.host.take_snapshot(scene.vm, "vbremote-live")
+        assert snapshot.state_file is not None
+        assert snapshot.state_file.parent == scene.host.vm(scene.vm).snapshot_folder
+        assert SAV_NAME.fullmatch(snapshot.state_file.name)
+
+
+class TestRestoreAndDelete:
+    def test_delete_refused_with_two_child_snapshots(self, scene: Scene):
+        """A snapshot with two child snapshots is refused up front (VBOX_E_INVALID_OBJECT_STATE); nothing changes."""
+        first = scene.host.take_snapshot(scene.vm, "vbremote-one")
+        scene.host.take_snapshot(scene.vm, "vbremote-two")
+        scene.host.restore_snapshot(scene.vm, first.uuid)
+        scene.host.take_snapshot(scene.vm, "vbremote-three")
+        before = scene.host.vm(scene.vm)
+        with pytest.raises(vbremote.VirtualBoxOperationFailed) as info:
+            scene.host.delete_snapshot(scene.vm, first.uuid)
+        assert info.value.result_code == 0x80BB0007
+        assert scene.host.vm(scene.vm).snapshots() == before.snapshots()
+
+    def test_delete_refused_for_the_current_snapshot_with_a_child(self, scene: Scene):
+        """The current snapshot with a child snapshot is refused up front (SessionMachine::i_deleteSnapshot)."""
+        first = scene.host.take_snapshot(scene.vm, "vbremote-one")
+        scene.host.take_snapshot(scene.vm, "vbremote-two")
+        scene.host.restore_snapshot(scene.vm, first.uuid)
+        with pytest.raises(vbremote.VirtualBoxOperationFailed) as info:
+            scene.host.delete_snapshot(scene.vm, first.uuid)
+        assert info.value.result_code == 0x80BB0007
+        assert [s.name for s in scene.host.vm(scene.vm).snapshots()] == ["vbremote-one", "vbremote-two"]
+
+
+class TestInterruptedSnapshot:
+    """An interrupted take_snapshot cancels an online snapshot and names what it asked for."""
+
+    @pytest.mark.parametrize("error", [RuntimeError("callback failed"), KeyboardInterrupt()])
+    def test_callback_error_cancels_and_names_the_snapshot(self, scene: Scene, error: BaseException):
+        """The callback's exception (or Ctrl-C) comes out with snapshot_id; the online snapshot is canceled."""
+        scene.running()
+        scene.host.poll_interval = 0.01
+
+        def interrupt(event: vbremote.Progress) -> None:
+            raise error
+
+        with pytest.raises(type(error)) as info:
+            scene.host.take_snapshot(scene.vm, "vbremote-interrupted", on_progress=interrupt)
+        snapshot_id = getattr(info.value, "snapshot_id", None)
+        assert snapshot_id is not None
+        assert any(snapshot_id in note for note in getattr(info.value, "__notes__", []))
+        vm = scene.host.vm(scene.vm)
+        assert snapshot_id not in {s.uuid for s in vm.snapshots()}
+        assert vm.state is vbremote.MachineState.RUNNING
 
 
 class TestStates:
