@@ -152,7 +152,7 @@ class VirtualBoxHost:
             raise ConfigurationError(f"{type(vbox).__name__} is not a pyvbox VirtualBox object")
         if manager is None:
             try:
-                import virtualbox  # type: ignore[import-not-found,import-untyped,unused-ignore]
+                import virtualbox
 
                 manager = virtualbox.Manager().manager
             except Exception as exc:

@@ -16,16 +16,10 @@ import os
 import time
 from typing import Any
 
-from ._vbox_constants import RESULT_CODES, signed32
-from ._vbox_world import (
-    Operation,
-    SimulatedVBoxError,
-    SimulatedVirtualBox,
-    _Attachment,
-    _Machine,
-    _Session,
-    _Snapshot,
-)
+from ._constants import RESULT_CODES, signed32
+from ._model import SimulatedVBoxError, _Attachment, _Machine, _Session, _Snapshot
+from ._operations import Operation
+from ._world import World
 
 __all__ = ["VirtualBoxManager"]
 
@@ -92,7 +86,7 @@ class _IErrorInfo(_COM):
 
 
 class _IProgress(_COM):
-    def __init__(self, op: Operation, sim: SimulatedVirtualBox) -> None:
+    def __init__(self, op: Operation, sim: World) -> None:
         self._op = op
         self._sim = sim
         self._timeout = -1
@@ -198,7 +192,7 @@ class _IMedium(_COM):
 
 
 class _IMediumAttachment(_COM):
-    def __init__(self, sim: SimulatedVirtualBox, machine: _Machine, attachment: _Attachment) -> None:
+    def __init__(self, sim: World, machine: _Machine, attachment: _Attachment) -> None:
         self._sim = sim
         self._machine = machine
         self._a = attachment
@@ -221,7 +215,7 @@ class _IMediumAttachment(_COM):
 class _ISnapshotMachine(_COM):
     """``ISnapshot.machine``: the read-only machine as it was at the snapshot."""
 
-    def __init__(self, sim: SimulatedVirtualBox, machine: _Machine, snapshot: _Snapshot) -> None:
+    def __init__(self, sim: World, machine: _Machine, snapshot: _Snapshot) -> None:
         self._sim = sim
         self._machine = machine
         self._snapshot = snapshot
@@ -240,7 +234,7 @@ class _ISnapshotMachine(_COM):
 
 
 class _ISnapshot(_COM):
-    def __init__(self, sim: SimulatedVirtualBox, machine: _Machine, snapshot: _Snapshot) -> None:
+    def __init__(self, sim: World, machine: _Machine, snapshot: _Snapshot) -> None:
         self._sim = sim
         self._machine = machine
         self._s = snapshot
@@ -279,7 +273,7 @@ class _INvramStore(_COM):
 
 
 class _IConsole(_COM):
-    def __init__(self, sim: SimulatedVirtualBox, machine: _Machine, session: _Session) -> None:
+    def __init__(self, sim: World, machine: _Machine, session: _Session) -> None:
         self._sim = sim
         self._machine = machine
         self._session = session
@@ -306,7 +300,7 @@ class _IConsole(_COM):
 class _IMachine(_COM):
     """``IMachine``: the read-only machine (``session`` None) or a session's mutable machine."""
 
-    def __init__(self, sim: SimulatedVirtualBox, machine: _Machine, session: _Session | None = None) -> None:
+    def __init__(self, sim: World, machine: _Machine, session: _Session | None = None) -> None:
         self._sim = sim
         self._m = machine
         self._session = session
@@ -440,7 +434,7 @@ class _IMachine(_COM):
 
 
 class _ISession(_COM):
-    def __init__(self, sim: SimulatedVirtualBox) -> None:
+    def __init__(self, sim: World) -> None:
         self._sim = sim
         self._s = _Session()
 
@@ -470,7 +464,7 @@ class _ISession(_COM):
 
 
 class _IVirtualBox(_COM):
-    def __init__(self, sim: SimulatedVirtualBox) -> None:
+    def __init__(self, sim: World) -> None:
         self._sim = sim
 
     version = property(lambda self: self._sim.version)
@@ -515,7 +509,7 @@ class VirtualBoxManager:
     """
 
     def __init__(self, sStyle: str | None = None, dPlatformParams: object = None, *,
-                 simulator: SimulatedVirtualBox) -> None:
+                 simulator: World) -> None:
         self._sim = simulator
         self.style = sStyle or "XPCOM"
         self.type = self.style
