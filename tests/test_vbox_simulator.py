@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -507,6 +508,73 @@ class TestDeleting:
         assert sim.disk_matches_guest("dev")
         host.power_off("dev")
         assert sim.disk_matches_guest("dev")
+
+
+SETTINGS_VERSIONS = {("6.1", "BIOS"): "1.16", ("6.1", "EFI"): "1.18"}
+
+
+class TestSettingsFiles:
+    @pytest.mark.parametrize("firmware", ["BIOS", "EFI"])
+    def test_version_and_layout_per_profile(self, sim: SimulatedVirtualBox, firmware: str, tmp_path: Path):
+        """Each profile writes the version and layout its VirtualBox writes, and parse_settings reads it back.
+
+        Settings.cpp (6.1.38, 7.0.18, 7.1.12, 7.2), MachineConfigFile::bumpSettingsVersionIfNeeded: 6.1 writes a
+        BIOS machine as 1.16 (StorageControllers beside Hardware, buildHardwareXML) and an EFI machine as 1.18 (a
+        NVRAM path needs 1.18); 7.x writes an x86 machine as 1.19. NVRAM is Hardware/BIOS/NVRAM below 1.20, and a
+        snapshot's hardware names its own NVRAM copy where the simulator recorded one.
+        """
+        host = host_of(sim)
+        sim.create_vm("vm2", firmware=firmware, disks=2, external_disk_folder=tmp_path / "outside")
+        sim.start("vm2")
+        first = host.take_snapshot("vm2", "one")
+        second = host.take_snapshot("vm2", "two")
+        vm = host.vm("vm2")
+        data = vm.settings_file.read_bytes()
+        version = SETTINGS_VERSIONS.get((sim.profile, firmware), "1.19")
+        n = "{http://www.virtualbox.org/}"
+        root = ET.fromstring(data)
+        assert root.get("version") == f"{version}-linux"
+        machine = root.find(f"{n}Machine")
+        assert machine is not None
+        owners = [machine, *machine.iter(f"{n}Snapshot")]
+        assert len(owners) == 3
+        beside = version == "1.16"
+        for owner in owners:
+            assert len(owner.findall(f"{n}StorageControllers")) == (1 if beside else 0)
+            assert len(owner.findall(f"{n}Hardware/{n}StorageControllers")) == (0 if beside else 1)
+            assert owner.findall(f"{n}Platform") == []
+            nvram = owner.findall(f"{n}Hardware/{n}BIOS/{n}NVRAM")
+            assert len(nvram) == (1 if firmware == "EFI" else 0)
+        parsed = parse_settings(data)
+        assert parsed.version == version
+        assert parsed.nvram == ("vm2.nvram" if firmware == "EFI" else None)
+        assert [a.medium for a in parsed.attachments if a.type == "HardDisk"] == [d.chain[-1].uuid for d in vm.disks]
+        for node, snapshot in zip(parsed.snapshots(), (first, second), strict=True):
+            assert node.uuid == snapshot.uuid
+            assert [a.medium for a in node.attachments if a.type == "HardDisk"] == [
+                a.chain[-1].uuid for a in snapshot.attachments if a.type == "HardDisk"
+            ]
+        frozen = parse_settings(freeze_instant(data, second.uuid))
+        assert [a.medium for a in frozen.attachments if a.type == "HardDisk"] == [
+            a.chain[-1].uuid for a in second.attachments if a.type == "HardDisk"
+        ]
+        assert {d.chain[-1].uuid for d in vm.disks}.isdisjoint(m.uuid for m in frozen.all_media())
+
+
+    def test_snapshot_nvram_copy_written_and_read_back(self, sim: SimulatedVirtualBox):
+        """A snapshot's own NVRAM copy is written in its hardware and read back by a new host on the same home."""
+        host = host_of(sim)
+        uuid = sim.create_vm("vm2", firmware="EFI")
+        snapshot = host.take_snapshot("vm2", "one")
+        machine = sim.machines[uuid]
+        machine.snapshots[snapshot.uuid].nvram = "Snapshots/2026-11-20T09-15-00-987654321Z.nvram"
+        sim.write_settings(machine)
+        parsed = parse_settings(host.vm("vm2").settings_file.read_bytes())
+        assert parsed.nvram == "vm2.nvram"
+        assert [n.nvram for n in parsed.snapshots()] == ["Snapshots/2026-11-20T09-15-00-987654321Z.nvram"]
+        with SimulatedVirtualBox(sim.home, version=sim.profile) as again:
+            assert again.machines[uuid].snapshots[snapshot.uuid].nvram == machine.snapshots[snapshot.uuid].nvram
+
 
 class TestFaults:
     def test_no_space(self, sim71: SimulatedVirtualBox):
