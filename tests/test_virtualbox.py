@@ -309,6 +309,20 @@ class TestRestoreAndDelete:
         assert info.value.result_code == 0x80BB0007
         assert [s.name for s in scene.host.vm(scene.vm).snapshots()] == ["vbremote-one", "vbremote-two"]
 
+    def test_delete_a_snapshot_whose_images_have_no_child(self, scene: Scene):
+        """A snapshot image left without a child (its state was restored away) is deleted, not merged."""
+        first = scene.host.take_snapshot(scene.vm, "vbremote-one")
+        second = scene.host.take_snapshot(scene.vm, "vbremote-two")
+        scene.host.restore_snapshot(scene.vm, first.uuid)
+        before = scene.host.vm(scene.vm)
+        scene.host.delete_snapshot(scene.vm, second.uuid)
+        vm = scene.host.vm(scene.vm)
+        assert [s.uuid for s in vm.snapshots()] == [first.uuid]
+        assert [d.chain for d in vm.disks] == [d.chain for d in before.disks]
+        for attachment in second.attachments:
+            if attachment.type == "HardDisk" and attachment.medium is not None:
+                assert not attachment.medium.location.exists()
+
     def test_delete_between_equal_differencing_images_merges_forward(self, scene: Scene):
         """Two differencing images of equal file size merge forward: the child's uuid and file survive."""
         scene.host.take_snapshot(scene.vm, "vbremote-one")
