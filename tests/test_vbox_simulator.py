@@ -346,20 +346,42 @@ class TestReleases:
         second = host.take_snapshot("dev", "two")
         assert first.state_file is not None
         assert first.state_file == second.state_file == host.vm("dev").state_file
-        mgr = release.manager()
-        vbox = mgr.getVirtualBox()
-        session = mgr.getSessionObject(vbox)
-        vbox.findMachine("dev").lockMachine(session, mgr.constants.LockType_Write)
-        try:
-            session.machine.discardSavedState(True)
-        finally:
-            session.unlockMachine()
+        discard_saved_state(release)
         assert first.state_file.is_file()  # both snapshots still use it
         host.delete_snapshot("dev", first.uuid)
         buggy = release.profile == "7.0"
         assert first.state_file.exists() is not buggy
         host.delete_snapshot("dev", second.uuid)
         assert not first.state_file.exists()
+
+
+def discard_saved_state(sim: SimulatedVirtualBox) -> None:
+    mgr = sim.manager()
+    vbox = mgr.getVirtualBox()
+    session = mgr.getSessionObject(vbox)
+    vbox.findMachine("dev").lockMachine(session, mgr.constants.LockType_Write)
+    try:
+        session.machine.discardSavedState(True)
+    finally:
+        session.unlockMachine()
+
+
+class TestSharedStateFiles:
+    """Whether deleting a snapshot deletes a state file another shares (Snapshot::i_sharesSavedStateFile)."""
+
+    def test_deleting_a_middle_snapshot_whose_child_shares_it(self, release: SimulatedVirtualBox):
+        """Kept on 7.0.x (the snapshot itself matches) and 7.1.12+, deleted on 6.1.38 (its subtree is skipped)."""
+        host = host_of(release)
+        host.take_snapshot("dev", "root")
+        release.start("dev", workload=None)
+        host.save_state("dev")
+        middle = host.take_snapshot("dev", "middle")
+        below = host.take_snapshot("dev", "below")
+        assert middle.state_file is not None
+        assert middle.state_file == below.state_file
+        discard_saved_state(release)
+        host.delete_snapshot("dev", middle.uuid)
+        assert middle.state_file.exists() is (release.profile != "6.1")
 
 
 class TestSnapshotFiles:

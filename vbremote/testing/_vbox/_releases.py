@@ -21,14 +21,16 @@ What depends on the patch release:
   machine unless it is running.", ``VBOX_E_INVALID_VM_STATE``); 6.1.38 and
   7.0.6 have no such check (a Paused machine then goes to
   ``OnlineSnapshotting``, any offline one to ``Snapshotting``).
-- ``Snapshot::i_sharesSavedStateFile`` (SnapshotImpl.cpp), which decides
-  whether deleting a snapshot deletes its saved-state file, compares the
-  snapshot to ignore with the first snapshot (``this``) rather than with
-  each snapshot it visits in 7.0.x (7.0.2 to 7.0.18) and 7.1.4/7.1.6: deleting
-  the first snapshot then deletes a state file other snapshots still share,
-  and deleting any other snapshot never deletes its own. 6.1.38 (a recursive
-  version), 7.1.12 and 7.2 compare each snapshot and keep a state file
-  exactly while the machine or another snapshot uses it.
+- ``Snapshot::i_sharesSavedStateFile`` (SnapshotImpl.cpp) decides whether
+  deleting a snapshot deletes its saved-state file (the machine's own state
+  file is always kept). 6.1.38 walks the tree recursively and skips the
+  deleted snapshot together with everything below it, so a state file that
+  only a descendant shares is deleted. 7.0.x (7.0.2 to 7.0.18) and 7.1.4/7.1.6
+  walk it iteratively but compare the snapshot to skip with the first
+  snapshot (``this``) rather than with each one: deleting the first snapshot
+  deletes a state file others still share, and deleting any other never
+  deletes its own. 7.1.12 and 7.2 compare each snapshot: a state file goes
+  exactly when no other snapshot uses it.
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ __all__ = [
     "EARLIER_RELEASES",
     "RELEASES",
     "Release",
-    "first_snapshot_state_file_check",
     "live_snapshot_needs_running",
     "parse",
     "resolve",
+    "state_file_check",
 ]
 
 #: The patch release each profile models.
@@ -71,6 +73,8 @@ def live_snapshot_needs_running(release: str) -> bool:
     return parse(release) >= (7, 0, 10)
 
 
-def first_snapshot_state_file_check(release: str) -> bool:
-    """Whether ``Snapshot::i_sharesSavedStateFile`` compares with the first snapshot (7.0.x, 7.1 before 7.1.12)."""
-    return (7, 0, 0) <= parse(release) < (7, 1, 12)
+def state_file_check(release: str) -> str:
+    """How ``Snapshot::i_sharesSavedStateFile`` skips the deleted snapshot: ``"subtree"``, ``"first"`` or ``"each"``."""
+    if parse(release) < (7, 0, 0):
+        return "subtree"
+    return "first" if parse(release) < (7, 1, 12) else "each"

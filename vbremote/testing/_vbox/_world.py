@@ -672,17 +672,26 @@ class World:
     def _release_state_file(self, machine: _Machine, snapshot: _Snapshot) -> None:
         """``SessionMachine::i_releaseSavedStateFile`` for a deleted snapshot's state file (see _releases)."""
         path = snapshot.state_file
-        if not path or path == machine.state_file:
+        if not path or path == machine.state_file or machine.root is None:
             return
-        if _releases.first_snapshot_state_file_check(self.version):
-            # Snapshot::i_sharesSavedStateFile as in 7.0.x: the snapshot to
-            # ignore is compared with the first snapshot, not with each one.
-            ignored_everywhere = machine.root == snapshot.uuid
-            shared = not ignored_everywhere and any(s.state_file == path for s in machine.snapshots.values())
+        check = _releases.state_file_check(self.version)
+        if check == "first":
+            # 7.0.x: the snapshot to skip is compared with the first snapshot, not with each one.
+            shared = machine.root != snapshot.uuid and any(s.state_file == path for s in machine.snapshots.values())
+        elif check == "subtree":
+            shared = self._shares_below(machine, machine.snapshots[machine.root], path, snapshot)
         else:
             shared = any(s.state_file == path for s in machine.snapshots.values() if s is not snapshot)
         if not shared:
             machine.path(path).unlink(missing_ok=True)
+
+    def _shares_below(self, machine: _Machine, node: _Snapshot, path: str, skip: _Snapshot) -> bool:
+        # 6.1.38's recursion: a node is checked unless it is the skipped one, and
+        # the skipped one's children are never visited (unless it is the first).
+        if node is not skip and node.state_file == path:
+            return True
+        return any(self._shares_below(machine, child, path, skip)
+                   for child in (machine.snapshots[c] for c in node.children) if child is not skip)
 
     def _remove_snapshot(self, machine: _Machine, snapshot: _Snapshot) -> None:
         parent = machine.snapshots[snapshot.parent] if snapshot.parent else None
