@@ -412,16 +412,28 @@ class TestSnapshotFiles:
                 time.sleep(0.05)
             assert host.vm("dev").current_snapshot == info.value.snapshot_id
 
-    def test_nvram_per_firmware_and_profile(self, sim: SimulatedVirtualBox):
-        """A BIOS VM has no NVRAM file on 6.1 and the default name on 7.x; a snapshot copies none that is missing."""
+    def test_nvram_of_a_bios_vm(self, sim: SimulatedVirtualBox):
+        """A BIOS VM: no NVRAM file on 6.1, the default name on 7.x; copied per snapshot when it exists on 7.0 only.
+
+        MachineImpl.cpp, i_getDefaultNVRAMFilename (6.1: EFI only); SnapshotImpl.cpp, i_takeSnapshotHandler
+        (7.1.4 on: not for FirmwareType_BIOS).
+        """
         host = host_of(sim)
         vm = host.vm("dev")
         if sim.profile == "6.1":
             assert vm.nvram_file is None
+            assert host.take_snapshot("dev", "bios").nvram_file is None
+            return
+        assert vm.nvram_file == vm.folder / "dev.nvram"
+        assert not vm.nvram_file.exists()
+        assert host.take_snapshot("dev", "none yet").nvram_file is None
+        vm.nvram_file.write_bytes(b"vTPM state")  # e.g. an emulated TPM's
+        copied = host.take_snapshot("dev", "bios").nvram_file
+        if sim.profile == "7.0":
+            assert copied is not None
+            assert copied.read_bytes() == b"vTPM state"
         else:
-            assert vm.nvram_file == vm.folder / "dev.nvram"
-            assert not vm.nvram_file.exists()
-        assert host.take_snapshot("dev", "bios").nvram_file is None
+            assert copied is None
 
     def test_snapshot_nvram_kept_in_the_settings_file(self, sim: SimulatedVirtualBox):
         """The snapshot's hardware names its NVRAM copy in the .vbox, and a new host reads it back."""

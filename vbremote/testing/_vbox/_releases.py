@@ -21,6 +21,9 @@ What depends on the patch release:
   machine unless it is running.", ``VBOX_E_INVALID_VM_STATE``); 6.1.38 and
   7.0.6 have no such check (a Paused machine then goes to
   ``OnlineSnapshotting``, any offline one to ``Snapshotting``).
+- ``i_takeSnapshotHandler`` (SnapshotImpl.cpp) copies the NVRAM file for
+  every snapshot when it exists; from 7.1 (7.1.4, 7.1.6, 7.1.12, 7.2) only
+  for a machine whose firmware is not BIOS.
 - ``Snapshot::i_sharesSavedStateFile`` (SnapshotImpl.cpp) decides whether
   deleting a snapshot deletes its saved-state file (the machine's own state
   file is always kept). 6.1.38 walks the tree recursively and skips the
@@ -40,6 +43,7 @@ __all__ = [
     "RELEASES",
     "Release",
     "live_snapshot_needs_running",
+    "nvram_copy_skips_bios",
     "parse",
     "resolve",
     "state_file_check",
@@ -71,6 +75,11 @@ def parse(release: str) -> Release:
 def live_snapshot_needs_running(release: str) -> bool:
     """Whether ``takeSnapshot`` refuses ``fPause = false`` for a machine that is not Running (7.0.10+)."""
     return parse(release) >= (7, 0, 10)
+
+
+def nvram_copy_skips_bios(release: str) -> bool:
+    """Whether a snapshot of a BIOS machine gets no NVRAM copy (7.1 on)."""
+    return parse(release) >= (7, 1, 0)
 
 
 def state_file_check(release: str) -> str:

@@ -519,9 +519,10 @@ class World:
                         diff = _media.new_diff(machine, attachment.medium)
                         created.append(diff.uuid)
                         attachment.medium = diff.uuid
-                    # Online and offline, on every release: the NVRAM store is copied for the snapshot.
+                    # Online and offline: the NVRAM store is copied for the snapshot (from 7.1 not for BIOS).
                     source = self.nvram_file(machine)
-                    if source and machine.path(source).is_file():
+                    skip = machine.firmware == "BIOS" and _releases.nvram_copy_skips_bios(self.version)
+                    if source and machine.path(source).is_file() and not skip:
                         nvram = f"Snapshots/{nvram_name()}"
                         shutil.copyfile(machine.path(source), machine.path(nvram))
                     snapshot = _Snapshot(snapshot_uuid, name, description, int(time.time() * 1000), state_file,
