@@ -20,10 +20,13 @@ from ._model import Slot, _Attachment, _Machine, _Medium
 from ._operations import Operation
 
 __all__ = [
+    "check_media",
+    "check_medium",
     "content",
     "drop_medium",
     "expected",
     "image",
+    "inaccessible_disk",
     "merge",
     "merge_forward",
     "new_diff",
@@ -33,6 +36,40 @@ __all__ = [
 ]
 
 _SAV_MAGIC = b"\x7fVirtualBox SavedState V2.0\n"
+
+
+def check_medium(medium: _Medium) -> None:
+    """Open a medium as ``IMedium::refreshState`` does: accessible if its file opens, else why not.
+
+    ``Medium::refreshState`` runs ``Medium::i_queryInfo``
+    (``src/VBox/Main/src-server/MediumImpl.cpp``), which sets the state to
+    Created or Inaccessible with the reason; a missing file is not an error
+    of the call.
+    """
+    if medium.path.is_file():
+        medium.access_error = ""
+    else:
+        medium.access_error = (f"Could not open the medium '{medium.path}'. VD: error VERR_FILE_NOT_FOUND opening "
+                               f"image file '{medium.path}' (VERR_FILE_NOT_FOUND)")
+
+
+def check_media(machine: _Machine) -> None:
+    """Open every medium of a machine that is not known accessible (as a VM start or a snapshot locks them)."""
+    for medium in machine.media.values():
+        if not medium.accessible:
+            check_medium(medium)
+
+
+def inaccessible_disk(machine: _Machine) -> _Medium | None:
+    """The first medium of the current hard disks' chains that cannot be opened, if any."""
+    for attachment in machine.hard_disks():
+        uuid = attachment.medium
+        while uuid is not None:
+            medium = machine.media[uuid]
+            if not medium.accessible:
+                return medium
+            uuid = medium.parent
+    return None
 
 
 def image(machine: _Machine, uuid: str) -> VDI:

@@ -111,6 +111,10 @@ class GuestWorkload:
             raise ConfigurationError("rate must not be negative")
 
 
+#: ``Medium::initOne``'s text for a medium read from settings and not opened yet.
+NOT_CHECKED = "Accessibility check was not yet performed"
+
+
 @define
 class _Medium:
     uuid: str
@@ -118,6 +122,14 @@ class _Medium:
     parent: str | None
     size: int
     children: list[str] = field(factory=list)
+    # VirtualBox opens a medium read from a settings file only when something
+    # needs it (IMedium::refreshState, a lock); until then it reads as
+    # Inaccessible with size 0 (Medium::initOne, MediumImpl.cpp).
+    access_error: str = ""
+
+    @property
+    def accessible(self) -> bool:
+        return not self.access_error
 
 
 @define
@@ -148,11 +160,19 @@ class _Snapshot:
 
 @define(eq=False)
 class _Session:
-    """One ISession: unlocked, or locked on a machine as the write holder or as a shared client."""
+    """One ISession: unlocked, or locked on a machine as the write holder or as a shared client.
+
+    ``lock_type`` is the write holder's ``LockType`` (``"Write"``, ``"Shared"`` or
+    ``"VM"``); ``console`` whether the session has a console: its own (a
+    ``VM`` lock) or the VM process's (``Machine::lockMachine`` shares it only
+    when the holder locked as ``VM``).
+    """
 
     state: str = "Unlocked"
     type: str = "Null"
     machine: _Machine | None = None
+    lock_type: str = "Null"
+    console: bool = False
 
 
 @define(eq=False)
@@ -183,6 +203,9 @@ class _Machine:
     root: str | None = None
     current: str | None = None
     registered: bool = False
+    # The settings file the machine was opened from (its name need not be
+    # the VM's); None: <folder>/<name>.vbox.
+    settings_file: Path | None = None
     # Sessions: the write holder ("vm" for a running VM's process, or a client
     # session), shared clients, and the end of the unlock window.
     holder: _Session | str | None = None
@@ -202,7 +225,7 @@ class _Machine:
 
     @property
     def settings_path(self) -> Path:
-        return self.folder / f"{self.name}.vbox"
+        return self.settings_file if self.settings_file is not None else self.folder / f"{self.name}.vbox"
 
     def path(self, relative: str) -> Path:
         return self.folder / relative

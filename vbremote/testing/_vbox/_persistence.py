@@ -33,10 +33,9 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..._errors import SettingsFileError
 from ..._settings import NS, Medium, SnapshotNode, _bare, parse_settings
 from .._vdi import VDI
-from ._model import _Attachment, _Machine, _Medium, _Snapshot, now_iso
+from ._model import NOT_CHECKED, _Attachment, _Machine, _Medium, _Snapshot, now_iso
 
 __all__ = ["load_registry", "machine_from_settings", "registry_path", "write_registry", "write_settings"]
 
@@ -63,7 +62,8 @@ def write_settings(machine: _Machine, profile: str, *, aborted: bool = False) ->
     attributes["lastStateChange"] = machine.last_state_change or now_iso()
     if machine.state_file:
         attributes["stateFile"] = machine.state_file
-    if aborted or machine.state == "Aborted":
+    # Machine::i_saveSettings: fAborted for Aborted (and, from 7.0, AbortedSaved).
+    if aborted or machine.state in ("Aborted", "AbortedSaved"):
         attributes["aborted"] = "true"
     element = ET.SubElement(root, "Machine", attributes)
     registry = ET.SubElement(ET.SubElement(element, "MediaRegistry"), "HardDisks")
@@ -150,13 +150,19 @@ def _location(machine: _Machine, path: Path) -> str:
 def machine_from_settings(settings: Path, data: bytes, profile: str) -> _Machine:
     """The machine that the ``.vbox`` file at ``settings`` (content ``data``) describes, not registered.
 
+    As ``Machine::initFromSettings`` and ``i_loadMachineDataFromSettings``
+    (``src/VBox/Main/src-server/MachineImpl.cpp``) load it: the file's name need
+    not be the VM's; relative media locations are joined to the file's folder
+    and no medium is opened (each reads as not yet checked, ``Medium::initOne``);
+    ``aborted`` with a ``stateFile`` is AbortedSaved from 7.0, and Aborted with
+    the state file dropped on 6.1; a ``stateFile`` alone is Saved. Neither the
+    state file nor the media need exist.
+
     Raises:
-        SettingsFileError: The file is malformed or misnamed (also ValueError, KeyError on bad values).
+        SettingsFileError: The file is malformed (also ValueError, KeyError on bad values).
     """
     parsed = parse_settings(data)
     folder = settings.parent
-    if settings.name != f"{parsed.name}.vbox":
-        raise SettingsFileError(f"the settings file of {parsed.name!r} must be named {parsed.name}.vbox")
     root = ET.fromstring(data)
     element = root.find(_N + "Machine")
     assert element is not None
@@ -173,18 +179,24 @@ def machine_from_settings(settings: Path, data: bytes, profile: str) -> _Machine
         nvram=parsed.nvram,
         state_file=parsed.state_file,
         last_state_change=element.get("lastStateChange", ""),
+        settings_file=settings,
     )
-    if parsed.state_file:
-        machine.state = "AbortedSaved" if element.get("aborted") == "true" and profile != "6.1" else "Saved"
-    elif element.get("aborted") == "true":
+    aborted = element.get("aborted") in ("true", "1")
+    if aborted and parsed.state_file and profile != "6.1":
+        machine.state = "AbortedSaved"
+    elif aborted:
         machine.state = "Aborted"
+        machine.state_file = None
+    elif parsed.state_file:
+        machine.state = "Saved"
 
     def add(medium: Medium, parent: str | None) -> None:
         location = Path(medium.location)
         path = location if location.is_absolute() else folder / location
-        # A differencing image has its base's size; a missing base reads as size 0 (inaccessible).
+        # A differencing image has its base's size; a missing base has none. The
+        # API shows neither until the medium is opened (see _media.check_medium).
         size = machine.media[parent].size if parent else (VDI.open(path).size if path.exists() else 0)
-        machine.media[medium.uuid] = _Medium(medium.uuid, path, parent, size)
+        machine.media[medium.uuid] = _Medium(medium.uuid, path, parent, size, access_error=NOT_CHECKED)
         if parent:
             machine.media[parent].children.append(medium.uuid)
         for child in medium.children:

@@ -16,8 +16,11 @@ from ._model import OFFLINE, SimulatedVBoxError, _Machine, _Session, now_iso
 __all__ = [
     "TRANSITIONS",
     "IllegalTransition",
+    "check_lockable",
     "check_mutable",
+    "check_open",
     "check_session_machine",
+    "holder_has_console",
     "is_locked",
     "lock_machine",
     "release_clients",
@@ -33,7 +36,8 @@ _FROM_OFFLINE = frozenset({"Snapshotting", "DeletingSnapshot", "RestoringSnapsho
 _AFTER_CRASH = frozenset({"Running", "Paused", *OFFLINE})
 
 #: Machine state -> the states the simulator may move it to, and by what:
-#: ``launchVMProcess`` (Starting/Restoring -> Running), ``powerDown``
+#: ``launchVMProcess`` (Starting/Restoring -> Running, or back when a disk is
+#: inaccessible), ``powerDown``
 #: (Stopping -> PoweredOff), ``pause``/``resume``, ``saveState`` (Saving ->
 #: Saved), ``discardSavedState``, ``takeSnapshot`` (a snapshotting state,
 #: then back), ``deleteSnapshot`` (a deleting state, then back),
@@ -46,8 +50,9 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "Teleported": frozenset({"Starting", *_FROM_OFFLINE}),
     "Saved": frozenset({"Restoring", "PoweredOff", *_FROM_OFFLINE}),
     "AbortedSaved": frozenset({"Restoring", "PoweredOff", *_FROM_OFFLINE}),
-    "Starting": frozenset({"Running", "Aborted"}),
-    "Restoring": frozenset({"Running", "Aborted"}),
+    # A start that fails (an inaccessible disk) goes back: Console::i_powerDown (ConsoleImpl.cpp).
+    "Starting": frozenset({"Running", "Aborted", "PoweredOff"}),
+    "Restoring": frozenset({"Running", "Aborted", "AbortedSaved", "Saved"}),
     "Running": frozenset({"Paused", "Stopping", "Saving", "LiveSnapshotting", "OnlineSnapshotting",
                           "DeletingSnapshotOnline", "Aborted"}),
     # Never LiveSnapshotting from Paused: takeSnapshot (SnapshotImpl.cpp) sets
@@ -93,55 +98,101 @@ def is_locked(machine: _Machine) -> bool:
     return machine.holder is not None or time.monotonic() < machine.unlocking_until
 
 
+def check_open(session: _Session) -> None:
+    """``CHECK_OPEN`` of ``SessionImpl.cpp``: a session that is not locked answers only its state.
+
+    Raises:
+        SimulatedVBoxError: ``E_UNEXPECTED``, as ``Session::getType``, ``getMachine``,
+            ``getConsole`` and ``unlockMachine`` give.
+    """
+    if session.state != "Locked":
+        raise SimulatedVBoxError("E_UNEXPECTED", f"The session is not locked (session state: {session.state})")
+
+
+def check_lockable(machine: _Machine, session: _Session) -> None:
+    """The checks ``Machine::lockMachine`` and ``Machine::launchVMProcess`` make first (caller holds the host lock)."""
+    if session.state != "Unlocked":
+        raise SimulatedVBoxError("VBOX_E_INVALID_OBJECT_STATE", "The given session is busy")
+    if not machine.registered:
+        raise SimulatedVBoxError("E_UNEXPECTED", f"The machine '{machine.name}' is not registered")
+
+
+def holder_has_console(machine: _Machine) -> bool:
+    """Whether the write holder has a console to share: the VM process, or a session locked as ``VM``."""
+    holder = machine.holder
+    return holder == "vm" or (isinstance(holder, _Session) and holder.lock_type == "VM")
+
+
 def lock_machine(host: HostLock, machine: _Machine, session: _Session, lock_type: str) -> None:
-    """``IMachine.lockMachine``: ``lock_type`` is ``"Shared"`` or ``"Write"``."""
+    """``IMachine.lockMachine`` (``Machine::lockMachine``, ``MachineImpl.cpp``, 6.1.38 to 7.1.12).
+
+    ``lock_type`` is ``"Shared"``, ``"Write"`` or ``"VM"``. A shared lock on a
+    locked machine links the session to the holder's session machine and, only
+    if the holder locked as ``VM``, its console; any other lock of a locked (or
+    unlocking) machine is refused. An unlocked machine is write-locked whatever
+    the type asked for, and only a ``VM`` lock makes a console
+    (``Session::assignMachine``).
+    """
     with host:
-        if session.state != "Unlocked":
-            raise SimulatedVBoxError("VBOX_E_INVALID_SESSION_STATE", "The given session is busy")
-        if not machine.registered:
-            raise SimulatedVBoxError("VBOX_E_INVALID_OBJECT_STATE", f"Machine '{machine.name}' is not registered")
+        check_lockable(machine, session)
         if is_locked(machine):
             if lock_type == "Shared" and machine.holder is not None:
                 session.state, session.type, session.machine = "Locked", "Shared", machine
+                session.console = holder_has_console(machine)
                 machine.shared.add(session)
                 return
             raise SimulatedVBoxError(
                 "VBOX_E_INVALID_OBJECT_STATE",
-                f"The machine '{machine.name}' is already locked by a session (or being locked or unlocked)",
+                f"The machine '{machine.name}' is already locked for a session (or being unlocked)",
             )
-        # Not locked: a shared request gets the write lock, as on VirtualBox.
         session.state, session.type, session.machine = "Locked", "WriteLock", machine
+        session.lock_type = lock_type
+        session.console = lock_type == "VM"
         machine.holder = session
 
 
 def unlock(host: HostLock, session: _Session) -> None:
-    """``ISession.unlockMachine``; a write holder's uncommitted settings are discarded."""
+    """``ISession.unlockMachine``; a write holder's uncommitted settings are discarded.
+
+    When the write holder unlocks, its session machine goes, and with it every
+    shared session on it (``SessionMachine::uninit`` uninitializes the remote
+    controls, ``MachineImpl.cpp``).
+    """
     with host:
-        if session.state != "Locked" or session.machine is None:
-            raise SimulatedVBoxError(
-                "VBOX_E_INVALID_SESSION_STATE", f"The session is not locked (session state: {session.state})"
-            )
+        check_open(session)
         machine = session.machine
+        assert machine is not None
         machine.shared.discard(session)
         if machine.holder is session:
             machine.holder = None
             machine.pending_cpuid = None  # uncommitted changes are discarded, as on VirtualBox
-        session.state, session.type, session.machine = "Unlocked", "Null", None
+            release_clients(machine)
+        _reset(session)
+
+
+def _reset(session: _Session) -> None:
+    session.state, session.type, session.machine = "Unlocked", "Null", None
+    session.lock_type, session.console = "Null", False
 
 
 def release_clients(machine: _Machine) -> None:
-    """The VM process died: its shared client sessions are unlocked (caller holds the host lock)."""
+    """The session machine went: its shared client sessions are unlocked (caller holds the host lock)."""
     for session in list(machine.shared):
-        session.state, session.type, session.machine = "Unlocked", "Null", None
+        _reset(session)
     machine.shared.clear()
 
 
 def vm_process_ended(host: HostLock, machine: _Machine, unlock_delay: float) -> None:
-    """The VM process released the machine; it stays "being unlocked" for ``unlock_delay`` seconds."""
+    """The VM process released the machine; it stays "being unlocked" for ``unlock_delay`` seconds.
+
+    Its session machine goes, so the shared sessions on it are unlocked
+    (``SessionMachine::uninit``).
+    """
     with host:
         if machine.holder == "vm":
             machine.holder = None
             machine.unlocking_until = time.monotonic() + unlock_delay
+            release_clients(machine)
 
 
 def check_session_machine(machine: _Machine, session: _Session) -> None:

@@ -307,8 +307,7 @@ class World:
 
     def launch(self, machine: _Machine, session: _Session, *, workload: GuestWorkload | None) -> Operation:
         with self.lock:
-            if session.state != "Unlocked":
-                raise SimulatedVBoxError("VBOX_E_INVALID_SESSION_STATE", "The given session is busy")
+            _sessions.check_lockable(machine, session)
             if self.is_locked(machine):
                 raise SimulatedVBoxError(
                     "VBOX_E_INVALID_OBJECT_STATE",
@@ -319,13 +318,29 @@ class World:
                     "VBOX_E_INVALID_VM_STATE", f"The machine is not powered off (state is {machine.state})"
                 )
             resume = machine.state in ("Saved", "AbortedSaved")
+            _media.check_media(machine)  # the VM process opens (locks) its media
+            unusable = _media.inaccessible_disk(machine)
             machine.holder = "vm"
-            session.state, session.type, session.machine = "Locked", "Shared", machine
+            # The launching session becomes a Remote one with the VM process's console
+            # (Session::assignMachine with no machine, then assignRemoteMachine; SessionImpl.cpp).
+            session.state, session.type, session.machine = "Locked", "Remote", machine
+            session.console = True
             machine.shared.add(session)
             self.set_state(machine, "Restoring" if resume else "Starting")
 
         def work(op: Operation) -> None:
             op.sleep(self.timing.start)
+            if unusable is not None:
+                # Console::i_powerUpThreadTask: LockMedia fails on an inaccessible hard disk with
+                # E_FAIL and the medium's last access error (Medium::i_createMediumLockList);
+                # Console::i_powerDown then sets Starting back to PoweredOff and Restoring to
+                # AbortedSaved (7.x) or Saved (6.1), keeping the state file (ConsoleImpl.cpp).
+                with self.lock:
+                    back = "PoweredOff" if not resume else ("Saved" if self.profile == "6.1" else "AbortedSaved")
+                    self.set_state(machine, back)
+                    self.write_settings(machine)
+                _sessions.vm_process_ended(self.lock, machine, self.timing.unlock_delay)
+                raise SimulatedVBoxError("E_FAIL", unusable.access_error)
             with self.lock:
                 if resume and machine.state_file:
                     if not _media.state_file_in_snapshots(machine, machine.state_file):
@@ -804,22 +819,53 @@ class World:
             message = f"Could not find file '{path}' (VERR_FILE_NOT_FOUND)"
             raise SimulatedVBoxError("VBOX_E_FILE_ERROR", message) from exc
         try:
-            return _persistence.machine_from_settings(settings, data, self.profile)
+            machine = _persistence.machine_from_settings(settings, data, self.profile)
         except (SettingsFileError, ValueError, KeyError) as exc:
             raise SimulatedVBoxError("VBOX_E_XML_ERROR", f"Error in {path}: {exc}") from exc
+        with self.lock:
+            # Machine::initFromSettings (MachineImpl.cpp): a VM uuid the host knows is refused here.
+            if machine.uuid in self.machines:
+                raise SimulatedVBoxError(
+                    "E_FAIL",
+                    f"Trying to open a VM config '{settings}' which has the same UUID as an existing virtual machine",
+                )
+            self._check_media_conflicts(machine)
+        return machine
+
+    def _check_media_conflicts(self, machine: _Machine) -> None:
+        """``VirtualBox::i_checkMediaForConflicts`` (``VirtualBoxImpl.cpp``) for the media of an opened machine.
+
+        A medium whose uuid, or whose location, the host knows already is
+        refused with ``E_INVALIDARG``, unless both match (VirtualBox then shares
+        the known medium between the machines; the simulator does not model
+        shared media and refuses that with ``E_NOTIMPL``).
+        """
+        known = {medium.uuid: medium for other in self.machines.values() for medium in other.media.values()}
+        at = {medium.path: medium for medium in known.values()}
+        for medium in machine.media.values():
+            found = known.get(medium.uuid) or at.get(medium.path)
+            if found is None:
+                continue
+            if found.uuid == medium.uuid and found.path == medium.path:
+                raise SimulatedVBoxError(
+                    "E_NOTIMPL", f"The hard disk '{medium.path}' {{{medium.uuid}}} is registered with another "
+                    "machine: media shared between machines are not simulated")
+            raise SimulatedVBoxError(
+                "E_INVALIDARG",
+                f"Cannot register the hard disk '{medium.path}' {{{medium.uuid}}} because a hard disk "
+                f"'{found.path}' with UUID {{{found.uuid}}} already exists",
+            )
 
     def register(self, machine: _Machine) -> None:
+        """``IVirtualBox::registerMachine``: the media and the state file are not checked (``i_registerMachine``)."""
         with self.lock:
             if machine.uuid in self.machines:
                 other = self.machines[machine.uuid]
                 raise SimulatedVBoxError(
-                    "E_INVALIDARG", f"Registered machine with UUID {{{machine.uuid}}} ('{other.name}') already exists"
+                    "E_INVALIDARG", f"Registered machine with UUID {{{machine.uuid}}} ('{other.settings_path}') "
+                    "already exists"
                 )
-            for medium in machine.media.values():
-                if not medium.path.exists():
-                    raise SimulatedVBoxError(
-                        "VBOX_E_FILE_ERROR", f"Could not open the medium '{medium.path}' (VERR_FILE_NOT_FOUND)"
-                    )
+            self._check_media_conflicts(machine)
             machine.registered = True
             self.machines[machine.uuid] = machine
             self._write_registry()
