@@ -89,14 +89,15 @@ def scene71(tmp_path: Path, repo: vbremote.Repository, borg_cli: BorgCLI,
     made.close()
 
 
-def frozen_contents(scene: Scene) -> dict[int, bytes]:
-    """The guest content of each disk's frozen image, read now (the transient snapshot must exist)."""
+def instant_contents(scene: Scene) -> dict[int, bytes]:
+    """What the guest had written to each disk at the transient snapshot's instant, as the simulator recorded it.
+
+    Asked during the run (the simulator forgets an instant when its snapshot
+    is deleted); the frozen images must read back as this.
+    """
     (snapshot,) = scene.transient_snapshots()
-    out = {}
-    for attachment in snapshot.attachments:
-        if attachment.type == "HardDisk" and attachment.medium is not None:
-            out[attachment.port] = scene.sim.read_image(attachment.medium.location)
-    return out
+    ports = [a.port for a in snapshot.attachments if a.type == "HardDisk"]
+    return {port: scene.sim.guest_content_at("dev", snapshot.uuid, port) for port in ports}
 
 
 def on_first(operation: str, action: Callable[[vbremote.Progress], None]) -> Callable[[vbremote.Progress], None]:
@@ -137,11 +138,13 @@ class TestModes:
         assert roles.pop("dev.vbox") is vbremote.FileRole.SETTINGS
         assert roles.pop("dev.vdi") is vbremote.FileRole.DISK
         assert roles.pop("_external/dev-disk2.vdi") is vbremote.FileRole.DISK
-        assert roles.pop("dev.nvram") is vbremote.FileRole.NVRAM
-        (state,) = roles
-        assert state.startswith("Snapshots/")
-        assert state.endswith(".sav")
-        assert roles[state] is vbremote.FileRole.STATE
+        # The instant's own copies of the saved state and the NVRAM (VirtualBox copies the NVRAM per snapshot).
+        by_role = {role: path for path, role in roles.items()}
+        assert len(by_role) == len(roles) == 2
+        assert by_role[vbremote.FileRole.STATE].startswith("Snapshots/")
+        assert by_role[vbremote.FileRole.STATE].endswith(".sav")
+        assert by_role[vbremote.FileRole.NVRAM].startswith("Snapshots/")
+        assert by_role[vbremote.FileRole.NVRAM].endswith(".nvram")
         where = f"{scene.transport.path}::{result.archive.name}"
         listed = scene.borg("list", "--bypass-lock", "--format", "{path}{NL}", where)
         assert set(listed.split()) == {f.path for f in result.archive.files}
@@ -263,6 +266,7 @@ class TestRefusals:
 
     def test_transient_state_refused(self, scene71: Scene):
         """A VM in a transient state (another snapshot under way) is refused with InvalidVMState; nothing written."""
+        scene71.sim.start("dev", workload=HOT)
         mgr = scene71.sim.manager()
         vbox = mgr.getVirtualBox()
         session = mgr.getSessionObject(vbox)
@@ -272,7 +276,7 @@ class TestRefusals:
             progress, _ = session.machine.takeSnapshot("someone else's", "", False)
             with pytest.raises(vbremote.InvalidVMState) as info:
                 scene71.snapshotter.take("dev")
-            assert info.value.state is vbremote.MachineState.SNAPSHOTTING
+            assert info.value.state is vbremote.MachineState.LIVE_SNAPSHOTTING
             progress.cancel()
             progress.waitForCompletion(5000)
         finally:
@@ -522,7 +526,7 @@ class TestConsistency:
     def test_archived_disks_are_the_instant_while_the_guest_writes(self, tmp_path: Path, repo: vbremote.Repository,
                                                                   borg_cli: BorgCLI,
                                                                   transport: vbremote.LocalTransport):
-        """With a fast guest on three disks, the archive holds each frozen image bit for bit, not later writes."""
+        """With a fast guest on three disks, the archived disks are, bit for bit, what the guest had at the instant."""
         scene = Scene(tmp_path, "7.1", repo, borg_cli, transport, disks=3)
         try:
             scene.sim.start("dev", workload=GuestWorkload(rate=500, write_size=64 * 1024, pattern="hot", seed=5))
@@ -533,7 +537,7 @@ class TestConsistency:
             def record(event: vbremote.Progress) -> None:
                 if event.operation == "archive":
                     if not instant:
-                        instant.update(frozen_contents(scene))
+                        instant.update(instant_contents(scene))
                     writes.append(scene.sim.guest_writes("dev"))
 
             result = scene.snapshotter.take("dev", progress=record)
@@ -560,7 +564,7 @@ class TestDisasterRecovery:
         nvram: list[bytes] = []
 
         def record(_: vbremote.Progress) -> None:
-            instant.update(frozen_contents(scene))
+            instant.update(instant_contents(scene))
             nvram.append((scene.sim.machine("dev").folder / "dev.nvram").read_bytes())
 
         result = scene.snapshotter.take("dev", progress=on_first("archive", record))

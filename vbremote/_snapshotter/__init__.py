@@ -243,7 +243,7 @@ class Snapshotter:
         leftovers: tuple[SnapshotInfo, ...],
         emit: _Emitter,
     ) -> SnapshotResult:
-        mode, pause = _plan(info, wanted)
+        mode, live = _plan(info, wanted)
         run_id = uuid_module.uuid4().hex[:16]
         name = TRANSIENT_PREFIX + run_id
         description = (
@@ -262,10 +262,10 @@ class Snapshotter:
         taken_at = 0.0
         try:
             log.info("%s: taking transient snapshot %s (%s%s)", info.name, name, mode.value,
-                     ", paused" if pause else "")
+                     ", live" if live else "")
             emit("snapshot", info.name, 0, 100)
             snapshot = self.host.take_snapshot(
-                info.uuid, name, description=description, pause=pause,
+                info.uuid, name, description=description, live=live,
                 on_progress=lambda p: emit("snapshot", info.name, p.done, p.total),
             )
             taken_at = time.monotonic()
@@ -380,7 +380,12 @@ class Snapshotter:
     def _delete_after_failure(self, info: VMInfo, name: str, snapshot: SnapshotInfo | None,
                               error: BaseException) -> None:
         """Delete this run's snapshot after a failure; the failure is what the caller sees."""
-        uuid = snapshot.uuid if snapshot is not None else self._find_own(info, name)
+        if snapshot is not None:
+            uuid: str | None = snapshot.uuid
+        else:
+            # take_snapshot names the snapshot it asked for on its errors; it
+            # may exist or not (an interrupted online take is canceled).
+            uuid = self._find_own(info, name, getattr(error, "snapshot_id", None))
         if uuid is None:
             return
         log.info("%s: run failed (%s); deleting transient snapshot %s", info.name, type(error).__name__, name)
@@ -394,15 +399,15 @@ class Snapshotter:
                 " snapshot run deletes it."
             )
 
-    def _find_own(self, info: VMInfo, name: str) -> str | None:
-        """This run's snapshot, when the take was interrupted before it returned (it may have happened)."""
+    def _find_own(self, info: VMInfo, name: str, requested: str | None) -> str | None:
+        """This run's snapshot, when the take failed or was interrupted before it returned (it may exist)."""
         with contextlib.suppress(VBRemoteError):
             deadline = time.monotonic() + _SETTLE_SECONDS
             while time.monotonic() < deadline:
                 current = self.host.vm(info.uuid)
                 if current.state not in _TAKING_STATES:
                     for snapshot in current.snapshots():
-                        if snapshot.name == name:
+                        if snapshot.uuid == requested or snapshot.name == name:
                             return snapshot.uuid
                     return None
                 time.sleep(0.05)
@@ -430,8 +435,8 @@ def _mode(value: object) -> SnapshotMode | None:
         ) from None
 
 
-def _plan(info: VMInfo, wanted: SnapshotMode | None) -> tuple[SnapshotMode, bool]:
-    """The mode a run uses on a VM in ``info.state``, and whether the snapshot pauses the VM."""
+def _plan(info: VMInfo, wanted: SnapshotMode | None) -> tuple[SnapshotMode, bool | None]:
+    """The mode a run uses on a VM in ``info.state``, and whether the snapshot is live (``take_snapshot(live=)``)."""
     state = info.state
     if state.is_running:
         if wanted is SnapshotMode.OFFLINE:
@@ -441,18 +446,19 @@ def _plan(info: VMInfo, wanted: SnapshotMode | None) -> tuple[SnapshotMode, bool
                 vm=info.name, state=state,
             )
         if wanted is SnapshotMode.MIGRATE:
-            return SnapshotMode.MIGRATE, False
-        # VirtualBox 7.0.10 and later refuse a live snapshot of a paused VM
-        # (SessionMachine::takeSnapshot, SnapshotImpl.cpp): a paused VM is
-        # snapshotted with pause=true and stays paused.
-        return SnapshotMode.ONLINE, state is MachineState.PAUSED
+            return SnapshotMode.MIGRATE, None  # the state is saved first: an offline take of a Saved VM
+        # A Running VM gets a live snapshot (the guest runs on). VirtualBox
+        # 7.0.10 and later refuse a live snapshot of a VM that is not Running
+        # (SessionMachine::takeSnapshot, SnapshotImpl.cpp): a Paused VM's
+        # snapshot pauses (it stays paused).
+        return SnapshotMode.ONLINE, state is MachineState.RUNNING
     if state in _OFFLINE_STATES:
         if wanted is SnapshotMode.ONLINE:
             raise InvalidVMState(
                 f"{info.name} is {state.value}: an online snapshot needs it running or paused",
                 vm=info.name, state=state,
             )
-        return SnapshotMode.OFFLINE, False
+        return SnapshotMode.OFFLINE, None
     raise InvalidVMState(
         f"{info.name} is {state.value}, a state it is changing from: try again when it has settled",
         vm=info.name, state=state,
