@@ -35,10 +35,12 @@ class Scene:
     """A simulated host with one VM ("dev": EFI, two 8 MiB disks, the second outside the VM folder)."""
 
     def __init__(self, tmp_path: Path, profile: str, repo: vbremote.Repository, borg: BorgCLI,
-                 transport: vbremote.LocalTransport, *, unlock_delay: float = 0.05, disks: int = 2) -> None:
+                 transport: vbremote.LocalTransport, *, unlock_delay: float = 0.05, disks: int = 2,
+                 snapshot_seconds: float = 0.05) -> None:
         self.tmp_path = tmp_path
         self.profile = profile
-        self.sim = SimulatedVirtualBox(tmp_path / "vbox", version=profile, timing=Timing(unlock_delay=unlock_delay))
+        self.sim = SimulatedVirtualBox(tmp_path / "vbox", version=profile,
+                                       timing=Timing(unlock_delay=unlock_delay, snapshot=snapshot_seconds))
         self.sim.create_vm("dev", disk_size=8 * MIB, disks=disks, firmware="EFI",
                            external_disk_folder=tmp_path / "elsewhere")
         self.host = vbremote.VirtualBoxHost.connect(manager=self.sim.manager(),
@@ -129,6 +131,25 @@ class TestModes:
         assert result.archive.name.endswith("-online")
         for port in (0, 1):
             assert scene.sim.disk_matches_guest("dev", port)
+
+    @pytest.mark.parametrize("profile", PROFILES)
+    def test_running_vm_snapshot_is_live(self, profile: str, tmp_path: Path, repo: vbremote.Repository,
+                                         borg_cli: BorgCLI, transport: vbremote.LocalTransport):
+        """A running VM's snapshot is live: VirtualBox is LiveSnapshotting, not pausing the VM, while it is taken."""
+        scene = Scene(tmp_path, profile, repo, borg_cli, transport, snapshot_seconds=0.5)
+        try:
+            scene.sim.start("dev", workload=HOT)
+            states = []
+
+            def watch(event: vbremote.Progress) -> None:
+                if event.operation == "snapshot":
+                    states.append(scene.host.state("dev"))
+
+            scene.snapshotter.take("dev", progress=watch)
+            assert vbremote.MachineState.LIVE_SNAPSHOTTING in states
+            assert vbremote.MachineState.ONLINE_SNAPSHOTTING not in states
+        finally:
+            scene.close()
 
     def test_archive_contents(self, scene: Scene):
         """An online archive holds the settings, both disks (the outside one under _external), the state, the NVRAM."""
