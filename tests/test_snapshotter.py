@@ -543,6 +543,20 @@ class TestCrash:
             assert [a.name for a in repo.archives()] == [result.archive.name]
 
 
+class TestStateFolder:
+    def test_default_follows_xdg(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, scene71: Scene):
+        """Lock files live in $XDG_STATE_HOME/vbremote, else ~/.local/state/vbremote (relative values ignored)."""
+        monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+        snapshotter = vbremote.Snapshotter(scene71.host, scene71.repo)
+        assert snapshotter.state_dir == tmp_path / "xdg" / "vbremote"
+        snapshotter.take("dev")
+        uuid = scene71.host.vm("dev").uuid
+        assert (tmp_path / "xdg" / "vbremote" / "locks" / f"{uuid}.lock").is_file()
+        monkeypatch.setenv("XDG_STATE_HOME", "relative/path")
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        assert vbremote.Snapshotter(scene71.host, scene71.repo).state_dir == tmp_path / "home/.local/state/vbremote"
+
+
 class TestConsistency:
     def test_archived_disks_are_the_instant_while_the_guest_writes(self, tmp_path: Path, repo: vbremote.Repository,
                                                                   borg_cli: BorgCLI,

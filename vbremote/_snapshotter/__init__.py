@@ -164,8 +164,9 @@ class Snapshotter:
         paused), and an offline one of a PoweredOff, Aborted, Saved or
         AbortedSaved VM. ``"online"`` and ``"offline"`` insist on one of the
         two. ``"migrate"`` saves the state of a running or paused VM, archives
-        it and leaves it Saved, for another host to resume; on a VM that is
-        not running it is an offline snapshot.
+        it and leaves it Saved, for another host to resume (also when the run
+        fails after saving); on a VM that is not running it is an offline
+        snapshot.
 
         Args:
             vm: The VM's name or uuid.
