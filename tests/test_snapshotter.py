@@ -305,6 +305,17 @@ class TestRefusals:
         assert scene71.repo.archives() == []
         assert scene71.host.vm("dev").snapshots() == ()
 
+    def test_missing_file_named_by_the_settings(self, scene71: Scene):
+        """A saved state the settings name is gone: SnapshotError naming it, snapshot deleted, nothing written."""
+        scene71.sim.start("dev", workload=HOT)
+        user = scene71.host.take_snapshot("dev", "user")
+        assert user.state_file is not None
+        user.state_file.unlink()
+        with pytest.raises(vbremote.SnapshotError, match=user.state_file.name):
+            scene71.snapshotter.take("dev")
+        assert [s.name for s in scene71.host.vm("dev").snapshots()] == ["user"]
+        assert scene71.borg_archives() == []
+
     def test_locked_vm(self, tmp_path: Path, repo: vbremote.Repository, borg_cli: BorgCLI,
                        transport: vbremote.LocalTransport):
         """A VM VirtualBox keeps locked (being unlocked after a power-off) raises VMLocked; nothing is written."""
