@@ -305,6 +305,17 @@ class TestRefusals:
         assert scene71.repo.archives() == []
         assert scene71.host.vm("dev").snapshots() == ()
 
+    def test_snapshot_fails_for_lack_of_space(self, scene: Scene):
+        """VirtualBox failing the take (no space for the differencing image): its typed error, nothing written."""
+        scene.sim.start("dev", workload=HOT)
+        scene.sim.inject("dev", Fault.NO_SPACE)
+        with pytest.raises(vbremote.VirtualBoxOperationFailed, match="VERR_DISK_FULL") as info:
+            scene.snapshotter.take("dev")
+        assert info.value.snapshot_id is not None
+        assert scene.host.vm("dev").snapshots() == ()
+        assert scene.host.state("dev") is vbremote.MachineState.RUNNING
+        assert scene.borg_archives() == []
+
     def test_missing_file_named_by_the_settings(self, scene71: Scene):
         """A saved state the settings name is gone: SnapshotError naming it, snapshot deleted, nothing written."""
         scene71.sim.start("dev", workload=HOT)

@@ -384,9 +384,13 @@ class Snapshotter:
         if snapshot is not None:
             uuid: str | None = snapshot.uuid
         else:
-            # take_snapshot names the snapshot it asked for on its errors; it
-            # may exist or not (an interrupted online take is canceled).
-            uuid = self._find_own(info, name, getattr(error, "snapshot_id", None))
+            # Once VirtualBox accepted the request, take_snapshot's errors name
+            # the snapshot asked for; it may exist or not (an interrupted online
+            # take is canceled). A vbremote error without one: none was asked for.
+            requested = getattr(error, "snapshot_id", None)
+            if requested is None and isinstance(error, VBRemoteError):
+                return
+            uuid = self._find_own(info, name, requested)
         if uuid is None:
             return
         log.info("%s: run failed (%s); deleting transient snapshot %s", info.name, type(error).__name__, name)
