@@ -24,7 +24,7 @@ from helpers import BorgCLI
 
 import vbremote
 from vbremote._models import decode_comment
-from vbremote.testing import MIB, Fault, GuestWorkload, SimulatedVirtualBox, Timing
+from vbremote.testing import MIB, VIRTUALBOX_PROFILES, Fault, GuestWorkload, SimulatedVirtualBox, Timing
 
 # Cheap enough to run on two profiles: the oldest and a current one.
 PROFILES = ["6.1", "7.1"]
@@ -580,11 +580,13 @@ class TestStateFolder:
 
 
 class TestConsistency:
-    def test_archived_disks_are_the_instant_while_the_guest_writes(self, tmp_path: Path, repo: vbremote.Repository,
+    @pytest.mark.parametrize("profile", PROFILES)
+    def test_archived_disks_are_the_instant_while_the_guest_writes(self, profile: str, tmp_path: Path,
+                                                                  repo: vbremote.Repository,
                                                                   borg_cli: BorgCLI,
                                                                   transport: vbremote.LocalTransport):
         """With a fast guest on three disks, the archived disks are, bit for bit, what the guest had at the instant."""
-        scene = Scene(tmp_path, "7.1", repo, borg_cli, transport, disks=3)
+        scene = Scene(tmp_path, profile, repo, borg_cli, transport, disks=3)
         try:
             scene.sim.start("dev", workload=GuestWorkload(rate=500, write_size=64 * 1024, pattern="hot", seed=5))
             time.sleep(0.2)
@@ -612,8 +614,16 @@ class TestConsistency:
 
 
 class TestDisasterRecovery:
-    def test_extract_and_register_without_vbremote(self, scene: Scene):
+    @pytest.fixture(params=VIRTUALBOX_PROFILES)
+    def any_profile(self, request: pytest.FixtureRequest, tmp_path: Path, repo: vbremote.Repository,
+                    borg_cli: BorgCLI, transport: vbremote.LocalTransport) -> Iterator[Scene]:
+        made = Scene(tmp_path, request.param, repo, borg_cli, transport)
+        yield made
+        made.close()
+
+    def test_extract_and_register_without_vbremote(self, any_profile: Scene):
         """borg extract + register gives the VM back Saved, with its disks, nested user snapshots and NVRAM."""
+        scene = any_profile
         scene.host.take_snapshot("dev", "first")
         scene.sim.start("dev", workload=HOT)
         scene.host.take_snapshot("dev", "second")
