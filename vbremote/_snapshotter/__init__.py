@@ -304,8 +304,10 @@ class Snapshotter:
         self, info: VMInfo, snapshot: SnapshotInfo, mode: SnapshotMode, labels: frozenset[str], emit: _Emitter
     ) -> WriteResult:
         folder = info.settings_file.parent.absolute()
-        # The settings file as VirtualBox wrote it right after the take: the
-        # transient snapshot is its current snapshot, with the frozen hardware.
+        # The settings file as VirtualBox wrote it at the end of the take
+        # (SessionMachine::i_finishTakingSnapshot saves the settings before the
+        # progress completes, SnapshotImpl.cpp of 7.1.12): the transient
+        # snapshot is its current snapshot, with the frozen hardware.
         frozen = freeze_instant(info.settings_file.read_bytes(), snapshot.uuid)
         collected = collect(parse_settings(frozen), folder, vm=info.name)
         settings = relocate(frozen, old_folder=str(folder), external=collected.external)
