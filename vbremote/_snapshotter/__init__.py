@@ -153,7 +153,6 @@ class Snapshotter:
         self,
         vm: str | VMInfo,
         mode: ModeArg = "auto",
-        *,
         labels: Iterable[str] = (),
         progress: ProgressCallback | None = None,
     ) -> SnapshotResult:
