@@ -395,6 +395,21 @@ class TestTransientSnapshot:
         assert scene71.host.vm("dev").snapshots() == ()
         assert scene71.borg_archives() == []
 
+    def test_interrupt_during_the_archive(self, scene71: Scene):
+        """Ctrl-C while the files are read: the snapshot is deleted, nothing committed, the guest runs on."""
+        scene71.sim.start("dev", workload=HOT)
+
+        def interrupt(_: vbremote.Progress) -> None:
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            scene71.snapshotter.take("dev", progress=on_first("archive", interrupt))
+        assert scene71.host.vm("dev").snapshots() == ()
+        assert scene71.host.state("dev") is vbremote.MachineState.RUNNING
+        assert scene71.borg_archives() == []
+        for port in (0, 1):
+            assert scene71.sim.disk_matches_guest("dev", port)
+
     def test_interrupt_during_the_take(self, scene71: Scene):
         """A KeyboardInterrupt while the snapshot is being taken still deletes the snapshot it made."""
         scene71.sim.start("dev", workload=HOT)
