@@ -487,7 +487,7 @@ class TestLock:
             started = time.monotonic()
             with pytest.raises(vbremote.SnapshotInProgress) as info:
                 other.take("dev")
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < 2.0  # at once: no lock_wait was given
             assert info.value.lock_file.endswith(".lock")
             assert len(scene71.transient_snapshots()) == 1  # the first run's, untouched
         finally:
