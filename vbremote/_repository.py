@@ -112,7 +112,17 @@ class Repository:
 
     Open one with :meth:`open` (or create one with :meth:`init`) and use it as
     a context manager; leaving the block closes it and releases borg's lock.
-    A Repository may be used from several threads; its calls run one at a time.
+    A Repository may be used from several threads; its calls run one at a
+    time (another thread waits its turn). A second use from the thread that
+    is in the middle of one (an open fetch stream, a progress callback)
+    raises :class:`RepositoryBusy` at once.
+
+    An exception raised by your code during a call (a progress callback, the
+    loop over a fetch) cancels the call: borg rolls back, and the repository
+    stays usable. An interrupt (``KeyboardInterrupt``) that lands while
+    vbremote waits on borg closes the repository instead; later calls raise
+    :class:`RepositoryError` ("… interrupted; open it again"). The
+    repositories guide explains both in "Cancelling and interrupts".
 
     Attributes:
         transport: How the repository is reached.
@@ -345,8 +355,10 @@ class Repository:
             timestamp: The archive time (default: now), like ``borg create --timestamp``.
             block_size: Fixed block size for disks (default: the repository's).
             progress: Called with a :class:`Progress` as bytes are read. To
-                cancel, raise from it: nothing is committed, and the repository
-                is closed (open it again to go on).
+                cancel, raise from it: the write is rolled back, nothing is
+                committed, your exception is re-raised, and the repository
+                stays open and usable. No callback runs once the archive is
+                being committed.
 
         Returns:
             What was written and what it cost.
@@ -355,6 +367,7 @@ class Repository:
             ArchiveExists: The name is taken.
             ConfigurationError: No files, a duplicate path, a missing file, a bad block size.
             SourceChanged: A file changed size while it was read; nothing was committed.
+            RepositoryBusy: Called from a progress callback or loop of this same repository.
         """
         if not name or "/" in name or name != name.strip():
             raise ConfigurationError(f"invalid archive name {name!r}")
@@ -487,10 +500,12 @@ class Repository:
         for chunk_id in ids:
             batch.append(bytes(chunk_id))
             if len(batch) >= _FETCH_BATCH:
-                yield from self._worker.stream("fetch", ids=batch)
+                with self._worker.stream("fetch", ids=batch) as items:
+                    yield from items
                 batch = []
         if batch:
-            yield from self._worker.stream("fetch", ids=batch)
+            with self._worker.stream("fetch", ids=batch) as items:
+                yield from items
 
     def delete_archives(self, archives: Iterable[str | ArchiveInfo]) -> DeleteResult:
         """Delete archives (all or none); run :meth:`compact` to free the space.
