@@ -19,7 +19,7 @@ EXPECTED = {
     "DiskAttachment", "InvalidVMState", "LockRetry", "MachineState", "MediumInfo", "SnapshotInfo",
     "SnapshotNotFound", "VMInfo", "VMLocked", "VMNotFound", "VirtualBoxError", "VirtualBoxHost",
     "VirtualBoxOperationFailed", "VirtualBoxTimeout", "VirtualBoxUnavailable",
-    "RepositoryBusy",
+    "RepositoryBusy", "ChunkStream", "FetchedChunk", "FetchErrors",
 }
 
 

@@ -58,7 +58,16 @@ from ._models import (
     WriteResult,
 )
 from ._pruner import PROTECTED_LABEL, Guards, PlanEntry, PrunePlan, Pruner, PruneResult
-from ._repository import DEFAULT_BLOCK_SIZE, DEFAULT_ENCRYPTION, ENCRYPTION_MODES, Passphrase, Repository
+from ._repository import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_ENCRYPTION,
+    ENCRYPTION_MODES,
+    ChunkStream,
+    FetchedChunk,
+    FetchErrors,
+    Passphrase,
+    Repository,
+)
 from ._retention import Decision, KeepLabels, KeepRules, RetentionPolicy
 from ._transports import CommandTransport, LocalTransport, SSHTransport, Transport
 from ._vbox import LockRetry, VirtualBoxHost
@@ -74,6 +83,7 @@ __all__ = [
     "BorgError",
     "CheckResult",
     "ChunkRef",
+    "ChunkStream",
     "Chunking",
     "CommandTransport",
     "CompactResult",
@@ -85,6 +95,8 @@ __all__ = [
     "DeleteResult",
     "DiskAttachment",
     "ENCRYPTION_MODES",
+    "FetchErrors",
+    "FetchedChunk",
     "FileChunks",
     "FileNotInArchive",
     "FileRole",

@@ -450,21 +450,60 @@ class Worker:
         chunks = [(bytes(c.id), int(c.size)) for c in found.chunks]
         return sum(size for _, size in chunks), chunks
 
-    def op_fetch(self, ids: list[bytes]) -> None:
-        """Stream (id, plaintext) for each id, verified; borg pipelines the gets."""
+    def op_fetch(self, ids: list[bytes], errors: str = "raise") -> None:
+        """Stream (id, plaintext, None) for each id, verified, in order; one pipelined get_many.
+
+        A chunk that is missing or fails verification raises (``errors="raise"``)
+        or is streamed as (id, None, message) and the rest follow (``"report"``).
+        """
+        position = 0
+        while position < len(ids):
+            # borg's get_many ends at the first missing or damaged object; ask again after it.
+            replies = self.repository.get_many(ids[position:])
+            try:
+                for chunk_id in ids[position:]:
+                    position += 1
+                    try:
+                        # decrypt() authenticates the ciphertext and checks the id of the plaintext.
+                        data = bytes(self.key.decrypt(chunk_id, next(replies)))
+                    except Exception as exc:
+                        message = self._chunk_error(chunk_id, exc)
+                        if errors == "raise":
+                            raise _Refused("integrity", message, chunk_id=chunk_id.hex()) from exc
+                        self.item((chunk_id, None, message))
+                        if not _generator_alive(replies):
+                            break
+                        continue
+                    self.item((chunk_id, data, None))
+            finally:
+                replies.close()
+                self._forget_pipeline()
+
+    @staticmethod
+    def _chunk_error(chunk_id: bytes, exc: Exception) -> str:
         from borg.helpers import IntegrityError
         from borg.repository import Repository
 
-        replies = iter(self.repository.get_many(ids))
-        for chunk_id in ids:
+        if not isinstance(exc, (IntegrityError, Repository.ObjectNotFound)):
+            raise exc
+        return f"chunk {chunk_id.hex()}: {exc.get_message()}"
+
+    def _forget_pipeline(self) -> None:
+        """Read and drop the answers to gets that a stopped get_many still had in flight.
+
+        borg files them under its async responses, where they would wait (and
+        take memory) until the next write; read them now, while they arrive.
+        """
+        repository = self.repository
+        if not (getattr(repository, "ignore_responses", None) or getattr(repository, "async_responses", None)):
+            return  # a local repository, or nothing left in flight
+        drain = self.repository.async_response
+        while True:
             try:
-                # decrypt() authenticates the ciphertext and checks the id of the plaintext.
-                data = bytes(self.key.decrypt(chunk_id, next(replies)))
-            except (IntegrityError, Repository.ObjectNotFound) as exc:
-                raise _Refused(
-                    "integrity", f"chunk {chunk_id.hex()}: {exc.get_message()}", chunk_id=chunk_id.hex()
-                ) from exc
-            self.item((chunk_id, data))
+                if drain(wait=True) is None:
+                    return
+            except Exception:  # an error answer to a get nobody waits for any more
+                continue
 
     def op_local_ids(self, source: str, params: tuple[int, int], path: str) -> list[bytes]:
         ids = []
@@ -718,6 +757,10 @@ class Worker:
             ))
         return ok, list(self.handler.errors)
 
+
+
+def _generator_alive(generator: Any) -> bool:
+    return bool(generator.gi_frame is not None)
 
 
 def _extents(size: int, block_size: int, header_size: int) -> Iterator[tuple[int, int]]:
