@@ -20,6 +20,8 @@ adapter boundary and raised ``from`` the original, so callers catch one tree::
     │   ├── ArchiveNotFound
     │   ├── ArchiveExists
     │   ├── FileNotInArchive
+    │   ├── ArchiveMetadataError (also ValueError)  an archive's metadata is malformed or hostile
+    │   ├── RepositoryReadOnly                     a write to a repository opened with ``read_only=True``
     │   ├── SourceChanged                          a local file changed while it was read
     │   └── BorgError                              any other failure reported by borg
     ├── PruneError                                 pruning
@@ -40,6 +42,7 @@ from __future__ import annotations
 __all__ = [
     "AccessDenied",
     "ArchiveExists",
+    "ArchiveMetadataError",
     "ArchiveNotFound",
     "BorgError",
     "ConfigurationError",
@@ -57,6 +60,7 @@ __all__ = [
     "RepositoryBusy",
     "RepositoryLocked",
     "RepositoryNotFound",
+    "RepositoryReadOnly",
     "SettingsFileError",
     "SnapshotNotFound",
     "SourceChanged",
@@ -181,6 +185,27 @@ class FileNotInArchive(RepositoryError):
         super().__init__(message, location=location)
         self.archive = archive
         self.path = path
+
+
+class ArchiveMetadataError(RepositoryError, ValueError):
+    """An archive's vbremote metadata is malformed or hostile, and was refused.
+
+    Archive metadata comes from the repository server, which may be
+    compromised: every path, role, size, chunking and string in it is checked
+    each time it is read. An archive that fails is never used (see
+    ``docs/repositories.md``, "Untrusted archives").
+
+    Attributes:
+        archive: The archive's name (empty when the record was checked on its own).
+    """
+
+    def __init__(self, message: str, *, location: str = "", archive: str = "") -> None:
+        super().__init__(message, location=location)
+        self.archive = archive
+
+
+class RepositoryReadOnly(RepositoryError):
+    """A write was asked of a repository opened with ``read_only=True``; nothing was changed."""
 
 
 class SourceChanged(RepositoryError):

@@ -52,6 +52,12 @@ def handle() -> None:
         print("busy:", exc.location)
     except vbremote.IntegrityError as exc:
         print("bad chunk:", exc.chunk_id)
+    except vbremote.ArchiveMetadataError as exc:
+        print("refused archive:", exc.archive, exc.location)
+    except vbremote.FileNotInArchive as exc:
+        print("missing:", exc.archive, exc.path)
+    except vbremote.RepositoryReadOnly:
+        print("opened read-only")
     except vbremote.VBRemoteError as exc:
         print("failed:", exc)
 
@@ -64,6 +70,9 @@ def snapshot_running_vms(manager: object | None = None) -> list[vbremote.Snapsho
             continue
         disks: list[Path] = [d.base.location for d in vm.disks if d.base is not None]
         print(vm.name, disks, vm.nvram_file)
+        firmware: str = vm.firmware
+        missing: list[tuple[Path, str]] = [(m.location, m.access_error) for m in vm.inaccessible_media]
+        print(firmware, missing, all(m.accessible for d in vm.disks for m in d.chain))
         try:
             taken.append(host.take_snapshot(vm, "nightly", timeout=60.0))
         except vbremote.InvalidVMState as exc:
