@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import itertools
 import logging
 import os
@@ -65,6 +66,19 @@ _ERRORS: Mapping[str, type[_errors.RepositoryError]] = {
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
 
+def _widen_pipe(fd: int) -> None:
+    """Let the reply pipe hold a whole 1 MiB chunk (Linux; 64 KiB by default).
+
+    Each read then takes a chunk in one or two system calls instead of
+    sixteen, which is measurably faster for fetches; the pipe still bounds
+    what the worker can send ahead of the reader.
+    """
+    setpipe = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if setpipe is not None:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, setpipe, 1 << 20)
+
+
 class BorgWorker:
     """A worker process holding one repository connection; calls are serialised.
 
@@ -97,6 +111,7 @@ class BorgWorker:
         self._stderr: collections.deque[str] = collections.deque(maxlen=50)
         request_read, request_write = os.pipe()
         reply_read, reply_write = os.pipe()
+        _widen_pipe(reply_write)
         try:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "vbremote._borg._worker"],
