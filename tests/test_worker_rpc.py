@@ -156,6 +156,29 @@ class TestInterrupt:
         with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir, lock_wait=5) as again:
             assert again.archives() == []
 
+    def test_interrupt_after_commit_go(self, repo, transport, base_dir, borg_cli, tmp_path, monkeypatch):
+        """An interrupt just after the go-ahead closes the repository; the error names the archive (whole or absent)."""
+        spec = write_disk(tmp_path, disk_content(8, seed=9))
+        worker = repo._worker
+        post = worker._post
+
+        def interrupted_after_go(message: object) -> None:
+            post(message)
+            if isinstance(message, _protocol.Decision) and message.go:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(worker, "_post", interrupted_after_go)
+        with pytest.raises(KeyboardInterrupt):
+            repo.write_archive("maybe", [spec], metadata())
+        with pytest.raises(vbremote.RepositoryError, match="archive 'maybe', which may or may not exist"):
+            repo.archives()
+        repo.close()
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir, lock_wait=5) as again:
+            listed = [a.name for a in again.archives()]
+            assert listed in ([], ["maybe"])
+            assert again.check(verify_data=True).ok
+        assert names(borg_cli, transport.path) == listed
+
     def test_interrupt_from_callback_cancels(self, repo, transport, borg_cli, tmp_path):
         """A KeyboardInterrupt raised by the progress callback cancels the write and the repository stays usable."""
         spec = write_disk(tmp_path, disk_content(32, seed=5))

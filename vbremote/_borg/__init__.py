@@ -105,6 +105,8 @@ class BorgWorker:
         self._ids = itertools.count(1)
         # The request whose final reply has not been read yet.
         self._in_flight: int | None = None
+        # Whether the request in flight was told to commit (then an interrupt cannot undo it).
+        self._committing = False
         self._stream: WorkerStream | None = None
         self._closed = False
         self._closed_because = ""
@@ -172,7 +174,15 @@ class BorgWorker:
             if self._in_flight is not None:
                 # Stopped while waiting on the worker: the rest of its replies
                 # cannot be told from the next call's, so the worker goes.
-                self._kill(f"a call to {op!r} was interrupted")
+                because = f"a call to {op!r} was interrupted"
+                if self._committing:
+                    name = kwargs.get("name")
+                    because += (
+                        f" after borg was told to commit archive {name!r}, which may or may not exist now"
+                        if op == "write" and name
+                        else " after borg was told to commit; the change may or may not have been committed"
+                    )
+                self._kill(because)
 
     def stream(self, op: str, **kwargs: Any) -> WorkerStream:
         """Start an operation that streams items; iterate the result, then close it.
@@ -202,7 +212,7 @@ class BorgWorker:
                         raise
             elif reply.kind == _protocol.COMMIT:
                 # From here on no callback runs for this call: nothing can cancel it.
-                committing = True
+                committing = self._committing = True
                 self._post(_protocol.Decision(request_id, True))
             elif reply.kind in _protocol.FINAL:
                 return self._final(reply, cancelled=False)
@@ -240,6 +250,7 @@ class BorgWorker:
             raise _errors.RepositoryError(f"the repository is closed{because}", location=self.location)
         request_id = next(self._ids)
         self._in_flight = request_id
+        self._committing = False
         self._post(_protocol.Request(request_id, op, dict(kwargs)))
         return request_id
 
