@@ -131,6 +131,29 @@ class TestInterrupt:
             repo.archives()
         repo.close()
 
+    def test_interrupt_while_a_cancel_drains(self, repo, tmp_path):
+        """An interrupt while leaving a fetch early waits on a stalled worker: closed, clear error, no lock left."""
+        ids = stored_ids(repo, tmp_path)
+        pid = repo._worker._process.pid
+
+        def leave_early() -> None:
+            with repo.fetch(ids) as chunks:
+                for _ in chunks:
+                    os.kill(pid, signal.SIGSTOP)  # the cancel's drain now waits on the worker
+                    break
+
+        timer = interrupt_soon()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                leave_early()
+        finally:
+            timer.cancel()
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        errors = in_thread(repo.archives)
+        assert len(errors) == 1
+        assert "interrupted; open it again" in str(errors[0])
+
     def test_interrupt_while_a_call_waits(self, repo, transport, base_dir, tmp_path):
         """A KeyboardInterrupt landing while a call waits on the worker kills it; nothing is committed."""
         spec = write_disk(tmp_path, disk_content(32, seed=4))

@@ -428,9 +428,12 @@ class WorkerStream:
         """Stop the stream: cancel the operation if it is still running (idempotent)."""
         if self._done:
             return
-        if self._worker._in_flight == self._id:
-            self._worker._cancel(self._id)
-        self._end()
+        try:
+            if self._worker._in_flight == self._id:
+                self._worker._cancel(self._id)
+        finally:
+            # Still in flight (the cancel failed, or an interrupt landed in it): the worker goes.
+            self._end()
 
     def _end(self) -> None:
         if self._done:
