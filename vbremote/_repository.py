@@ -715,7 +715,8 @@ class ChunkStream:
     whatever the worker has not sent yet.
 
     Attributes:
-        ids: The distinct ids asked for, in the order they come.
+        ids: The ids that will come, in order: for :meth:`Repository.fetch`,
+            each distinct id asked for once, in the order of first appearance.
     """
 
     def __init__(self, worker: BorgWorker, ids: list[bytes], *, errors: FetchErrors) -> None:

@@ -556,13 +556,20 @@ class Worker:
         repository = self.repository
         if not (getattr(repository, "ignore_responses", None) or getattr(repository, "async_responses", None)):
             return  # a local repository, or nothing left in flight
+        from borg.helpers import IntegrityError
+        from borg.repository import Repository
+
         drain = self.repository.async_response
         while True:
             try:
                 if drain(wait=True) is None:
                     return
-            except Exception:  # an error answer to a get nobody waits for any more
-                continue
+            except (IntegrityError, Repository.ObjectNotFound):
+                continue  # the error answer to a get nobody waits for any more
+            except Exception:
+                # The connection itself failed; the next call reports it.
+                logging.getLogger("vbremote.borg.worker").debug("draining the fetch pipeline failed", exc_info=True)
+                return
 
     def op_local_ids(self, source: str, params: tuple[int, int], path: str) -> list[bytes]:
         ids = []
