@@ -251,13 +251,26 @@ class VirtualBoxError(VBRemoteError):
         vm: The VM (name or uuid) concerned, where there is one.
         result_code: VirtualBox's COM result code (unsigned, e.g. ``0x80BB0002``), where there is one.
         text: VirtualBox's own message, where there is one.
+        snapshot_id: The uuid of the snapshot an interrupted or failed
+            :meth:`~vbremote.VirtualBoxHost.take_snapshot` asked VirtualBox
+            for, once VirtualBox had accepted the request (the snapshot may
+            exist: look it up and delete it if unwanted); else ``None``.
     """
 
-    def __init__(self, message: str, *, vm: str = "", result_code: int | None = None, text: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        vm: str = "",
+        result_code: int | None = None,
+        text: str = "",
+        snapshot_id: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.vm = vm
         self.result_code = result_code
         self.text = text
+        self.snapshot_id = snapshot_id
 
 
 class VirtualBoxUnavailable(VirtualBoxError):

@@ -74,9 +74,11 @@ def snapshot_running_vms(manager: object | None = None) -> list[vbremote.Snapsho
         missing: list[tuple[Path, str]] = [(m.location, m.access_error) for m in vm.inaccessible_media]
         print(firmware, missing, all(m.accessible for d in vm.disks for m in d.chain))
         try:
-            taken.append(host.take_snapshot(vm, "nightly", timeout=60.0))
+            taken.append(host.take_snapshot(vm, "nightly", live=True, timeout=60.0))
         except vbremote.InvalidVMState as exc:
             print("changed state:", exc.state)
         except vbremote.VirtualBoxError as exc:
             print(exc.vm, hex(exc.result_code or 0), exc.text)
+            if exc.snapshot_id is not None:
+                host.delete_snapshot(vm, exc.snapshot_id)
     return taken
