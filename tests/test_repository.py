@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -769,6 +770,28 @@ class TestFetch:
             with pytest.raises(vbremote.IntegrityError) as caught, again.fetch([r.id for r in refs]) as chunks:
                 list(chunks)
             assert caught.value.chunk_id == bad[0].id.hex()
+
+    def test_memory_stays_bounded(self, repo, tmp_path):
+        """A slow reader of a long fetch keeps the worker's memory flat: it waits on the pipe, not reading ahead."""
+        spec = write_disk(tmp_path, os.urandom(128 * MIB))
+        repo.write_archive("a", [spec], metadata())
+        ids = [c.id for c in repo.chunk_list("a", spec.path).chunks]
+        status = Path(f"/proc/{repo._worker._process.pid}/status")
+        if not status.exists():
+            pytest.skip("needs /proc to read the worker's memory")
+
+        def rss() -> int:
+            line = next(x for x in status.read_text().splitlines() if x.startswith("VmRSS:"))
+            return int(line.split()[1]) * 1024
+
+        before = rss()
+        with repo.fetch(ids) as chunks:
+            stream = iter(chunks)
+            next(stream)
+            time.sleep(1.0)  # time enough to read every chunk ahead, if it would
+            grown = rss() - before
+            assert sum(1 for _ in stream) == len(ids) - 1
+        assert grown < 32 * MIB
 
     def test_bad_arguments(self, repo):
         """An id that is not 32 bytes, or an unknown errors mode, raises ConfigurationError before anything is sent."""
