@@ -28,6 +28,7 @@ EXPECTED = {
     "VirtualBoxOperationFailed", "VirtualBoxTimeout", "VirtualBoxUnavailable",
     "DEFAULT_NAME_TEMPLATE", "TRANSIENT_PREFIX", "SnapshotError", "SnapshotInProgress", "SnapshotResult",
     "SnapshotStats", "Snapshotter", "TransientSnapshotLeft",
+    "RepositoryBusy", "ChunkStream", "FetchedChunk", "FetchErrors",
 }
 
 

@@ -21,6 +21,7 @@ from ._errors import (
     PassphraseWrong,
     PruneError,
     PruneRefused,
+    RepositoryBusy,
     RepositoryError,
     RepositoryExists,
     RepositoryLocked,
@@ -62,7 +63,16 @@ from ._models import (
     WriteResult,
 )
 from ._pruner import PROTECTED_LABEL, Guards, PlanEntry, PrunePlan, Pruner, PruneResult
-from ._repository import DEFAULT_BLOCK_SIZE, DEFAULT_ENCRYPTION, ENCRYPTION_MODES, Passphrase, Repository
+from ._repository import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_ENCRYPTION,
+    ENCRYPTION_MODES,
+    ChunkStream,
+    FetchedChunk,
+    FetchErrors,
+    Passphrase,
+    Repository,
+)
 from ._retention import Decision, KeepLabels, KeepRules, RetentionPolicy
 from ._snapshotter import (
     DEFAULT_NAME_TEMPLATE,
@@ -86,6 +96,7 @@ __all__ = [
     "BorgError",
     "CheckResult",
     "ChunkRef",
+    "ChunkStream",
     "Chunking",
     "CommandTransport",
     "CompactResult",
@@ -98,6 +109,8 @@ __all__ = [
     "DeleteResult",
     "DiskAttachment",
     "ENCRYPTION_MODES",
+    "FetchErrors",
+    "FetchedChunk",
     "FileChunks",
     "FileNotInArchive",
     "FileRole",
@@ -124,6 +137,7 @@ __all__ = [
     "PruneResult",
     "Pruner",
     "Repository",
+    "RepositoryBusy",
     "RepositoryError",
     "RepositoryExists",
     "RepositoryLocked",
