@@ -8,6 +8,7 @@ from __future__ import annotations
 from ._errors import (
     AccessDenied,
     ArchiveExists,
+    ArchiveInvalid,
     ArchiveNotFound,
     BorgError,
     ConfigurationError,
@@ -36,6 +37,7 @@ from ._errors import (
     VMNotFound,
 )
 from ._models import (
+    ArchiveContents,
     ArchiveFile,
     ArchiveInfo,
     CheckResult,
@@ -47,17 +49,26 @@ from ._models import (
     FileChunks,
     FileRole,
     FileSpec,
+    ItemKind,
     MachineState,
     MediumInfo,
     Progress,
     SnapshotInfo,
     SnapshotMetadata,
     SnapshotMode,
+    StoredItem,
     VMInfo,
     WriteResult,
 )
 from ._pruner import PROTECTED_LABEL, Guards, PlanEntry, PrunePlan, Pruner, PruneResult
-from ._repository import DEFAULT_BLOCK_SIZE, DEFAULT_ENCRYPTION, ENCRYPTION_MODES, Passphrase, Repository
+from ._repository import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_ENCRYPTION,
+    DEFAULT_READ_AHEAD,
+    ENCRYPTION_MODES,
+    Passphrase,
+    Repository,
+)
 from ._retention import Decision, KeepLabels, KeepRules, RetentionPolicy
 from ._transports import CommandTransport, LocalTransport, SSHTransport, Transport
 from ._vbox import LockRetry, VirtualBoxHost
@@ -66,9 +77,11 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AccessDenied",
+    "ArchiveContents",
     "ArchiveExists",
     "ArchiveFile",
     "ArchiveInfo",
+    "ArchiveInvalid",
     "ArchiveNotFound",
     "BorgError",
     "CheckResult",
@@ -80,6 +93,7 @@ __all__ = [
     "ConnectionFailed",
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_ENCRYPTION",
+    "DEFAULT_READ_AHEAD",
     "Decision",
     "DeleteResult",
     "DiskAttachment",
@@ -91,6 +105,7 @@ __all__ = [
     "Guards",
     "IntegrityError",
     "InvalidVMState",
+    "ItemKind",
     "KeepLabels",
     "KeepRules",
     "LocalTransport",
@@ -122,6 +137,7 @@ __all__ = [
     "SnapshotMode",
     "SnapshotNotFound",
     "SourceChanged",
+    "StoredItem",
     "Transport",
     "VBRemoteError",
     "VMInfo",

@@ -19,6 +19,7 @@ adapter boundary and raised ``from`` the original, so callers catch one tree::
     │   ├── ArchiveNotFound
     │   ├── ArchiveExists
     │   ├── FileNotInArchive
+    │   ├── ArchiveInvalid                         an archive's contents are malformed or hostile
     │   ├── SourceChanged                          a local file changed while it was read
     │   └── BorgError                              any other failure reported by borg
     ├── PruneError                                 pruning
@@ -39,6 +40,7 @@ from __future__ import annotations
 __all__ = [
     "AccessDenied",
     "ArchiveExists",
+    "ArchiveInvalid",
     "ArchiveNotFound",
     "BorgError",
     "ConfigurationError",
@@ -163,6 +165,24 @@ class FileNotInArchive(RepositoryError):
     Attributes:
         archive: The archive searched.
         path: The archive-relative path asked for.
+    """
+
+    def __init__(self, message: str, *, location: str = "", archive: str = "", path: str = "") -> None:
+        super().__init__(message, location=location)
+        self.archive = archive
+        self.path = path
+
+
+class ArchiveInvalid(RepositoryError):
+    """What an archive says about its items is malformed or hostile; nothing was used.
+
+    An archive is input from a server that may be compromised: paths that
+    leave the target folder, duplicates, or sizes that do not add up are
+    refused rather than trusted.
+
+    Attributes:
+        archive: The archive read.
+        path: The item at fault, where one is.
     """
 
     def __init__(self, message: str, *, location: str = "", archive: str = "", path: str = "") -> None:
