@@ -406,8 +406,6 @@ class Worker:
         """Measurements for tests and benchmarks: the peak of bytes read ahead,
         the calls of borg's get_many (each ends with the request pipeline
         drained: a round trip), and this process's peak resident memory."""
-        import resource
-
         if not getattr(self.repository.get_many, "vbremote_counted", False):
             original = self.repository.get_many
 
@@ -421,7 +419,7 @@ class Worker:
             "read_ahead_peak": self.read_ahead_meter.peak,
             "read_ahead_held": self.read_ahead_meter.held,
             "get_many_calls": self.get_many_calls,
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss": _peak_rss(),
         }
         if reset:
             self.read_ahead_meter.peak = self.read_ahead_meter.held
@@ -713,6 +711,19 @@ class Worker:
             ))
         return ok, list(self.handler.errors)
 
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes (VmHWM: since its exec, unlike ru_maxrss,
+    which Linux carries over from the parent that forked it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _extents(size: int, block_size: int, header_size: int) -> Iterator[tuple[int, int]]:
