@@ -131,12 +131,19 @@ class Bench:
     def prepare(self) -> None:
         self.image.parent.mkdir()
         make_vdi(self.image, self.size_mib * MIB, seed=21)
+        self.writes = [self.write(self.repo_path, vbremote.DEFAULT_READ_AHEAD)]
+        os.sync()
+
+    def write(self, path: Path, read_ahead: int) -> dict[str, float]:
+        """Archive the image into a new repository; the worker's read-ahead peak and memory."""
         with vbremote.Repository.init(
-            vbremote.LocalTransport(self.repo_path), passphrase=PASSPHRASE, base_dir=self.base
+            vbremote.LocalTransport(path), passphrase=PASSPHRASE, base_dir=self.base, read_ahead=read_ahead
         ) as repo:
             spec = vbremote.FileSpec(self.image, "disk.vdi", vbremote.FileRole.DISK)
-            repo.write_archive("a", [spec], vbremote.SnapshotMetadata("bench", str(uuid.uuid4())))
-        os.sync()
+            result = repo.write_archive("a", [spec], vbremote.SnapshotMetadata("bench", str(uuid.uuid4())))
+            stats = repo._worker.call("stats")
+        return {"limit": read_ahead, "seconds": result.seconds, "held_peak": stats["read_ahead_peak"],
+                "peak_rss": stats["peak_rss"]}
 
     def vbremote_fetch(self, transport: vbremote.Transport) -> dict[str, float]:
         """Open, chunk lists, fetch each distinct non-zero chunk once, close: like a restore's fetch."""
@@ -246,6 +253,12 @@ def main() -> int:
         bench.prepare()
         size = bench.image.stat().st_size
         print(f"image: {size / MIB:.0f} MiB; {os.cpu_count()} CPUs; median of {args.repeat} runs, taken in turn\n")
+        bench.writes.append(bench.write(Path(tmp) / "repo-small-read-ahead", 16 * MIB))
+        print("write (1 MiB blocks): read-ahead limit, bytes held at most, worker peak RSS")
+        for w in bench.writes:
+            print(f"   limit {w['limit'] / MIB:4.0f} MiB: held {w['held_peak'] / MIB:6.1f} MiB,"
+                  f" RSS {w['peak_rss'] / MIB:6.1f} MiB, {w['seconds']:6.2f} s")
+        shutil.rmtree(Path(tmp) / "repo-small-read-ahead")
         local = vbremote.LocalTransport(bench.repo_path)
         ours, borg = bench.alternating(
             lambda: bench.vbremote_fetch(local), lambda: bench.borg_extract(str(bench.repo_path), {})
