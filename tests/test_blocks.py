@@ -188,7 +188,7 @@ class TestLocalIds:
         """Negative offsets, empty ranges, a folder or a missing file: ConfigurationError."""
         f = tmp_path / "f"
         f.write_bytes(b"x")
-        for ranges in ([(-1, 1)], [(0, 0)]):
+        for ranges in ([(-1, 1)], [(0, 0)], [(0,)], [("0", 1)]):
             with pytest.raises(vbremote.ConfigurationError):
                 repo.local_ids(f, ranges)
         with pytest.raises(vbremote.ConfigurationError):

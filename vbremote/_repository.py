@@ -115,7 +115,10 @@ def _check_read_ahead(read_ahead: int) -> int:
 
 
 def _range(value: tuple[int, int] | ChunkRef) -> tuple[int, int]:
-    offset, size = (value.offset, value.size) if isinstance(value, ChunkRef) else value
+    try:
+        offset, size = (value.offset, value.size) if isinstance(value, ChunkRef) else value
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"a range is (offset, size), not {value!r}") from None
     if not isinstance(offset, int) or not isinstance(size, int) or offset < 0 or size < 1:
         raise ConfigurationError(f"a range is (offset >= 0, size >= 1), not {value!r}")
     return offset, size
@@ -592,6 +595,8 @@ class Repository:
             return hash_ranges(
                 self._hasher, fd, checked, read_ahead=self.read_ahead, meter=self._local_meter, progress=report
             )
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from exc
         finally:
             os.close(fd)
 
