@@ -24,3 +24,12 @@ napoleon_use_rtype = False
 intersphinx_mapping = {}
 nitpicky = False
 html_theme = "alabaster"
+
+
+def _hide_private_bases(app: object, name: str, obj: object, options: object, bases: list[type]) -> None:
+    # A public class built on a private base (the simulator's world) shows ``object`` instead.
+    bases[:] = [b for b in bases if not any(part.startswith("_") for part in b.__module__.split("."))] or [object]
+
+
+def setup(app: object) -> None:
+    app.connect("autodoc-process-bases", _hide_private_bases)  # type: ignore[attr-defined]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,21 +40,101 @@ def sim71(tmp_path: Path) -> Iterator[SimulatedVirtualBox]:
         yield simulator
 
 
+E_UNEXPECTED = 0x8000FFFF
+
+#: ``enum MachineState`` of ``src/VBox/Main/idl/VirtualBox.xidl``, VirtualBox 6.1.38.
+MACHINE_STATES_61 = {
+    "Null": 0, "PoweredOff": 1, "Saved": 2, "Teleported": 3, "Aborted": 4, "Running": 5, "Paused": 6,
+    "Stuck": 7, "Teleporting": 8, "LiveSnapshotting": 9, "Starting": 10, "Stopping": 11, "Saving": 12,
+    "Restoring": 13, "TeleportingPausedVM": 14, "TeleportingIn": 15, "DeletingSnapshotOnline": 16,
+    "DeletingSnapshotPaused": 17, "OnlineSnapshotting": 18, "RestoringSnapshot": 19, "DeletingSnapshot": 20,
+    "SettingUp": 21, "Snapshotting": 22,
+    "FirstOnline": 5, "LastOnline": 18, "FirstTransient": 8, "LastTransient": 22,
+}
+#: The same enum in 7.0.2, 7.0.18, 7.1.12 and the 7.2 tree (identical).
+MACHINE_STATES_7X = {
+    "Null": 0, "PoweredOff": 1, "Saved": 2, "Teleported": 3, "Aborted": 4, "AbortedSaved": 5, "Running": 6,
+    "Paused": 7, "Stuck": 8, "Teleporting": 9, "LiveSnapshotting": 10, "Starting": 11, "Stopping": 12,
+    "Saving": 13, "Restoring": 14, "TeleportingPausedVM": 15, "TeleportingIn": 16, "DeletingSnapshotOnline": 17,
+    "DeletingSnapshotPaused": 18, "OnlineSnapshotting": 19, "RestoringSnapshot": 20, "DeletingSnapshot": 21,
+    "SettingUp": 22, "Snapshotting": 23,
+    "FirstOnline": 6, "LastOnline": 19, "FirstTransient": 9, "LastTransient": 23,
+}
+
+
 def host_of(sim: SimulatedVirtualBox) -> vbremote.VirtualBoxHost:
     return vbremote.VirtualBoxHost.connect(manager=sim.manager())
 
 
 class TestSurface:
     def test_machine_state_values_per_profile(self, sim: SimulatedVirtualBox):
-        """MachineState_Running is 5 on 6.1 and 6 from 7.0 on (AbortedSaved came in between)."""
-        constants = sim.manager().constants
-        if sim.profile == "6.1":
-            assert constants.MachineState_Running == 5
-            assert not hasattr(constants, "MachineState_AbortedSaved")
-        else:
-            assert constants.MachineState_Running == 6
-            assert constants.MachineState_AbortedSaved == 5
-        assert constants.all_values("LockType") == {"Null": 0, "Shared": 1, "Write": 2, "VM": 3}
+        """Every MachineState value, range markers included, is the xidl's of the profile's release.
+
+        ``enum MachineState`` of ``src/VBox/Main/idl/VirtualBox.xidl``: 6.1.38 has no
+        ``FaultTolerantSyncing`` and no ``AbortedSaved``; 7.0.2, 7.0.18, 7.1.12 and the 7.2 tree
+        add ``AbortedSaved`` = 5, moving every later state up by one.
+        """
+        table = sim.manager().constants.all_values("MachineState")
+        assert table == (MACHINE_STATES_61 if sim.profile == "6.1" else MACHINE_STATES_7X)
+        assert sim.manager().constants.all_values("LockType") == {"Null": 0, "Shared": 1, "Write": 2, "VM": 3}
+
+    def test_adapter_knows_exactly_the_states(self, sim: SimulatedVirtualBox):
+        """vbremote.MachineState names every state of the profile (7.x's include 6.1's), and no other."""
+        names = {m.value for m in vbremote.MachineState} - {"Unknown"}
+        assert names == set(MACHINE_STATES_7X) - {"FirstOnline", "LastOnline", "FirstTransient", "LastTransient"}
+        for name in sim.manager().constants.all_values("MachineState"):
+            assert name in MACHINE_STATES_7X
+
+    def test_machine_states_61_match_pyvbox(self, tmp_path: Path):
+        """pyvbox, generated from a 6.1 xidl, has the same MachineState table as the 6.1 profile."""
+        library = pytest.importorskip("virtualbox.library")
+        pyvbox = {name: int(value) for name, value, _ in library.MachineState._enums}
+        with SimulatedVirtualBox(tmp_path / "vbox", version="6.1") as sim:
+            assert sim.manager().constants.all_values("MachineState") == pyvbox == MACHINE_STATES_61
+
+    def test_cleanup_modes(self, sim: SimulatedVirtualBox):
+        """CleanupMode_DetachAllReturnHardDisksAndVMRemovable (5) exists from 7.0.6, not in 6.1.
+
+        ``enum CleanupMode``, ``src/VBox/Main/idl/VirtualBox.xidl``: absent in 6.1.38, 7.0.2 and
+        7.0.4; present in 7.0.6, 7.0.18, 7.1.12 and the 7.2 tree.
+        """
+        modes = sim.manager().constants.all_values("CleanupMode")
+        expected = {"UnregisterOnly": 1, "DetachAllReturnNone": 2, "DetachAllReturnHardDisksOnly": 3, "Full": 4}
+        if sim.profile != "6.1":
+            expected["DetachAllReturnHardDisksAndVMRemovable"] = 5
+        assert modes == expected
+
+    def test_firmware_surface(self, tmp_path: Path):
+        """The firmware type and NVRAM file sit where each release's IMachine has them.
+
+        ``src/VBox/Main/idl/VirtualBox.xidl``: 6.1.38 ``IMachine::firmwareType`` and
+        ``IBIOSSettings::nonVolatileStorageFile``; 7.0.2 ``firmwareType`` and
+        ``IMachine::nonVolatileStore`` (``IBIOSSettings`` without the NVRAM file); 7.1.12 and 7.2
+        ``IMachine::firmwareSettings`` (``IFirmwareSettings::firmwareType``), no ``firmwareType`` or
+        ``BIOSSettings`` on ``IMachine``, ``nonVolatileStore`` kept.
+        """
+        for profile in VIRTUALBOX_PROFILES:
+            with SimulatedVirtualBox(tmp_path / profile, version=profile) as sim:
+                sim.create_vm("efi", disk_size=4 * MIB, firmware="EFI")
+                mgr = sim.manager()
+                machine = mgr.getVirtualBox().findMachine("efi")
+                efi = mgr.constants.FirmwareType_EFI
+                nvram = str(sim.vms_folder / "efi" / "efi.nvram")
+                if profile == "6.1":
+                    assert machine.firmwareType == efi
+                    assert machine.BIOSSettings.nonVolatileStorageFile == nvram
+                    for missing in ("nonVolatileStore", "firmwareSettings"):
+                        assert not hasattr(machine, missing)
+                elif profile == "7.0":
+                    assert machine.firmwareType == efi
+                    assert machine.nonVolatileStore.nonVolatileStorageFile == nvram
+                    assert not hasattr(machine.BIOSSettings, "nonVolatileStorageFile")
+                    assert not hasattr(machine, "firmwareSettings")
+                else:
+                    assert machine.firmwareSettings.firmwareType == efi
+                    assert machine.nonVolatileStore.nonVolatileStorageFile == nvram
+                    for missing in ("firmwareType", "BIOSSettings"):
+                        assert not hasattr(machine, missing)
 
     def test_attribute_and_getter_access(self, sim71: SimulatedVirtualBox):
         """Attributes read as obj.name and obj.getName(); arrays through mgr.getArray."""
@@ -98,7 +179,7 @@ class TestSurface:
         first.unlockMachine()
         with pytest.raises(SimulatedVBoxError) as info:
             first.unlockMachine()
-        assert mgr.xcptIsEqual(info.value, 0x80BB000B)
+        assert mgr.xcptIsEqual(info.value, E_UNEXPECTED)
 
     def test_unsaved_changes_are_discarded_on_unlock(self, sim71: SimulatedVirtualBox):
         """A setting changed without saveSettings is gone after unlockMachine, as on VirtualBox."""
@@ -165,6 +246,233 @@ class TestSurface:
                 progress.getResultCode()
         finally:
             session.unlockMachine()
+
+
+class TestSessions:
+    """Locks and sessions as ``Machine::lockMachine`` (``src/VBox/Main/src-server/MachineImpl.cpp``) and
+    ``Session`` (``src/VBox/Main/src-client/SessionImpl.cpp``) have them, 6.1.38 to 7.1.12."""
+
+    def test_shared_lock_gets_a_console_only_from_a_vm_holder(self, sim: SimulatedVirtualBox):
+        """A shared lock on a locked machine gets the holder's console only if the holder locked as VM.
+
+        ``Machine::lockMachine`` asks the write-locking session for its remote console only when
+        ``mSession.mLockType == LockType_VM``; ``Session::assignMachine`` creates a console for
+        ``LockType_VM`` only.
+        """
+        mgr = sim.manager()
+        vbox = mgr.getVirtualBox()
+        machine = vbox.findMachine("dev")
+        c = mgr.constants
+        for holder_type, console_expected in ((c.LockType_Write, False), (c.LockType_Shared, False),
+                                              (c.LockType_VM, True)):
+            holder, shared = mgr.getSessionObject(vbox), mgr.getSessionObject(vbox)
+            machine.lockMachine(holder, holder_type)
+            try:
+                assert holder.type == c.SessionType_WriteLock
+                assert (holder.console is not None) is console_expected
+                machine.lockMachine(shared, c.LockType_Shared)
+                assert shared.type == c.SessionType_Shared
+                assert (shared.console is not None) is console_expected
+                assert shared.machine.id == machine.id
+                shared.unlockMachine()
+            finally:
+                holder.unlockMachine()
+        sim.start("dev", workload=None)
+        shared = mgr.getSessionObject(vbox)
+        machine.lockMachine(shared, c.LockType_Shared)
+        try:
+            assert shared.type == c.SessionType_Shared
+            assert shared.console is not None
+            assert shared.console.state == c.MachineState_Running
+        finally:
+            shared.unlockMachine()
+
+    def test_shared_sessions_end_with_the_holder(self, sim: SimulatedVirtualBox):
+        """When the write holder unlocks, or the VM process ends, the shared sessions on it are unlocked.
+
+        ``SessionMachine::uninit`` (``MachineImpl.cpp``) uninitializes every remote control.
+        """
+        mgr = sim.manager()
+        vbox = mgr.getVirtualBox()
+        machine = vbox.findMachine("dev")
+        c = mgr.constants
+        holder, shared = mgr.getSessionObject(vbox), mgr.getSessionObject(vbox)
+        machine.lockMachine(holder, c.LockType_Write)
+        machine.lockMachine(shared, c.LockType_Shared)
+        holder.unlockMachine()
+        assert shared.state == c.SessionState_Unlocked
+        sim.start("dev", workload=None)
+        machine.lockMachine(shared, c.LockType_Shared)
+        assert shared.state == c.SessionState_Locked
+        sim.power_off("dev")
+        assert shared.state == c.SessionState_Unlocked
+
+    def test_launching_session_is_remote(self, sim: SimulatedVirtualBox):
+        """The session given to launchVMProcess becomes a Remote session with the VM's console.
+
+        ``Session::assignMachine`` with no machine sets ``SessionType_Remote``, which
+        ``Session::assignRemoteMachine`` keeps.
+        """
+        mgr = sim.manager()
+        vbox = mgr.getVirtualBox()
+        session = mgr.getSessionObject(vbox)
+        progress = vbox.findMachine("dev").launchVMProcess(session, "headless", [])
+        progress.waitForCompletion(5000)
+        try:
+            assert session.type == mgr.constants.SessionType_Remote
+            assert session.console is not None
+        finally:
+            session.unlockMachine()
+
+    def test_unregistered_machine_cannot_be_locked(self, sim: SimulatedVirtualBox):
+        """Locking a machine that is not registered fails with E_UNEXPECTED.
+
+        ``Machine::lockMachine``: ``!mData->mRegistered`` gives ``E_UNEXPECTED`` ("The machine '%s'
+        is not registered").
+        """
+        mgr = sim.manager()
+        vbox = mgr.getVirtualBox()
+        machine = vbox.findMachine("dev")
+        settings = machine.settingsFilePath
+        machine.unregister(mgr.constants.CleanupMode_DetachAllReturnHardDisksOnly)
+        opened = vbox.openMachine(settings) if sim.profile == "6.1" else vbox.openMachine(settings, "")
+        for target in (machine, opened):
+            session = mgr.getSessionObject(vbox)
+            with pytest.raises(SimulatedVBoxError) as info:
+                target.lockMachine(session, mgr.constants.LockType_Shared)
+            assert mgr.xcptIsEqual(info.value, E_UNEXPECTED)
+            assert "not registered" in info.value.msg
+            assert session.state == mgr.constants.SessionState_Unlocked
+
+    def test_unlocked_session_getters(self, sim: SimulatedVirtualBox):
+        """An unlocked session answers only its state: type, machine, console and unlockMachine give E_UNEXPECTED.
+
+        ``CHECK_OPEN`` in ``Session::getType``, ``getMachine``, ``getConsole`` and ``unlockMachine``
+        (``src/VBox/Main/src-client/SessionImpl.cpp``); ``getState`` has no check.
+        """
+        mgr = sim.manager()
+        vbox = mgr.getVirtualBox()
+        session = mgr.getSessionObject(vbox)
+        for attempt in range(2):
+            assert session.state == mgr.constants.SessionState_Unlocked
+            for getter in (lambda: session.type, lambda: session.machine, lambda: session.console,
+                           session.unlockMachine):
+                with pytest.raises(SimulatedVBoxError) as info:
+                    getter()
+                assert mgr.xcptIsEqual(info.value, E_UNEXPECTED)
+                assert "not locked" in info.value.msg
+            if attempt == 0:  # and again after a lock and an unlock
+                vbox.findMachine("dev").lockMachine(session, mgr.constants.LockType_Write)
+                session.unlockMachine()
+
+    def test_busy_session_cannot_lock_again(self, sim: SimulatedVirtualBox):
+        """A session that is locked already cannot lock: VBOX_E_INVALID_OBJECT_STATE ("The given session is busy").
+
+        ``Machine::lockMachine`` and ``Machine::launchVMProcess`` check the session state first.
+        """
+        mgr = sim.manager()
+        vbox = mgr.getVirtualBox()
+        machine = vbox.findMachine("dev")
+        session = mgr.getSessionObject(vbox)
+        machine.lockMachine(session, mgr.constants.LockType_Write)
+        try:
+            for again in (lambda: machine.lockMachine(session, mgr.constants.LockType_Shared),
+                          lambda: machine.launchVMProcess(session, "headless", [])):
+                with pytest.raises(SimulatedVBoxError) as info:
+                    again()
+                assert mgr.xcptIsEqual(info.value, 0x80BB0007)
+                assert "busy" in info.value.msg
+        finally:
+            session.unlockMachine()
+
+    def test_read_only_machine_refuses_state_changes(self, sim: SimulatedVirtualBox):
+        """saveState and discardSavedState on the read-only machine: VBOX_E_INVALID_VM_STATE; takeSnapshot: E_NOTIMPL.
+
+        ``Machine::saveState`` checks ``MutableStateDep`` and ``Machine::discardSavedState``
+        ``MutableOrSavedStateDep`` (``i_checkStateDependency``, ``MachineImpl.cpp``), which a
+        registered machine that is not the session machine never passes; ``Machine::takeSnapshot``
+        is ``ReturnComNotImplemented`` (``SnapshotImpl.cpp``).
+        """
+        mgr = sim.manager()
+        machine = mgr.getVirtualBox().findMachine("dev")
+        for call, code in ((machine.saveState, 0x80BB0002), (lambda: machine.discardSavedState(True), 0x80BB0002),
+                           (lambda: machine.takeSnapshot("x", "", True), 0x80004001)):
+            with pytest.raises(SimulatedVBoxError) as info:
+                call()
+            assert mgr.xcptIsEqual(info.value, code)
+        sim.start("dev", workload=None)
+        with pytest.raises(SimulatedVBoxError) as info:
+            machine.saveState()
+        assert mgr.xcptIsEqual(info.value, 0x80BB0002)
+        assert "not mutable" in info.value.msg
+        assert sim.manager().getVirtualBox().findMachine("dev").state == mgr.constants.MachineState_Running
+
+
+class TestOpening:
+    """``VirtualBox::openMachine`` and ``registerMachine`` (``src/VBox/Main/src-server/VirtualBoxImpl.cpp``,
+    ``Machine::initFromSettings`` in ``MachineImpl.cpp``), 6.1.38 to 7.2."""
+
+    def test_open_refuses_a_known_vm_uuid(self, sim: SimulatedVirtualBox):
+        """Opening the settings file of a registered VM fails at once with E_FAIL.
+
+        ``Machine::initFromSettings`` rejects a uuid ``i_findMachine`` knows ("Trying to open a VM
+        config '%s' which has the same UUID as an existing virtual machine").
+        """
+        mgr = sim.manager()
+        vbox = mgr.getVirtualBox()
+        settings = vbox.findMachine("dev").settingsFilePath
+        with pytest.raises(SimulatedVBoxError) as info:
+            vbox.openMachine(settings) if sim.profile == "6.1" else vbox.openMachine(settings, "")
+        assert mgr.xcptIsEqual(info.value, 0x80004005)
+        assert "same UUID" in info.value.msg
+
+    def test_opened_media_are_unchecked_until_refreshed(self, sim: SimulatedVirtualBox):
+        """Media read from a settings file are Inaccessible with size 0 until refreshState opens them.
+
+        ``Medium::initOne`` sets ``MediumState_Inaccessible`` ("Accessibility check was not yet
+        performed"); ``Medium::refreshState`` runs ``i_queryInfo``, which sets the state and sizes
+        (``src/VBox/Main/src-server/MediumImpl.cpp``).
+        """
+        mgr = sim.manager()
+        vbox = mgr.getVirtualBox()
+        machine = vbox.findMachine("dev")
+        settings = machine.settingsFilePath
+        machine.unregister(mgr.constants.CleanupMode_DetachAllReturnHardDisksOnly)
+        opened = vbox.openMachine(settings) if sim.profile == "6.1" else vbox.openMachine(settings, "")
+        vbox.registerMachine(opened)
+        medium = mgr.getArray(vbox.findMachine("dev"), "mediumAttachments")[0].medium
+        assert medium.state == mgr.constants.MediumState_Inaccessible
+        assert medium.logicalSize == 0
+        assert "not yet performed" in medium.lastAccessError
+        assert medium.refreshState() == mgr.constants.MediumState_Created
+        assert medium.state == mgr.constants.MediumState_Created
+        assert medium.logicalSize == 8 * MIB
+        assert medium.lastAccessError == ""
+
+
+    def test_failed_restore_keeps_the_saved_state(self, sim: SimulatedVirtualBox):
+        """Resuming a Saved VM whose disk is missing fails; it is AbortedSaved on 7.x, Saved on 6.1, its .sav kept.
+
+        ``Console::i_powerDown`` (``src/VBox/Main/src-client/ConsoleImpl.cpp``): a failed Restoring
+        goes to ``AbortedSaved`` in 7.1.12 and back to ``Saved`` in 6.1.38, keeping the state file.
+        """
+        host = host_of(sim)
+        sim.start("dev", workload=None)
+        host.save_state("dev")
+        vm = host.vm("dev")
+        assert vm.state_file is not None
+        disk = vm.disks[0].chain[-1].location
+        settings = host.unregister("dev")
+        disk.rename(disk.with_name("aside.vdi"))
+        host.register(settings)
+        with pytest.raises(vbremote.VirtualBoxOperationFailed, match="Could not open the medium"):
+            host.start("dev")
+        after = host.vm("dev")
+        expected = vbremote.MachineState.SAVED if sim.profile == "6.1" else vbremote.MachineState.ABORTED_SAVED
+        assert after.state is expected
+        assert after.state_file == vm.state_file
+        assert vm.state_file.is_file()
+        assert parse_settings(after.settings_file.read_bytes()).state_file is not None
 
 
 class TestFilesAndGuest:
@@ -265,6 +573,72 @@ class TestFilesAndGuest:
             a.chain[-1].uuid for a in snapshot.attachments if a.type == "HardDisk"
         ]
         assert {m.uuid for m in frozen.all_media()} == {vm.disks[0].base.uuid}  # type: ignore[union-attr]
+
+
+SETTINGS_VERSIONS = {("6.1", "BIOS"): "1.16", ("6.1", "EFI"): "1.18"}
+
+
+class TestSettingsFiles:
+    @pytest.mark.parametrize("firmware", ["BIOS", "EFI"])
+    def test_version_and_layout_per_profile(self, sim: SimulatedVirtualBox, firmware: str, tmp_path: Path):
+        """Each profile writes the version and layout its VirtualBox writes, and parse_settings reads it back.
+
+        Settings.cpp (6.1.38, 7.0.18, 7.1.12, 7.2), MachineConfigFile::bumpSettingsVersionIfNeeded: 6.1 writes a
+        BIOS machine as 1.16 (StorageControllers beside Hardware, buildHardwareXML) and an EFI machine as 1.18 (a
+        NVRAM path needs 1.18); 7.x writes an x86 machine as 1.19. NVRAM is Hardware/BIOS/NVRAM below 1.20, and a
+        snapshot's hardware names its own NVRAM copy where the simulator recorded one.
+        """
+        host = host_of(sim)
+        sim.create_vm("vm2", firmware=firmware, disks=2, external_disk_folder=tmp_path / "outside")
+        sim.start("vm2")
+        first = host.take_snapshot("vm2", "one")
+        second = host.take_snapshot("vm2", "two")
+        vm = host.vm("vm2")
+        data = vm.settings_file.read_bytes()
+        version = SETTINGS_VERSIONS.get((sim.profile, firmware), "1.19")
+        n = "{http://www.virtualbox.org/}"
+        root = ET.fromstring(data)
+        assert root.get("version") == f"{version}-linux"
+        machine = root.find(f"{n}Machine")
+        assert machine is not None
+        owners = [machine, *machine.iter(f"{n}Snapshot")]
+        assert len(owners) == 3
+        beside = version == "1.16"
+        for owner in owners:
+            assert len(owner.findall(f"{n}StorageControllers")) == (1 if beside else 0)
+            assert len(owner.findall(f"{n}Hardware/{n}StorageControllers")) == (0 if beside else 1)
+            assert owner.findall(f"{n}Platform") == []
+            nvram = owner.findall(f"{n}Hardware/{n}BIOS/{n}NVRAM")
+            assert len(nvram) == (1 if firmware == "EFI" else 0)
+        parsed = parse_settings(data)
+        assert parsed.version == version
+        assert parsed.nvram == ("vm2.nvram" if firmware == "EFI" else None)
+        assert [a.medium for a in parsed.attachments if a.type == "HardDisk"] == [d.chain[-1].uuid for d in vm.disks]
+        for node, snapshot in zip(parsed.snapshots(), (first, second), strict=True):
+            assert node.uuid == snapshot.uuid
+            assert [a.medium for a in node.attachments if a.type == "HardDisk"] == [
+                a.chain[-1].uuid for a in snapshot.attachments if a.type == "HardDisk"
+            ]
+        frozen = parse_settings(freeze_instant(data, second.uuid))
+        assert [a.medium for a in frozen.attachments if a.type == "HardDisk"] == [
+            a.chain[-1].uuid for a in second.attachments if a.type == "HardDisk"
+        ]
+        assert {d.chain[-1].uuid for d in vm.disks}.isdisjoint(m.uuid for m in frozen.all_media())
+
+
+    def test_snapshot_nvram_copy_written_and_read_back(self, sim: SimulatedVirtualBox):
+        """A snapshot's own NVRAM copy is written in its hardware and read back by a new host on the same home."""
+        host = host_of(sim)
+        uuid = sim.create_vm("vm2", firmware="EFI")
+        snapshot = host.take_snapshot("vm2", "one")
+        machine = sim.machines[uuid]
+        machine.snapshots[snapshot.uuid].nvram = "Snapshots/2026-11-20T09-15-00-987654321Z.nvram"
+        sim.write_settings(machine)
+        parsed = parse_settings(host.vm("vm2").settings_file.read_bytes())
+        assert parsed.nvram == "vm2.nvram"
+        assert [n.nvram for n in parsed.snapshots()] == ["Snapshots/2026-11-20T09-15-00-987654321Z.nvram"]
+        with SimulatedVirtualBox(sim.home, version=sim.profile) as again:
+            assert again.machines[uuid].snapshots[snapshot.uuid].nvram == machine.snapshots[snapshot.uuid].nvram
 
 
 class TestFaults:

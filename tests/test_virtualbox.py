@@ -8,8 +8,12 @@ Scenes are set with the adapter's own calls only, so the same code runs on both.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import time
+import uuid as uuid_module
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +36,24 @@ class Scene:
     def running(self) -> None:
         if not self.host.state(self.vm).is_running:
             self.host.start(self.vm)
+
+    def api(self) -> tuple[int, int]:
+        """The connected VirtualBox's (major, minor)."""
+        found = re.match(r"(\d+)\.(\d+)", self.host.version)
+        assert found is not None
+        return int(found.group(1)), int(found.group(2))
+
+    @contextlib.contextmanager
+    def unregistered(self) -> Iterator[Path]:
+        """The VM unregistered (its settings file given); registered again from that file afterwards."""
+        settings = self.host.unregister(self.vm)
+        try:
+            yield settings
+        finally:
+            try:
+                self.host.vm(self.vm)
+            except vbremote.VMNotFound:
+                self.host.register(settings)
 
     def reset(self) -> None:
         """Power off and delete every snapshot (for the real VM after a test)."""
@@ -88,6 +110,37 @@ class TestReading:
             assert disk.base.location.is_file()
             assert disk.base.logical_size > 0
 
+    def test_firmware_and_nvram(self, scene: Scene):
+        """The firmware type and the NVRAM file are read where the connected version keeps them.
+
+        ``IMachine::firmwareType`` up to 7.0, ``IMachine::firmwareSettings`` (``IFirmwareSettings``)
+        from 7.1; the NVRAM file on ``IBIOSSettings`` in 6.1 and ``IMachine::nonVolatileStore`` from
+        7.0 (``src/VBox/Main/idl/VirtualBox.xidl`` of 6.1.38, 7.0.2, 7.1.12 and 7.2).
+        """
+        vm = scene.host.vm(scene.vm)
+        assert vm.firmware in {"BIOS", "EFI", "EFI32", "EFI64", "EFIDUAL"}
+        if scene.sim is not None:  # the scene's VM is an EFI machine with an NVRAM file
+            assert vm.firmware == "EFI"
+            assert vm.nvram_file == vm.folder / "dev.nvram"
+        if vm.nvram_file is not None:
+            assert vm.nvram_file.is_absolute()
+
+    def test_media_are_accessible(self, scene: Scene):
+        """Every medium of a VM whose files are all there is accessible, with its real logical size.
+
+        A medium loaded from settings reads ``Inaccessible`` with size 0 until checked;
+        ``IMedium::refreshState`` checks it (``Medium::initOne``, ``Medium::refreshState``,
+        ``src/VBox/Main/src-server/MediumImpl.cpp``, 6.1.38 to 7.1.12).
+        """
+        with scene.unregistered() as settings:
+            again = scene.host.register(settings)
+        assert not again.inaccessible_media
+        for disk in again.disks:
+            for medium in disk.chain:
+                assert medium.accessible
+                assert medium.access_error == ""
+                assert medium.logical_size > 0
+
     def test_version(self, scene: Scene):
         """The version is VirtualBox's dotted version."""
         assert scene.host.version.count(".") >= 2
@@ -124,10 +177,17 @@ class TestSnapshots:
         assert snapshot.state_file is not None
         assert snapshot.state_file.is_file()
         assert scene.host.state(scene.vm) is vbremote.MachineState.RUNNING
-        scene.host.delete_snapshot(scene.vm, snapshot.uuid)
+        deleted: list[vbremote.Progress] = []
+        scene.host.delete_snapshot(scene.vm, snapshot.uuid, on_progress=deleted.append)
         assert scene.host.state(scene.vm) is vbremote.MachineState.RUNNING
         assert not snapshot.state_file.exists()
-        assert all(e.total == 100 and 0 <= e.done <= 100 for e in events)
+        for what, got in (("take snapshot", events), ("delete snapshot", deleted)):
+            assert got, f"no progress event arrived for {what}"
+            assert {(e.operation, e.path, e.total) for e in got} == {(what, scene.vm, 100)}
+            done = [e.done for e in got]
+            assert done == sorted(done)
+            assert done[0] >= 0
+            assert done[-1] == 100
 
     def test_nested_snapshots_delete_the_middle(self, scene: Scene):
         """Deleting a middle snapshot re-parents its child and keeps the current state."""
@@ -224,6 +284,187 @@ class TestStates:
         assert scene.host.state(scene.vm) is vbremote.MachineState.RUNNING
 
 
+def _settings_copy(source: Path, folder: Path, *, name: str) -> tuple[Path, str]:
+    """A copy of a VM's settings file under a new uuid and name, its disks' locations relative to ``folder``."""
+    ns = "http://www.virtualbox.org/"
+    ET.register_namespace("", ns)
+    tree = ET.parse(source)
+    machine = tree.getroot().find(f"{{{ns}}}Machine")
+    assert machine is not None
+    new_uuid = str(uuid_module.uuid4())
+    machine.set("uuid", f"{{{new_uuid}}}")
+    machine.set("name", name)
+    for disk in machine.iter(f"{{{ns}}}HardDisk"):
+        disk.set("location", Path(disk.get("location", "disk.vdi")).name)
+    folder.mkdir(parents=True)
+    copy = folder / f"{name}.vbox"
+    tree.write(copy, xml_declaration=True, encoding="utf-8")
+    return copy, new_uuid
+
+
+class TestRegistering:
+    def test_password_by_version(self, scene: Scene):
+        """6.1's openMachine takes no password: the adapter refuses one before VirtualBox opens anything.
+
+        ``IVirtualBox::openMachine`` is ``(settingsFile)`` in 6.1.38 and ``(settingsFile, password)``
+        from 7.0.2 (``src/VBox/Main/idl/VirtualBox.xidl``, ``VirtualBox::openMachine`` in
+        ``src/VBox/Main/src-server/VirtualBoxImpl.cpp``); the connected version decides, not a TypeError.
+        """
+        if scene.api() >= (7, 0):
+            pytest.skip("7.0 and later take the password (for encrypted VMs)")
+        before = scene.host.vm(scene.vm)
+        with scene.unregistered() as settings:
+            with pytest.raises(vbremote.ConfigurationError, match="encrypted"):
+                scene.host.register(settings, password="secret")
+            with pytest.raises(vbremote.VMNotFound):
+                scene.host.vm(before.uuid)
+            assert scene.host.register(settings).uuid == before.uuid
+
+    def test_missing_medium_loads_inaccessible(self, scene: Scene):
+        """Registering does not check that media files exist: a missing one loads as Inaccessible.
+
+        ``Medium::initOne`` (``src/VBox/Main/src-server/MediumImpl.cpp``) marks every medium read from
+        settings inaccessible without opening it; ``Medium::refreshState`` finds the file missing
+        (6.1.38, 7.0.x, 7.1.12, 7.2).
+        """
+        before = scene.host.vm(scene.vm)
+        disk = before.disks[-1]
+        assert disk.medium is not None
+        missing = disk.medium.location
+        aside = missing.with_name(missing.name + ".aside")
+        with scene.unregistered() as settings:
+            missing.rename(aside)
+            try:
+                again = scene.host.register(settings)
+                assert again.uuid == before.uuid
+                slots = {(a.controller, a.port, a.device): a for a in again.disks}
+                medium = slots[(disk.controller, disk.port, disk.device)].medium
+                assert medium is not None
+                assert medium.uuid == disk.medium.uuid
+                assert not medium.accessible
+                assert medium.access_error
+                assert [m.uuid for m in again.inaccessible_media] == [medium.uuid]
+                scene.host.unregister(again.uuid)
+            finally:
+                aside.rename(missing)
+
+    def test_start_with_a_missing_medium_fails(self, scene: Scene):
+        """Starting a VM whose disk is missing fails with the medium's access error; the VM stays PoweredOff.
+
+        ``Console::i_powerUpThreadTask`` locks the media; ``Medium::i_createMediumLockList`` fails
+        an inaccessible hard disk with ``E_FAIL`` and its last access error; ``Console::i_powerDown``
+        sets Starting back to PoweredOff (``ConsoleImpl.cpp``, ``MediumImpl.cpp``, 6.1.38 and 7.1.12).
+        """
+        before = scene.host.vm(scene.vm)
+        disk = before.disks[-1]
+        assert disk.medium is not None
+        missing = disk.medium.location
+        aside = missing.with_name(missing.name + ".aside")
+        with scene.unregistered() as settings:
+            missing.rename(aside)
+            try:
+                scene.host.register(settings)
+                with pytest.raises(vbremote.VirtualBoxOperationFailed) as info:
+                    scene.host.start(scene.vm)
+                assert info.value.result_code == 0x80004005
+                assert "Could not open the medium" in info.value.text
+                assert scene.host.state(scene.vm) is vbremote.MachineState.POWERED_OFF
+                scene.host.unregister(before.uuid)
+            finally:
+                aside.rename(missing)
+
+    def test_settings_file_name_need_not_match(self, scene: Scene):
+        """A settings file named otherwise than its VM registers; the VM keeps its name and that file.
+
+        ``Machine::initFromSettings`` and ``Machine::i_prepareRegister``
+        (``src/VBox/Main/src-server/MachineImpl.cpp``) never compare the file name with the VM name.
+        """
+        before = scene.host.vm(scene.vm)
+        with scene.unregistered() as settings:
+            renamed = settings.with_name("renamed-" + settings.name)
+            settings.rename(renamed)
+            try:
+                again = scene.host.register(renamed)
+                assert (again.uuid, again.name, again.settings_file) == (before.uuid, before.name, renamed)
+                assert again.disks == before.disks
+                scene.host.unregister(again.uuid)
+            finally:
+                renamed.rename(settings)
+
+    def test_relative_locations_follow_the_folder(self, scene: Scene):
+        """A VM folder moved elsewhere registers with its relative media locations under the new folder.
+
+        ``Medium::initOne`` joins a relative location to the folder of the opened settings file
+        (``src/VBox/Main/src-server/MediumImpl.cpp``); absolute locations stay.
+        """
+        before = scene.host.vm(scene.vm)
+        folder = before.folder
+        moved = folder.with_name(folder.name + "-moved")
+        with scene.unregistered():
+            folder.rename(moved)
+            try:
+                again = scene.host.register(moved / before.settings_file.name)
+                assert again.settings_file == moved / before.settings_file.name
+                for old, new in zip(before.disks, again.disks, strict=True):
+                    for was, now in zip(old.chain, new.chain, strict=True):
+                        assert now.uuid == was.uuid
+                        if was.location.is_relative_to(folder):
+                            assert now.location == moved / was.location.relative_to(folder)
+                        else:
+                            assert now.location == was.location
+                        assert now.accessible
+                scene.host.unregister(again.uuid)
+            finally:
+                moved.rename(folder)
+
+    def test_duplicate_medium_uuid_refused(self, scene: Scene, tmp_path: Path):
+        """A settings file naming a known medium uuid at another location is refused with E_INVALIDARG.
+
+        ``VirtualBox::i_registerMedium`` / ``i_checkMediaForConflicts``
+        (``src/VBox/Main/src-server/VirtualBoxImpl.cpp``, 6.1.38 to 7.2): a uuid already known at a
+        different location is a conflict ("Cannot register the hard disk ... because a hard disk ...
+        already exists"); nothing is registered.
+        """
+        source = scene.host.vm(scene.vm).settings_file
+        copy, new_uuid = _settings_copy(source, tmp_path / "copy", name="vbremote-duplicate-media")
+        known = {vm.uuid for vm in scene.host.vms()}
+        with pytest.raises(vbremote.VirtualBoxOperationFailed) as info:
+            scene.host.register(copy)
+        assert info.value.result_code == 0x80070057
+        assert {vm.uuid for vm in scene.host.vms()} == known
+        assert new_uuid not in known
+
+    def test_aborted_with_state_file(self, scene: Scene, tmp_path: Path):
+        """``aborted`` with a ``stateFile`` loads as AbortedSaved on 7.x and as Aborted without it on 6.1.
+
+        ``Machine::i_loadMachineDataFromSettings`` (``src/VBox/Main/src-server/MachineImpl.cpp``):
+        7.0.2 to 7.2 keep the state file and set ``MachineState_AbortedSaved``; 6.1.38 drops the
+        state file and sets ``MachineState_Aborted``. The state file need not exist.
+        """
+        folder = tmp_path / "orphan"
+        folder.mkdir()
+        vm_uuid = str(uuid_module.uuid4())
+        settings = folder / "orphan.vbox"
+        settings.write_text(
+            '<?xml version="1.0"?>\n<VirtualBox xmlns="http://www.virtualbox.org/" version="1.16-linux">\n'
+            f'  <Machine uuid="{{{vm_uuid}}}" name="vbremote-orphan" OSType="Other" snapshotFolder="Snapshots"'
+            ' stateFile="Snapshots/2024-01-02T03-04-05-000000000Z.sav" aborted="true">\n'
+            "    <Hardware/>\n  </Machine>\n</VirtualBox>\n",
+            encoding="utf-8",
+        )
+        vm = scene.host.register(settings)
+        try:
+            assert vm.uuid == vm_uuid
+            if scene.api() >= (7, 0):
+                assert vm.state is vbremote.MachineState.ABORTED_SAVED
+                assert vm.state_file == folder / "Snapshots" / "2024-01-02T03-04-05-000000000Z.sav"
+            else:
+                assert vm.state is vbremote.MachineState.ABORTED
+                assert vm.state_file is None
+        finally:
+            scene.host.unregister(vm_uuid)
+
+
 def test_connect_without_vboxapi():
     """Without vboxapi, connect() says what to install."""
     try:
@@ -249,6 +490,21 @@ def test_lock_retry_gives_up(tmp_path: Path):
         assert time.monotonic() - started < 2.0
         assert info.value.result_code == 0x80BB0007
         assert host.vm("dev").cpu_portability_level == 0
+
+
+def test_last_progress_event_says_done(tmp_path: Path):
+    """An operation that finishes while the progress callback runs still ends with a done=100 event."""
+    with SimulatedVirtualBox(tmp_path / "vbox", timing=Timing(snapshot=0.3)) as sim:
+        sim.create_vm("dev", disk_size=4 * MIB)
+        host = vbremote.VirtualBoxHost.connect(manager=sim.manager())
+        events: list[vbremote.Progress] = []
+
+        def slow(event: vbremote.Progress) -> None:
+            events.append(event)
+            time.sleep(0.5)  # the snapshot completes meanwhile
+
+        host.take_snapshot("dev", "s", on_progress=slow)
+        assert [e.done for e in events] == [0, 100]
 
 
 class TestPyvbox:

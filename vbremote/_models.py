@@ -527,7 +527,6 @@ class MachineState(enum.Enum):
     RESTORING = "Restoring"
     TELEPORTING_PAUSED_VM = "TeleportingPausedVM"
     TELEPORTING_IN = "TeleportingIn"
-    FAULT_TOLERANT_SYNCING = "FaultTolerantSyncing"
     DELETING_SNAPSHOT_ONLINE = "DeletingSnapshotOnline"
     DELETING_SNAPSHOT_PAUSED = "DeletingSnapshotPaused"
     ONLINE_SNAPSHOTTING = "OnlineSnapshotting"
@@ -567,8 +566,13 @@ class MediumInfo:
         uuid: The medium's uuid.
         location: Its file's absolute path.
         format: ``VDI``, ``VMDK`` …
-        logical_size: The guest-visible size in bytes.
+        logical_size: The guest-visible size in bytes (0 when the medium is
+            inaccessible: VirtualBox learns the size by opening the file).
         parent: The parent's uuid (a differencing image), or ``None`` (a base).
+        accessible: Whether VirtualBox could open the medium's file. A VM
+            registered while a medium's file is missing loads it as
+            ``Inaccessible`` (registering does not check the files).
+        access_error: VirtualBox's reason when the medium is inaccessible, else ``""``.
     """
 
     uuid: str
@@ -576,6 +580,8 @@ class MediumInfo:
     format: str
     logical_size: int
     parent: str | None
+    accessible: bool = True
+    access_error: str = ""
 
 
 @frozen
@@ -658,6 +664,8 @@ class VMInfo:
         snapshot_tree: The root of the snapshot tree, or ``None``.
         current_snapshot: The current snapshot's uuid, or ``None``.
         locked: Whether a session holds (or is releasing) the VM's lock.
+        firmware: The firmware type: ``"BIOS"``, ``"EFI"``, ``"EFI32"``,
+            ``"EFI64"`` or ``"EFIDUAL"``.
     """
 
     uuid: str
@@ -672,6 +680,7 @@ class VMInfo:
     snapshot_tree: SnapshotInfo | None
     current_snapshot: str | None
     locked: bool
+    firmware: str = "BIOS"
 
     @property
     def folder(self) -> Path:
@@ -682,6 +691,16 @@ class VMInfo:
     def disks(self) -> tuple[DiskAttachment, ...]:
         """The hard disks of the current state."""
         return tuple(a for a in self.attachments if a.type == "HardDisk")
+
+    @property
+    def inaccessible_media(self) -> tuple[MediumInfo, ...]:
+        """The media of the current state that VirtualBox cannot open (each once, in attachment order)."""
+        seen: dict[str, MediumInfo] = {}
+        for attachment in self.attachments:
+            for medium in attachment.chain:
+                if not medium.accessible:
+                    seen.setdefault(medium.uuid, medium)
+        return tuple(seen.values())
 
     def snapshots(self) -> tuple[SnapshotInfo, ...]:
         """Every snapshot, depth first."""

@@ -9,8 +9,33 @@
 - :func:`relocate` maps the paths in a settings file to a new VM folder.
 
 Everything else in the file is kept as it is. Settings files are untrusted
-input here (they come from archives): documents with a DOCTYPE or entity
-declarations, oversized files and paths that escape the VM folder are refused.
+input here (they come from archives): they are parsed by defusedxml, which
+refuses a DOCTYPE, entity declarations and external references whatever the
+document's encoding; oversized files, documents that are not UTF-8 and paths
+that escape the VM folder are refused too.
+
+Layouts. VirtualBox 6.1 to 7.2 write several layouts, and all of them are
+read and rewritten here (src/VBox/Main/xml/Settings.cpp of 6.1.38, 7.0.18,
+7.1.12 and the 7.2 tree):
+
+- ``StorageControllers`` is a child of ``Hardware`` from settings version
+  1.17 on, and a sibling of ``Hardware`` (under ``Machine`` and under each
+  ``Snapshot``) before: MachineConfigFile::buildHardwareXML picks the parent
+  with ``m->sv >= SettingsVersion_v1_17``. VirtualBox 6.0 wrote the sibling
+  layout in 1.17 files too, and readMachine, readSnapshot and readHardware
+  accept both places in every version, so the version does not tell the
+  layout: both places are read (and rewritten) everywhere.
+- The NVRAM file is ``Hardware/BIOS/NVRAM/@path`` up to 1.19 and
+  ``Hardware/Firmware/NVRAM/@path`` from 1.20 on (buildHardwareXML: "Since
+  settings v1.20 the rest also gets stored in Firmware"; readHardware reads
+  the one the version names). A snapshot's hardware names its own copy,
+  ``Snapshots/<timestamp>.nvram`` (Machine::i_getSnapshotNVRAMFilename,
+  copied by SessionMachine::takeSnapshotHandler, MachineImpl.cpp and
+  SnapshotImpl.cpp).
+- From 1.20 on a ``Platform`` element (chipset, CPU, ...) is a sibling of
+  ``Hardware`` under ``Machine`` and under each ``Snapshot``
+  (buildPlatformXML, called from buildMachineXML and buildSnapshotXML);
+  before, those settings sit in ``Hardware``.
 """
 
 from __future__ import annotations
@@ -22,6 +47,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping
 
 from attrs import frozen
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import DefusedXMLParser
 
 from ._errors import SettingsFileError
 
@@ -42,7 +69,26 @@ _N = "{" + NS + "}"
 #: Settings files larger than this are refused (real ones are a few hundred KiB at most).
 MAX_SETTINGS_SIZE = 16 << 20
 
+# VirtualBox refuses deeper snapshot trees and medium trees (include/VBox/settings.h:
+# SETTINGS_SNAPSHOT_DEPTH_MAX, SETTINGS_MEDIUM_DEPTH_MAX; MachineConfigFile::readSnapshot,
+# ConfigFileBase::readMediumOne), and no element of its files nests deeper than a
+# snapshot tree of that depth (two elements a level) with its hardware inside.
+_SNAPSHOT_DEPTH_MAX = 250
+_MEDIUM_DEPTH_MAX = 300
+_ELEMENT_DEPTH_MAX = 2 * _SNAPSHOT_DEPTH_MAX + 64
+
 _ROOT_START = re.compile(rb"<(?:[A-Za-z_][\w.-]*:)?VirtualBox[\s>]")
+_VERSION = re.compile(r"(\d+)\.(\d+)(?:-\w+)?")
+
+#: The children of a ``Snapshot`` that hold the state of its machine, and that
+#: ``Machine`` holds for the current state (MachineConfigFile::buildSnapshotXML
+#: and buildMachineXML): hardware, storage controllers in the layout before
+#: 1.17, the platform from 1.20 on, debugging, autostart and recording settings
+#: (``VideoCapture`` before 1.19).
+_STATE_ELEMENTS = ("Hardware", "StorageControllers", "Platform", "Debugging", "Autostart", "Recording", "VideoCapture")
+
+#: VirtualBox's default snapshot folder (Machine::setSnapshotFolder, MachineImpl.cpp).
+_DEFAULT_SNAPSHOT_FOLDER = "Snapshots"
 
 
 @frozen
@@ -94,6 +140,8 @@ class SnapshotNode:
         state_file: Its saved-state file (online snapshots), or ``None``.
         attachments: The storage attachments of its hardware.
         children: Snapshots taken after it, on top of it.
+        nvram: The NVRAM file its hardware names (EFI machines: its own
+            copy, ``Snapshots/<timestamp>.nvram``), or ``None``.
     """
 
     uuid: str
@@ -102,6 +150,7 @@ class SnapshotNode:
     state_file: str | None
     attachments: tuple[Attachment, ...]
     children: tuple[SnapshotNode, ...]
+    nvram: str | None = None
 
     def walk(self) -> Iterator[SnapshotNode]:
         """This snapshot and all below it, depth first."""
@@ -124,6 +173,9 @@ class MachineSettings:
         attachments: The current hardware's storage attachments.
         snapshot: The root of the snapshot tree, or ``None``.
         nvram: The NVRAM file (EFI machines), or ``None``.
+        version: The settings version, e.g. ``"1.19"`` (without the host suffix).
+        current_state_modified: Whether the current state differs from the
+            current snapshot (``Machine/@currentStateModified``, true when absent).
     """
 
     uuid: str
@@ -135,6 +187,8 @@ class MachineSettings:
     attachments: tuple[Attachment, ...]
     snapshot: SnapshotNode | None
     nvram: str | None
+    version: str = ""
+    current_state_modified: bool = True
 
     def all_media(self) -> Iterator[Medium]:
         """Every hard disk in the registry, parents before children."""
@@ -196,26 +250,56 @@ def _load(data: bytes) -> tuple[bytes, ET.Element]:
     """The prolog (declaration and comments before the root) and the parsed root."""
     if len(data) > MAX_SETTINGS_SIZE:
         raise SettingsFileError(f"settings file is {len(data)} bytes, more than {MAX_SETTINGS_SIZE}")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise SettingsFileError("settings file is not UTF-8") from exc
-    if "<!DOCTYPE" in text or "<!ENTITY" in text:
-        raise SettingsFileError("settings file declares a DOCTYPE or entities; VirtualBox never writes those")
-    start = _ROOT_START.search(data)
-    prolog = data[: start.start()] if start else b""
-    parser = ET.XMLParser(target=ET.TreeBuilder(insert_comments=True))
+    # defusedxml refuses a DOCTYPE (and so any entity or external reference)
+    # in whatever encoding expat detects (UTF-16 without a byte-order mark
+    # included): VirtualBox never writes one. Nothing is expanded or fetched.
+    parser = DefusedXMLParser(target=ET.TreeBuilder(insert_comments=True), forbid_dtd=True)
     try:
         parser.feed(data)
         root = parser.close()
+    except DefusedXmlException as exc:
+        raise SettingsFileError(
+            f"settings file declares a DOCTYPE, entities or external references; VirtualBox never writes those "
+            f"({type(exc).__name__})"
+        ) from exc
     except ET.ParseError as exc:
         raise SettingsFileError(f"settings file is not well-formed XML: {exc}") from exc
+    except (ValueError, LookupError) as exc:  # pyexpat: e.g. "multi-byte encodings are not supported"
+        raise SettingsFileError(f"settings file cannot be read: {exc}") from exc
+    # VirtualBox writes UTF-8 (xml::XmlFileWriter); the rewrites below keep the
+    # prolog and write UTF-8, so anything else is refused.
+    if b"\x00" in data or data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise SettingsFileError("settings file is not UTF-8")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SettingsFileError("settings file is not UTF-8") from exc
     if root.tag != _N + "VirtualBox":
         raise SettingsFileError(f"not a VirtualBox settings file (root element {root.tag!r})")
     machine = root.find(_N + "Machine")
     if machine is None:
         raise SettingsFileError("settings file has no Machine element")
+    _check_depth(root)
+    start = _ROOT_START.search(data)
+    prolog = data[: start.start()] if start else b""
     return prolog, root
+
+
+def _check_depth(root: ET.Element) -> None:
+    """Refuse nesting deeper than VirtualBox allows (the walks below recurse; this check does not)."""
+    snapshot, medium = _N + "Snapshot", _N + "HardDisk"
+    stack = [(root, 1, 0, 0)]
+    while stack:
+        element, depth, snapshots, media = stack.pop()
+        snapshots += element.tag == snapshot
+        media += element.tag == medium
+        if depth > _ELEMENT_DEPTH_MAX:
+            raise SettingsFileError(f"settings file nests elements deeper than {_ELEMENT_DEPTH_MAX}")
+        if snapshots > _SNAPSHOT_DEPTH_MAX:
+            raise SettingsFileError(f"maximum snapshot tree depth of {_SNAPSHOT_DEPTH_MAX} exceeded")
+        if media > _MEDIUM_DEPTH_MAX:
+            raise SettingsFileError(f"maximum medium tree depth of {_MEDIUM_DEPTH_MAX} exceeded")
+        stack.extend((child, depth + 1, snapshots, media) for child in element)
 
 
 def _dump(prolog: bytes, root: ET.Element) -> bytes:
@@ -242,6 +326,20 @@ def _machine(root: ET.Element) -> ET.Element:
     return machine
 
 
+def _version(root: ET.Element) -> tuple[int, int]:
+    """The settings version of ``VirtualBox/@version`` (``"1.19-linux"`` is ``(1, 19)``).
+
+    Raises:
+        SettingsFileError: No version, or not one (VirtualBox refuses those
+            too: ConfigFileBase::parseVersion, "Cannot handle settings version").
+    """
+    text = root.get("version", "")
+    match = _VERSION.fullmatch(text)
+    if match is None:
+        raise SettingsFileError(f"settings file has no valid version ({text!r})")
+    return int(match[1]), int(match[2])
+
+
 def _required(element: ET.Element, name: str) -> str:
     value = element.get(name)
     if value is None:
@@ -264,11 +362,22 @@ def _media(parent: ET.Element) -> tuple[Medium, ...]:
     return tuple(out)
 
 
-def _attachments(hardware: ET.Element | None) -> tuple[Attachment, ...]:
-    if hardware is None:
-        return ()
+def _controllers(owner: ET.Element) -> Iterator[ET.Element]:
+    """The storage controllers of a ``Machine`` or ``Snapshot``, in both layouts.
+
+    ``Hardware/StorageControllers`` (1.17 on) and ``StorageControllers`` beside
+    ``Hardware`` (before 1.17, and 1.17 files of VirtualBox 6.0): readHardware
+    reads the first, readMachine and readSnapshot the second, in every version
+    (src/VBox/Main/xml/Settings.cpp, 6.1.38 to 7.2).
+    """
+    holders = owner.findall(_N + "Hardware/" + _N + "StorageControllers") + owner.findall(_N + "StorageControllers")
+    for holder in holders:
+        yield from holder.findall(_N + "StorageController")
+
+
+def _attachments(owner: ET.Element) -> tuple[Attachment, ...]:
     out = []
-    for controller in hardware.iter(_N + "StorageController"):
+    for controller in _controllers(owner):
         for device in controller.findall(_N + "AttachedDevice"):
             image = device.find(_N + "Image")
             try:
@@ -286,36 +395,55 @@ def _attachments(hardware: ET.Element | None) -> tuple[Attachment, ...]:
     return tuple(out)
 
 
-def _snapshot(element: ET.Element) -> SnapshotNode:
-    container = element.find(_N + "Snapshots")
-    children = () if container is None else tuple(_snapshot(s) for s in container.findall(_N + "Snapshot"))
-    return SnapshotNode(
-        uuid=_bare(_required(element, "uuid")),
-        name=element.get("name", ""),
-        time_stamp=element.get("timeStamp", ""),
-        state_file=element.get("stateFile"),
-        attachments=_attachments(element.find(_N + "Hardware")),
-        children=children,
-    )
+def _nvram_elements(owner: ET.Element, version: tuple[int, int]) -> list[ET.Element]:
+    """The ``NVRAM`` element of a ``Machine`` or ``Snapshot`` where its version puts it.
+
+    ``Hardware/BIOS/NVRAM`` before 1.20, ``Hardware/Firmware/NVRAM`` from 1.20
+    on (MachineConfigFile::buildHardwareXML and readHardware, Settings.cpp of
+    7.1.12 and 7.2; 6.1.38 writes ``BIOS/NVRAM``).
+    """
+    firmware = "Firmware" if version >= (1, 20) else "BIOS"
+    return owner.findall(f"{_N}Hardware/{_N}{firmware}/{_N}NVRAM")
 
 
-def _nvram(hardware: ET.Element | None) -> str | None:
-    if hardware is None:
-        return None
-    for element in hardware.iter(_N + "NVRAM"):
+def _nvram(owner: ET.Element, version: tuple[int, int]) -> str | None:
+    for element in _nvram_elements(owner, version):
         path = element.get("path")
         if path:
             return path
     return None
 
 
+def _snapshot(element: ET.Element, version: tuple[int, int]) -> SnapshotNode:
+    container = element.find(_N + "Snapshots")
+    children = (
+        () if container is None else tuple(_snapshot(s, version) for s in container.findall(_N + "Snapshot"))
+    )
+    return SnapshotNode(
+        uuid=_bare(_required(element, "uuid")),
+        name=element.get("name", ""),
+        time_stamp=element.get("timeStamp", ""),
+        state_file=element.get("stateFile"),
+        attachments=_attachments(element),
+        children=children,
+        nvram=_nvram(element, version),
+    )
+
+
 def parse_settings(data: bytes) -> MachineSettings:
-    """Read a ``.vbox`` file.
+    """Read a ``.vbox`` file, in any layout VirtualBox 6.1 to 7.2 writes.
+
+    Args:
+        data: The file's bytes.
+
+    Returns:
+        The parts vbremote uses.
 
     Raises:
         SettingsFileError: Not a VirtualBox settings file, malformed, hostile or too large.
     """
     _, root = _load(data)
+    version = _version(root)
     machine = _machine(root)
     registry = machine.find(_N + "MediaRegistry")
     disks = registry.find(_N + "HardDisks") if registry is not None else None
@@ -328,9 +456,12 @@ def parse_settings(data: bytes) -> MachineSettings:
         current_snapshot=_bare(current) if current else None,
         snapshot_folder=machine.get("snapshotFolder"),
         media=_media(disks) if disks is not None else (),
-        attachments=_attachments(machine.find(_N + "Hardware")),
-        snapshot=_snapshot(snapshot) if snapshot is not None else None,
-        nvram=_nvram(machine.find(_N + "Hardware")),
+        attachments=_attachments(machine),
+        snapshot=_snapshot(snapshot, version) if snapshot is not None else None,
+        nvram=_nvram(machine, version),
+        version=f"{version[0]}.{version[1]}",
+        # readMachine: absent means true (Settings.cpp).
+        current_state_modified=machine.get("currentStateModified", "true") != "false",
     )
 
 
@@ -360,8 +491,25 @@ def _find_snapshot(machine: ET.Element, uuid: str) -> tuple[ET.Element, ET.Eleme
     return found
 
 
-def _hard_disks_attached(element: ET.Element | None) -> set[str]:
-    return {a.medium for a in _attachments(element) if a.type == "HardDisk" and a.medium}
+def _hard_disks_attached(owner: ET.Element) -> set[str]:
+    return {a.medium for a in _attachments(owner) if a.type == "HardDisk" and a.medium}
+
+
+def _take_state(machine: ET.Element, snapshot: ET.Element) -> None:
+    """Make the snapshot's machine state (hardware, storage, platform ...) the machine's current one."""
+    tags = {_N + name for name in _STATE_ELEMENTS}
+    old = [child for child in machine if child.tag in tags]
+    index = list(machine).index(old[0]) if old else len(machine)
+    # The copies take the indentation of the elements they replace.
+    inner = old[0].tail if old else None
+    last = old[-1].tail if old and old[-1] is machine[-1] else inner
+    for child in old:
+        machine.remove(child)
+    new = [copy.deepcopy(c) for c in snapshot if c.tag in tags]
+    for offset, child in enumerate(new):
+        ET.indent(child, space="  ", level=2)  # Machine's children are at level 2 (VirtualBox indents by 2)
+        child.tail = last if offset == len(new) - 1 else inner
+        machine.insert(index + offset, child)
 
 
 def freeze_instant(data: bytes, snapshot_uuid: str) -> bytes:
@@ -369,18 +517,40 @@ def freeze_instant(data: bytes, snapshot_uuid: str) -> bytes:
 
     ``data`` is the settings file written right after the snapshot was
     taken; the snapshot must be the current one and have no children. The
-    result: the snapshot is gone from the tree, its hardware is the current
-    hardware (attaching the frozen media), the differencing media the
-    snapshot created for the running machine are gone from the registry,
-    the current snapshot is its parent (or none), and its saved-state file,
-    if any, is the machine's state file (so the machine is Saved), else the
-    machine has none (PoweredOff).
+    result is what VirtualBox would write after restoring the snapshot and
+    then deleting it:
+
+    - the snapshot is gone from the tree, and its machine state (hardware,
+      storage controllers in either layout, platform ...) is the current
+      one, attaching the frozen media;
+    - the differencing media the snapshot created for the running machine
+      are gone from the registry;
+    - the NVRAM file is the snapshot's own copy (its hardware names it), so
+      an EFI machine keeps the variables and the vTPM state of the instant;
+    - the current snapshot is its parent (or none);
+    - its saved-state file, if any, is the machine's (the machine is Saved;
+      SessionMachine::restoreSnapshotHandler shares the snapshot's ``.sav``),
+      else the machine has none (PoweredOff);
+    - ``lastStateChange`` is the snapshot's time stamp (restoreSnapshotHandler:
+      ``mLastStateChange = snapshotTimeStamp``);
+    - ``currentStateModified`` is true (the attribute is dropped): deleting the
+      current snapshot marks the current state modified, as it is no longer
+      known to be a copy of the new current snapshot
+      (Snapshot::beginSnapshotDelete, SnapshotImpl.cpp of 6.1.38 to 7.2).
+
+    Args:
+        data: The settings file.
+        snapshot_uuid: The transient snapshot.
+
+    Returns:
+        The rewritten settings file.
 
     Raises:
         SettingsFileError: The snapshot is missing, not current, has
             children, or the in-flight media are not leaves of the registry.
     """
     prolog, root = _load(data)
+    _version(root)
     machine = _machine(root)
     snapshot, holder, parent = _find_snapshot(machine, snapshot_uuid)
     if _bare(machine.get("currentSnapshot", "")) != _bare(snapshot_uuid):
@@ -388,23 +558,18 @@ def freeze_instant(data: bytes, snapshot_uuid: str) -> bytes:
     container = snapshot.find(_N + "Snapshots")
     if container is not None and container.find(_N + "Snapshot") is not None:
         raise SettingsFileError(f"snapshot {snapshot_uuid} has child snapshots")
-    frozen_hardware = snapshot.find(_N + "Hardware")
-    current_hardware = machine.find(_N + "Hardware")
-    if frozen_hardware is None or current_hardware is None:
+    if snapshot.find(_N + "Hardware") is None or machine.find(_N + "Hardware") is None:
         raise SettingsFileError("the snapshot or the machine has no Hardware element")
 
-    in_flight = _hard_disks_attached(current_hardware)
-    # The current hardware becomes the snapshot's.
-    index = list(machine).index(current_hardware)
-    machine.remove(current_hardware)
-    machine.insert(index, copy.deepcopy(frozen_hardware))
+    in_flight = _hard_disks_attached(machine)
+    _take_state(machine, snapshot)
     holder.remove(snapshot)
     if holder.tag == _N + "Snapshots" and holder.find(_N + "Snapshot") is None and parent is not None:
         parent.remove(holder)
 
-    still_used = _hard_disks_attached(machine.find(_N + "Hardware"))
+    still_used = _hard_disks_attached(machine)
     for element in machine.iter(_N + "Snapshot"):
-        still_used |= _hard_disks_attached(element.find(_N + "Hardware"))
+        still_used |= _hard_disks_attached(element)
     _drop_media(machine, in_flight - still_used)
 
     if parent is not None:
@@ -418,6 +583,7 @@ def freeze_instant(data: bytes, snapshot_uuid: str) -> bytes:
         machine.attrib.pop("stateFile", None)
     if snapshot.get("timeStamp"):
         machine.set("lastStateChange", snapshot.get("timeStamp", ""))
+    machine.attrib.pop("currentStateModified", None)
     return _dump(prolog, root)
 
 
@@ -464,8 +630,24 @@ def relocate(data: bytes, *, old_folder: str, external: Mapping[str, str] | None
     absolute paths inside ``old_folder`` become relative; absolute paths
     elsewhere (disks outside the VM folder) must be in ``external``, which
     maps them to paths relative to the new folder (e.g. ``_external/data.vdi``).
-    Media locations, state files (machine and snapshots) and the NVRAM path
-    are mapped.
+    Media locations, state files (machine and snapshots) and the NVRAM paths
+    (machine and snapshots, in either layout) are mapped.
+
+    The snapshot folder (``Machine/@snapshotFolder``, where VirtualBox puts
+    new differencing images, saved states and NVRAM copies) is mapped the
+    same way, except that a folder outside the VM folder (absolute elsewhere,
+    or relative and climbing out of it) with no entry in ``external`` becomes
+    ``Snapshots``, VirtualBox's default (Machine::setSnapshotFolder): the
+    files that were in it are outside paths and mapped one by one like any
+    other, so the relocated machine refers to nothing outside its folder.
+
+    Args:
+        data: The settings file.
+        old_folder: The absolute folder the file was in.
+        external: Outside paths and where they go, relative to the new folder.
+
+    Returns:
+        The rewritten settings file.
 
     Raises:
         SettingsFileError: A path escapes the folder, or an outside path has no mapping.
@@ -473,6 +655,7 @@ def relocate(data: bytes, *, old_folder: str, external: Mapping[str, str] | None
     external = dict(external or {})
     old = posixpath.normpath(old_folder)
     prolog, root = _load(data)
+    _version(root)
     machine = _machine(root)
 
     def mapped(path: str) -> str:
@@ -493,4 +676,13 @@ def relocate(data: bytes, *, old_folder: str, external: Mapping[str, str] | None
     for element in machine.iter(_N + "NVRAM"):
         if element.get("path"):
             element.set("path", mapped(element.get("path", "")))
+    folder = machine.get("snapshotFolder")
+    if folder:
+        absolute = posixpath.normpath(posixpath.join(old, folder))
+        if absolute == old or absolute.startswith(old + "/"):
+            machine.set("snapshotFolder", posixpath.relpath(absolute, old))
+        elif folder in external or absolute in external:
+            machine.set("snapshotFolder", _inside(external.get(folder) or external[absolute]))
+        else:
+            machine.set("snapshotFolder", _DEFAULT_SNAPSHOT_FOLDER)
     return _dump(prolog, root)

@@ -56,6 +56,9 @@ def snapshot_running_vms(manager: object | None = None) -> list[vbremote.Snapsho
             continue
         disks: list[Path] = [d.base.location for d in vm.disks if d.base is not None]
         print(vm.name, disks, vm.nvram_file)
+        firmware: str = vm.firmware
+        missing: list[tuple[Path, str]] = [(m.location, m.access_error) for m in vm.inaccessible_media]
+        print(firmware, missing, all(m.accessible for d in vm.disks for m in d.chain))
         try:
             taken.append(host.take_snapshot(vm, "nightly", timeout=60.0))
         except vbremote.InvalidVMState as exc:

@@ -12,6 +12,12 @@ Rules this module keeps:
   failed progress raises with VirtualBox's text and result code.
 - COM errors become :class:`vbremote.VirtualBoxError` subclasses at this
   boundary (:func:`_translated`), raised ``from`` the original.
+- Where the API differs between releases, the connected version decides
+  (:meth:`VirtualBoxHost._api`): ``openMachine`` has a password argument from
+  7.0 (``src/VBox/Main/idl/VirtualBox.xidl``); the NVRAM file is on
+  ``IBIOSSettings`` in 6.1 and on ``IMachine.nonVolatileStore`` from 7.0; the
+  firmware type moved from ``IMachine`` to ``IMachine.firmwareSettings``
+  (``IFirmwareSettings``) in 7.1.
 """
 
 from __future__ import annotations
@@ -19,13 +25,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from attrs import define, frozen
+from attrs import define, field, frozen
 
 from .._errors import (
     ConfigurationError,
@@ -88,6 +95,7 @@ class VirtualBoxHost:
     _vbox: Any
     lock_retry: LockRetry = LockRetry()
     poll_interval: float = 0.1
+    _api_version: tuple[int, int] | None = field(default=None, init=False)
 
     # -- connecting -----------------------------------------------------------------
 
@@ -152,7 +160,7 @@ class VirtualBoxHost:
             raise ConfigurationError(f"{type(vbox).__name__} is not a pyvbox VirtualBox object")
         if manager is None:
             try:
-                import virtualbox  # type: ignore[import-not-found]
+                import virtualbox
 
                 manager = virtualbox.Manager().manager
             except Exception as exc:
@@ -380,15 +388,37 @@ class VirtualBoxHost:
         """
         path = Path(settings_file).absolute()
         with self._translated(vm=str(path)):
-            try:
-                machine = self._vbox.openMachine(str(path), password)
-            except TypeError:
-                # VirtualBox 6.1's openMachine has no password argument.
+            api = self._api()
+            if api is not None and api < (7, 0):
+                # 6.1's openMachine(settingsFile) has no password (VirtualBox.xidl, IVirtualBox::openMachine).
                 if password:
-                    raise ConfigurationError("this VirtualBox version does not open encrypted VMs") from None
+                    raise ConfigurationError(
+                        f"VirtualBox {self.version} does not open encrypted VMs (a password needs 7.0 or later)")
                 machine = self._vbox.openMachine(str(path))
+            elif api is not None:
+                machine = self._vbox.openMachine(str(path), password)
+            else:
+                machine = self._open_machine_by_arity(str(path), password)
             self._vbox.registerMachine(machine)
             return self._vm_info(self._vbox.findMachine(machine.id))
+
+    def _open_machine_by_arity(self, path: str, password: str) -> Any:
+        # An unparsable version string: try 7.0's signature, then 6.1's.
+        try:
+            return self._vbox.openMachine(path, password)
+        except TypeError:
+            if password:
+                raise ConfigurationError("this VirtualBox version does not open encrypted VMs") from None
+            return self._vbox.openMachine(path)
+
+    def _api(self) -> tuple[int, int] | None:
+        """The connected VirtualBox's (major, minor), or ``None`` if its version string is unparsable."""
+        if self._api_version is None:
+            found = re.match(r"\s*(\d+)\.(\d+)", str(self._vbox.version))
+            if found is None:
+                return None
+            self._api_version = (int(found.group(1)), int(found.group(2)))
+        return self._api_version
 
     # -- sessions and progress ------------------------------------------------------
 
@@ -437,10 +467,12 @@ class VirtualBoxHost:
     ) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         slice_ms = max(1, int(self.poll_interval * 1000))
+        reported = -1
         while not progress.completed:
             progress.waitForCompletion(slice_ms)
             if on_progress is not None:
-                on_progress(Progress(operation=what, path=key, done=int(progress.percent), total=100))
+                reported = int(progress.percent)
+                on_progress(Progress(operation=what, path=key, done=reported, total=100))
             if deadline is not None and time.monotonic() > deadline and not progress.completed:
                 canceled = False
                 if progress.cancelable:
@@ -454,6 +486,9 @@ class VirtualBoxHost:
                     vm=key,
                 )
         code = _unsigned(int(progress.resultCode))
+        if code == 0 and on_progress is not None and reported != 100:
+            # The last event of a finished operation says so (it may have finished between two polls).
+            on_progress(Progress(operation=what, path=key, done=100, total=100))
         if code != 0:
             info = progress.errorInfo
             text = str(info.text) if info is not None else ""
@@ -558,18 +593,36 @@ class VirtualBoxHost:
             snapshot_tree=self._snapshot_info(root, parent=None) if root is not None else None,
             current_snapshot=str(current.id) if current is not None else None,
             locked=machine.sessionState != c.SessionState_Unlocked,
+            firmware=self._firmware(machine),
         )
 
-    @staticmethod
-    def _nvram(machine: Any) -> Path | None:
-        # 7.0 moved the NVRAM file from IBIOSSettings to IMachine.nonVolatileStore.
-        for holder in ("nonVolatileStore", "BIOSSettings"):
+    def _nvram(self, machine: Any) -> Path | None:
+        # IBIOSSettings::nonVolatileStorageFile in 6.1; 7.0 moved it to
+        # IMachine::nonVolatileStore (INvramStore), where it stays in 7.1 and 7.2.
+        api = self._api()
+        holders: tuple[str, ...] = ("nonVolatileStore", "BIOSSettings")  # an unparsable version: either
+        if api is not None:
+            holders = ("BIOSSettings",) if api < (7, 0) else ("nonVolatileStore",)
+        for holder in holders:
             try:
                 path = str(getattr(machine, holder).nonVolatileStorageFile or "")
             except AttributeError:
                 continue
             return Path(path) if path else None
         return None
+
+    def _firmware(self, machine: Any) -> str:
+        # IMachine::firmwareType up to 7.0; 7.1 moved it to IMachine::firmwareSettings (IFirmwareSettings).
+        api = self._api()
+        if api is not None and api >= (7, 1):
+            value = machine.firmwareSettings.firmwareType
+        elif api is not None:
+            value = machine.firmwareType
+        else:
+            settings = getattr(machine, "firmwareSettings", None)
+            value = settings.firmwareType if settings is not None else machine.firmwareType
+        names = {number: name for name, number in self._manager.constants.all_values("FirmwareType").items()}
+        return str(names.get(value, value))
 
     def _attachments(self, attachments: list[Any]) -> tuple[DiskAttachment, ...]:
         names = {value: name for name, value in self._manager.constants.all_values("DeviceType").items()}
@@ -579,12 +632,15 @@ class VirtualBoxHost:
             medium = attachment.medium
             while medium is not None:
                 parent = medium.parent
+                accessible, error = self._accessibility(medium)
                 chain.append(MediumInfo(
                     uuid=str(medium.id),
                     location=Path(medium.location),
                     format=str(medium.format),
                     logical_size=int(medium.logicalSize),
                     parent=str(parent.id) if parent is not None else None,
+                    accessible=accessible,
+                    access_error=error,
                 ))
                 medium = parent
             out.append(DiskAttachment(
@@ -595,6 +651,23 @@ class VirtualBoxHost:
                 chain=tuple(reversed(chain)),
             ))
         return tuple(sorted(out, key=lambda a: (a.controller, a.port, a.device)))
+
+    def _accessibility(self, medium: Any) -> tuple[bool, str]:
+        """Whether VirtualBox can open a medium, and why not.
+
+        A medium loaded from a settings file stays ``Inaccessible`` ("not yet
+        checked", with a logical size of 0) until something opens it;
+        ``refreshState`` checks it (``Medium::initOne``, ``Medium::refreshState``
+        in ``src/VBox/Main/src-server/MediumImpl.cpp``).
+        """
+        c = self._manager.constants
+        usable = (c.MediumState_Created, c.MediumState_LockedRead, c.MediumState_LockedWrite)
+        state = medium.state
+        if state not in usable:
+            state = medium.refreshState()
+        if state in usable:
+            return True, ""
+        return False, str(medium.lastAccessError or "") or "inaccessible"
 
     def _snapshot_info(self, snapshot: Any, *, parent: str | None, recurse: bool = True) -> SnapshotInfo:
         uuid = str(snapshot.id)

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from ._images import MIB, guest_write, make_vdi, mixed_content, qemu_tools_available
 from ._transport_check import TransportCheckFailed, check_transport
-from ._vbox_com import VirtualBoxManager
-from ._vbox_constants import PROFILES as VIRTUALBOX_PROFILES
-from ._vbox_world import Fault, GuestWorkload, SimulatedVBoxError, SimulatedVirtualBox, Timing
+from ._vbox import PROFILES as VIRTUALBOX_PROFILES
+from ._vbox import Fault, GuestWorkload, SimulatedVBoxError, SimulatedVirtualBox, Timing, VirtualBoxManager
 
 __all__ = [
     "MIB",

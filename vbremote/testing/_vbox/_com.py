@@ -16,16 +16,12 @@ import os
 import time
 from typing import Any
 
-from ._vbox_constants import RESULT_CODES, signed32
-from ._vbox_world import (
-    Operation,
-    SimulatedVBoxError,
-    SimulatedVirtualBox,
-    _Attachment,
-    _Machine,
-    _Session,
-    _Snapshot,
-)
+from ._constants import RESULT_CODES, signed32
+from ._media import check_medium
+from ._model import SimulatedVBoxError, _Attachment, _Machine, _Session, _Snapshot
+from ._operations import Operation
+from ._sessions import check_open
+from ._world import World
 
 __all__ = ["VirtualBoxManager"]
 
@@ -92,7 +88,7 @@ class _IErrorInfo(_COM):
 
 
 class _IProgress(_COM):
-    def __init__(self, op: Operation, sim: SimulatedVirtualBox) -> None:
+    def __init__(self, op: Operation, sim: World) -> None:
         self._op = op
         self._sim = sim
         self._timeout = -1
@@ -160,15 +156,32 @@ class _IMedium(_COM):
     location = property(lambda self: str(self._record().path))
     name = property(lambda self: self._record().path.name)
     format = property(lambda self: "VDI")
-    logicalSize = property(lambda self: self._record().size)
     deviceType = property(lambda self: 3)
     type = property(lambda self: 0)
     readOnly = property(lambda self: bool(self._record().children))
 
+    # Medium::getState, getLogicalSize, getSize and getLastAccessError read what the
+    # last check found: a medium read from settings is Inaccessible with sizes 0 until
+    # refreshState (or a VM start) opens it (Medium::initOne, MediumImpl.cpp).
+
+    @property
+    def logicalSize(self) -> int:
+        record = self._record()
+        return record.size if record.accessible else 0
+
     @property
     def size(self) -> int:
-        path = self._record().path
-        return path.stat().st_size if path.exists() else 0
+        record = self._record()
+        return record.path.stat().st_size if record.accessible and record.path.exists() else 0
+
+    @property
+    def lastAccessError(self) -> str:
+        return str(self._record().access_error)
+
+    def refreshState(self) -> int:
+        record = self._record()
+        check_medium(record)
+        return 1 if record.accessible else 4
 
     @property
     def parent(self) -> _IMedium | None:
@@ -188,7 +201,7 @@ class _IMedium(_COM):
 
     @property
     def state(self) -> int:
-        return 1 if self._record().path.exists() else 4
+        return 1 if self._record().accessible else 4
 
     def close(self) -> None:
         if self._machine.registered and self._uuid in self._machine.media:
@@ -198,7 +211,7 @@ class _IMedium(_COM):
 
 
 class _IMediumAttachment(_COM):
-    def __init__(self, sim: SimulatedVirtualBox, machine: _Machine, attachment: _Attachment) -> None:
+    def __init__(self, sim: World, machine: _Machine, attachment: _Attachment) -> None:
         self._sim = sim
         self._machine = machine
         self._a = attachment
@@ -221,7 +234,7 @@ class _IMediumAttachment(_COM):
 class _ISnapshotMachine(_COM):
     """``ISnapshot.machine``: the read-only machine as it was at the snapshot."""
 
-    def __init__(self, sim: SimulatedVirtualBox, machine: _Machine, snapshot: _Snapshot) -> None:
+    def __init__(self, sim: World, machine: _Machine, snapshot: _Snapshot) -> None:
         self._sim = sim
         self._machine = machine
         self._snapshot = snapshot
@@ -240,7 +253,7 @@ class _ISnapshotMachine(_COM):
 
 
 class _ISnapshot(_COM):
-    def __init__(self, sim: SimulatedVirtualBox, machine: _Machine, snapshot: _Snapshot) -> None:
+    def __init__(self, sim: World, machine: _Machine, snapshot: _Snapshot) -> None:
         self._sim = sim
         self._machine = machine
         self._s = snapshot
@@ -269,6 +282,13 @@ class _ISnapshot(_COM):
         return [_ISnapshot(self._sim, self._machine, self._machine.snapshots[c]) for c in self._s.children]
 
 
+# Where the firmware type and the NVRAM file are (src/VBox/Main/idl/VirtualBox.xidl):
+# 6.1.38  IMachine.firmwareType, IMachine.BIOSSettings.nonVolatileStorageFile;
+# 7.0.x   IMachine.firmwareType, IMachine.nonVolatileStore (INvramStore), IBIOSSettings without it;
+# 7.1/7.2 IMachine.firmwareSettings.firmwareType (IFirmwareSettings), IMachine.platform (IPlatform),
+#         IMachine.nonVolatileStore; IMachine has no firmwareType or BIOSSettings.
+
+
 class _INvramStore(_COM):
     def __init__(self, machine: _Machine) -> None:
         self._machine = machine
@@ -278,8 +298,37 @@ class _INvramStore(_COM):
         return str(self._machine.path(self._machine.nvram)) if self._machine.nvram else ""
 
 
+class _IBIOSSettings(_COM):
+    """7.0's IBIOSSettings (the NVRAM file moved to IMachine.nonVolatileStore)."""
+
+    ACPIEnabled = property(lambda self: True)
+    IOAPICEnabled = property(lambda self: True)
+
+
+class _IBIOSSettings61(_IBIOSSettings, _INvramStore):
+    """6.1's IBIOSSettings, which names the NVRAM file."""
+
+
+class _IFirmwareSettings(_COM):
+    def __init__(self, sim: World, machine: _Machine) -> None:
+        self._sim = sim
+        self._machine = machine
+
+    @property
+    def firmwareType(self) -> int:
+        return self._sim.constants[f"FirmwareType_{self._machine.firmware}"]
+
+    ACPIEnabled = property(lambda self: True)
+    IOAPICEnabled = property(lambda self: True)
+
+
+class _IPlatform(_COM):
+    architecture = property(lambda self: 1)  # PlatformArchitecture_x86
+    chipsetType = property(lambda self: 1)  # ChipsetType_PIIX3
+
+
 class _IConsole(_COM):
-    def __init__(self, sim: SimulatedVirtualBox, machine: _Machine, session: _Session) -> None:
+    def __init__(self, sim: World, machine: _Machine, session: _Session) -> None:
         self._sim = sim
         self._machine = machine
         self._session = session
@@ -306,7 +355,7 @@ class _IConsole(_COM):
 class _IMachine(_COM):
     """``IMachine``: the read-only machine (``session`` None) or a session's mutable machine."""
 
-    def __init__(self, sim: SimulatedVirtualBox, machine: _Machine, session: _Session | None = None) -> None:
+    def __init__(self, sim: World, machine: _Machine, session: _Session | None = None) -> None:
         self._sim = sim
         self._m = machine
         self._session = session
@@ -317,6 +366,17 @@ class _IMachine(_COM):
     def _mutable(self) -> None:
         if self._session is None:
             # IMachine from findMachine: VirtualBox implements these only on the session machine.
+            raise SimulatedVBoxError("E_NOTIMPL", "Not implemented on the read-only machine; lock a session")
+        self._sim.check_session_machine(self._m, self._session)
+
+    def _state_dependent(self, what: str) -> None:
+        # Machine::saveState and Machine::discardSavedState (MachineImpl.cpp) on the
+        # read-only machine: i_checkStateDependency fails for a registered machine
+        # that is not the session machine; an unregistered one ends in E_NOTIMPL.
+        if self._session is None:
+            if self._m.registered:
+                message = f"The machine is not {what} (state is {self._m.state})"
+                raise SimulatedVBoxError("VBOX_E_INVALID_VM_STATE", message)
             raise SimulatedVBoxError("E_NOTIMPL", "Not implemented on the read-only machine; lock a session")
         self._sim.check_session_machine(self._m, self._session)
 
@@ -360,7 +420,21 @@ class _IMachine(_COM):
 
     @property
     def firmwareType(self) -> int:
+        if self._sim.profile not in ("6.1", "7.0"):
+            raise AttributeError("IMachine.firmwareType moved to IMachine.firmwareSettings in 7.1")
         return self._sim.constants[f"FirmwareType_{self._m.firmware}"]
+
+    @property
+    def firmwareSettings(self) -> _IFirmwareSettings:
+        if self._sim.profile in ("6.1", "7.0"):
+            raise AttributeError("IMachine.firmwareSettings exists from VirtualBox 7.1 on")
+        return _IFirmwareSettings(self._sim, self._m)
+
+    @property
+    def platform(self) -> _IPlatform:
+        if self._sim.profile in ("6.1", "7.0"):
+            raise AttributeError("IMachine.platform exists from VirtualBox 7.1 on")
+        return _IPlatform()
 
     @property
     def CPUIDPortabilityLevel(self) -> int:
@@ -373,10 +447,10 @@ class _IMachine(_COM):
         self._sim.set_cpuid_level(self._m, self._session, int(value))
 
     @property
-    def BIOSSettings(self) -> _INvramStore:
-        if self._sim.profile == "7.1" or self._sim.profile == "7.2":
+    def BIOSSettings(self) -> _IBIOSSettings:
+        if self._sim.profile not in ("6.1", "7.0"):
             raise AttributeError("BIOSSettings moved to IMachine.firmwareSettings in 7.1")
-        return _INvramStore(self._m)
+        return _IBIOSSettings61(self._m) if self._sim.profile == "6.1" else _IBIOSSettings()
 
     @property
     def nonVolatileStore(self) -> _INvramStore:
@@ -391,7 +465,7 @@ class _IMachine(_COM):
         kind = names.get(lockType, "")
         if kind not in ("LockType_Shared", "LockType_Write", "LockType_VM"):
             raise SimulatedVBoxError("E_INVALIDARG", f"Invalid lock type {lockType}")
-        self._sim.lock_machine(self._m, session._s, "Shared" if kind == "LockType_Shared" else "Write")
+        self._sim.lock_machine(self._m, session._s, kind.removeprefix("LockType_"))
 
     def launchVMProcess(self, session: _ISession, name: str, environmentChanges: list[str]) -> _IProgress:
         if name not in ("headless", "gui", "sdl", "separate", ""):
@@ -416,11 +490,11 @@ class _IMachine(_COM):
         return _IProgress(self._sim.restore_snapshot(self._m, snapshot._s), self._sim)
 
     def saveState(self) -> _IProgress:
-        self._mutable()
+        self._state_dependent("mutable")
         return _IProgress(self._sim.save_state(self._m), self._sim)
 
     def discardSavedState(self, fRemoveFile: bool) -> None:
-        self._mutable()
+        self._state_dependent("mutable or saved")
         self._sim.discard_saved_state(self._m, bool(fRemoveFile))
 
     def saveSettings(self) -> None:
@@ -440,7 +514,7 @@ class _IMachine(_COM):
 
 
 class _ISession(_COM):
-    def __init__(self, sim: SimulatedVirtualBox) -> None:
+    def __init__(self, sim: World) -> None:
         self._sim = sim
         self._s = _Session()
 
@@ -448,29 +522,35 @@ class _ISession(_COM):
     def state(self) -> int:
         return self._sim.constants[f"SessionState_{self._s.state}"]
 
-    @property
-    def type(self) -> int:
-        return self._sim.constants[f"SessionType_{self._s.type}"]
+    # Session::getType, getMachine and getConsole: E_UNEXPECTED unless locked (CHECK_OPEN, SessionImpl.cpp).
 
     @property
-    def machine(self) -> _IMachine | None:
-        if self._s.machine is None:
-            return None
-        return _IMachine(self._sim, self._s.machine, self._s)
+    def type(self) -> int:
+        with self._sim.lock:
+            check_open(self._s)
+            return self._sim.constants[f"SessionType_{self._s.type}"]
+
+    @property
+    def machine(self) -> _IMachine:
+        with self._sim.lock:
+            check_open(self._s)
+            assert self._s.machine is not None
+            return _IMachine(self._sim, self._s.machine, self._s)
 
     @property
     def console(self) -> _IConsole | None:
-        machine = self._s.machine
-        if machine is None or machine.holder != "vm":
-            return None
-        return _IConsole(self._sim, machine, self._s)
+        with self._sim.lock:
+            check_open(self._s)
+            machine = self._s.machine
+            assert machine is not None
+            return _IConsole(self._sim, machine, self._s) if self._s.console else None
 
     def unlockMachine(self) -> None:
         self._sim.unlock(self._s)
 
 
 class _IVirtualBox(_COM):
-    def __init__(self, sim: SimulatedVirtualBox) -> None:
+    def __init__(self, sim: World) -> None:
         self._sim = sim
 
     version = property(lambda self: self._sim.version)
@@ -515,7 +595,7 @@ class VirtualBoxManager:
     """
 
     def __init__(self, sStyle: str | None = None, dPlatformParams: object = None, *,
-                 simulator: SimulatedVirtualBox) -> None:
+                 simulator: World) -> None:
         self._sim = simulator
         self.style = sStyle or "XPCOM"
         self.type = self.style

@@ -1,11 +1,17 @@
 """The VirtualBox API constants the simulator serves, per version profile.
 
-Values are those of VirtualBox's ``VirtualBox.xidl`` for each release line.
-The one shift that matters to vbremote: 7.0 added ``MachineState_AbortedSaved``
-(5) and dropped ``FaultTolerantSyncing``, so every state from ``Running`` up to
-``TeleportingIn`` moved by one. Code that compares against literal numbers (or
+Values are those of VirtualBox's ``src/VBox/Main/idl/VirtualBox.xidl`` for
+each release line (read in the 6.1.38, 7.0.2, 7.0.6, 7.0.18 and 7.1.12 release
+trees and the public 7.2 tree). The shift that matters to vbremote: 7.0 added
+``MachineState_AbortedSaved`` (5) after ``Aborted``, so every state from
+``Running`` to ``Snapshotting`` moved up by one, and with them the range
+markers (``FirstOnline``/``LastOnline`` 5/18 in 6.1, 6/19 from 7.0;
+``FirstTransient``/``LastTransient`` 8/22 and 9/23). 6.1 has no
+``FaultTolerantSyncing``. Code that compares against literal numbers (or
 against pyvbox, generated from 6.1) misreads a 7.x machine; the adapter reads
 the values from the manager's ``constants`` as it must on real VirtualBox.
+``CleanupMode_DetachAllReturnHardDisksAndVMRemovable`` (5) exists from 7.0.6
+(the 7.0 profile models a later 7.0 release).
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ PROFILES = ("6.1", "7.0", "7.1", "7.2")
 _STATES_61 = (
     "Null", "PoweredOff", "Saved", "Teleported", "Aborted", "Running", "Paused", "Stuck", "Teleporting",
     "LiveSnapshotting", "Starting", "Stopping", "Saving", "Restoring", "TeleportingPausedVM", "TeleportingIn",
-    "FaultTolerantSyncing", "DeletingSnapshotOnline", "DeletingSnapshotPaused", "OnlineSnapshotting",
-    "RestoringSnapshot", "DeletingSnapshot", "SettingUp", "Snapshotting",
+    "DeletingSnapshotOnline", "DeletingSnapshotPaused", "OnlineSnapshotting", "RestoringSnapshot",
+    "DeletingSnapshot", "SettingUp", "Snapshotting",
 )
 _STATES_70 = (
     "Null", "PoweredOff", "Saved", "Teleported", "Aborted", "AbortedSaved", "Running", "Paused", "Stuck",
@@ -47,6 +53,7 @@ RESULT_CODES: Mapping[str, int] = {
     "VBOX_E_PASSWORD_INCORRECT": 0x80BB000D,
     "VBOX_E_MAXIMUM_REACHED": 0x80BB000E,
     "VBOX_E_TIMEOUT": 0x80BB0010,
+    "E_UNEXPECTED": 0x8000FFFF,
     "E_ACCESSDENIED": 0x80070005,
     "E_INVALIDARG": 0x80070057,
     "E_FAIL": 0x80004005,
@@ -79,11 +86,15 @@ def constants_for(profile: str) -> dict[str, int]:
     values |= _enum("SessionState", ["Null", "Unlocked", "Locked", "Spawning", "Unlocking"])
     values |= _enum("SessionType", ["Null", "WriteLock", "Remote", "Shared"])
     values |= _enum("LockType", ["Null", "Shared", "Write", "VM"])
-    values |= _enum("DeviceType", ["Null", "Floppy", "DVD", "HardDisk", "Network", "USB", "SharedFolder"])
+    values |= _enum("DeviceType", ["Null", "Floppy", "DVD", "HardDisk", "Network", "USB", "SharedFolder", "Graphics3D"])
     values |= _enum("AccessMode", ["ReadOnly", "ReadWrite"], start=1)
-    values |= _enum("CleanupMode", ["UnregisterOnly", "DetachAllReturnNone", "DetachAllReturnHardDisksOnly", "Full"], 1)
+    cleanup = ["UnregisterOnly", "DetachAllReturnNone", "DetachAllReturnHardDisksOnly", "Full"]
+    if profile != "6.1":
+        cleanup.append("DetachAllReturnHardDisksAndVMRemovable")
+    values |= _enum("CleanupMode", cleanup, start=1)
     values |= _enum("FirmwareType", ["BIOS", "EFI", "EFI32", "EFI64", "EFIDUAL"], start=1)
-    values |= _enum("MediumState", ["NotCreated", "Created", "LockedRead", "LockedWrite", "Inaccessible"])
+    values |= _enum("MediumState", ["NotCreated", "Created", "LockedRead", "LockedWrite", "Inaccessible", "Creating",
+                                    "Deleting"])
     values |= _enum("MediumType", ["Normal", "Immutable", "Writethrough", "Shareable", "Readonly", "MultiAttach"])
     values |= {name: signed32(code) for name, code in RESULT_CODES.items()}
     return values

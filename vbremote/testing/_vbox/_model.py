@@ -1,0 +1,240 @@
+"""The simulated host's records: machines, media, attachments, snapshots, sessions, guests; public values.
+
+The private records (``_Machine`` and the rest) are plain mutable data; the
+modules next to this one own the behaviour. The public values
+(:class:`Timing`, :class:`GuestWorkload`, :class:`Fault`,
+:class:`SimulatedVBoxError`) are re-exported by :mod:`vbremote.testing`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import threading
+from pathlib import Path
+
+from attrs import define, field, frozen
+
+from ..._errors import ConfigurationError
+from .._vdi import VDI, VDI_BLOCK_SIZE
+from ._constants import RESULT_CODES, signed32
+
+__all__ = ["Fault", "GuestWorkload", "SimulatedVBoxError", "Timing"]
+
+#: A disk's place: (controller, port, device).
+Slot = tuple[str, int, int]
+
+#: Machine states with no VM process.
+OFFLINE = ("PoweredOff", "Aborted", "AbortedSaved", "Saved", "Teleported")
+#: Machine states of a VM process that is up.
+ONLINE = ("Running", "Paused")
+
+
+class SimulatedVBoxError(Exception):
+    """What the simulated VirtualBox raises: XPCOM's exception shape.
+
+    Attributes:
+        errno: The COM result code as a signed 32-bit integer (as XPCOM gives it).
+        msg: VirtualBox's message.
+    """
+
+    def __init__(self, code: str | int, msg: str) -> None:
+        errno = signed32(RESULT_CODES[code] if isinstance(code, str) else code)
+        super().__init__(errno, msg)
+        self.errno = errno
+        self.msg = msg
+
+    def __str__(self) -> str:
+        return f"0x{self.errno & 0xFFFFFFFF:08X} - {self.msg}"
+
+
+class Fault(enum.Enum):
+    """Faults to inject into a machine's next operation (see :meth:`SimulatedVirtualBox.inject`)."""
+
+    #: The next snapshot fails: no space for the differencing image; nothing is created.
+    NO_SPACE = "no space"
+    #: The next snapshot deletion fails before merging; the snapshot and all data stay.
+    MERGE_FAILURE = "merge failure"
+    #: The next snapshot is taken, then the VM process crashes (Aborted), leaving the snapshot.
+    VM_CRASH_AFTER_TAKE = "vm crash after take"
+    #: The next operation's progress never completes (a cancelable one ends when canceled).
+    HANG = "hang"
+
+
+@frozen
+class Timing:
+    """How long simulated operations take, in seconds.
+
+    Attributes:
+        start: Powering on (or resuming from a saved state).
+        snapshot: Saving RAM and creating differencing images.
+        save_state: Saving the state of a running VM.
+        power_off: Powering off.
+        merge_block: Merging one 1 MiB block when a snapshot is deleted.
+        unlock_delay: After the VM process ends (power off, save state, crash)
+            the machine stays "being unlocked" this long: a ``lockMachine`` in
+            that window fails, as it does on real VirtualBox.
+    """
+
+    start: float = 0.05
+    snapshot: float = 0.05
+    save_state: float = 0.05
+    power_off: float = 0.02
+    merge_block: float = 0.0
+    unlock_delay: float = 0.3
+
+
+@frozen
+class GuestWorkload:
+    """What the simulated guest writes while its VM runs.
+
+    Attributes:
+        rate: Writes per second (0 for a guest that does not write).
+        write_size: Bytes per write (a multiple of 512, at most 1 MiB).
+        pattern: ``"random"`` (anywhere on the disk), ``"sequential"`` (a
+            moving cursor) or ``"hot"`` (mostly the first 4 MiB).
+        seed: Seed of the guest's random choices and data.
+    """
+
+    rate: float = 200.0
+    write_size: int = 64 * 1024
+    pattern: str = "random"
+    seed: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        if self.pattern not in ("random", "sequential", "hot"):
+            raise ConfigurationError(f"unknown guest write pattern {self.pattern!r}")
+        if self.write_size <= 0 or self.write_size % 512 or self.write_size > VDI_BLOCK_SIZE:
+            raise ConfigurationError("write_size must be a positive multiple of 512, at most 1 MiB")
+        if self.rate < 0:
+            raise ConfigurationError("rate must not be negative")
+
+
+#: ``Medium::initOne``'s text for a medium read from settings and not opened yet.
+NOT_CHECKED = "Accessibility check was not yet performed"
+
+
+@define
+class _Medium:
+    uuid: str
+    path: Path
+    parent: str | None
+    size: int
+    children: list[str] = field(factory=list)
+    # VirtualBox opens a medium read from a settings file only when something
+    # needs it (IMedium::refreshState, a lock); until then it reads as
+    # Inaccessible with size 0 (Medium::initOne, MediumImpl.cpp).
+    access_error: str = ""
+
+    @property
+    def accessible(self) -> bool:
+        return not self.access_error
+
+
+@define
+class _Attachment:
+    controller: str
+    port: int
+    device: int
+    type: str
+    medium: str | None
+
+    def copy(self) -> _Attachment:
+        return _Attachment(self.controller, self.port, self.device, self.type, self.medium)
+
+
+@define
+class _Snapshot:
+    uuid: str
+    name: str
+    description: str
+    time_ms: int
+    state_file: str | None
+    attachments: list[_Attachment]
+    parent: str | None
+    children: list[str] = field(factory=list)
+    # The snapshot's own NVRAM copy (EFI machines), relative to the VM folder.
+    nvram: str | None = None
+
+
+@define(eq=False)
+class _Session:
+    """One ISession: unlocked, or locked on a machine as the write holder or as a shared client.
+
+    ``lock_type`` is the write holder's ``LockType`` (``"Write"``, ``"Shared"`` or
+    ``"VM"``); ``console`` whether the session has a console: its own (a
+    ``VM`` lock) or the VM process's (``Machine::lockMachine`` shares it only
+    when the holder locked as ``VM``).
+    """
+
+    state: str = "Unlocked"
+    type: str = "Null"
+    machine: _Machine | None = None
+    lock_type: str = "Null"
+    console: bool = False
+
+
+@define(eq=False)
+class _Guest:
+    workload: GuestWorkload
+    thread: threading.Thread | None = None
+    stop: threading.Event = field(factory=threading.Event)
+    writes: int = 0
+    cursor: int = 0
+
+
+@define(eq=False)
+class _Machine:
+    uuid: str
+    name: str
+    folder: Path
+    os_type: str = "Debian_64"
+    memory_mb: int = 1024
+    cpuid_level: int = 0
+    firmware: str = "BIOS"
+    nvram: str | None = None
+    state: str = "PoweredOff"
+    state_file: str | None = None
+    last_state_change: str = ""
+    media: dict[str, _Medium] = field(factory=dict)
+    attachments: list[_Attachment] = field(factory=list)
+    snapshots: dict[str, _Snapshot] = field(factory=dict)
+    root: str | None = None
+    current: str | None = None
+    registered: bool = False
+    # The settings file the machine was opened from (its name need not be
+    # the VM's); None: <folder>/<name>.vbox.
+    settings_file: Path | None = None
+    # Sessions: the write holder ("vm" for a running VM's process, or a client
+    # session), shared clients, and the end of the unlock window.
+    holder: _Session | str | None = None
+    shared: set[_Session] = field(factory=set)
+    unlocking_until: float = 0.0
+    pending_cpuid: int | None = None
+    guest: _Guest | None = None
+    # Guest content as the guest wrote it, per attachment slot: the model that
+    # the disk images must always read back as.
+    expected: dict[Slot, bytearray] = field(factory=dict)
+    images: dict[str, VDI] = field(factory=dict)
+    merging: dict[str, set[int]] = field(factory=dict)
+    # Guards images, expected and merging; taken only as _locks.Locks says.
+    disk_lock: threading.RLock = field(factory=threading.RLock)
+
+    @property
+    def settings_path(self) -> Path:
+        return self.settings_file if self.settings_file is not None else self.folder / f"{self.name}.vbox"
+
+    def path(self, relative: str) -> Path:
+        return self.folder / relative
+
+    def hard_disks(self, attachments: list[_Attachment] | None = None) -> list[_Attachment]:
+        return [a for a in (self.attachments if attachments is None else attachments) if a.type == "HardDisk"]
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def sav_name() -> str:
+    now = dt.datetime.now(dt.UTC)
+    return now.strftime("%Y-%m-%dT%H-%M-%S-") + f"{now.microsecond * 1000:09d}Z.sav"
