@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from test_ssh import SSHServer, sshd  # noqa: F401 - the real sshd fixture, shared
 
 import vbremote
-from vbremote._borg._idhash import IdHasher
+from vbremote._borg._idhash import IdHasher, ReadAheadMeter, hash_ranges
 from vbremote._borg._items import MAX_CHUNK_SIZE, contents_from_rows
 from vbremote.testing import MIB
 
@@ -237,6 +237,31 @@ class TestLocalIds:
             pytest.fail("hashing waited for the fetch (deadlock)")
         busy.close()
         assert results == {"inside": expected, "thread": expected, "fetched": expected}
+
+
+class TestHashRanges:
+    HASHER = IdHasher("hmac-sha256", key=bytes(range(32)))
+
+    @given(
+        data=st.binary(min_size=0, max_size=3000),
+        ranges=st.lists(st.tuples(st.integers(0, 3500), st.integers(1, 1200)), max_size=12),
+        read_ahead=st.integers(1, 4000),
+    )
+    def test_any_ranges(self, tmp_path_factory, data, ranges, read_ahead):
+        """Any ranges: the id of exactly that data, or None past the end; nothing held afterwards."""
+        f = tmp_path_factory.mktemp("h") / "f"
+        f.write_bytes(data)
+        meter = ReadAheadMeter()
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            ids = hash_ranges(self.HASHER, fd, ranges, read_ahead=read_ahead, meter=meter)
+        finally:
+            os.close(fd)
+        assert ids == [
+            self.HASHER(data[o:o + n]) if o + n <= len(data) else None for o, n in ranges
+        ]
+        assert meter.held == 0
+        assert meter.peak <= max(read_ahead, max((n for _, n in ranges), default=0))
 
 
 class TestReadAhead:
