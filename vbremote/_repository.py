@@ -139,7 +139,9 @@ class Repository:
 
     Open one with :meth:`open` (or create one with :meth:`init`) and use it as
     a context manager; leaving the block closes it and releases borg's lock.
-    A Repository may be used from several threads; its calls run one at a time.
+    A Repository may be used from several threads; its calls to borg run one
+    at a time. Chunk ids (:meth:`local_ids`, :meth:`chunk_id`,
+    :meth:`zero_chunk_id`) are computed in this process and never wait for them.
 
     Attributes:
         transport: How the repository is reached.
