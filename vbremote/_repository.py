@@ -139,9 +139,7 @@ class Repository:
 
     Open one with :meth:`open` (or create one with :meth:`init`) and use it as
     a context manager; leaving the block closes it and releases borg's lock.
-    A Repository may be used from several threads; its calls to borg run one
-    at a time. Chunk ids (:meth:`local_ids`, :meth:`chunk_id`,
-    :meth:`zero_chunk_id`) are computed in this process and never wait for them.
+    A Repository may be used from several threads; its calls run one at a time.
 
     Attributes:
         transport: How the repository is reached.
@@ -557,8 +555,9 @@ class Repository:
         Give the archive's own chunk boundaries (a :class:`FileChunks`'
         chunks work as ranges) to compare a local file with a stored one,
         whatever chunker cut it. Ranges are hashed in parallel threads of this
-        process, with the key's id function: the worker stays free, so this
-        runs while a fetch from the same repository is under way. At most
+        process, with the key's id function: this never waits for the
+        repository's calls to borg, so it runs while a fetch from the same
+        repository is under way, even from inside its loop. At most
         :attr:`read_ahead` bytes are in memory (at least one range, read in
         pieces of at most 8 MiB).
 
