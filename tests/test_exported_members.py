@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import importlib
+import pickle
+import types
+
+import pytest
+
 import vbremote
 import vbremote.testing
 
 EXPECTED = {
     "DEFAULT_BLOCK_SIZE", "DEFAULT_ENCRYPTION", "DEFAULT_READ_AHEAD", "ENCRYPTION_MODES",
     "ArchiveContents", "ArchiveInvalid", "ItemKind", "StoredItem",
-    "AccessDenied", "ArchiveExists", "ArchiveFile", "ArchiveInfo", "ArchiveNotFound", "BorgError",
+    "AccessDenied", "ArchiveExists", "ArchiveFile", "ArchiveInfo", "ArchiveMetadataError", "ArchiveNotFound",
+    "BorgError",
     "CheckResult", "ChunkRef", "Chunking", "CommandTransport", "CompactResult", "ConfigurationError",
     "ConnectionFailed", "DeleteResult", "FileChunks", "FileNotInArchive", "FileRole", "FileSpec",
     "IntegrityError", "LocalTransport", "Passphrase", "PassphraseError", "PassphraseMissing",
     "PassphraseWrong", "Progress", "Repository", "RepositoryError", "RepositoryExists",
-    "RepositoryLocked", "RepositoryNotFound", "SSHTransport", "SnapshotMetadata", "SnapshotMode",
+    "RepositoryLocked", "RepositoryNotFound", "RepositoryReadOnly", "SSHTransport", "SnapshotMetadata", "SnapshotMode",
     "SourceChanged", "Transport", "VBRemoteError", "WriteResult",
     "PROTECTED_LABEL", "Decision", "Guards", "KeepLabels", "KeepRules", "PlanEntry", "PruneError",
     "PruneRefused", "PrunePlan", "PruneResult", "Pruner", "RetentionPolicy", "SettingsFileError",
@@ -31,12 +38,46 @@ def test_all_is_sorted_and_complete():
         assert getattr(vbremote, name) is not None
 
 
-def test_public_members_claim_the_package():
-    """Public classes and functions say they belong to vbremote (not a private module) in docs."""
+def _leaks(package: types.ModuleType) -> set[str]:
+    """Public-looking names of a package that are neither exported nor submodules."""
+    return {
+        name
+        for name, value in vars(package).items()
+        if not name.startswith("_")
+        and name not in package.__all__
+        and not isinstance(value, types.ModuleType)
+        and name != "annotations"  # bound by "from __future__ import annotations"
+    }
+
+
+@pytest.mark.parametrize("package", [vbremote, vbremote.testing], ids=lambda p: p.__name__)
+def test_nothing_else_is_public(package):
+    """No public-looking name escapes __all__ (helpers stay private, with a leading underscore)."""
+    assert _leaks(package) == set()
+
+
+@pytest.mark.parametrize("package", [vbremote, vbremote.testing], ids=lambda p: p.__name__)
+def test_each_name_comes_from_its_defining_module(package):
+    """Each exported class or function is re-exported under its own name from the private module that defines it."""
+    for name in package.__all__:
+        member = getattr(package, name)
+        if not isinstance(member, type | types.FunctionType):
+            continue
+        module = importlib.import_module(member.__module__)
+        assert module.__name__.startswith(package.__name__ + "._"), (name, module.__name__)
+        assert member.__qualname__ == name, name
+        assert getattr(module, name) is member, name
+        assert name in module.__all__, (name, module.__name__)
+
+
+def test_public_classes_pickle_by_reference():
+    """Public classes pickle by reference (the worker receives values so), and exceptions keep their context."""
     for name in vbremote.__all__:
         member = getattr(vbremote, name)
         if isinstance(member, type):
-            assert member.__module__.startswith("vbremote")
+            assert pickle.loads(pickle.dumps(member)) is member, name
+    error = pickle.loads(pickle.dumps(vbremote.FileNotInArchive("m", location="l", archive="a", path="p")))
+    assert (str(error), error.location, error.archive, error.path) == ("m", "l", "a", "p")
 
 
 def test_error_tree():

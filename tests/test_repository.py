@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from helpers import PASSPHRASE, disk_content, metadata, vm_specs
 
 import vbremote
+from vbremote._models import ArchiveFile, encode_comment
 from vbremote.testing import MIB, guest_write
 
 
@@ -337,6 +338,185 @@ class TestWrite:
             assert [a.name for a in again.archives()] == ["ours"]
 
 
+class TestReadOnly:
+    def test_writes_refused_up_front(self, repo, transport, base_dir, tmp_path):
+        """A read-only repository refuses every write with RepositoryReadOnly before borg sees it, and stays usable."""
+        spec = write_disk(tmp_path, disk_content(3, seed=1))
+        repo.write_archive("a", [spec], metadata())
+        repo.close()
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir, read_only=True) as ro:
+            assert ro.read_only
+            attempts = [
+                lambda: ro.write_archive("b", [spec], metadata()),
+                lambda: ro.delete_archives(["a"]),
+                lambda: ro.set_labels("a", {"protected"}),
+                ro.compact,
+            ]
+            for attempt in attempts:
+                with pytest.raises(vbremote.RepositoryReadOnly, match="read_only=True") as caught:
+                    attempt()
+                assert caught.value.location == transport.location
+                # Still in step: reads work after each refusal.
+                assert [a.name for a in ro.archives()] == ["a"]
+            chunks = ro.chunk_list("a", spec.path)
+            assert b"".join(d for _, d in ro.fetch_chunks(c.id for c in chunks.chunks)) == spec.source.read_bytes()
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir) as again:
+            [archive] = again.archives()
+            assert archive.metadata.labels == frozenset()
+            assert again.check().ok
+
+    def test_pruner_refused_on_a_read_only_repository(self, repo, transport, base_dir, tmp_path):
+        """Pruning through a read-only repository raises RepositoryReadOnly and deletes nothing; a dry run works."""
+        spec = write_disk(tmp_path, b"x")
+        meta = metadata()
+        now = datetime.now(UTC)
+        for n in range(3):
+            repo.write_archive(f"a{n}", [spec], meta, timestamp=now.replace(microsecond=0) - timedelta(hours=3 - n))
+        repo.close()
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir, read_only=True) as ro:
+            pruner = vbremote.Pruner(ro, vbremote.KeepRules(last=1))
+            assert len(pruner.prune(meta.vm_uuid, dry_run=True).plan.prune) == 2
+            with pytest.raises(vbremote.RepositoryReadOnly):
+                pruner.prune(meta.vm_uuid)
+            assert [a.name for a in ro.archives()] == ["a0", "a1", "a2"]
+
+
+class TestRecovery:
+    def test_failed_write_then_delete_and_list(self, repo, tmp_path):
+        """After a write that fails (SourceChanged), the worker has rolled back: delete, list and write work."""
+        keep = write_disk(tmp_path, disk_content(3, seed=1), "keep.img")
+        repo.write_archive("keep", [keep], metadata())
+        repo.write_archive("gone", [keep], metadata())
+        first = write_disk(tmp_path, disk_content(48, seed=6), "first.img")
+        second = write_disk(tmp_path, b"short", "second.img")
+
+        def grow(event: vbremote.Progress) -> None:
+            if event.path == "first.img" and second.source.stat().st_size == 5:
+                with open(second.source, "ab") as f:
+                    f.write(b"longer now")
+
+        with pytest.raises(vbremote.SourceChanged):
+            repo.write_archive("failed", [first, second], metadata(), progress=grow)
+        assert repo.delete_archives(["gone"]).deleted == ("gone",)
+        assert [a.name for a in repo.archives()] == ["keep"]
+        repo.write_archive("after", [keep], metadata())
+        assert [a.name for a in repo.archives()] == ["keep", "after"]
+        assert repo.check().ok
+
+    def test_failed_delete_then_write(self, repo, tmp_path):
+        """A refused delete (unknown archive) leaves the repository usable for writes and deletes."""
+        spec = write_disk(tmp_path, b"x")
+        repo.write_archive("a", [spec], metadata())
+        with pytest.raises(vbremote.ArchiveNotFound):
+            repo.delete_archives(["a", "missing"])
+        repo.write_archive("b", [spec], metadata())
+        assert repo.delete_archives(["a"]).deleted == ("a",)
+        assert [a.name for a in repo.archives()] == ["b"]
+
+
+class TestErrorAttributes:
+    def test_archive_not_found_names_the_archive(self, repo, tmp_path):
+        """ArchiveNotFound carries the archive name, from the worker and from the repository layer."""
+        repo.write_archive("a", [write_disk(tmp_path, b"x")], metadata())
+        for call in (
+            lambda: repo.delete_archives(["a", "nope"]),
+            lambda: repo.chunk_list("nope", "disk.img"),
+            lambda: repo.archive("nope"),
+            lambda: repo.set_labels("nope", {"x"}),
+        ):
+            with pytest.raises(vbremote.ArchiveNotFound) as caught:
+                call()
+            assert caught.value.archive == "nope"
+            assert caught.value.location == repo.transport.location
+
+    def test_archive_exists_names_the_archive(self, repo, tmp_path):
+        """ArchiveExists carries the name that is taken."""
+        spec = write_disk(tmp_path, b"x")
+        repo.write_archive("taken", [spec], metadata())
+        with pytest.raises(vbremote.ArchiveExists) as caught:
+            repo.write_archive("taken", [spec], metadata())
+        assert caught.value.archive == "taken"
+
+    def test_file_not_in_archive_names_archive_and_path(self, repo, tmp_path):
+        """FileNotInArchive carries the archive and the path asked for."""
+        repo.write_archive("a", [write_disk(tmp_path, b"x")], metadata())
+        with pytest.raises(vbremote.FileNotInArchive) as caught:
+            repo.chunk_list("a", "no/such.vdi")
+        assert (caught.value.archive, caught.value.path) == ("a", "no/such.vdi")
+
+
+class TestUntrustedArchives:
+    def _hostile(self, borg_cli, transport, tmp_path, name, comment):
+        (tmp_path / "f").write_text("x")
+        # borg expands {placeholders} in comments: braces are doubled to stay literal.
+        literal = comment.replace("{", "{{").replace("}", "}}")
+        borg_cli("create", "--comment", literal, f"{transport.path}::{name}", "f", cwd=tmp_path)
+
+    def test_hostile_archive_skipped_and_refused_by_name(self, repo, transport, borg_cli, tmp_path, caplog):
+        """A record with a path escaping the VM folder is left out of listings (with a warning) and refused by name."""
+        meta = metadata()
+        repo.write_archive("good", [write_disk(tmp_path, b"y")], meta)
+        repo.close()
+        record = _hostile_record(meta.vm_uuid)
+        self._hostile(borg_cli, transport, tmp_path, "evil", json.dumps(record))
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=borg_cli.base_dir) as again:
+            with caplog.at_level("WARNING", logger="vbremote.repository"):
+                assert [a.name for a in again.archives()] == ["good"]
+                assert [a.name for a in again.archives(vm=meta.vm_uuid)] == ["good"]
+            assert any("evil" in r.getMessage() and "stay inside" in r.getMessage() for r in caplog.records)
+            with pytest.raises(vbremote.ArchiveMetadataError, match="stay inside") as caught:
+                again.archive("evil")
+            assert caught.value.archive == "evil"
+            assert caught.value.location == transport.location
+            with pytest.raises(vbremote.ArchiveMetadataError):
+                again.set_labels("evil", {"x"})
+            assert again.archive("good").name == "good"
+
+    def test_implausible_time_is_refused(self, repo, transport, borg_cli, tmp_path):
+        """A valid record on an archive dated before 1970 is refused; the same record dated now is listed."""
+        meta = metadata()
+        record = json.loads(encode_comment(meta, [
+            ArchiveFile("vm.vbox", vbremote.FileRole.SETTINGS, 1, vbremote.Chunking.buzhash())
+        ]))
+        repo.close()
+        self._hostile(borg_cli, transport, tmp_path, "now", json.dumps(record))
+        (tmp_path / "f").write_text("x")
+        literal = json.dumps(record).replace("{", "{{").replace("}", "}}")
+        borg_cli("create", "--timestamp", "1969-07-20T20:17:40", "--comment", literal,
+                 f"{transport.path}::ancient", "f", cwd=tmp_path)
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=borg_cli.base_dir) as again:
+            assert [a.name for a in again.archives()] == ["now"]
+            with pytest.raises(vbremote.ArchiveMetadataError, match="implausible time") as caught:
+                again.archive("ancient")
+            assert caught.value.archive == "ancient"
+
+    def test_pruner_never_deletes_what_it_cannot_read(self, repo, transport, borg_cli, tmp_path):
+        """The Pruner plans only readable archives: a hostile one of the same VM is never deleted or counted."""
+        meta = metadata()
+        spec = write_disk(tmp_path, b"y")
+        now = datetime.now(UTC).replace(microsecond=0)
+        for n in range(3):
+            repo.write_archive(f"good{n}", [spec], meta, timestamp=now - timedelta(hours=10 - n))
+        repo.close()
+        self._hostile(borg_cli, transport, tmp_path, "evil", json.dumps(_hostile_record(meta.vm_uuid)))
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=borg_cli.base_dir) as again:
+            result = vbremote.Pruner(again, vbremote.KeepRules(last=1)).prune(meta.vm_uuid)
+            assert sorted(result.deleted) == ["good0", "good1"]
+        listed = borg_cli("list", "--short", transport.path).split()
+        assert sorted(listed) == ["evil", "good2"]
+
+
+def _hostile_record(vm_uuid: str) -> dict[str, object]:
+    """A vbremote record whose one file would be restored outside the VM folder."""
+    return {
+        "vbremote": 1, "vm": {"name": "dev", "uuid": vm_uuid}, "mode": "offline", "labels": [], "extra": {},
+        "vbox_version": None, "host": None, "cpu_vendor": None, "cpu_portability": None,
+        "files": [
+            {"path": "../../../etc/cron.d/x", "role": "other", "size": 1, "chunking": ["buzhash", 19, 23, 21, 4095]}
+        ],
+    }
+
+
 class TestSelection:
     def test_by_uuid_and_name(self, repo, tmp_path):
         """vm= selects by uuid or by name; 'dev' never selects 'dev2'."""
@@ -540,21 +720,81 @@ class TestMetadataCache:
         assert len(repo.archives()) == 5
         assert all(comment is None for _, _, _, comment in replies[-1])
 
-    def test_metadata_kept_across_connections(self, repo, transport, base_dir, tmp_path):
-        """A new connection reads archive metadata from vbremote's cache file; a damaged file is ignored."""
+    def _cached_then_gone(self, repo, transport, borg_cli, tmp_path, names):
+        """Write archives and list them (filling the cache); then remove their metadata from the repository."""
         spec = write_disk(tmp_path, b"x")
-        names = [f"a{n}" for n in range(4)]
         for name in names:
-            repo.write_archive(name, [spec], metadata())
+            repo.write_archive(name, [spec], metadata(name))
+        repo.close()
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=borg_cli.base_dir) as again:
+            archives = again.archives()
+        assert [a.name for a in archives] == names
+        [cache_file] = borg_cli.base_dir.rglob("vbremote/*.json")
+        # Without their metadata objects the repository cannot describe these
+        # archives any more: only the cache can.
+        borg_cli("debug", "delete-obj", transport.path, *(a.id for a in archives))
+        return cache_file, archives
+
+    def test_metadata_read_from_the_cache(self, repo, transport, borg_cli, tmp_path):
+        """A new connection lists archives from the cache file, without reading their metadata from the repository."""
+        names = [f"a{n}" for n in range(4)]
+        self._cached_then_gone(repo, transport, borg_cli, tmp_path, names)
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=borg_cli.base_dir) as again:
+            assert [(a.name, a.vm_name) for a in again.archives()] == [(n, n) for n in names]
+
+    def test_tampered_entry_is_ignored(self, repo, transport, borg_cli, tmp_path):
+        """A cache entry whose comment was changed fails its MAC and is fetched from the repository again."""
+        cache_file, _ = self._cached_then_gone(repo, transport, borg_cli, tmp_path, ["a"])
+        data = json.loads(cache_file.read_text())
+        [(archive_id, (comment, mac))] = data["entries"].items()
+        data["entries"][archive_id] = [comment.replace('"name":"a"', '"name":"forged"'), mac]
+        cache_file.write_text(json.dumps(data))
+        with (
+            vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=borg_cli.base_dir) as again,
+            # The repository no longer has the object, so the refetch fails: the forged entry was not used.
+            pytest.raises(vbremote.IntegrityError),
+        ):
+            again.archives()
+
+    def test_entry_bound_to_its_archive(self, repo, transport, borg_cli, tmp_path):
+        """An entry moved to another archive's id fails its MAC: archive a cannot claim b's metadata."""
+        cache_file, archives = self._cached_then_gone(repo, transport, borg_cli, tmp_path, ["a", "b"])
+        data = json.loads(cache_file.read_text())
+        a_id, b_id = archives[0].id, archives[1].id
+        data["entries"][a_id] = data["entries"][b_id]
+        cache_file.write_text(json.dumps(data))
+        with (
+            vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=borg_cli.base_dir) as again,
+            pytest.raises(vbremote.IntegrityError),
+        ):
+            again.archives()
+
+    def test_tampered_entry_is_refetched(self, repo, transport, base_dir, tmp_path):
+        """With the repository intact, a tampered entry is refetched: the listing says what the repository says."""
+        spec = write_disk(tmp_path, b"x")
+        repo.write_archive("a", [spec], metadata("real"))
         repo.close()
         with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir) as again:
-            assert [a.name for a in again.archives()] == names
-            ids = {a.id for a in again.archives()}
+            again.archives()
         [cache_file] = base_dir.rglob("vbremote/*.json")
-        assert set(json.loads(cache_file.read_text())) == ids
+        data = json.loads(cache_file.read_text())
+        [(archive_id, (comment, mac))] = data["entries"].items()
+        data["entries"][archive_id] = [comment.replace('"name":"real"', '"name":"forged"'), mac]
+        cache_file.write_text(json.dumps(data))
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir) as again:
+            assert [a.vm_name for a in again.archives()] == ["real"]
         cache_file.write_text("{not json")
         with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir) as again:
-            assert [a.name for a in again.archives()] == names
+            assert [a.vm_name for a in again.archives()] == ["real"]
+
+    def test_no_cache_without_a_key(self, tmp_path, base_dir):
+        """An unencrypted repository has no secret to authenticate a cache with, so none is written."""
+        transport = vbremote.LocalTransport(tmp_path / "plain")
+        with vbremote.Repository.init(transport, encryption="none", base_dir=base_dir) as plain:
+            plain.write_archive("a", [write_disk(tmp_path, b"x")], metadata())
+        with vbremote.Repository.open(transport, base_dir=base_dir, accept_unencrypted=True) as again:
+            assert [a.name for a in again.archives()] == ["a"]
+        assert list(base_dir.rglob("vbremote/*.json")) == []
 
     def test_set_labels_unknown_archive(self, repo):
         """set_labels on an unknown archive raises ArchiveNotFound."""

@@ -146,6 +146,32 @@ class TestSSHTransport:
             assert b"".join(d for _, d in repo.fetch_chunks(c.id for c in chunks.chunks)) == content
             assert repo.append_only is None  # borg's protocol cannot tell
 
+    def test_ssh_config_alias_with_port(self, sshd, tmp_path, base_dir):
+        """A host alias whose ssh_config entry names the port works: no -p overrides the Port line."""
+        config = tmp_path / "ssh_config"
+        config.write_text(
+            "Host vbremote-store\n"
+            "    HostName 127.0.0.1\n"
+            f"    Port {sshd.port}\n"
+            f"    User {sshd.user}\n"
+            f"    IdentityFile {sshd.client_key}\n"
+            "    IdentitiesOnly yes\n"
+            f"    UserKnownHostsFile {sshd.known_hosts}\n"
+            "    StrictHostKeyChecking yes\n"
+        )
+        # ssh reads ~/.ssh/config of the passwd home, not $HOME: a wrapper hands it this file.
+        wrapper = tmp_path / "ssh-with-config"
+        wrapper.write_text(f'#!/bin/sh\nexec ssh -F "{config}" "$@"\n')
+        wrapper.chmod(0o755)
+        transport = vbremote.SSHTransport(
+            "vbremote-store", str(tmp_path / "repo"), ssh_command=str(wrapper), remote_borg=borg_executable()
+        )
+        assert "-p" not in transport.serve_command()
+        with vbremote.Repository.init(transport, passphrase=PASSPHRASE, base_dir=base_dir) as repo:
+            repo.write_archive("a", [vbremote.FileSpec(config, "cfg")], metadata())
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir) as repo:
+            assert [a.name for a in repo.archives()] == ["a"]
+
     def test_bad_host_key_is_refused_without_prompt(self, sshd, tmp_path, base_dir):
         """An unknown host key fails at once with ssh's own words; nothing waits on a terminal."""
         empty = tmp_path / "known_hosts"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import time
+from pathlib import Path
 
 import pytest
 from helpers import borg_executable
@@ -45,12 +46,20 @@ class TestSSH:
         assert argv[-2] == "borg@backup.example.org"
         assert argv[-1] == "'/opt/borg 1.4/borg' serve"
 
+    def test_port_only_when_given(self):
+        """Without a port, ssh is not told one: ssh_config's Port line for the host applies."""
+        argv = vbremote.SSHTransport("store-alias", "/r").serve_command()
+        assert "-p" not in argv
+        assert argv == ["ssh", "-o", "BatchMode=yes", "store-alias", "borg serve"]
+        assert vbremote.SSHTransport("h", "/r", port=22).serve_command()[3:5] == ["-p", "22"]
+
     def test_location(self):
         """The location is borg's ssh:// syntax, with relative and home paths marked as borg marks them."""
         assert vbremote.SSHTransport("h", "/abs").location == "ssh://h/abs"
         assert vbremote.SSHTransport("h", "rel", user="u", port=2).location == "ssh://u@h:2/./rel"
         assert vbremote.SSHTransport("h", "~/r").location == "ssh://h/~/r"
         assert vbremote.SSHTransport("::1", "/r").location == "ssh://[::1]/r"
+        assert vbremote.SSHTransport("h", "/abs", port=22).location == "ssh://h:22/abs"
 
     @pytest.mark.parametrize(
         "kwargs",
@@ -96,8 +105,15 @@ class TestCommand:
             vbremote.Repository.open(transport, passphrase="p", base_dir=base_dir)
 
 
-class BrokenTransport(vbremote.Transport):
-    """A third-party transport whose command is not borg serve: the check must catch it."""
+@pytest.fixture
+def worker_imports_tests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Put the tests folder on the worker's import path, as a user puts their transport's package."""
+    tests = str(Path(__file__).resolve().parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH", "")) if p))
+
+
+class InTestModule(vbremote.Transport):
+    """A transport class the worker cannot import: this test module is not on its path."""
 
     def __init__(self, path: str) -> None:
         self._path = path
@@ -108,16 +124,57 @@ class BrokenTransport(vbremote.Transport):
 
     @property
     def location(self) -> str:
-        return "broken::" + self._path
+        return self._path
 
-    def serve_command(self) -> list[str]:
-        return ["sh", "-c", "exit 0"]
+    def serve_command(self) -> None:
+        return None
 
 
-def test_check_catches_a_broken_transport(tmp_path):
-    """check_transport fails for a transport that does not reach borg serve."""
-    with pytest.raises((TransportCheckFailed, vbremote.VBRemoteError)):
-        check_transport(BrokenTransport(str(tmp_path / "r")))
+class TestConformanceCheck:
+    def test_catches_a_transport_that_does_not_reach_borg(self, tmp_path, worker_imports_tests):
+        """A command that is not borg serve fails the check's first step: ConnectionFailed with the remote's words."""
+        from transports_for_tests import NoServeTransport
+
+        with pytest.raises(vbremote.ConnectionFailed, match="no borg here"):
+            check_transport(NoServeTransport(str(tmp_path / "r")))
+
+    def test_catches_a_transport_that_breaks_locks(self, tmp_path, worker_imports_tests):
+        """A transport whose wrapper removes borg's lock fails the check's lock step, by name."""
+        from transports_for_tests import LockBreakingTransport
+
+        with pytest.raises(TransportCheckFailed, match="lock: a second open did not wait"):
+            check_transport(LockBreakingTransport(str(tmp_path / "r"), borg_executable()))
+
+
+class TestImportable:
+    def test_class_the_worker_cannot_import(self, tmp_path, base_dir):
+        """A transport class the worker process cannot import raises ConfigurationError, not a dead worker."""
+        with pytest.raises(vbremote.ConfigurationError, match="importable by module path"):
+            vbremote.Repository.init(InTestModule(str(tmp_path / "r")), encryption="none", base_dir=base_dir)
+        assert not (tmp_path / "r").exists()
+
+    def test_class_in_main(self, tmp_path, base_dir, monkeypatch):
+        """A class defined in __main__ is refused before any worker starts."""
+        monkeypatch.setattr(InTestModule, "__module__", "__main__")
+        with pytest.raises(vbremote.ConfigurationError, match="defined in __main__"):
+            vbremote.Repository.init(InTestModule(str(tmp_path / "r")), encryption="none", base_dir=base_dir)
+
+    def test_class_inside_a_function(self, tmp_path, base_dir):
+        """A class defined inside a function is refused before any worker starts."""
+
+        class Local(InTestModule):
+            pass
+
+        with pytest.raises(vbremote.ConfigurationError, match="inside a function"):
+            vbremote.Repository.open(Local(str(tmp_path / "r")), base_dir=base_dir)
+
+    def test_importable_class_works(self, tmp_path, base_dir, worker_imports_tests):
+        """The same kind of class, importable by the worker, opens normally."""
+        from transports_for_tests import LockBreakingTransport
+
+        transport = LockBreakingTransport(str(tmp_path / "r"), borg_executable())
+        with vbremote.Repository.init(transport, encryption="none", base_dir=base_dir) as repo:
+            assert repo.archives() == []
 
 
 def test_upload_ratelimit_is_honoured(tmp_path, base_dir):
@@ -130,6 +187,6 @@ def test_upload_ratelimit_is_honoured(tmp_path, base_dir):
     spec = vbremote.FileSpec(image, "disk.img", vbremote.FileRole.DISK)
     with vbremote.Repository.init(transport, passphrase="p", base_dir=base_dir, compression="none") as repo:
         started = time.monotonic()
-        repo.write_archive("a", [spec], vbremote.SnapshotMetadata("vm", "u"))
+        repo.write_archive("a", [spec], vbremote.SnapshotMetadata("vm", "0b8e1c6a-0000-4000-8000-000000000001"))
         # A lower bound only: a slow machine makes this longer, never shorter.
         assert time.monotonic() - started >= 2.0

@@ -19,7 +19,9 @@ adapter boundary and raised ``from`` the original, so callers catch one tree::
     │   ├── ArchiveNotFound
     │   ├── ArchiveExists
     │   ├── FileNotInArchive
-    │   ├── ArchiveInvalid                         an archive's contents are malformed or hostile
+    │   ├── ArchiveMetadataError (also ValueError)  an archive's metadata is malformed or hostile
+    │   ├── RepositoryReadOnly                     a write to a repository opened with ``read_only=True``
+    │   ├── ArchiveInvalid (also ValueError)        an archive's items are malformed or hostile
     │   ├── SourceChanged                          a local file changed while it was read
     │   └── BorgError                              any other failure reported by borg
     ├── PruneError                                 pruning
@@ -41,6 +43,7 @@ __all__ = [
     "AccessDenied",
     "ArchiveExists",
     "ArchiveInvalid",
+    "ArchiveMetadataError",
     "ArchiveNotFound",
     "BorgError",
     "ConfigurationError",
@@ -57,6 +60,7 @@ __all__ = [
     "RepositoryExists",
     "RepositoryLocked",
     "RepositoryNotFound",
+    "RepositoryReadOnly",
     "SettingsFileError",
     "SnapshotNotFound",
     "SourceChanged",
@@ -173,12 +177,35 @@ class FileNotInArchive(RepositoryError):
         self.path = path
 
 
-class ArchiveInvalid(RepositoryError):
+class ArchiveMetadataError(RepositoryError, ValueError):
+    """An archive's vbremote metadata is malformed or hostile, and was refused.
+
+    Archive metadata comes from the repository server, which may be
+    compromised: every path, role, size, chunking and string in it is checked
+    each time it is read. An archive that fails is never used (see
+    ``docs/repositories.md``, "Untrusted archives").
+
+    Attributes:
+        archive: The archive's name (empty when the record was checked on its own).
+    """
+
+    def __init__(self, message: str, *, location: str = "", archive: str = "") -> None:
+        super().__init__(message, location=location)
+        self.archive = archive
+
+
+class RepositoryReadOnly(RepositoryError):
+    """A write was asked of a repository opened with ``read_only=True``; nothing was changed."""
+
+
+class ArchiveInvalid(RepositoryError, ValueError):
     """What an archive says about its items is malformed or hostile; nothing was used.
 
-    An archive is input from a server that may be compromised: paths that
-    leave the target folder, duplicates, or sizes that do not add up are
-    refused rather than trusted.
+    An archive is input from a server that may be compromised: item paths
+    that leave the target folder, duplicates, or chunk sizes that do not add
+    up are refused rather than trusted (:meth:`Repository.chunk_lists`). Its
+    sibling :class:`ArchiveMetadataError` is about vbremote's own record in
+    the archive comment.
 
     Attributes:
         archive: The archive read.

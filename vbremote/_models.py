@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import enum
 import json
-import posixpath
-from collections.abc import Mapping
+import math
+import uuid as uuid_module
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from attrs import field, frozen
 
-from ._errors import ConfigurationError
+from ._errors import ArchiveMetadataError, ConfigurationError
 
 __all__ = [
     "ArchiveContents",
@@ -48,6 +49,31 @@ BLOCK_SIZES = (1 << 20, 2 << 20, 4 << 20)
 #: Archive-relative folder reserved for disks that live outside the VM folder.
 EXTERNAL_FOLDER = "_external"
 
+# Bounds of what vbremote accepts in an archive's metadata, written or read
+# back (docs/repositories.md, "Untrusted archives"). They are far above what a
+# VM needs and low enough that a hostile record cannot exhaust memory.
+
+#: Largest file size recorded for one file: 64 TiB (VirtualBox's VMDK limit; VDI stops at 2 TiB).
+MAX_FILE_SIZE = 64 << 40
+#: Most files one archive may record.
+MAX_FILES = 10_000
+#: Longest archive path, in UTF-8 bytes, and longest path component.
+MAX_PATH_BYTES = 4096
+MAX_COMPONENT_BYTES = 255
+#: Longest free-form string (VM name, host, versions), in characters.
+MAX_STRING = 1024
+#: Most labels on one archive; each label is at most 100 characters.
+MAX_LABELS = 256
+#: Largest ``extra`` mapping, as compact JSON, and its deepest nesting.
+MAX_EXTRA_BYTES = 64 * 1024
+MAX_EXTRA_DEPTH = 16
+#: Largest archive comment vbremote parses (the whole record, as UTF-8).
+MAX_COMMENT_BYTES = 16 << 20
+
+
+def _int_tuple(value: Iterable[int]) -> tuple[int, ...]:
+    return tuple(value)
+
 
 class FileRole(enum.Enum):
     """What a file in a snapshot archive is; the role decides how it is chunked."""
@@ -82,7 +108,10 @@ class Chunking:
     """
 
     kind: str
-    params: tuple[int, ...]
+    params: tuple[int, ...] = field(converter=_int_tuple)
+
+    def __attrs_post_init__(self) -> None:
+        _check_chunking(self.kind, self.params)
 
     @classmethod
     def fixed(cls, block_size: int, header_size: int = 0) -> Chunking:
@@ -92,13 +121,6 @@ class Chunking:
             ConfigurationError: ``block_size`` is not one of the supported
                 sizes, or ``header_size`` is negative or larger than a block.
         """
-        if block_size not in BLOCK_SIZES:
-            raise ConfigurationError(
-                f"block size must be one of {', '.join(str(s >> 20) + ' MiB' for s in BLOCK_SIZES)},"
-                f" not {block_size} bytes"
-            )
-        if not 0 <= header_size <= block_size:
-            raise ConfigurationError(f"header size must be between 0 and the block size, not {header_size}")
         return cls("fixed", (block_size, header_size))
 
     @classmethod
@@ -121,21 +143,77 @@ class Chunking:
         return ",".join(str(p) for p in (self.kind, *self.params))
 
     def to_json(self) -> list[Any]:
+        """The chunking as stored in the metadata record: ``[kind, *params]``."""
         return [self.kind, *self.params]
 
     @classmethod
     def from_json(cls, value: Any) -> Chunking:
-        if not isinstance(value, list) or not value or value[0] not in ("fixed", "buzhash"):
-            raise ValueError(f"bad chunking record {value!r}")
-        return cls(str(value[0]), tuple(int(v) for v in value[1:]))
+        """Read a chunking back from a metadata record, checking it as untrusted input.
+
+        Raises:
+            ArchiveMetadataError: The record is not a sane chunking.
+        """
+        if not isinstance(value, list) or not value or not isinstance(value[0], str):
+            raise ArchiveMetadataError(f"bad chunking record {_short(value)}")
+        try:
+            return cls(value[0], tuple(_json_int(v, "chunking parameter") for v in value[1:]))
+        except ConfigurationError as exc:
+            raise ArchiveMetadataError(f"bad chunking record {_short(value)}: {exc}") from exc
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _json_int(value: Any, what: str) -> int:
+    # JSON has no separate integer type to trust: refuse floats, booleans and strings.
+    if type(value) is not int:
+        raise ConfigurationError(f"{what} must be an integer, not {_short(value)}")
+    return value
+
+
+def _check_chunking(kind: str, params: tuple[int, ...]) -> None:
+    if not all(type(p) is int for p in params):
+        raise ConfigurationError(f"chunking parameters must be integers: {_short(params)}")
+    if kind == "fixed":
+        if len(params) != 2:
+            raise ConfigurationError(f"a fixed chunking has a block size and a header size, not {_short(params)}")
+        block_size, header_size = params
+        if block_size not in BLOCK_SIZES:
+            raise ConfigurationError(
+                f"block size must be one of {', '.join(str(s >> 20) + ' MiB' for s in BLOCK_SIZES)},"
+                f" not {block_size} bytes"
+            )
+        if not 0 <= header_size <= block_size:
+            raise ConfigurationError(f"header size must be between 0 and the block size, not {header_size}")
+    elif kind == "buzhash":
+        # The limits borg itself puts on --chunker-params buzhash,MIN,MAX,MASK,WINDOW.
+        if len(params) != 4:
+            raise ConfigurationError(f"a buzhash chunking has four parameters, not {_short(params)}")
+        min_exp, max_exp, mask_bits, window = params
+        if not 6 <= min_exp <= mask_bits <= max_exp <= 23 or not 0 < window < 1 << 16 or window % 2 == 0:
+            raise ConfigurationError(f"buzhash parameters out of range: {params}")
+    else:
+        raise ConfigurationError(f"chunking kind must be 'fixed' or 'buzhash', not {_short(kind)}")
 
 
 def _check_archive_path(path: str) -> str:
+    if not isinstance(path, str):
+        raise ConfigurationError(f"archive path must be a string, not {_short(path)}")
     if not path or path.startswith("/") or "\\" in path or "\0" in path:
-        raise ConfigurationError(f"archive path must be relative and POSIX-style: {path!r}")
-    normal = posixpath.normpath(path)
-    if normal != path or normal == "." or normal.split("/")[0] == "..":
-        raise ConfigurationError(f"archive path must be normalised and stay inside: {path!r}")
+        raise ConfigurationError(f"archive path must be relative and POSIX-style: {_short(path)}")
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError as exc:  # lone surrogates
+        raise ConfigurationError(f"archive path is not valid Unicode: {_short(path)}") from exc
+    if len(encoded) > MAX_PATH_BYTES:
+        raise ConfigurationError(f"archive path longer than {MAX_PATH_BYTES} bytes: {_short(path)}")
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            raise ConfigurationError(f"archive path must be normalised and stay inside: {_short(path)}")
+        if len(part.encode("utf-8")) > MAX_COMPONENT_BYTES:
+            raise ConfigurationError(f"archive path component longer than {MAX_COMPONENT_BYTES} bytes: {_short(path)}")
     return path
 
 
@@ -166,12 +244,28 @@ class ArchiveFile:
         chunking: How its content was chunked.
     """
 
-    path: str
-    role: FileRole
-    size: int
-    chunking: Chunking
+    path: str = field(validator=lambda _, __, value: _check_archive_path(value))
+    role: FileRole = field()
+    size: int = field()
+    chunking: Chunking = field()
+
+    @role.validator
+    def _check_role(self, _: Any, value: Any) -> None:
+        if not isinstance(value, FileRole):
+            raise ConfigurationError(f"role must be a FileRole, not {_short(value)}")
+
+    @size.validator
+    def _check_size(self, _: Any, value: Any) -> None:
+        if type(value) is not int or not 0 <= value <= MAX_FILE_SIZE:
+            raise ConfigurationError(f"file size must be an integer from 0 to {MAX_FILE_SIZE}, not {_short(value)}")
+
+    @chunking.validator
+    def _check_chunking(self, _: Any, value: Any) -> None:
+        if not isinstance(value, Chunking):
+            raise ConfigurationError(f"chunking must be a Chunking, not {_short(value)}")
 
     def to_json(self) -> dict[str, Any]:
+        """The file as stored in the metadata record."""
         return {
             "path": self.path,
             "role": self.role.value,
@@ -180,21 +274,101 @@ class ArchiveFile:
         }
 
     @classmethod
-    def from_json(cls, value: Mapping[str, Any]) -> ArchiveFile:
-        return cls(
-            path=str(value["path"]),
-            role=FileRole(value["role"]),
-            size=int(value["size"]),
-            chunking=Chunking.from_json(value["chunking"]),
+    def from_json(cls, value: Any) -> ArchiveFile:
+        """Read a file record back, checking it as untrusted input.
+
+        Raises:
+            ArchiveMetadataError: A field is missing, of the wrong type, or out of bounds.
+        """
+        if not isinstance(value, dict):
+            raise ArchiveMetadataError(f"a file record must be an object, not {_short(value)}")
+        _expect_keys(value, {"path", "role", "size", "chunking"}, "file record")
+        role = value["role"]
+        if not isinstance(role, str) or role not in _ROLES:
+            raise ArchiveMetadataError(f"unknown file role {_short(role)}")
+        try:
+            return cls(
+                path=value["path"],
+                role=FileRole(role),
+                size=_json_int(value["size"], "file size"),
+                chunking=Chunking.from_json(value["chunking"]),
+            )
+        except ConfigurationError as exc:
+            raise ArchiveMetadataError(str(exc)) from exc
+
+
+_ROLES = frozenset(role.value for role in FileRole)
+
+
+def _expect_keys(record: Mapping[str, Any], keys: set[str], what: str) -> None:
+    if set(record) != keys:
+        missing = sorted(keys - set(record))
+        unknown = sorted(str(k) for k in set(record) - keys)
+        raise ArchiveMetadataError(
+            f"{what} must have exactly the keys {sorted(keys)}"
+            f"{'; missing ' + ', '.join(missing) if missing else ''}"
+            f"{'; unknown ' + _short(', '.join(unknown)) if unknown else ''}"
         )
 
 
 def _labels(value: Any) -> frozenset[str]:
+    if isinstance(value, str):
+        raise ConfigurationError("labels must be a collection of strings, not one string")
     labels = frozenset(value)
+    if len(labels) > MAX_LABELS:
+        raise ConfigurationError(f"at most {MAX_LABELS} labels, not {len(labels)}")
     for label in labels:
         if not isinstance(label, str) or not label or len(label) > 100:
-            raise ConfigurationError(f"labels must be non-empty strings of at most 100 characters: {label!r}")
+            raise ConfigurationError(f"labels must be non-empty strings of at most 100 characters: {_short(label)}")
     return labels
+
+
+def _vm_uuid(value: Any) -> str:
+    if not isinstance(value, str) or len(value) > 64:
+        raise ConfigurationError(f"the VM uuid must be a uuid string, not {_short(value)}")
+    try:
+        return str(uuid_module.UUID(value))
+    except ValueError as exc:
+        raise ConfigurationError(f"the VM uuid must be a uuid, not {_short(value)}") from exc
+
+
+def _bounded_string(value: Any, what: str, *, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or len(value) > MAX_STRING or (not optional and not value):
+        raise ConfigurationError(f"{what} must be a string of 1 to {MAX_STRING} characters, not {_short(value)}")
+
+
+def _extra(value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(f"extra must be a mapping, not {_short(value)}")
+    _check_json_value(dict(value), 0)
+    try:
+        text = json.dumps(dict(value), separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"extra must be JSON-serialisable: {exc}") from exc
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_EXTRA_BYTES:
+        raise ConfigurationError(f"extra must be at most {MAX_EXTRA_BYTES} bytes as JSON")
+    # A private copy: what the caller keeps mutating is not what is stored.
+    copy: dict[str, Any] = json.loads(text)
+    return copy
+
+
+def _check_json_value(value: Any, depth: int) -> None:
+    if depth > MAX_EXTRA_DEPTH:
+        raise ConfigurationError(f"extra nests deeper than {MAX_EXTRA_DEPTH} levels")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ConfigurationError(f"extra keys must be strings, not {_short(key)}")
+            _check_json_value(item, depth + 1)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_json_value(item, depth + 1)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigurationError("extra must not hold NaN or infinities")
+    elif value is not None and not isinstance(value, str | int | float | bool):
+        raise ConfigurationError(f"extra must hold JSON values only, not {type(value).__name__}")
 
 
 @frozen
@@ -210,20 +384,44 @@ class SnapshotMetadata:
         cpu_vendor: The host CPU vendor, where known.
         cpu_portability: The VM's CPU portability level, where known.
         labels: Free-form labels (retention policies can keep by label).
-        extra: Further JSON-serialisable facts; keys are free.
+        extra: Further JSON-serialisable facts; keys are free. A copy is kept;
+            it takes part in equality but not in the hash.
+
+    Values are hashable. Strings are at most :data:`MAX_STRING` characters.
+
+    Raises:
+        ConfigurationError: A value is of the wrong type or out of bounds
+            (``vm_uuid`` must parse as a uuid; it is kept in canonical
+            lower-case form).
     """
 
-    vm_name: str
-    vm_uuid: str
-    mode: SnapshotMode = SnapshotMode.OFFLINE
-    vbox_version: str | None = None
-    host: str | None = None
-    cpu_vendor: str | None = None
-    cpu_portability: int | None = None
+    vm_name: str = field(validator=lambda _, __, v: _bounded_string(v, "the VM name", optional=False))
+    vm_uuid: str = field(converter=_vm_uuid)
+    mode: SnapshotMode = field(default=SnapshotMode.OFFLINE)
+    vbox_version: str | None = field(
+        default=None, validator=lambda _, __, v: _bounded_string(v, "vbox_version", optional=True)
+    )
+    host: str | None = field(default=None, validator=lambda _, __, v: _bounded_string(v, "host", optional=True))
+    cpu_vendor: str | None = field(
+        default=None, validator=lambda _, __, v: _bounded_string(v, "cpu_vendor", optional=True)
+    )
+    cpu_portability: int | None = field(default=None)
     labels: frozenset[str] = field(default=frozenset(), converter=_labels)
-    extra: Mapping[str, Any] = field(factory=dict)
+    # A dict cannot be hashed: equal records have equal hashes without it.
+    extra: Mapping[str, Any] = field(factory=dict, converter=_extra, hash=False)
+
+    @mode.validator
+    def _check_mode(self, _: Any, value: Any) -> None:
+        if not isinstance(value, SnapshotMode):
+            raise ConfigurationError(f"mode must be a SnapshotMode, not {_short(value)}")
+
+    @cpu_portability.validator
+    def _check_portability(self, _: Any, value: Any) -> None:
+        if value is not None and (type(value) is not int or not 0 <= value <= 255):
+            raise ConfigurationError(f"cpu_portability must be an integer from 0 to 255, not {_short(value)}")
 
     def to_json(self) -> dict[str, Any]:
+        """The metadata as stored in the archive comment (without the file list)."""
         return {
             "vm": {"name": self.vm_name, "uuid": self.vm_uuid},
             "mode": self.mode.value,
@@ -236,38 +434,155 @@ class SnapshotMetadata:
         }
 
     @classmethod
-    def from_json(cls, value: Mapping[str, Any]) -> SnapshotMetadata:
-        return cls(
-            vm_name=str(value["vm"]["name"]),
-            vm_uuid=str(value["vm"]["uuid"]),
-            mode=SnapshotMode(value["mode"]),
-            vbox_version=value.get("vbox_version"),
-            host=value.get("host"),
-            cpu_vendor=value.get("cpu_vendor"),
-            cpu_portability=value.get("cpu_portability"),
-            labels=frozenset(value.get("labels", ())),
-            extra=dict(value.get("extra", {})),
-        )
+    def from_json(cls, value: Any) -> SnapshotMetadata:
+        """Read the metadata back from a record, checking it as untrusted input.
+
+        Raises:
+            ArchiveMetadataError: A field is missing, of the wrong type, or out of bounds.
+        """
+        if not isinstance(value, dict):
+            raise ArchiveMetadataError(f"the metadata record must be an object, not {_short(value)}")
+        vm = value.get("vm")
+        if not isinstance(vm, dict):
+            raise ArchiveMetadataError(f"the record's vm must be an object, not {_short(vm)}")
+        _expect_keys(vm, {"name", "uuid"}, "the record's vm")
+        mode = value.get("mode")
+        if not isinstance(mode, str) or mode not in _MODES:
+            raise ArchiveMetadataError(f"unknown snapshot mode {_short(mode)}")
+        labels = value.get("labels", [])
+        if not isinstance(labels, list):
+            raise ArchiveMetadataError(f"labels must be a list, not {_short(labels)}")
+        try:
+            return cls(
+                vm_name=vm["name"],
+                vm_uuid=vm["uuid"],
+                mode=SnapshotMode(mode),
+                vbox_version=value.get("vbox_version"),
+                host=value.get("host"),
+                cpu_vendor=value.get("cpu_vendor"),
+                cpu_portability=value.get("cpu_portability"),
+                labels=frozenset(labels) if all(isinstance(x, str) for x in labels) else labels,
+                extra=value.get("extra", {}),
+            )
+        except ConfigurationError as exc:
+            raise ArchiveMetadataError(str(exc)) from exc
+        except TypeError as exc:  # unhashable labels
+            raise ArchiveMetadataError(f"labels must be strings: {_short(labels)}") from exc
+
+
+_MODES = frozenset(mode.value for mode in SnapshotMode)
+_RECORD_KEYS = frozenset(
+    {"vbremote", "vm", "mode", "vbox_version", "host", "cpu_vendor", "cpu_portability", "labels", "extra", "files"}
+)
 
 
 def encode_comment(metadata: SnapshotMetadata, files: list[ArchiveFile]) -> str:
-    """The archive comment that carries vbremote's metadata (compact JSON)."""
+    """The archive comment that carries vbremote's metadata (compact JSON).
+
+    Raises:
+        ConfigurationError: Too many files, two files at one path, or a file
+            path that is also another file's folder.
+    """
+    try:
+        _check_file_set(files)
+    except ArchiveMetadataError as exc:
+        raise ConfigurationError(str(exc)) from None
     record = {"vbremote": METADATA_FORMAT, **metadata.to_json(), "files": [f.to_json() for f in files]}
     return json.dumps(record, separators=(",", ":"), sort_keys=True)
 
 
-def decode_comment(comment: str) -> tuple[SnapshotMetadata, tuple[ArchiveFile, ...]] | None:
-    """Parse an archive comment; ``None`` when it is not vbremote's (or unreadable)."""
+def _check_file_set(files: list[ArchiveFile] | tuple[ArchiveFile, ...]) -> None:
+    if len(files) > MAX_FILES:
+        raise ArchiveMetadataError(f"an archive records at most {MAX_FILES} files, not {len(files)}")
+    paths: set[str] = set()
+    for f in files:
+        if f.path in paths:
+            raise ArchiveMetadataError(f"two files at archive path {_short(f.path)}")
+        paths.add(f.path)
+    for path in paths:
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in paths:
+                raise ArchiveMetadataError(f"archive path {_short(path)} lies under another file")
+
+
+def decode_comment(
+    comment: str, *, archive: str = "", location: str = ""
+) -> tuple[SnapshotMetadata, tuple[ArchiveFile, ...]] | None:
+    """Parse an archive comment, checking it as untrusted input.
+
+    A comment that is not a vbremote record (not a JSON object with a
+    ``"vbremote"`` key) belongs to another tool and decodes to ``None``. A
+    comment that claims to be vbremote's is checked in full: every field's
+    type and bounds, every path relative and normalised, no duplicates.
+
+    Args:
+        comment: The archive's comment, as the repository returned it.
+        archive: The archive's name, for the error.
+        location: The repository's location, for the error.
+
+    Returns:
+        The metadata and the files, or ``None`` for another tool's comment.
+
+    Raises:
+        ArchiveMetadataError: The record claims to be vbremote's and is
+            malformed, hostile, or of an unknown format version.
+    """
+    if not isinstance(comment, str):
+        raise ArchiveMetadataError(f"archive {archive!r}: the comment is not text", archive=archive, location=location)
     if not comment.startswith("{"):
         return None
-    try:
-        record = json.loads(comment)
-        if not isinstance(record, dict) or record.get("vbremote") != METADATA_FORMAT:
-            return None
-        files = tuple(ArchiveFile.from_json(f) for f in record["files"])
-        return SnapshotMetadata.from_json(record), files
-    except (ValueError, KeyError, TypeError):
+    if len(comment) > MAX_COMMENT_BYTES:
+        # Too large to be ours: parse no further than to see whether it claims to be.
+        if '"vbremote"' in comment[:4096]:
+            raise ArchiveMetadataError(
+                f"archive {archive!r}: metadata record larger than {MAX_COMMENT_BYTES} bytes",
+                archive=archive, location=location,
+            )
         return None
+    try:
+        record = json.loads(comment, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        if '"vbremote"' in comment:  # damaged or built to break the parser
+            reason = "nests too deep" if isinstance(exc, RecursionError) else "is not valid JSON"
+            raise ArchiveMetadataError(
+                f"archive {archive!r} has invalid vbremote metadata: the record {reason}",
+                archive=archive, location=location,
+            ) from None
+        return None  # not JSON: another tool's comment
+    if not isinstance(record, dict) or "vbremote" not in record:
+        return None
+    try:
+        if record["vbremote"] != METADATA_FORMAT or type(record["vbremote"]) is not int:
+            raise ArchiveMetadataError(
+                f"unknown metadata format {_short(record['vbremote'])} (this vbremote reads {METADATA_FORMAT})"
+            )
+        unknown = set(record) - _RECORD_KEYS
+        if unknown:
+            raise ArchiveMetadataError(f"unknown keys in the record: {_short(sorted(str(k) for k in unknown))}")
+        raw_files = record.get("files")
+        if not isinstance(raw_files, list):
+            raise ArchiveMetadataError(f"the record's files must be a list, not {_short(raw_files)}")
+        if len(raw_files) > MAX_FILES:
+            raise ArchiveMetadataError(f"an archive records at most {MAX_FILES} files, not {len(raw_files)}")
+        files = tuple(ArchiveFile.from_json(f) for f in raw_files)
+        _check_file_set(files)
+        return SnapshotMetadata.from_json(record), files
+    except ArchiveMetadataError as exc:
+        raise ArchiveMetadataError(
+            f"archive {archive!r} has invalid vbremote metadata: {exc}", archive=archive, location=location
+        ) from exc
+
+
+class _NotJSON:
+    """Stands for NaN or Infinity in a record: strict JSON has neither, and every check refuses it."""
+
+    def __repr__(self) -> str:
+        return "<NaN or Infinity>"
+
+
+def _refuse_constant(name: str) -> Any:
+    return _NotJSON()
 
 
 @frozen

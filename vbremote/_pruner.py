@@ -119,6 +119,10 @@ class Pruner:
     It needs no VirtualBox: run it where the repository is reachable, typically
     on the storage server with a :class:`~vbremote.LocalTransport`.
 
+    It sees only what :meth:`Repository.archives <vbremote.Repository.archives>`
+    lists: an archive whose metadata fails validation is never deleted, and
+    is not counted by the guards.
+
     Args:
         repository: An open repository.
         policy: Which archives to keep.
@@ -195,6 +199,8 @@ class Pruner:
         Raises:
             PruneRefused: A guard refused (``max_age``), or the repository is
                 append-only, where deletes free nothing (prune on the server).
+            RepositoryReadOnly: The repository was opened with ``read_only=True``
+                and there is something to delete; nothing was deleted.
         """
         plan = self.plan(vm)
         if dry_run:

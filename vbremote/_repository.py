@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
+import logging
 import os
+import pickle
 import stat
 import time
 import uuid as uuid_module
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -20,7 +23,15 @@ from ._borg import BorgWorker, ProgressCallback
 from ._borg._idhash import DEFAULT_READ_AHEAD, IdHasher, ReadAheadMeter, fixed_ranges, hash_ranges
 from ._borg._items import contents_from_rows
 from ._diskformats import disk_chunking
-from ._errors import ArchiveNotFound, ConfigurationError, PassphraseMissing, RepositoryError, SourceChanged
+from ._errors import (
+    ArchiveMetadataError,
+    ArchiveNotFound,
+    ConfigurationError,
+    PassphraseMissing,
+    RepositoryError,
+    RepositoryReadOnly,
+    SourceChanged,
+)
 from ._models import (
     ArchiveContents,
     ArchiveFile,
@@ -79,6 +90,20 @@ DEFAULT_BLOCK_SIZE = 1 << 20
 _FETCH_BATCH = 64
 
 _CompactProgress = Callable[[Progress], None]
+
+_log = logging.getLogger("vbremote.repository")
+
+# Archive times outside these bounds are refused as hostile: borg itself
+# cannot have written them, and retention arithmetic must not overflow.
+_EARLIEST = datetime(1970, 1, 2, tzinfo=UTC)
+_LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+
+
+@attrs.frozen
+class _Unreadable:
+    """An archive whose vbremote metadata was refused: why, to raise again when it is asked for."""
+
+    message: str
 
 
 def _resolve_passphrase(passphrase: Passphrase) -> str | None:
@@ -149,6 +174,8 @@ class Repository:
         append_only: Whether the repository is append-only, where known.
         read_ahead: The most bytes of file data read ahead of their use, by
             hashing here and by writes in the worker.
+        read_only: Opened with ``read_only=True``: every write raises
+            :class:`~vbremote.RepositoryReadOnly` before anything is sent.
     """
 
     transport: Transport
@@ -161,10 +188,14 @@ class Repository:
     read_ahead: int = DEFAULT_READ_AHEAD
     # What local hashing holds in memory, measured (tests read it).
     _local_meter: ReadAheadMeter = field(factory=ReadAheadMeter, repr=False)
-    # Archive metadata is immutable: what was read once is kept, keyed by archive id.
-    _metadata: dict[str, tuple[SnapshotMetadata, tuple[ArchiveFile, ...]] | None] = field(
+    read_only: bool = field(default=False, kw_only=True)
+    # Archive metadata is immutable: what was read once is kept, keyed by archive id
+    # (None: another tool's archive; _Unreadable: refused, see archives()).
+    _metadata: dict[str, tuple[SnapshotMetadata, tuple[ArchiveFile, ...]] | _Unreadable | None] = field(
         factory=dict, repr=False
     )
+    # Archives whose refusal was logged already (once per archive and connection).
+    _warned: set[str] = field(factory=set, repr=False)
 
     # -- opening ----------------------------------------------------------
 
@@ -203,7 +234,8 @@ class Repository:
             RepositoryExists: Something is already there.
             PassphraseMissing: An encrypted mode was asked for without a passphrase.
             ConnectionFailed: The transport did not reach ``borg serve``.
-            ConfigurationError: An argument is invalid.
+            ConfigurationError: An argument is invalid, or the transport's class
+                cannot be imported by module path in the worker process.
         """
         if encryption not in ENCRYPTION_MODES:
             raise ConfigurationError(f"encryption must be one of {', '.join(ENCRYPTION_MODES)}")
@@ -248,7 +280,9 @@ class Repository:
             transport: How to reach it.
             passphrase: The key's passphrase (see :data:`Passphrase`).
             lock_wait: Seconds to wait for borg's repository lock.
-            read_only: Take borg's shared lock (reads only) instead of the exclusive one.
+            read_only: Take borg's shared lock (reads only) instead of the exclusive
+                one; every write then raises :class:`~vbremote.RepositoryReadOnly`
+                before anything is sent.
             compression: borg compression spec used for writes.
             base_dir: borg's base folder (``BORG_BASE_DIR``) for this repository only.
             accept_relocated: Accept a repository whose location changed since
@@ -270,6 +304,8 @@ class Repository:
             ConnectionFailed: The transport did not reach ``borg serve``.
             AccessDenied: The server refused the path, or borg refused a relocated
                 or unknown unencrypted repository.
+            ConfigurationError: The transport's class cannot be imported by
+                module path in the worker process (see :class:`~vbremote.Transport`).
         """
         return cls._start(
             transport,
@@ -282,17 +318,31 @@ class Repository:
             ),
             _worker_env(base_dir, accept_relocated, accept_unencrypted),
             _check_read_ahead(read_ahead),
+            read_only=read_only,
         )
 
     @classmethod
     def _start(
-        cls, transport: Transport, op: str, kwargs: dict[str, Any], env: dict[str, str], read_ahead: int
+        cls,
+        transport: Transport,
+        op: str,
+        kwargs: dict[str, Any],
+        env: dict[str, str],
+        read_ahead: int,
+        *,
+        read_only: bool = False,
     ) -> Repository:
         if not isinstance(transport, Transport):
             raise ConfigurationError(f"transport must be a vbremote.Transport, not {type(transport).__name__}")
+        _check_importable(transport)
+        try:
+            # Pickled here, unpickled by the worker's open: a class it cannot import is a clear refusal there.
+            pickled = pickle.dumps(transport)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise ConfigurationError(f"transports must be picklable: {exc}") from exc
         worker = BorgWorker(transport.location, env)
         try:
-            info = worker.call(op, transport=transport, **kwargs)
+            info = worker.call(op, transport=pickled, **kwargs)
         except BaseException:
             worker.abandon()
             raise
@@ -311,7 +361,14 @@ class Repository:
             worker=worker,
             hasher=hasher,
             read_ahead=read_ahead,
+            read_only=read_only,
         )
+
+    def _refuse_if_read_only(self, operation: str) -> None:
+        if self.read_only:
+            raise RepositoryReadOnly(
+                f"{operation}: the repository was opened with read_only=True", location=self.transport.location
+            )
 
     def close(self) -> None:
         """Close the connection and release the lock (idempotent)."""
@@ -333,6 +390,12 @@ class Repository:
         Archives made by other tools are skipped. Metadata is read once per
         archive and kept: a second listing costs one manifest read.
 
+        Every record is checked as untrusted input (see "Untrusted archives"
+        in the docs). An archive whose vbremote record is malformed or hostile
+        is left out of the listing, with a warning on the ``vbremote.repository``
+        logger; :meth:`archive` raises :class:`~vbremote.ArchiveMetadataError`
+        for it. Nothing in vbremote deletes an archive it cannot read.
+
         Args:
             vm: Only this VM's archives: a uuid, or a name. A name selects the
                 uuid(s) of the archives that carry it, then all their archives,
@@ -341,17 +404,13 @@ class Repository:
         Raises:
             ConfigurationError: The name belongs to more than one VM (give the uuid).
         """
-        listing = self._worker.call("archives")
-        missing = frozenset(archive_id for _, archive_id, _, comment in listing
-                            if comment is None and archive_id not in self._metadata)
-        if missing:  # the worker thinks we have them; ask again rather than skip them
-            listing = self._worker.call("archives", resend=missing)
         rows = []
-        for name, archive_id, when, comment in listing:
-            if comment is not None:
-                self._metadata[archive_id] = decode_comment(comment)
-            decoded = self._metadata.get(archive_id)
-            if decoded is not None:
+        for (name, archive_id, when), decoded in self._listing():
+            if isinstance(decoded, _Unreadable):
+                if archive_id not in self._warned:
+                    self._warned.add(archive_id)
+                    _log.warning("skipping archive %r of %s: %s", name, self.transport.location, decoded.message)
+            else:
                 rows.append(((name, archive_id, when), decoded))
         if vm is not None:
             selected = _select_vm([(meta.vm_name, meta.vm_uuid) for _, (meta, _) in rows], vm)
@@ -361,15 +420,59 @@ class Repository:
             for (name, archive_id, when), (meta, files) in rows
         ]
 
+    def _listing(
+        self,
+    ) -> list[tuple[tuple[str, str, datetime], tuple[SnapshotMetadata, tuple[ArchiveFile, ...]] | _Unreadable]]:
+        """Every archive that claims to be vbremote's, oldest first, decoded or refused."""
+        listing = self._worker.call("archives")
+        missing = frozenset(archive_id for _, archive_id, _, comment in listing
+                            if comment is None and archive_id not in self._metadata)
+        if missing:  # the worker thinks we have them; ask again rather than skip them
+            listing = self._worker.call("archives", resend=missing)
+        rows: list[
+            tuple[tuple[str, str, datetime], tuple[SnapshotMetadata, tuple[ArchiveFile, ...]] | _Unreadable]
+        ] = []
+        for name, archive_id, when, comment in listing:
+            if comment is not None:
+                self._metadata[archive_id] = self._decode(name, when, comment)
+            decoded = self._metadata.get(archive_id)
+            if isinstance(decoded, _Unreadable):
+                rows.append(((name, archive_id, when), decoded))
+            elif decoded is not None:
+                rows.append(((name, archive_id, when.astimezone(UTC)), decoded))
+        return rows
+
+    def _decode(
+        self, name: str, when: datetime, comment: str
+    ) -> tuple[SnapshotMetadata, tuple[ArchiveFile, ...]] | _Unreadable | None:
+        location = self.transport.location
+        try:
+            decoded = decode_comment(comment, archive=name, location=location)
+            if decoded is not None and (
+                not isinstance(when, datetime) or when.tzinfo is None or not _EARLIEST <= when <= _LATEST
+            ):
+                raise ArchiveMetadataError(
+                    f"archive {name!r} has an implausible time {when!r}", archive=name, location=location
+                )
+        except ArchiveMetadataError as exc:
+            return _Unreadable(str(exc))
+        return decoded
+
     def archive(self, name: str) -> ArchiveInfo:
         """The vbremote archive named ``name``.
 
         Raises:
             ArchiveNotFound: There is none (or it was not written by vbremote).
+            ArchiveMetadataError: It claims to be vbremote's, but its metadata
+                is malformed or hostile.
         """
-        for info in self.archives():
-            if info.name == name:
-                return info
+        for (listed_name, archive_id, when), decoded in self._listing():
+            if listed_name != name:
+                continue
+            if isinstance(decoded, _Unreadable):
+                raise ArchiveMetadataError(decoded.message, location=self.transport.location, archive=name)
+            metadata, files = decoded
+            return ArchiveInfo(name=name, id=archive_id, time=when, metadata=metadata, files=files)
         raise ArchiveNotFound(f"no vbremote archive named {name!r}", location=self.transport.location, archive=name)
 
     def write_archive(
@@ -406,8 +509,11 @@ class Repository:
         Raises:
             ArchiveExists: The name is taken.
             ConfigurationError: No files, a duplicate path, a missing file, a bad block size.
-            SourceChanged: A file changed size while it was read; nothing was committed.
+            SourceChanged: A file changed size while it was read; nothing was
+                committed, and the repository stays usable.
+            RepositoryReadOnly: The repository was opened with ``read_only=True``.
         """
+        self._refuse_if_read_only("write_archive")
         if not name or "/" in name or name != name.strip():
             raise ConfigurationError(f"invalid archive name {name!r}")
         if not files:
@@ -463,8 +569,11 @@ class Repository:
 
         Raises:
             ArchiveNotFound: No such vbremote archive.
+            ArchiveMetadataError: Its metadata is malformed or hostile.
             ConfigurationError: A label is invalid.
+            RepositoryReadOnly: The repository was opened with ``read_only=True``.
         """
+        self._refuse_if_read_only("set_labels")
         name = archive.name if isinstance(archive, ArchiveInfo) else archive
         current = self.archive(name)
         metadata = attrs.evolve(current.metadata, labels=frozenset(labels))
@@ -661,7 +770,9 @@ class Repository:
 
         Raises:
             ArchiveNotFound: One of them does not exist; nothing was deleted.
+            RepositoryReadOnly: The repository was opened with ``read_only=True``.
         """
+        self._refuse_if_read_only("delete_archives")
         names = [a.name if isinstance(a, ArchiveInfo) else a for a in archives]
         if not names:
             return DeleteResult(deleted=(), append_only=self.append_only)
@@ -673,7 +784,11 @@ class Repository:
 
         An append-only repository is never compacted: its server keeps every
         segment so that deletes can be rolled back there.
+
+        Raises:
+            RepositoryReadOnly: The repository was opened with ``read_only=True``.
         """
+        self._refuse_if_read_only("compact")
         local = self.transport.serve_command() is None
         before = _folder_size(self.transport.path) if local else None
         self._worker.call("compact")
@@ -692,6 +807,38 @@ def _id_hasher(worker: BorgWorker, location: str) -> IdHasher:
         return IdHasher.from_worker(described["algorithm"], described["key"], described["probe_id"])
     except ValueError as exc:
         raise RepositoryError(f"cannot compute this repository's chunk ids: {exc}", location=location) from exc
+
+
+def _check_importable(transport: Transport) -> None:
+    """Refuse, before a worker starts, a transport class the worker cannot import by name.
+
+    The worker process receives the transport pickled, that is by module path
+    and qualified name; a class defined in ``__main__`` or inside a function
+    cannot be found there. (The worker checks again what it can import: a
+    module on this process's ``sys.path`` only, such as a test folder, is not
+    on the worker's.)
+    """
+    cls = type(transport)
+    module, qualname = cls.__module__, cls.__qualname__
+    problem = None
+    if module == "__main__":
+        problem = "it is defined in __main__"
+    elif "<locals>" in qualname:
+        problem = "it is defined inside a function"
+    else:
+        try:
+            found: Any = importlib.import_module(module)
+            for part in qualname.split("."):
+                found = getattr(found, part)
+        except (ImportError, AttributeError):
+            found = None
+        if found is not cls:
+            problem = f"{module}.{qualname} does not name it"
+    if problem is not None:
+        raise ConfigurationError(
+            f"transport class {qualname} cannot be used: {problem}. Transports are handed to the borg worker"
+            " process by module path, so define the class at the top level of an importable module"
+        )
 
 
 def _env_has_passphrase() -> bool:

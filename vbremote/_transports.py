@@ -27,8 +27,16 @@ class Transport(abc.ABC):
     """How to reach one borg repository.
 
     Subclasses implement :attr:`path`, :attr:`location` and
-    :meth:`serve_command`. They must be picklable (plain attrs classes are):
-    vbremote hands them to the worker process that runs borg.
+    :meth:`serve_command`. vbremote hands a transport to the worker process
+    that runs borg by pickling it, so a transport class must be picklable
+    (plain attrs classes are) and importable by its module path in that
+    process: defined at the top level of a module that the worker finds on
+    its ``sys.path`` (the caller's ``PYTHONPATH``, the current folder, the
+    installed packages). A class defined in ``__main__``, inside a function,
+    or in a module found only through this process's own ``sys.path``
+    changes is refused at :meth:`Repository.open <vbremote.Repository.open>`
+    and :meth:`~vbremote.Repository.init` with a
+    :class:`~vbremote.ConfigurationError`.
     """
 
     @property
@@ -113,8 +121,10 @@ def _check_host(host: str) -> str:
     return host
 
 
-def _check_port(port: int) -> int:
-    if not 0 < port < 65536:
+def _check_port(port: int | None) -> int | None:
+    if port is None:
+        return None
+    if type(port) is not int or not 0 < port < 65536:
         raise ConfigurationError(f"invalid SSH port {port}")
     return port
 
@@ -142,7 +152,8 @@ class SSHTransport(Transport):
         path: The repository path on the host (``~/x`` is relative to the
             SSH user's home).
         user: The SSH user; ``None`` lets ssh decide.
-        port: The SSH port.
+        port: The SSH port; ``None`` (the default) lets ssh decide, so a
+            ``Port`` line of ``ssh_config`` for the host (or its alias) applies.
         identity_file: A private key to use (``ssh -i``).
         ssh_options: Extra ``-o`` options, e.g. ``("StrictHostKeyChecking=accept-new",)``.
         remote_borg: The borg program on the host.
@@ -158,7 +169,7 @@ class SSHTransport(Transport):
     host: str = field(converter=_check_host)
     _path: str = field(converter=_check_remote_path, alias="path")
     user: str | None = field(default=None, kw_only=True)
-    port: int = field(default=22, kw_only=True, converter=_check_port)
+    port: int | None = field(default=None, kw_only=True, converter=_check_port)
     identity_file: Path | None = field(default=None, kw_only=True)
     ssh_options: tuple[str, ...] = field(default=(), kw_only=True, converter=tuple)
     remote_borg: str = field(default="borg", kw_only=True)
@@ -176,7 +187,7 @@ class SSHTransport(Transport):
     def location(self) -> str:
         user = f"{self.user}@" if self.user else ""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        port = f":{self.port}" if self.port != 22 else ""
+        port = f":{self.port}" if self.port is not None else ""
         return f"ssh://{user}{host}{port}{_borg_url_path(self._path)}"
 
     @property
@@ -188,7 +199,9 @@ class SSHTransport(Transport):
         return self._append_only
 
     def serve_command(self) -> list[str]:
-        argv = [self.ssh_command, "-o", "BatchMode=yes", "-p", str(self.port)]
+        argv = [self.ssh_command, "-o", "BatchMode=yes"]
+        if self.port is not None:
+            argv += ["-p", str(self.port)]
         if self.identity_file is not None:
             argv += ["-i", os.fspath(self.identity_file), "-o", "IdentitiesOnly=yes"]
         for option in self.ssh_options:

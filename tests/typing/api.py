@@ -44,6 +44,12 @@ def handle() -> None:
         print("busy:", exc.location)
     except vbremote.IntegrityError as exc:
         print("bad chunk:", exc.chunk_id)
+    except vbremote.ArchiveMetadataError as exc:
+        print("refused archive:", exc.archive, exc.location)
+    except vbremote.FileNotInArchive as exc:
+        print("missing:", exc.archive, exc.path)
+    except vbremote.RepositoryReadOnly:
+        print("opened read-only")
     except vbremote.VBRemoteError as exc:
         print("failed:", exc)
 

@@ -181,6 +181,12 @@ class BorgWorker:
         cls = _ERRORS.get(kind)
         if cls is _errors.IntegrityError:
             return _errors.IntegrityError(message, location=self.location, chunk_id=context.get("chunk_id"))
+        if cls is _errors.ArchiveNotFound or cls is _errors.ArchiveExists:
+            return cls(message, location=self.location, archive=context.get("archive", ""))
+        if cls is _errors.FileNotInArchive:
+            return _errors.FileNotInArchive(
+                message, location=self.location, archive=context.get("archive", ""), path=context.get("path", "")
+            )
         if cls is not None:
             return cls(message, location=self.location)
         return _errors.BorgError(message, location=self.location, borg_class=context.get("borg_class", ""))

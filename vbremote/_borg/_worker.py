@@ -12,6 +12,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -35,14 +37,20 @@ ZERO = bytes(4 << 20)
 # unknown keys there when it rewrites the manifest). Keys there are bytes.
 _BLOCK_SIZE_KEY = b"vbremote_block_size"
 
+# The archive-metadata cache file (see Worker._comment_cache).
+_COMMENT_CACHE_FORMAT = 2
+_COMMENT_CACHE_LABEL = b"vbremote archive comment cache v2"
+
 
 class _Refused(Exception):
     """A refusal of the worker's own (or a prompt it will not show), with the kind of error it maps to."""
 
-    def __init__(self, kind: str, message: str, *, chunk_id: str | None = None) -> None:
+    def __init__(self, kind: str, message: str, *, chunk_id: str | None = None, **context: str) -> None:
         super().__init__(message)
         self.kind = kind
         self.chunk_id = chunk_id
+        # What the error is about (archive, path), for the attributes of the parent's error.
+        self.context = context
 
 
 class _ForwardingHandler(logging.Handler):
@@ -209,6 +217,7 @@ class Worker:
         from borg.crypto.key import key_creator, tam_required_file
         from borg.helpers import Location, Manifest
 
+        transport = _load_transport(transport)
         _set_passphrase(passphrase, new=True)
         repository = self._connect(transport, create=True, lock_wait=lock_wait, exclusive=True)
         try:
@@ -240,6 +249,7 @@ class Worker:
         from borg.cache import SecurityManager, assert_secure
         from borg.helpers import Manifest
 
+        transport = _load_transport(transport)
         _set_passphrase(passphrase, new=False)
         repository = self._connect(transport, create=False, lock_wait=lock_wait, exclusive=exclusive)
         self.manifest, self.key = Manifest.load(repository, Manifest.NO_OPERATION_CHECK)
@@ -316,31 +326,80 @@ class Worker:
     # keyed hash of the metadata, comment included), so what was read is kept
     # on disk beside borg's own cache, and a new connection reads it from
     # there instead of fetching every archive again.
+    #
+    # That file is not the repository: whoever can write it must not be able
+    # to make a listing say what the repository does not. Each entry carries
+    # an HMAC-SHA256 over the repository id, the archive id and the comment,
+    # keyed with a key derived from the repository key's id key, so an entry
+    # cannot be forged, altered or moved to another archive without the key;
+    # one that fails is ignored and the archive is fetched again. An
+    # unencrypted ("none") repository has no secret to key it with, so it gets
+    # no cache file at all. The parent checks every comment it receives either
+    # way (_models.decode_comment).
 
     def _comment_cache_path(self) -> str:
         from borg.helpers import get_cache_dir
 
         return os.path.join(get_cache_dir(), "vbremote", self.repository.id.hex() + ".json")
 
+    def _comment_cache_key(self) -> bytes | None:
+        """The MAC key of the cache file, or None when the repository key holds no secret."""
+        id_key = getattr(self.key, "id_key", None)
+        # "none" has no id key; "authenticated" opened without its key has an all-zero one.
+        if not isinstance(id_key, bytes | bytearray) or len(id_key) < 32 or not any(id_key):
+            return None
+        # A fixed label as the HMAC key and the secret as the message: the
+        # result differs from every chunk id (those are keyed with id_key itself).
+        return hmac.new(_COMMENT_CACHE_LABEL, bytes(id_key), hashlib.sha256).digest()
+
+    def _comment_mac(self, mac_key: bytes, archive_id: bytes, comment: str) -> str:
+        message = bytes(self.repository.id) + archive_id + comment.encode("utf-8", "surrogatepass")
+        return hmac.new(mac_key, message, hashlib.sha256).hexdigest()
+
     def _comment_cache(self) -> dict[str, str]:
+        """The cached comments whose MAC holds, by archive id (hex)."""
+        mac_key = self._comment_cache_key()
+        if mac_key is None:
+            return {}
         try:
             with open(self._comment_cache_path(), encoding="utf-8") as f:
                 data = json.load(f)
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return {}
-        if not isinstance(data, dict):
+        if not isinstance(data, dict) or data.get("format") != _COMMENT_CACHE_FORMAT:
             return {}
-        return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+        entries = data.get("entries")
+        if not isinstance(entries, dict):
+            return {}
+        good: dict[str, str] = {}
+        for archive_hex, entry in entries.items():
+            if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(v, str) for v in entry)):
+                continue
+            comment, mac = entry
+            try:
+                archive_id = bytes.fromhex(archive_hex)
+            except ValueError:
+                continue
+            if len(archive_id) == 32 and hmac.compare_digest(self._comment_mac(mac_key, archive_id, comment), mac):
+                good[archive_hex] = comment
+        return good
 
     def _save_comment_cache(self, comments: dict[bytes, str], live: set[str]) -> None:
+        mac_key = self._comment_cache_key()
+        if mac_key is None:
+            return
         cache = {k: v for k, v in self._comment_cache().items() if k in live}
         cache.update({archive_id.hex(): comment for archive_id, comment in comments.items()})
+        entries = {
+            archive_hex: [comment, self._comment_mac(mac_key, bytes.fromhex(archive_hex), comment)]
+            for archive_hex, comment in cache.items()
+        }
         path = self._comment_cache_path()
         temporary = f"{path}.{os.getpid()}.tmp"
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(temporary, "w", encoding="utf-8") as f:
-                json.dump(cache, f, separators=(",", ":"))
+                json.dump({"format": _COMMENT_CACHE_FORMAT, "entries": entries}, f, separators=(",", ":"))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(temporary, path)
@@ -360,7 +419,7 @@ class Worker:
         for item in self._archive(archive).iter_items(filter=lambda item: item.path == path):
             found = item
         if found is None or "chunks" not in found:
-            raise _Refused("file_missing", f"archive {archive!r} has no file {path!r}")
+            raise _Refused("file_missing", f"archive {archive!r} has no file {path!r}", archive=archive, path=path)
         chunks = [(bytes(c.id), int(c.size)) for c in found.chunks]
         return sum(size for _, size in chunks), chunks
 
@@ -502,7 +561,7 @@ class Worker:
         from borg.constants import CHUNKER_PARAMS
 
         if name in self.manifest.archives:
-            raise _Refused("archive_exists", f"archive {name!r} already exists")
+            raise _Refused("archive_exists", f"archive {name!r} already exists", archive=name)
         fixed = [f for f in files if f["chunking"][0] == "fixed"]
         archive_chunker = tuple(fixed[0]["chunking"]) if fixed else CHUNKER_PARAMS
         total = sum(os.stat(f["source"]).st_size for f in files)
@@ -676,7 +735,7 @@ class Worker:
 
         missing = [n for n in names if n not in self.manifest.archives]
         if missing:
-            raise _Refused("archive_missing", f"no archive named {missing[0]!r}")
+            raise _Refused("archive_missing", f"no archive named {missing[0]!r}", archive=missing[0])
         stats = Statistics()
         with self._transaction() as cache:
             for name in names:
@@ -686,7 +745,7 @@ class Worker:
     def op_set_comment(self, name: str, comment: str) -> str:
         """Replace an archive's comment (borg's set_meta: the archive gets a new id)."""
         if name not in self.manifest.archives:
-            raise _Refused("archive_missing", f"no archive named {name!r}")
+            raise _Refused("archive_missing", f"no archive named {name!r}", archive=name)
         with self._transaction() as cache:
             self._archive(name, cache).set_meta("comment", comment)
         new_id = self.manifest.archives[name].id
@@ -770,6 +829,21 @@ def _borg_location(transport: Any) -> str:
     if transport.serve_command() is None:
         return str(transport.path)
     return "ssh://vbremote-transport" + _borg_url_path(transport.path)
+
+
+def _load_transport(data: bytes) -> Any:
+    """The transport, sent pickled so that a class this process cannot import is a clear refusal."""
+    import pickle
+
+    try:
+        return pickle.loads(data)
+    except (ImportError, AttributeError) as exc:
+        raise _Refused(
+            "config",
+            f"the borg worker cannot import the transport's class ({exc}): transports must be importable"
+            " by module path from the worker process (its sys.path is the caller's PYTHONPATH, vbremote's"
+            " own folder, the current folder and the installed packages)",
+        ) from exc
 
 
 def _naive_utc(value: datetime | None) -> datetime | None:
@@ -882,6 +956,9 @@ def classify(exc: BaseException, remote_lines: collections.deque[str]) -> tuple[
         if isinstance(exc, types):
             if isinstance(exc, _Refused):
                 kind = exc.kind
+                context.update(exc.context)
+            elif isinstance(exc, Archive.DoesNotExist | Archive.AlreadyExists) and exc.args:
+                context["archive"] = str(exc.args[0])
             if kind == "connection":
                 remote = " ".join(remote_lines)
                 context["remote"] = remote
