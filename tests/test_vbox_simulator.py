@@ -203,28 +203,6 @@ class TestSurface:
             with pytest.raises(TypeError):
                 vbox.openMachine(path)
 
-    def test_paused_vm_snapshot_state(self, sim: SimulatedVirtualBox):
-        """From Paused, a snapshot without pausing is live on 6.1 and online (not live) on 7.x."""
-        mgr = sim.manager()
-        vbox = mgr.getVirtualBox()
-        sim.start("dev")
-        session = mgr.getSessionObject(vbox)
-        vbox.findMachine("dev").lockMachine(session, mgr.constants.LockType_Shared)
-        try:
-            session.console.pause()
-            sim.inject("dev", Fault.HANG)
-            progress, _ = session.machine.takeSnapshot("p", "", False)
-            expected = "LiveSnapshotting" if sim.profile == "6.1" else "OnlineSnapshotting"
-            assert session.machine.state == getattr(mgr.constants, f"MachineState_{expected}")
-            progress.cancel()
-            progress.waitForCompletion(5000)
-            assert progress.completed
-            assert progress.canceled
-            assert session.machine.state == mgr.constants.MachineState_Paused
-            assert session.machine.snapshotCount == 0
-        finally:
-            session.unlockMachine()
-
     def test_progress_wait_slices(self, sim71: SimulatedVirtualBox):
         """waitForCompletion returns at its timeout while the work goes on; a merge cannot be canceled."""
         host = host_of(sim71)
@@ -573,6 +551,305 @@ class TestFilesAndGuest:
             a.chain[-1].uuid for a in snapshot.attachments if a.type == "HardDisk"
         ]
         assert {m.uuid for m in frozen.all_media()} == {vm.disks[0].base.uuid}  # type: ignore[union-attr]
+
+
+
+#: Every release the simulator models: the profiles' and the pre-7.0.10 7.0 one.
+RELEASES = {"6.1": "6.1.38", "7.0.6": "7.0.6", "7.0": "7.0.18", "7.1": "7.1.12", "7.2": "7.2.18"}
+LIVE_NEEDS_RUNNING = {"6.1": False, "7.0.6": False, "7.0": True, "7.1": True, "7.2": True}
+
+
+@pytest.fixture(params=list(RELEASES))
+def release(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SimulatedVirtualBox]:
+    with SimulatedVirtualBox(tmp_path / "vbox", version=request.param, timing=Timing(unlock_delay=0.1)) as simulator:
+        simulator.create_vm("dev", disk_size=8 * MIB)
+        yield simulator
+
+
+class Session:
+    """A shared session on a VM, for calls the adapter does not make."""
+
+    def __init__(self, sim: SimulatedVirtualBox, vm: str = "dev") -> None:
+        self.mgr = sim.manager()
+        vbox = self.mgr.getVirtualBox()
+        self.session = self.mgr.getSessionObject(vbox)
+        vbox.findMachine(vm).lockMachine(self.session, self.mgr.constants.LockType_Shared)
+        self.machine = self.session.machine
+
+    def state(self) -> str:
+        names = {v: k for k, v in self.mgr.constants.all_values("MachineState").items()
+                 if k not in ("FirstOnline", "LastOnline", "FirstTransient", "LastTransient")}
+        return names[self.machine.state]
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.session.unlockMachine()
+
+
+def wait(progress: object, seconds: float = 10.0) -> None:
+    progress.waitForCompletion(int(seconds * 1000))  # type: ignore[attr-defined]
+    assert progress.completed  # type: ignore[attr-defined]
+
+
+class TestReleases:
+    """Patch-release behaviour (vbremote.testing._vbox._releases; src/VBox/Main/src-server/SnapshotImpl.cpp)."""
+
+    def test_version_is_the_modelled_patch_release(self, release: SimulatedVirtualBox):
+        """IVirtualBox.version is the patch release the profile models, and the adapter reads it."""
+        expected = RELEASES[next(k for k, v in RELEASES.items() if v == release.version)]
+        assert release.manager().getVirtualBox().version == expected
+        assert host_of(release).version == expected
+
+    def test_live_request_for_a_powered_off_vm(self, release: SimulatedVirtualBox):
+        """takeSnapshot(fPause=false) of a PoweredOff VM: refused from 7.0.10 (takeSnapshot), offline before."""
+        live_needs_running = LIVE_NEEDS_RUNNING[next(k for k, v in RELEASES.items() if v == release.version)]
+        with Session(release) as s:
+            if live_needs_running:
+                with pytest.raises(SimulatedVBoxError) as info:
+                    s.machine.takeSnapshot("x", "", False)
+                assert s.mgr.xcptIsEqual(info.value, 0x80BB0002)
+                assert info.value.msg == "Cannot take a live snapshot of a virtual machine unless it is running."
+                assert s.state() == "PoweredOff"
+                assert s.machine.snapshotCount == 0
+            else:
+                progress, _ = s.machine.takeSnapshot("x", "", False)
+                assert s.state() == "Snapshotting"
+                wait(progress)
+                assert progress.resultCode == 0
+                assert s.machine.snapshotCount == 1
+
+    def test_paused_vm_without_pause(self, release: SimulatedVirtualBox):
+        """A Paused VM with fPause=false: refused from 7.0.10; before, OnlineSnapshotting and the guest stays still."""
+        live_needs_running = LIVE_NEEDS_RUNNING[next(k for k, v in RELEASES.items() if v == release.version)]
+        release.start("dev", workload=GuestWorkload(rate=500))
+        with Session(release) as s:
+            s.session.console.pause()
+            if live_needs_running:
+                with pytest.raises(SimulatedVBoxError) as info:
+                    s.machine.takeSnapshot("p", "", False)
+                assert s.mgr.xcptIsEqual(info.value, 0x80BB0002)
+                assert s.state() == "Paused"
+                return
+            release.inject("dev", Fault.HANG)
+            time.sleep(0.1)  # a write under way when the VM paused has landed
+            writes = release.guest_writes("dev")
+            progress, _ = s.machine.takeSnapshot("p", "", False)
+            assert s.state() == "OnlineSnapshotting"
+            time.sleep(0.2)
+            assert release.guest_writes("dev") == writes
+            progress.cancel()
+            wait(progress)
+            assert progress.canceled
+            assert s.state() == "Paused"
+            assert s.machine.snapshotCount == 0
+
+    def test_first_snapshot_deletion_and_a_shared_state_file(self, release: SimulatedVirtualBox):
+        """Deleting the first of two snapshots sharing a state file: kept (6.1, 7.1.12, 7.2), deleted on 7.0.x."""
+        host = host_of(release)
+        release.start("dev", workload=None)
+        host.save_state("dev")
+        first = host.take_snapshot("dev", "one")
+        second = host.take_snapshot("dev", "two")
+        assert first.state_file is not None
+        assert first.state_file == second.state_file == host.vm("dev").state_file
+        discard_saved_state(release)
+        assert first.state_file.is_file()  # both snapshots still use it
+        host.delete_snapshot("dev", first.uuid)
+        buggy = release.profile == "7.0"
+        assert first.state_file.exists() is not buggy
+        host.delete_snapshot("dev", second.uuid)
+        assert not first.state_file.exists()
+
+
+def discard_saved_state(sim: SimulatedVirtualBox) -> None:
+    mgr = sim.manager()
+    vbox = mgr.getVirtualBox()
+    session = mgr.getSessionObject(vbox)
+    vbox.findMachine("dev").lockMachine(session, mgr.constants.LockType_Write)
+    try:
+        session.machine.discardSavedState(True)
+    finally:
+        session.unlockMachine()
+
+
+class TestSharedStateFiles:
+    """Whether deleting a snapshot deletes a state file another shares (Snapshot::i_sharesSavedStateFile)."""
+
+    def test_deleting_a_middle_snapshot_whose_child_shares_it(self, release: SimulatedVirtualBox):
+        """Kept on 7.0.x (the snapshot itself matches) and 7.1.12+, deleted on 6.1.38 (its subtree is skipped)."""
+        host = host_of(release)
+        host.take_snapshot("dev", "root")
+        release.start("dev", workload=None)
+        host.save_state("dev")
+        middle = host.take_snapshot("dev", "middle")
+        below = host.take_snapshot("dev", "below")
+        assert middle.state_file is not None
+        assert middle.state_file == below.state_file
+        discard_saved_state(release)
+        host.delete_snapshot("dev", middle.uuid)
+        assert middle.state_file.exists() is (release.profile != "6.1")
+
+
+class TestSnapshotFiles:
+    """State files, NVRAM copies and guest content per snapshot (SnapshotImpl.cpp, MachineImpl.cpp)."""
+
+    def test_only_online_snapshots_are_cancelable(self, sim: SimulatedVirtualBox):
+        """An offline snapshot's progress is not cancelable, an online one's is (takeSnapshot's aCancelable)."""
+        with Session(sim) as s:
+            progress, _ = s.machine.takeSnapshot("off", "", True)
+            assert not progress.cancelable
+            wait(progress)
+        sim.start("dev", workload=None)
+        with Session(sim) as s:
+            progress, _ = s.machine.takeSnapshot("on", "", False)
+            assert progress.cancelable
+            wait(progress)
+
+    def test_offline_snapshot_timeout_goes_on(self, tmp_path: Path):
+        """An offline snapshot that times out is not canceled: the error names it, and it completes later."""
+        with SimulatedVirtualBox(tmp_path / "vbox", timing=Timing(snapshot=0.8, unlock_delay=0.1)) as sim:
+            sim.create_vm("dev", disk_size=4 * MIB)
+            host = host_of(sim)
+            with pytest.raises(vbremote.VirtualBoxTimeout, match="cannot cancel") as info:
+                host.take_snapshot("dev", "slow", timeout=0.1)
+            assert info.value.snapshot_id is not None
+            deadline = time.monotonic() + 10
+            while host.vm("dev").current_snapshot is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert host.vm("dev").current_snapshot == info.value.snapshot_id
+
+    def test_nvram_of_a_bios_vm(self, sim: SimulatedVirtualBox):
+        """A BIOS VM: no NVRAM file on 6.1, the default name on 7.x; copied per snapshot when it exists on 7.0 only.
+
+        MachineImpl.cpp, i_getDefaultNVRAMFilename (6.1: EFI only); SnapshotImpl.cpp, i_takeSnapshotHandler
+        (7.1.4 on: not for FirmwareType_BIOS).
+        """
+        host = host_of(sim)
+        vm = host.vm("dev")
+        if sim.profile == "6.1":
+            assert vm.nvram_file is None
+            assert host.take_snapshot("dev", "bios").nvram_file is None
+            return
+        assert vm.nvram_file == vm.folder / "dev.nvram"
+        assert not vm.nvram_file.exists()
+        assert host.take_snapshot("dev", "none yet").nvram_file is None
+        vm.nvram_file.write_bytes(b"vTPM state")  # e.g. an emulated TPM's
+        copied = host.take_snapshot("dev", "bios").nvram_file
+        if sim.profile == "7.0":
+            assert copied is not None
+            assert copied.read_bytes() == b"vTPM state"
+        else:
+            assert copied is None
+
+    def test_snapshot_nvram_kept_in_the_settings_file(self, sim: SimulatedVirtualBox):
+        """The snapshot's hardware names its NVRAM copy in the .vbox, and a new host reads it back."""
+        sim.create_vm("efi", disk_size=4 * MIB, firmware="EFI")
+        host = host_of(sim)
+        snapshot = host.take_snapshot("efi", "s")
+        assert snapshot.nvram_file is not None
+        relative = snapshot.nvram_file.relative_to(host.vm("efi").folder).as_posix()
+        assert relative.encode() in host.vm("efi").settings_file.read_bytes()
+        with SimulatedVirtualBox(sim.home, version=sim.profile) as again:
+            assert host_of(again).vm("efi").snapshot(snapshot.uuid).nvram_file == snapshot.nvram_file
+
+    def test_guest_content_at_each_snapshot(self, sim: SimulatedVirtualBox):
+        """guest_content_at gives what the guest had written at a snapshot's instant: the frozen image's content."""
+        host = host_of(sim)
+        sim.start("dev", workload=GuestWorkload(rate=500, pattern="hot"))
+        first = host.take_snapshot("dev", "one")
+        time.sleep(0.1)
+        second = host.take_snapshot("dev", "two")
+        for snapshot in (first, second):
+            frozen = snapshot.attachments[0].chain[-1].location
+            assert sim.guest_content_at("dev", snapshot.uuid) == sim.read_image(frozen)
+        assert sim.guest_content_at("dev", first.uuid) != sim.guest_content_at("dev", second.uuid)
+        with pytest.raises(vbremote.ConfigurationError):
+            sim.guest_content_at("dev", "no-such-snapshot")
+
+
+class TestDeleting:
+    """Deleting a snapshot (SnapshotImpl.cpp: i_deleteSnapshot, i_deleteSnapshotHandler and its merge preparation)."""
+
+    @pytest.mark.parametrize("before", ["Running", "Paused", "PoweredOff"])
+    def test_deleting_state_and_no_cancel(self, sim: SimulatedVirtualBox, before: str):
+        """Running: DeletingSnapshotOnline, Paused: DeletingSnapshotPaused, else DeletingSnapshot; not cancelable."""
+        snapshot = host_of(sim).take_snapshot("dev", "s")
+        if before != "PoweredOff":
+            sim.start("dev", workload=None)
+        with Session(sim) as s:
+            if before == "Paused":
+                s.session.console.pause()
+            sim.inject("dev", Fault.HANG)
+            progress = s.machine.deleteSnapshot(snapshot.uuid)
+            expected = {"Running": "DeletingSnapshotOnline", "Paused": "DeletingSnapshotPaused"}.get(
+                before, "DeletingSnapshot")
+            assert s.state() == expected
+            assert not progress.cancelable
+            with pytest.raises(SimulatedVBoxError):
+                progress.cancel()
+
+    def test_a_medium_with_two_children_fails_through_the_progress(self, sim: SimulatedVirtualBox):
+        """A snapshot disk with a second child image (a linked clone's) fails with E_FAIL in the progress."""
+        from vbremote.testing._vbox import _media
+
+        host = host_of(sim)
+        snapshot = host.take_snapshot("dev", "s")
+        machine = sim.machine("dev")
+        base = snapshot.attachments[0].chain[-1].uuid
+        with sim.locks.disk_then_host(machine):
+            _media.new_diff(machine, base)  # stands in for a linked clone's differencing image
+        with Session(sim) as s:
+            progress = s.machine.deleteSnapshot(snapshot.uuid)  # accepted: the check runs in the task
+            wait(progress)
+            assert progress.resultCode & 0xFFFFFFFF == 0x80004005
+            assert "has more than one child hard disk (2)" in progress.errorInfo.text
+        assert host.vm("dev").current_snapshot == snapshot.uuid
+        assert host.state("dev") is vbremote.MachineState.POWERED_OFF
+
+    def test_larger_parent_image_merges_backward(self, sim: SimulatedVirtualBox):
+        """Between differencing images, a larger parent file takes the child's content; its uuid and file survive."""
+        host = host_of(sim)
+        host.take_snapshot("dev", "one")
+        sim.start("dev", workload=GuestWorkload(rate=500))
+        time.sleep(0.3)
+        host.power_off("dev")
+        second = host.take_snapshot("dev", "two")
+        disk = host.vm("dev").disks[0]
+        parent, child = disk.chain[-2], disk.chain[-1]
+        assert parent.location.stat().st_size > child.location.stat().st_size
+        host.delete_snapshot("dev", second.uuid)
+        after = host.vm("dev").disks[0]
+        assert [m.uuid for m in after.chain] == [m.uuid for m in disk.chain if m is not child]
+        assert parent.location.is_file()
+        assert not child.location.exists()
+        assert sim.disk_matches_guest("dev")
+
+    def test_larger_child_image_merges_forward_online(self, sim: SimulatedVirtualBox):
+        """A larger child (the running state) takes the parent's content while the guest writes; the child survives."""
+        host = host_of(sim)
+        sim.start("dev", workload=GuestWorkload(rate=500, seed=5))
+        host.pause("dev")  # nothing is written between the two snapshots
+        host.take_snapshot("dev", "one")
+        second = host.take_snapshot("dev", "two")
+        host.resume("dev")
+        time.sleep(0.4)
+        disk = host.vm("dev").disks[0]
+        parent, child = disk.chain[-2], disk.chain[-1]
+        assert parent.location.stat().st_size < child.location.stat().st_size
+        writes = sim.guest_writes("dev")
+        host.delete_snapshot("dev", second.uuid)
+        assert host.state("dev") is vbremote.MachineState.RUNNING
+        after = host.vm("dev").disks[0]
+        assert [m.uuid for m in after.chain] == [m.uuid for m in disk.chain if m is not parent]
+        assert after.chain[-1].parent == disk.chain[-3].uuid
+        assert not parent.location.exists()
+        assert child.location.is_file()
+        assert sim.guest_writes("dev") > writes
+        assert sim.disk_matches_guest("dev")
+        host.power_off("dev")
+        assert sim.disk_matches_guest("dev")
 
 
 SETTINGS_VERSIONS = {("6.1", "BIOS"): "1.16", ("6.1", "EFI"): "1.18"}

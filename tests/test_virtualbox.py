@@ -229,6 +229,197 @@ class TestSnapshots:
         assert scene.host.state(scene.vm) is vbremote.MachineState.RUNNING
 
 
+SAV_NAME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}-\d{9}Z\.sav")
+NVRAM_NAME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}-\d{9}Z\.nvram")
+
+
+class TestSnapshotKinds:
+    """What kind of snapshot each VM state gets (src/VBox/Main/src-server/SnapshotImpl.cpp, takeSnapshot)."""
+
+    def test_paused_vm_gets_an_online_snapshot_and_stays_paused(self, scene: Scene):
+        """A Paused VM's snapshot saves its state (fPause=true: 7.0.10+ refuses a live one) and leaves it Paused."""
+        scene.running()
+        scene.host.pause(scene.vm)
+        snapshot = scene.host.take_snapshot(scene.vm, "vbremote-paused")
+        assert snapshot.online
+        assert snapshot.state_file is not None
+        assert snapshot.state_file.is_file()
+        assert scene.host.state(scene.vm) is vbremote.MachineState.PAUSED
+        scene.host.resume(scene.vm)
+        assert scene.host.state(scene.vm) is vbremote.MachineState.RUNNING
+
+    def test_saved_vm_snapshot_shares_the_state_file(self, scene: Scene):
+        """An offline snapshot of a Saved VM uses the VM's state file (i_takeSnapshotHandler); deleting keeps it."""
+        scene.running()
+        scene.host.save_state(scene.vm)
+        saved = scene.host.vm(scene.vm).state_file
+        assert saved is not None
+        snapshot = scene.host.take_snapshot(scene.vm, "vbremote-saved")
+        assert snapshot.state_file == saved
+        assert snapshot.online  # ISnapshot.online is "has a state file" (Snapshot::getOnline)
+        assert scene.host.state(scene.vm) is vbremote.MachineState.SAVED
+        scene.host.delete_snapshot(scene.vm, snapshot.uuid)
+        vm = scene.host.vm(scene.vm)
+        assert vm.state_file == saved
+        assert saved.is_file()
+
+    def test_live_needs_a_running_vm(self, scene: Scene):
+        """live=True for a VM that is not Running raises InvalidVMState before VirtualBox is asked; nothing is made."""
+        with pytest.raises(vbremote.InvalidVMState) as info:
+            scene.host.take_snapshot(scene.vm, "vbremote-live", live=True)
+        assert info.value.snapshot_id is None
+        assert scene.host.vm(scene.vm).snapshot_tree is None
+
+    def test_not_live_pauses_a_running_vm_for_the_snapshot(self, scene: Scene):
+        """live=False on a Running VM saves its state while paused, then the VM runs on."""
+        scene.running()
+        snapshot = scene.host.take_snapshot(scene.vm, "vbremote-paused-live", live=False)
+        assert snapshot.online
+        assert snapshot.state_file is not None
+        assert scene.host.state(scene.vm) is vbremote.MachineState.RUNNING
+
+    def test_state_file_named_by_time_in_the_snapshot_folder(self, scene: Scene):
+        """A live snapshot's state file is <snapshot folder>/<UTC time>Z.sav (i_composeSavedStateFilename)."""
+        scene.running()
+        snapshot = scene.host.take_snapshot(scene.vm, "vbremote-live")
+        assert snapshot.state_file is not None
+        assert snapshot.state_file.parent == scene.host.vm(scene.vm).snapshot_folder
+        assert SAV_NAME.fullmatch(snapshot.state_file.name)
+
+
+class TestNVRAM:
+    """The NVRAM store per snapshot (SnapshotImpl.cpp: i_takeSnapshotHandler, i_deleteSnapshotHandler, restore)."""
+
+    @staticmethod
+    def nvram(scene: Scene) -> Path:
+        vm = scene.host.vm(scene.vm)
+        if vm.nvram_file is None or not vm.nvram_file.is_file():
+            pytest.skip(f"{scene.vm} has no NVRAM file (a BIOS VM, or one that never ran)")
+        return vm.nvram_file
+
+    def test_snapshot_copies_the_nvram_and_delete_removes_it(self, scene: Scene):
+        """Each snapshot gets Snapshots/<time>.nvram, a copy of the VM's NVRAM; deleting the snapshot deletes it."""
+        nvram = self.nvram(scene)
+        content = nvram.read_bytes()
+        snapshot = scene.host.take_snapshot(scene.vm, "vbremote-nvram")
+        assert snapshot.nvram_file is not None
+        assert snapshot.nvram_file.parent == scene.host.vm(scene.vm).snapshot_folder
+        assert NVRAM_NAME.fullmatch(snapshot.nvram_file.name)
+        assert snapshot.nvram_file.read_bytes() == content
+        assert scene.host.vm(scene.vm).snapshot(snapshot.uuid).nvram_file == snapshot.nvram_file
+        scene.host.delete_snapshot(scene.vm, snapshot.uuid)
+        assert not snapshot.nvram_file.exists()
+        assert nvram.read_bytes() == content
+
+    def test_restore_copies_the_nvram_back(self, scene: Scene):
+        """Restoring a snapshot replaces the VM's NVRAM file with the snapshot's copy."""
+        nvram = self.nvram(scene)
+        content = nvram.read_bytes()
+        snapshot = scene.host.take_snapshot(scene.vm, "vbremote-nvram")
+        nvram.write_bytes(content[::-1])  # the variables change after the snapshot
+        scene.host.restore_snapshot(scene.vm, snapshot.uuid)
+        restored = scene.host.vm(scene.vm).nvram_file
+        assert restored is not None
+        assert restored.read_bytes() == content
+        assert snapshot.nvram_file is not None
+        assert snapshot.nvram_file.read_bytes() == content
+
+
+class TestRestoreAndDelete:
+    def test_restore_sets_the_last_state_change_to_the_snapshot_time(self, scene: Scene):
+        """After a restore the VM's last state change is the snapshot's time (i_restoreSnapshotHandler)."""
+        snapshot = scene.host.take_snapshot(scene.vm, "vbremote-base")
+        time.sleep(2.1)  # the settings file keeps whole seconds
+        scene.running()
+        scene.host.power_off(scene.vm)
+        assert scene.host.vm(scene.vm).last_state_change > snapshot.taken
+        scene.host.restore_snapshot(scene.vm, snapshot.uuid)
+        assert abs((scene.host.vm(scene.vm).last_state_change - snapshot.taken).total_seconds()) < 1
+
+    def test_restore_of_an_online_snapshot_shares_its_state_file(self, scene: Scene):
+        """Restoring an online snapshot leaves the VM Saved on the snapshot's own state file, not a copy."""
+        scene.running()
+        snapshot = scene.host.take_snapshot(scene.vm, "vbremote-live")
+        scene.host.power_off(scene.vm)
+        scene.host.restore_snapshot(scene.vm, snapshot.uuid)
+        vm = scene.host.vm(scene.vm)
+        assert vm.state is vbremote.MachineState.SAVED
+        assert vm.state_file == snapshot.state_file
+
+    def test_delete_refused_with_two_child_snapshots(self, scene: Scene):
+        """A snapshot with two child snapshots is refused up front (VBOX_E_INVALID_OBJECT_STATE); nothing changes."""
+        first = scene.host.take_snapshot(scene.vm, "vbremote-one")
+        scene.host.take_snapshot(scene.vm, "vbremote-two")
+        scene.host.restore_snapshot(scene.vm, first.uuid)
+        scene.host.take_snapshot(scene.vm, "vbremote-three")
+        before = scene.host.vm(scene.vm)
+        with pytest.raises(vbremote.VirtualBoxOperationFailed) as info:
+            scene.host.delete_snapshot(scene.vm, first.uuid)
+        assert info.value.result_code == 0x80BB0007
+        assert scene.host.vm(scene.vm).snapshots() == before.snapshots()
+
+    def test_delete_refused_for_the_current_snapshot_with_a_child(self, scene: Scene):
+        """The current snapshot with a child snapshot is refused up front (SessionMachine::i_deleteSnapshot)."""
+        first = scene.host.take_snapshot(scene.vm, "vbremote-one")
+        scene.host.take_snapshot(scene.vm, "vbremote-two")
+        scene.host.restore_snapshot(scene.vm, first.uuid)
+        with pytest.raises(vbremote.VirtualBoxOperationFailed) as info:
+            scene.host.delete_snapshot(scene.vm, first.uuid)
+        assert info.value.result_code == 0x80BB0007
+        assert [s.name for s in scene.host.vm(scene.vm).snapshots()] == ["vbremote-one", "vbremote-two"]
+
+    def test_delete_a_snapshot_whose_images_have_no_child(self, scene: Scene):
+        """A snapshot image left without a child (its state was restored away) is deleted, not merged."""
+        first = scene.host.take_snapshot(scene.vm, "vbremote-one")
+        second = scene.host.take_snapshot(scene.vm, "vbremote-two")
+        scene.host.restore_snapshot(scene.vm, first.uuid)
+        before = scene.host.vm(scene.vm)
+        scene.host.delete_snapshot(scene.vm, second.uuid)
+        vm = scene.host.vm(scene.vm)
+        assert [s.uuid for s in vm.snapshots()] == [first.uuid]
+        assert [d.chain for d in vm.disks] == [d.chain for d in before.disks]
+        for attachment in second.attachments:
+            if attachment.type == "HardDisk" and attachment.medium is not None:
+                assert not attachment.medium.location.exists()
+
+    def test_delete_between_equal_differencing_images_merges_forward(self, scene: Scene):
+        """Two differencing images of equal file size merge forward: the child's uuid and file survive."""
+        scene.host.take_snapshot(scene.vm, "vbremote-one")
+        second = scene.host.take_snapshot(scene.vm, "vbremote-two")
+        before = scene.host.vm(scene.vm)
+        for disk in before.disks:
+            assert disk.chain[-2].location.stat().st_size == disk.chain[-1].location.stat().st_size
+        scene.host.delete_snapshot(scene.vm, second.uuid)
+        after = scene.host.vm(scene.vm)
+        for old, new in zip(before.disks, after.disks, strict=True):
+            parent, child = old.chain[-2], old.chain[-1]
+            assert [m.uuid for m in new.chain] == [m.uuid for m in old.chain if m is not parent]
+            assert not parent.location.exists()
+            assert child.location.is_file()
+
+
+class TestInterruptedSnapshot:
+    """An interrupted take_snapshot cancels an online snapshot and names what it asked for."""
+
+    @pytest.mark.parametrize("error", [RuntimeError("callback failed"), KeyboardInterrupt()])
+    def test_callback_error_cancels_and_names_the_snapshot(self, scene: Scene, error: BaseException):
+        """The callback's exception (or Ctrl-C) comes out with snapshot_id; the online snapshot is canceled."""
+        scene.running()
+        scene.host.poll_interval = 0.01
+
+        def interrupt(event: vbremote.Progress) -> None:
+            raise error
+
+        with pytest.raises(type(error)) as info:
+            scene.host.take_snapshot(scene.vm, "vbremote-interrupted", on_progress=interrupt)
+        snapshot_id = getattr(info.value, "snapshot_id", None)
+        assert snapshot_id is not None
+        assert any(snapshot_id in note for note in getattr(info.value, "__notes__", []))
+        vm = scene.host.vm(scene.vm)
+        assert snapshot_id not in {s.uuid for s in vm.snapshots()}
+        assert vm.state is vbremote.MachineState.RUNNING
+
+
 class TestStates:
     def test_save_state_and_resume(self, scene: Scene):
         """Save state leaves the VM Saved with a state file; starting resumes it."""

@@ -13,6 +13,7 @@ adapter boundary and raised ``from`` the original, so callers catch one tree::
     │   │   ├── PassphraseMissing                  encrypted, and no passphrase given
     │   │   └── PassphraseWrong
     │   ├── RepositoryLocked                       still locked after ``lock_wait``
+    │   ├── RepositoryBusy                         called again from the thread that is using it
     │   ├── ConnectionFailed                       the transport did not reach ``borg serve``
     │   │   └── AccessDenied                       the server refused the path or operation
     │   ├── IntegrityError                         a chunk or object failed verification
@@ -58,6 +59,7 @@ __all__ = [
     "PruneRefused",
     "RepositoryError",
     "RepositoryExists",
+    "RepositoryBusy",
     "RepositoryLocked",
     "RepositoryNotFound",
     "RepositoryReadOnly",
@@ -117,6 +119,16 @@ class PassphraseWrong(PassphraseError):
 
 class RepositoryLocked(RepositoryError):
     """Another process holds the repository lock and ``lock_wait`` ran out."""
+
+
+class RepositoryBusy(RepositoryError):
+    """The repository was used again from the thread that is in the middle of using it.
+
+    For example a call made while this thread still reads a :meth:`Repository.fetch`
+    stream, or from inside a progress callback. Waiting could never end, so
+    vbremote refuses at once; finish (or leave) the first use and call again.
+    Other threads simply wait their turn.
+    """
 
 
 class ConnectionFailed(RepositoryError):
@@ -261,13 +273,26 @@ class VirtualBoxError(VBRemoteError):
         vm: The VM (name or uuid) concerned, where there is one.
         result_code: VirtualBox's COM result code (unsigned, e.g. ``0x80BB0002``), where there is one.
         text: VirtualBox's own message, where there is one.
+        snapshot_id: The uuid of the snapshot an interrupted or failed
+            :meth:`~vbremote.VirtualBoxHost.take_snapshot` asked VirtualBox
+            for, once VirtualBox had accepted the request (the snapshot may
+            exist: look it up and delete it if unwanted); else ``None``.
     """
 
-    def __init__(self, message: str, *, vm: str = "", result_code: int | None = None, text: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        vm: str = "",
+        result_code: int | None = None,
+        text: str = "",
+        snapshot_id: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.vm = vm
         self.result_code = result_code
         self.text = text
+        self.snapshot_id = snapshot_id
 
 
 class VirtualBoxUnavailable(VirtualBoxError):

@@ -937,8 +937,13 @@ class SnapshotInfo:
         name: Its name.
         description: Its description.
         taken: When it was taken (UTC).
-        online: Whether it holds a saved state (taken from a running or saved VM).
+        online: Whether it holds a saved state: VirtualBox's ``ISnapshot.online``
+            is true when the snapshot has a state file, so an offline snapshot
+            of a Saved VM (which shares the VM's state file) is online too.
         state_file: Its saved-state file, or ``None``.
+        nvram_file: Its copy of the VM's NVRAM store (UEFI variables, the
+            emulated TPM's state), ``Snapshots/<time>.nvram``, or ``None``
+            when the VM had no NVRAM file when the snapshot was taken.
         attachments: The drives of the machine at the snapshot, with their frozen media.
         parent: The parent snapshot's uuid, or ``None``.
         children: The snapshots taken on top of it.
@@ -950,6 +955,7 @@ class SnapshotInfo:
     taken: datetime
     online: bool
     state_file: Path | None
+    nvram_file: Path | None
     attachments: tuple[DiskAttachment, ...]
     parent: str | None
     children: tuple[SnapshotInfo, ...]
@@ -973,6 +979,8 @@ class VMInfo:
         settings_file: The ``.vbox`` file.
         snapshot_folder: Where VirtualBox puts differencing images and saved states.
         state_file: The saved-state file (Saved VMs), or ``None``.
+        last_state_change: When the VM's state last changed (UTC); after a
+            snapshot is restored, the snapshot's time.
         nvram_file: The NVRAM file VirtualBox names for the VM, or ``None``.
         cpu_portability_level: The CPUID portability level (0: all host features).
         attachments: The drives of the current state.
@@ -989,6 +997,7 @@ class VMInfo:
     settings_file: Path
     snapshot_folder: Path
     state_file: Path | None
+    last_state_change: datetime
     nvram_file: Path | None
     cpu_portability_level: int
     attachments: tuple[DiskAttachment, ...]

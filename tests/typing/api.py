@@ -34,6 +34,14 @@ def backup(folder: Path, vm_name: str, vm_uuid: str) -> vbremote.WriteResult:
             changed = [c for c, mine in zip(chunks.chunks, local, strict=False) if c.id != mine]
             for chunk_id, data in repo.fetch_chunks(c.id for c in changed):
                 print(chunk_id.hex(), len(data))
+            stream: vbremote.ChunkStream
+            with repo.fetch([c.id for c in changed], errors="report") as stream:
+                for chunk in stream:
+                    fetched: vbremote.FetchedChunk = chunk
+                    if fetched.error is not None:
+                        print("damaged:", fetched.error.chunk_id)
+                    else:
+                        print(fetched.id.hex(), len(fetched.data))
         return result
 
 
@@ -66,11 +74,13 @@ def snapshot_running_vms(manager: object | None = None) -> list[vbremote.Snapsho
         missing: list[tuple[Path, str]] = [(m.location, m.access_error) for m in vm.inaccessible_media]
         print(firmware, missing, all(m.accessible for d in vm.disks for m in d.chain))
         try:
-            taken.append(host.take_snapshot(vm, "nightly", timeout=60.0))
+            taken.append(host.take_snapshot(vm, "nightly", live=True, timeout=60.0))
         except vbremote.InvalidVMState as exc:
             print("changed state:", exc.state)
         except vbremote.VirtualBoxError as exc:
             print(exc.vm, hex(exc.result_code or 0), exc.text)
+            if exc.snapshot_id is not None:
+                host.delete_snapshot(vm, exc.snapshot_id)
     return taken
 
 

@@ -207,36 +207,88 @@ class VirtualBoxHost:
         name: str,
         *,
         description: str = "",
-        pause: bool = False,
+        live: bool | None = None,
         timeout: float | None = 600.0,
         on_progress: ProgressCallback | None = None,
     ) -> SnapshotInfo:
-        """Take a snapshot and wait for it; a running VM keeps running (a live snapshot).
+        """Take a snapshot and wait for it.
+
+        What kind of snapshot VirtualBox takes follows from the VM's state
+        (``SessionMachine::takeSnapshot``, src/VBox/Main/src-server/SnapshotImpl.cpp):
+
+        - Running: a live snapshot by default (the guest runs on while its
+          state is saved), or a paused one (``live=False``: the VM is paused
+          while its state is saved and then resumed);
+        - Paused: an online snapshot with a saved state; the VM stays paused;
+        - PoweredOff, Aborted: an offline snapshot (no state file);
+        - Saved: an offline snapshot that shares the VM's state file.
+
+        Only a Running VM is ever asked for a live snapshot: from VirtualBox
+        7.0.10 on, ``takeSnapshot`` with ``fPause = false`` fails with
+        ``VBOX_E_INVALID_VM_STATE`` for any other state; the adapter then
+        passes ``fPause = true``, as ``VBoxManage snapshot take`` does
+        without ``--live``.
 
         Args:
             vm: The VM.
             name: The snapshot's name.
             description: Its description.
-            pause: Pause a running VM for the snapshot (not live).
-            timeout: Seconds to wait; on expiry the snapshot is canceled.
+            live: ``None`` (default): live if the VM is Running, else not.
+                ``True``: a live snapshot or none (:class:`InvalidVMState`
+                unless the VM is Running). ``False``: never live.
+            timeout: Seconds to wait. An online snapshot (Running or Paused
+                VM) is canceled on expiry; VirtualBox cannot cancel an
+                offline one, which goes on (the error says so).
             on_progress: Called with progress events.
 
         Returns:
             The new snapshot.
 
         Raises:
-            VMNotFound, InvalidVMState, VMLocked, VirtualBoxTimeout, VirtualBoxOperationFailed.
+            ConfigurationError: No name.
+            InvalidVMState: ``live=True`` for a VM that is not Running, or a
+                state that allows no snapshot (a transient one).
+            VMNotFound, VMLocked, VirtualBoxTimeout, VirtualBoxOperationFailed.
+
+        Once VirtualBox has accepted the request, every exception raised here
+        carries the new snapshot's uuid, so the caller can find (and delete)
+        what may have been created: a :class:`VirtualBoxError` in its
+        ``snapshot_id``, any other exception (``KeyboardInterrupt``, an
+        ``on_progress`` callback's own error) as a ``snapshot_id`` attribute
+        and a note. An interrupted wait first cancels a cancelable (online)
+        snapshot, which VirtualBox then rolls back unless it was past its
+        point of no return.
         """
         if not name:
             raise ConfigurationError("a snapshot needs a name")
         key = _key(vm)
-        with self._translated(vm=key), self._session(vm, "Shared") as session:
-            progress, snapshot_id = session.machine.takeSnapshot(name, description, bool(pause))
-            self._wait(progress, "take snapshot", key, timeout, on_progress)
-            # Read it through a fresh machine object: the session ends with the
-            # VM process should the VM die right after the snapshot.
-            snapshot = self._find(vm).findSnapshot(str(snapshot_id))
-            return self._snapshot_info(snapshot, parent=_uuid(snapshot.parent), recurse=False)
+        snapshot_id: str | None = None
+        try:
+            with self._translated(vm=key), self._session(vm, "Shared") as session:
+                machine = session.machine
+                state = self._state(machine.state)
+                if live and state is not MachineState.RUNNING:
+                    raise InvalidVMState(
+                        f"{key} is {state.value}: a live snapshot needs a Running VM", vm=key, state=state
+                    )
+                pause = state is not MachineState.RUNNING if live is None else not live
+                progress, raw_id = machine.takeSnapshot(name, description, pause)
+                snapshot_id = str(raw_id)
+                try:
+                    self._wait(progress, "take snapshot", key, timeout, on_progress)
+                except VirtualBoxError:
+                    raise  # finished, failed, or timed out (and canceled where it could be)
+                except BaseException:
+                    self._cancel(progress)  # Ctrl-C, or the on_progress callback raised
+                    raise
+                # Read it through a fresh machine object: the session ends with the
+                # VM process should the VM die right after the snapshot.
+                snapshot = self._find(vm).findSnapshot(snapshot_id)
+                return self._snapshot_info(snapshot, parent=_uuid(snapshot.parent), recurse=False)
+        except BaseException as exc:
+            if snapshot_id is not None:
+                _carry_snapshot_id(exc, snapshot_id)
+            raise
 
     def delete_snapshot(
         self,
@@ -248,10 +300,23 @@ class VirtualBoxHost:
     ) -> None:
         """Delete a snapshot (merging its differencing images), online if the VM runs.
 
+        VirtualBox refuses up front (:class:`VirtualBoxOperationFailed`,
+        result code ``VBOX_E_INVALID_OBJECT_STATE``) a snapshot with more than
+        one child snapshot, and the current snapshot when it has a child. A
+        disk image of the snapshot with more than one child image (a linked
+        clone's, say) fails later, through the progress (``E_FAIL``). Each
+        image is merged with its only child: a base image always backward
+        (the child into it, so the base keeps its uuid and file), a
+        differencing image in the direction VirtualBox finds cheaper
+        (``Medium::i_queryPreferredMergeDirection``: into the larger file),
+        so which of the two uuids and files survives is VirtualBox's choice.
+        The snapshot's saved-state file goes unless the VM or another
+        snapshot uses it, and its NVRAM copy goes.
+
         Args:
             vm: The VM.
             snapshot: The snapshot's uuid (or name).
-            timeout: Seconds to wait (a merge cannot be canceled: on expiry it goes on).
+            timeout: Seconds to wait (a deletion cannot be canceled: on expiry it goes on in VirtualBox).
             on_progress: Called with progress events.
 
         Raises:
@@ -260,7 +325,19 @@ class VirtualBoxHost:
         key = _key(vm)
         with self._translated(vm=key), self._session(vm, "Shared") as session:
             found = self._find_snapshot(session.machine, snapshot, key)
-            progress = session.machine.deleteSnapshot(found.id)
+            try:
+                progress = session.machine.deleteSnapshot(found.id)
+            except Exception as exc:
+                # VBOX_E_INVALID_OBJECT_STATE here is about the snapshot tree
+                # (more than one child, or the current snapshot with a child),
+                # not a lock: SessionMachine::i_deleteSnapshot, SnapshotImpl.cpp.
+                if self._is_com_error(exc) and self._is(exc, _INVALID_OBJECT_STATE):
+                    text = self._message(exc)
+                    raise VirtualBoxOperationFailed(
+                        f"{key}: VirtualBox refused to delete snapshot {snapshot!r}: {text}",
+                        vm=key, result_code=_INVALID_OBJECT_STATE, text=text,
+                    ) from exc
+                raise
             self._wait(progress, "delete snapshot", key, timeout, on_progress)
 
     def restore_snapshot(
@@ -274,7 +351,10 @@ class VirtualBoxHost:
         """Make a snapshot the VM's current state (the VM must not be running).
 
         The current differencing images are discarded; an online snapshot
-        leaves the VM Saved, an offline one PoweredOff.
+        leaves the VM Saved (sharing the snapshot's state file), an offline
+        one PoweredOff; the snapshot's NVRAM copy is copied to the VM's NVRAM
+        file, and the VM's last state change becomes the snapshot's time
+        (``SessionMachine::i_restoreSnapshotHandler``, SnapshotImpl.cpp).
 
         Raises:
             VMNotFound, SnapshotNotFound, InvalidVMState, VMLocked, VirtualBoxTimeout, VirtualBoxOperationFailed.
@@ -330,6 +410,31 @@ class VirtualBoxHost:
                 raise InvalidVMState(f"{key} is {state.value}, not running: nothing to power off", vm=key,
                                      state=state)
             self._wait(console.powerDown(), "power off", key, timeout, None)
+
+    def pause(self, vm: str | VMInfo) -> None:
+        """Pause a running VM (its guest stops; its process and RAM stay).
+
+        Raises:
+            VMNotFound, InvalidVMState (not Running), VMLocked, VirtualBoxOperationFailed.
+        """
+        self._console_call(vm, "pause", "pause")
+
+    def resume(self, vm: str | VMInfo) -> None:
+        """Resume a paused VM.
+
+        Raises:
+            VMNotFound, InvalidVMState (not Paused), VMLocked, VirtualBoxOperationFailed.
+        """
+        self._console_call(vm, "resume", "resume")
+
+    def _console_call(self, vm: str | VMInfo, method: str, what: str) -> None:
+        key = _key(vm)
+        with self._translated(vm=key), self._session(vm, "Shared") as session:
+            console = session.console
+            if console is None:
+                state = self._state(session.machine.state)
+                raise InvalidVMState(f"{key} is {state.value}, not running: nothing to {what}", vm=key, state=state)
+            getattr(console, method)()
 
     def set_cpu_portability_level(self, vm: str | VMInfo, level: int) -> None:
         """Set the CPUID portability level (0 to 3; higher hides more host CPU features from the guest).
@@ -474,17 +579,15 @@ class VirtualBoxHost:
                 reported = int(progress.percent)
                 on_progress(Progress(operation=what, path=key, done=reported, total=100))
             if deadline is not None and time.monotonic() > deadline and not progress.completed:
-                canceled = False
-                if progress.cancelable:
-                    with contextlib.suppress(Exception):
-                        progress.cancel()
-                        progress.waitForCompletion(int(max(1.0, 10 * self.poll_interval) * 1000))
-                        canceled = bool(progress.completed)
-                raise VirtualBoxTimeout(
-                    f"{what} on {key} did not finish within {timeout:g} s"
-                    + (" and was canceled" if canceled else " (it goes on in VirtualBox)"),
-                    vm=key,
-                )
+                cancelable = bool(progress.cancelable)
+                canceled = self._cancel(progress) if cancelable else False
+                if canceled:
+                    outcome = " and was canceled"
+                elif cancelable:
+                    outcome = "; canceling it did not end it in time (it may still finish in VirtualBox)"
+                else:
+                    outcome = "; VirtualBox cannot cancel it, so it goes on and may still succeed"
+                raise VirtualBoxTimeout(f"{what} on {key} did not finish within {timeout:g} s{outcome}", vm=key)
         code = _unsigned(int(progress.resultCode))
         if code == 0 and on_progress is not None and reported != 100:
             # The last event of a finished operation says so (it may have finished between two polls).
@@ -496,6 +599,20 @@ class VirtualBoxHost:
                 f"{what} on {key} failed: {text or 'no message'} (result code {code:#010x})",
                 vm=key, result_code=code, text=text,
             )
+
+    def _cancel(self, progress: Any) -> bool:
+        """Cancel a cancelable progress and wait a little for it; whether it ended canceled."""
+        try:
+            if progress.completed or not progress.cancelable:
+                return False
+            progress.cancel()
+            progress.waitForCompletion(int(max(1.0, 10 * self.poll_interval) * 1000))
+            return bool(progress.completed) and bool(progress.canceled)
+        except Exception as exc:
+            if not self._is_com_error(exc):
+                raise
+            log.warning("canceling %s failed: %s", progress, self._message(exc))
+            return False
 
     # -- errors -------------------------------------------------------------------------
 
@@ -587,6 +704,7 @@ class VirtualBoxHost:
             settings_file=Path(machine.settingsFilePath),
             snapshot_folder=Path(machine.snapshotFolder),
             state_file=Path(state_file) if state_file else None,
+            last_state_change=datetime.fromtimestamp(int(machine.lastStateChange) / 1000, tz=UTC),
             nvram_file=self._nvram(machine),
             cpu_portability_level=int(machine.CPUIDPortabilityLevel),
             attachments=self._attachments(self._manager.getArray(machine, "mediumAttachments")),
@@ -681,6 +799,7 @@ class VirtualBoxHost:
             taken=datetime.fromtimestamp(int(snapshot.timeStamp) / 1000, tz=UTC),
             online=bool(snapshot.online),
             state_file=Path(state_file) if state_file else None,
+            nvram_file=self._nvram(snapshot_machine),
             attachments=self._attachments(self._manager.getArray(snapshot_machine, "mediumAttachments")),
             parent=parent,
             children=tuple(self._snapshot_info(child, parent=uuid) for child in children),
@@ -689,6 +808,16 @@ class VirtualBoxHost:
 
 def _key(vm: str | VMInfo) -> str:
     return vm.uuid if isinstance(vm, VMInfo) else str(vm)
+
+
+def _carry_snapshot_id(exc: BaseException, snapshot_id: str) -> None:
+    """Let an exception out of take_snapshot say which snapshot VirtualBox was asked for."""
+    if isinstance(exc, VirtualBoxError):
+        exc.snapshot_id = snapshot_id
+    else:
+        with contextlib.suppress(AttributeError, TypeError):
+            exc.snapshot_id = snapshot_id  # type: ignore[attr-defined]
+    exc.add_note(f"VirtualBox snapshot {snapshot_id} was requested; it may exist (look it up, delete it if unwanted)")
 
 
 def _uuid(snapshot: Any) -> str | None:

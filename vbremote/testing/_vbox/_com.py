@@ -12,8 +12,10 @@ code and whose ``msg`` is VirtualBox's text.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from ._constants import RESULT_CODES, signed32
@@ -251,6 +253,21 @@ class _ISnapshotMachine(_COM):
     def mediumAttachments(self) -> list[_IMediumAttachment]:
         return [_IMediumAttachment(self._sim, self._machine, a) for a in self._snapshot.attachments]
 
+    @property
+    def BIOSSettings(self) -> _IBIOSSettings:
+        if self._sim.profile not in ("6.1", "7.0"):
+            raise AttributeError("BIOSSettings moved to IMachine.firmwareSettings in 7.1")
+        if self._sim.profile == "7.0":
+            return _IBIOSSettings()
+        return _IBIOSSettings61(self._machine.path(self._snapshot.nvram) if self._snapshot.nvram else None)
+
+    @property
+    def nonVolatileStore(self) -> _INvramStore:
+        if self._sim.profile == "6.1":
+            raise AttributeError("IMachine.nonVolatileStore exists from VirtualBox 7.0 on")
+        # A snapshot machine has no default NVRAM file (Machine::i_getDefaultNVRAMFilename).
+        return _INvramStore(self._machine.path(self._snapshot.nvram) if self._snapshot.nvram else None)
+
 
 class _ISnapshot(_COM):
     def __init__(self, sim: World, machine: _Machine, snapshot: _Snapshot) -> None:
@@ -290,12 +307,14 @@ class _ISnapshot(_COM):
 
 
 class _INvramStore(_COM):
-    def __init__(self, machine: _Machine) -> None:
-        self._machine = machine
+    """``INvramStore`` (7.x) or, for its ``nonVolatileStorageFile``, 6.1's ``IBIOSSettings``."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._path = path
 
     @property
     def nonVolatileStorageFile(self) -> str:
-        return str(self._machine.path(self._machine.nvram)) if self._machine.nvram else ""
+        return str(self._path) if self._path else ""
 
 
 class _IBIOSSettings(_COM):
@@ -391,7 +410,14 @@ class _IMachine(_COM):
     snapshotFolder = property(lambda self: str(self._m.folder / "Snapshots"))
     snapshotCount = property(lambda self: len(self._m.snapshots))
     settingsModified = property(lambda self: self._m.pending_cpuid is not None)
-    lastStateChange = property(lambda self: 0)
+
+    @property
+    def lastStateChange(self) -> int:
+        stamp = self._m.last_state_change
+        if not stamp:
+            return 0
+        parsed = dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+        return int(parsed.timestamp() * 1000)
 
     @property
     def state(self) -> int:
@@ -450,13 +476,20 @@ class _IMachine(_COM):
     def BIOSSettings(self) -> _IBIOSSettings:
         if self._sim.profile not in ("6.1", "7.0"):
             raise AttributeError("BIOSSettings moved to IMachine.firmwareSettings in 7.1")
-        return _IBIOSSettings61(self._m) if self._sim.profile == "6.1" else _IBIOSSettings()
+        return _IBIOSSettings61(self._nvram_path()) if self._sim.profile == "6.1" else _IBIOSSettings()
+
+    def _nvram_path(self) -> Path | None:
+        relative = self._sim.nvram_file(self._m)
+        return self._m.path(relative) if relative else None
+
+    def _nvram_store(self) -> _INvramStore:
+        return _INvramStore(self._nvram_path())
 
     @property
     def nonVolatileStore(self) -> _INvramStore:
         if self._sim.profile == "6.1":
             raise AttributeError("IMachine.nonVolatileStore exists from VirtualBox 7.0 on")
-        return _INvramStore(self._m)
+        return self._nvram_store()
 
     # -- methods --------------------------------------------------------------------
 

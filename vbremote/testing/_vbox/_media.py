@@ -28,6 +28,7 @@ __all__ = [
     "image",
     "inaccessible_disk",
     "merge",
+    "merge_forward",
     "new_diff",
     "slot",
     "state_file_in_snapshots",
@@ -186,3 +187,31 @@ def merge(locks: Locks, machine: _Machine, parent: str, child: str, op: Operatio
             machine.media[parent].children.append(grandchild)
         machine.media[child].children = []
         drop_medium(machine, child)
+
+
+def merge_forward(locks: Locks, machine: _Machine, parent: str, child: str, op: Operation, number: int, count: int,
+                  block_delay: float) -> None:
+    """Merge ``parent`` forward into its only ``child``, which takes its place in the chain.
+
+    The child's uuid and file survive; the parent's go. Blocks the guest has
+    written to the child meanwhile are the newer ones and stay.
+    """
+    with locks.disk(machine):
+        parent_image = image(machine, parent)
+        child_image = image(machine, child)
+        indexes = [i for i, entry in enumerate(parent_image.block_map) if entry != 0xFFFFFFFF]
+    for done, index in enumerate(indexes):
+        with locks.disk(machine):
+            if child_image.block_map[index] == 0xFFFFFFFF:
+                child_image.write(index * VDI_BLOCK_SIZE, parent_image.read_block(index))
+        op.percent = int(100 * (number + (done + 1) / max(1, len(indexes))) / count) - 1
+        if block_delay:
+            time.sleep(block_delay)
+    with locks.disk_then_host(machine):
+        grandparent = machine.media[parent].parent
+        if grandparent is not None:
+            child_image.rebase(image(machine, grandparent))
+            machine.media[grandparent].children.append(child)
+        machine.media[child].parent = grandparent
+        machine.media[parent].children = []
+        drop_medium(machine, parent)

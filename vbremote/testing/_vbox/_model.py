@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import threading
+import time
 from pathlib import Path
 
 from attrs import define, field, frozen
@@ -153,7 +154,7 @@ class _Snapshot:
     attachments: list[_Attachment]
     parent: str | None
     children: list[str] = field(factory=list)
-    # The snapshot's own NVRAM copy (EFI machines), relative to the VM folder.
+    # The snapshot's copy of the NVRAM store (relative to the machine folder), if the machine had one.
     nvram: str | None = None
 
 
@@ -217,6 +218,8 @@ class _Machine:
     expected: dict[Slot, bytearray] = field(factory=dict)
     images: dict[str, VDI] = field(factory=dict)
     merging: dict[str, set[int]] = field(factory=dict)
+    # The guest's content per disk at each snapshot's instant (snapshots taken by this host).
+    instants: dict[str, dict[Slot, bytes]] = field(factory=dict)
     # Guards images, expected and merging; taken only as _locks.Locks says.
     disk_lock: threading.RLock = field(factory=threading.RLock)
 
@@ -236,5 +239,16 @@ def now_iso() -> str:
 
 
 def sav_name() -> str:
-    now = dt.datetime.now(dt.UTC)
-    return now.strftime("%Y-%m-%dT%H-%M-%S-") + f"{now.microsecond * 1000:09d}Z.sav"
+    """A saved-state file name: ``Machine::i_composeSavedStateFilename`` (MachineImpl.cpp), UTC to the ns."""
+    return _time_name() + ".sav"
+
+
+def nvram_name() -> str:
+    """A snapshot's NVRAM file name: ``Machine::i_getSnapshotNVRAMFilename`` (MachineImpl.cpp), as sav_name."""
+    return _time_name() + ".nvram"
+
+
+def _time_name() -> str:
+    now = time.time_ns()
+    stamp = dt.datetime.fromtimestamp(now // 1_000_000_000, dt.UTC)
+    return stamp.strftime("%Y-%m-%dT%H-%M-%S-") + f"{now % 1_000_000_000:09d}Z"

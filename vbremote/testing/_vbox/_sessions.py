@@ -55,8 +55,9 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "Restoring": frozenset({"Running", "Aborted", "AbortedSaved", "Saved"}),
     "Running": frozenset({"Paused", "Stopping", "Saving", "LiveSnapshotting", "OnlineSnapshotting",
                           "DeletingSnapshotOnline", "Aborted"}),
-    # LiveSnapshotting from Paused: a snapshot without pause on 6.1.
-    "Paused": frozenset({"Running", "Stopping", "Saving", "LiveSnapshotting", "OnlineSnapshotting",
+    # Never LiveSnapshotting from Paused: takeSnapshot (SnapshotImpl.cpp) sets
+    # OnlineSnapshotting for a Paused machine on every release.
+    "Paused": frozenset({"Running", "Stopping", "Saving", "OnlineSnapshotting",
                          "DeletingSnapshotPaused", "Aborted"}),
     "Stuck": frozenset({"Stopping", "Aborted"}),
     "Stopping": frozenset({"PoweredOff", "Aborted"}),

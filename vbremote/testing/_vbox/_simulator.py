@@ -14,7 +14,10 @@ class SimulatedVirtualBox(World):
     Args:
         home: The VirtualBox home folder (``VirtualBox.xml`` and ``VirtualBox VMs/``).
             Machines registered there before are loaded.
-        version: The version profile: ``"6.1"``, ``"7.0"``, ``"7.1"`` or ``"7.2"``.
+        version: The version profile: ``"6.1"``, ``"7.0"``, ``"7.1"`` or ``"7.2"``,
+            modelling the patch releases 6.1.38, 7.0.18, 7.1.12 and 7.2.18
+            (``IVirtualBox.version``); or ``"7.0.6"``, the 7.0 profile before
+            7.0.10 (a live snapshot of a VM that is not Running accepted).
         timing: How long operations take.
         workload: What guests write when their VM is started through the API
             (``launchVMProcess``); ``None`` for guests that do not write.
@@ -22,7 +25,8 @@ class SimulatedVirtualBox(World):
     Use :meth:`manager` for the vboxapi-shaped ``VirtualBoxManager`` that
     :meth:`vbremote.VirtualBoxHost.connect` takes, and the conveniences
     (:meth:`create_vm`, :meth:`start`, :meth:`power_off`, :meth:`guest_content`,
-    :meth:`disk_content`, :meth:`read_image`) to set scenes and check results.
+    :meth:`guest_content_at`, :meth:`disk_content`, :meth:`read_image`) to set
+    scenes and check results.
     Close it (or use it as a context manager) to stop the guests.
 
     Raises:

@@ -22,6 +22,7 @@ VBoxSVC does when it starts.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import random
 import shutil
@@ -34,7 +35,7 @@ from ..._errors import ConfigurationError, SettingsFileError
 from ..._settings import _bare
 from .._images import MIB
 from .._vdi import VDI
-from . import _guest, _media, _persistence, _sessions
+from . import _guest, _media, _persistence, _releases, _sessions
 from ._constants import PROFILES, constants_for
 from ._locks import Locks
 from ._model import (
@@ -50,13 +51,13 @@ from ._model import (
     _Session,
     _Snapshot,
     now_iso,
+    nvram_name,
     sav_name,
 )
 from ._operations import Operation
 
 __all__ = ["World"]
 
-_FULL_VERSIONS = {"6.1": "6.1.50", "7.0": "7.0.22", "7.1": "7.1.8", "7.2": "7.2.2"}
 _TIMING = Timing()
 _WORKLOAD = GuestWorkload()
 
@@ -76,15 +77,17 @@ class World:
         timing: Timing = _TIMING,
         workload: GuestWorkload | None = _WORKLOAD,
     ) -> None:
-        if version not in PROFILES:
-            raise ConfigurationError(f"unknown VirtualBox profile {version!r}; choose one of {', '.join(PROFILES)}")
+        selected = _releases.resolve(version)
+        if selected is None:
+            choices = ", ".join([*PROFILES, *_releases.EARLIER_RELEASES])
+            raise ConfigurationError(f"unknown VirtualBox profile {version!r}; choose one of {choices}")
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
-        self.profile = version
-        self.version = _FULL_VERSIONS[version]
+        #: The release line ("7.0") and the patch release it models ("7.0.18"), see _releases.
+        self.profile, self.version = selected
         self.timing = timing
         self.default_workload = workload
-        self.constants = constants_for(version)
+        self.constants = constants_for(self.profile)
         self.locks = Locks()
         # The host lock (see _locks); the COM layer takes it to read the registry.
         self.lock = self.locks.host
@@ -438,21 +441,63 @@ class World:
 
 
     # -- snapshots -------------------------------------------------------------------
+    #
+    # Each behaviour follows src/VBox/Main/src-server/SnapshotImpl.cpp of the
+    # release the profile models (see _releases): SessionMachine::takeSnapshot
+    # and i_takeSnapshotHandler, i_deleteSnapshot, i_deleteSnapshotHandler and
+    # i_prepareDeleteSnapshotMedium, restoreSnapshot and i_restoreSnapshotHandler.
+
+    def nvram_file(self, machine: _Machine) -> str | None:
+        """The machine's NVRAM file, relative to its folder, or ``None`` (``NvramStore::getNonVolatileStorageFile``).
+
+        An unset path means the default, ``<settings file stem>.nvram``
+        (``Machine::i_getDefaultNVRAMFilename``), which 6.1 gives only to
+        EFI machines and 7.x to every machine.
+        """
+        if machine.nvram:
+            return machine.nvram
+        if self.profile == "6.1" and machine.firmware == "BIOS":
+            return None
+        return f"{machine.settings_path.stem}.nvram"
+
+    def guest_content_at(self, vm: str, snapshot: str, disk: int = 0) -> bytes:
+        """What the guest had written to a disk (SATA port ``disk``) at a snapshot's instant.
+
+        Recorded when this host took the snapshot: what the snapshot's frozen
+        images must read back as.
+
+        Raises:
+            ConfigurationError: No such VM or disk, or a snapshot this host did not take.
+        """
+        machine = self.machine(vm)
+        with self.lock:
+            instant = machine.instants.get(_bare(snapshot))
+        if instant is None:
+            raise ConfigurationError(f"{vm} has no snapshot {snapshot!r} taken by this host")
+        try:
+            return instant[("SATA", disk, 0)]
+        except KeyError:
+            raise ConfigurationError(f"{vm} had no disk at SATA port {disk} at snapshot {snapshot!r}") from None
 
     def take_snapshot(self, machine: _Machine, name: str, description: str, pause: bool) -> tuple[Operation, str]:
         with self.lock:
             before = machine.state
-            if (before == "Running" and not pause) or (before == "Paused" and not pause and self.profile == "6.1"):
-                transient = "LiveSnapshotting"
-            elif before in ONLINE:
-                transient = "OnlineSnapshotting"
-            elif before in OFFLINE:
-                transient = "Snapshotting"
-            else:
+            if before not in ONLINE and before not in OFFLINE:
                 raise SimulatedVBoxError(
                     "VBOX_E_INVALID_VM_STATE",
-                    f"Cannot take a snapshot of the machine while it is changing the state (machine state: {before})",
+                    "Cannot take a snapshot of the virtual machine while it is changing state "
+                    f"(machine state: {before})",
                 )
+            if not pause and before != "Running" and _releases.live_snapshot_needs_running(self.version):
+                raise SimulatedVBoxError(
+                    "VBOX_E_INVALID_VM_STATE", "Cannot take a live snapshot of a virtual machine unless it is running."
+                )
+            online = before in ONLINE
+            # A Paused machine is never live-snapshotted: its guest stays still (all releases).
+            if online:
+                transient = "LiveSnapshotting" if before == "Running" and not pause else "OnlineSnapshotting"
+            else:
+                transient = "Snapshotting"
             self.set_state(machine, transient)
             snapshot_uuid = str(uuid_module.uuid4())
         fault = self.take_fault(machine, Fault.NO_SPACE, Fault.HANG, Fault.VM_CRASH_AFTER_TAKE)
@@ -461,6 +506,7 @@ class World:
             previous = [(a, a.medium) for a in machine.hard_disks()]
             created: list[str] = []
             state_file: str | None = None
+            nvram: str | None = None
             try:
                 if fault is Fault.HANG:
                     op.hang()
@@ -474,21 +520,30 @@ class World:
                 with self.locks.disk_then_host(machine):
                     op.check_cancel()
                     # The instant: RAM saved and disks switched while the guest is held.
-                    if before in ONLINE:
+                    if online:
                         state_file = f"Snapshots/{sav_name()}"
                         _media.write_sav(machine, state_file)
-                    elif before in ("Saved", "AbortedSaved") and machine.state_file:
-                        state_file = f"Snapshots/{sav_name()}"
-                        shutil.copyfile(machine.path(machine.state_file), machine.path(state_file))
+                    elif before in ("Saved", "AbortedSaved"):
+                        # An offline snapshot of a saved machine uses its state file, no copy.
+                        state_file = machine.state_file
+                    instant = {(a.controller, a.port, a.device): bytes(_media.expected(machine, (a.controller,
+                               a.port, a.device))) for a in machine.hard_disks()}
                     frozen_attachments = [a.copy() for a in machine.attachments]
                     for attachment in machine.hard_disks():
                         assert attachment.medium is not None
                         diff = _media.new_diff(machine, attachment.medium)
                         created.append(diff.uuid)
                         attachment.medium = diff.uuid
+                    # Online and offline: the NVRAM store is copied for the snapshot (from 7.1 not for BIOS).
+                    source = self.nvram_file(machine)
+                    skip = machine.firmware == "BIOS" and _releases.nvram_copy_skips_bios(self.version)
+                    if source and machine.path(source).is_file() and not skip:
+                        nvram = f"Snapshots/{nvram_name()}"
+                        shutil.copyfile(machine.path(source), machine.path(nvram))
                     snapshot = _Snapshot(snapshot_uuid, name, description, int(time.time() * 1000), state_file,
-                                         frozen_attachments, machine.current)
+                                         frozen_attachments, machine.current, nvram=nvram)
                     machine.snapshots[snapshot_uuid] = snapshot
+                    machine.instants[snapshot_uuid] = instant
                     if machine.current is None:
                         machine.root = snapshot_uuid
                     else:
@@ -503,14 +558,17 @@ class World:
                             attachment.medium = medium
                         for uuid in created:
                             _media.drop_medium(machine, uuid)
-                        if state_file:
+                        if state_file and online:
                             machine.path(state_file).unlink(missing_ok=True)
+                        if nvram:
+                            machine.path(nvram).unlink(missing_ok=True)
                     self.set_state(machine, before)
                 raise
             if fault is Fault.VM_CRASH_AFTER_TAKE:
                 self._crash(machine)
 
-        op = Operation(f"Taking a snapshot of the virtual machine '{machine.name}'", cancelable=True).start(work)
+        # Only an online snapshot can be canceled (the progress is made with aCancelable = online).
+        op = Operation(f"Taking a snapshot of the virtual machine '{machine.name}'", cancelable=online).start(work)
         return op, snapshot_uuid
 
     def find_snapshot(self, machine: _Machine, name_or_id: str) -> _Snapshot:
@@ -529,36 +587,31 @@ class World:
 
     def delete_snapshot(self, machine: _Machine, snapshot_id: str) -> Operation:
         with self.lock:
+            before = machine.state
+            if before not in ONLINE and before not in OFFLINE:
+                raise SimulatedVBoxError(
+                    "VBOX_E_INVALID_VM_STATE",
+                    "Cannot delete a snapshot of the machine while it is changing the state "
+                    f"(machine state: {before})",
+                )
             snapshot = machine.snapshots.get(_bare(snapshot_id))
             if snapshot is None:
                 raise _snapshot_not_found(snapshot_id)
-            if len(snapshot.children) > 1:
+            count = len(snapshot.children)
+            if count > 1:
                 raise SimulatedVBoxError(
                     "VBOX_E_INVALID_OBJECT_STATE",
-                    f"Snapshot '{snapshot.name}' of the machine '{machine.name}' has more than one child snapshot "
-                    f"({len(snapshot.children)})",
+                    f"Snapshot '{snapshot.name}' of the machine '{machine.name}' cannot be deleted, because it has "
+                    f"{count} child snapshots, which is more than the one snapshot allowed for deletion",
                 )
-            before = machine.state
-            transient = {"Running": "DeletingSnapshotOnline", "Paused": "DeletingSnapshotPaused"}.get(before)
-            if transient is None and before in OFFLINE:
-                transient = "DeletingSnapshot"
-            if transient is None:
+            if machine.current == snapshot.uuid and count == 1:
                 raise SimulatedVBoxError(
-                    "VBOX_E_INVALID_VM_STATE",
-                    f"Cannot delete a snapshot of the machine '{machine.name}' while it is changing the state "
-                    f"(machine state: {before})",
+                    "VBOX_E_INVALID_OBJECT_STATE",
+                    f"Snapshot '{snapshot.name}' of the machine '{machine.name}' cannot be deleted, because it is "
+                    "the current snapshot and has one child snapshot",
                 )
-            pairs: list[tuple[str, str]] = []
-            for attachment in machine.hard_disks(snapshot.attachments):
-                assert attachment.medium is not None
-                children = machine.media[attachment.medium].children
-                if len(children) != 1:
-                    raise SimulatedVBoxError(
-                        "VBOX_E_INVALID_OBJECT_STATE",
-                        f"Medium '{machine.media[attachment.medium].path}' has {len(children)} children; "
-                        "the simulator merges a medium with exactly one",
-                    )
-                pairs.append((attachment.medium, children[0]))
+            transient = {"Running": "DeletingSnapshotOnline", "Paused": "DeletingSnapshotPaused"}.get(
+                before, "DeletingSnapshot")
             self.set_state(machine, transient)
         fault = self.take_fault(machine, Fault.MERGE_FAILURE, Fault.HANG)
 
@@ -567,16 +620,30 @@ class World:
                 if fault is Fault.HANG:
                     op.hang()
                 op.sleep(self.timing.snapshot)
-                if fault is Fault.MERGE_FAILURE:
-                    parent, child = pairs[0]
+                with self.lock:
+                    plan = self._merge_plan(machine, snapshot)
+                if fault is Fault.MERGE_FAILURE and plan:
+                    _, source, target = plan[0]
                     raise SimulatedVBoxError(
                         "VBOX_E_FILE_ERROR",
-                        f"Could not merge the medium '{machine.media[child].path}' to "
-                        f"'{machine.media[parent].path}' (VERR_IO_GEN_FAILURE)",
+                        f"Could not merge the medium '{machine.media[source].path}' to "
+                        f"'{machine.media[target].path}' (VERR_IO_GEN_FAILURE)",
                     )
-                for number, (parent, child) in enumerate(pairs):
-                    _media.merge(self.locks, machine, parent, child, op, number, len(pairs), self.timing.merge_block)
                 with self.lock:
+                    self._release_state_file(machine, snapshot)
+                for number, (kind, source, target) in enumerate(plan):
+                    if kind == "backward":
+                        _media.merge(self.locks, machine, target, source, op, number, len(plan),
+                                     self.timing.merge_block)
+                    elif kind == "forward":
+                        _media.merge_forward(self.locks, machine, source, target, op, number, len(plan),
+                                             self.timing.merge_block)
+                    else:
+                        with self.locks.disk_then_host(machine):
+                            _media.drop_medium(machine, source)
+                with self.lock:
+                    if snapshot.nvram:
+                        machine.path(snapshot.nvram).unlink(missing_ok=True)
                     self._remove_snapshot(machine, snapshot)
                     self.set_state(machine, before)
                     self.write_settings(machine)
@@ -586,7 +653,61 @@ class World:
                     self.set_state(machine, before)
                 raise
 
+        # A deletion is never cancelable (i_deleteSnapshot makes its progress with aCancelable = FALSE).
         return Operation(f"Deleting the snapshot '{snapshot.name}'", cancelable=False).start(work)
+
+    def _merge_plan(self, machine: _Machine, snapshot: _Snapshot) -> list[tuple[str, str, str]]:
+        """Per disk of the snapshot: ("backward" | "forward", source, target) or ("delete", medium, medium).
+
+        ``i_prepareDeleteSnapshotMedium``: a medium without children is
+        deleted if differencing (kept if a base); one with more than one
+        child fails the deletion (E_FAIL, through the progress); a base is
+        merged backward (its child into it); a differencing medium in the
+        direction ``Medium::i_queryPreferredMergeDirection`` (MediumImpl.cpp)
+        prefers: into the larger file (the child on a tie).
+        """
+        plan: list[tuple[str, str, str]] = []
+        for attachment in machine.hard_disks(snapshot.attachments):
+            assert attachment.medium is not None
+            medium = machine.media[attachment.medium]
+            if not medium.children:
+                if medium.parent is not None:
+                    plan.append(("delete", medium.uuid, medium.uuid))
+                continue
+            if len(medium.children) > 1:
+                raise SimulatedVBoxError(
+                    "E_FAIL", f"Hard disk '{medium.path}' has more than one child hard disk ({len(medium.children)})"
+                )
+            child = machine.media[medium.children[0]]
+            if medium.parent is None or medium.path.stat().st_size > child.path.stat().st_size:
+                plan.append(("backward", child.uuid, medium.uuid))
+            else:
+                plan.append(("forward", medium.uuid, child.uuid))
+        return plan
+
+    def _release_state_file(self, machine: _Machine, snapshot: _Snapshot) -> None:
+        """``SessionMachine::i_releaseSavedStateFile`` for a deleted snapshot's state file (see _releases)."""
+        path = snapshot.state_file
+        if not path or path == machine.state_file or machine.root is None:
+            return
+        check = _releases.state_file_check(self.version)
+        if check == "first":
+            # 7.0.x: the snapshot to skip is compared with the first snapshot, not with each one.
+            shared = machine.root != snapshot.uuid and any(s.state_file == path for s in machine.snapshots.values())
+        elif check == "subtree":
+            shared = self._shares_below(machine, machine.snapshots[machine.root], path, snapshot)
+        else:
+            shared = any(s.state_file == path for s in machine.snapshots.values() if s is not snapshot)
+        if not shared:
+            machine.path(path).unlink(missing_ok=True)
+
+    def _shares_below(self, machine: _Machine, node: _Snapshot, path: str, skip: _Snapshot) -> bool:
+        # 6.1.38's recursion: a node is checked unless it is the skipped one, and
+        # the skipped one's children are never visited (unless it is the first).
+        if node is not skip and node.state_file == path:
+            return True
+        return any(self._shares_below(machine, child, path, skip)
+                   for child in (machine.snapshots[c] for c in node.children) if child is not skip)
 
     def _remove_snapshot(self, machine: _Machine, snapshot: _Snapshot) -> None:
         parent = machine.snapshots[snapshot.parent] if snapshot.parent else None
@@ -600,8 +721,7 @@ class World:
         if machine.current == snapshot.uuid:
             machine.current = snapshot.parent
         del machine.snapshots[snapshot.uuid]
-        if snapshot.state_file and snapshot.state_file != machine.state_file:
-            machine.path(snapshot.state_file).unlink(missing_ok=True)
+        machine.instants.pop(snapshot.uuid, None)
 
     def restore_snapshot(self, machine: _Machine, snapshot: _Snapshot) -> Operation:
         with self.lock:
@@ -620,6 +740,10 @@ class World:
                 op.hang()
             op.sleep(self.timing.snapshot)
             with self.locks.disk_then_host(machine):
+                # The saved state of a Saved machine goes, unless a snapshot shares it.
+                if machine.state_file and not _media.state_file_in_snapshots(machine, machine.state_file):
+                    machine.path(machine.state_file).unlink(missing_ok=True)
+                machine.state_file = None
                 in_snapshots = {a.medium for s in machine.snapshots.values() for a in s.attachments}
                 for attachment in machine.hard_disks():
                     medium = attachment.medium
@@ -629,18 +753,26 @@ class World:
                 for attachment in machine.hard_disks():
                     assert attachment.medium is not None
                     attachment.medium = _media.new_diff(machine, attachment.medium).uuid
-                if machine.state_file and not _media.state_file_in_snapshots(machine, machine.state_file):
-                    machine.path(machine.state_file).unlink(missing_ok=True)
-                machine.state_file = None
-                if snapshot.state_file:
-                    machine.state_file = f"Snapshots/{sav_name()}"
-                    shutil.copyfile(machine.path(snapshot.state_file), machine.path(machine.state_file))
+                # An online snapshot's state file is shared with the machine, not copied.
+                machine.state_file = snapshot.state_file
+                # The NVRAM path falls back to the default, which gets the snapshot's copy.
+                machine.nvram = None
+                target = self.nvram_file(machine)
+                if target:
+                    machine.path(target).unlink(missing_ok=True)
+                    if snapshot.nvram and machine.path(snapshot.nvram).is_file():
+                        shutil.copyfile(machine.path(snapshot.nvram), machine.path(target))
+                    if machine.firmware == "EFI" or machine.path(target).is_file():
+                        machine.nvram = target
                 machine.current = snapshot.uuid
                 machine.expected = {}  # the guest's disks are the snapshot's now
                 self.set_state(machine, "Saved" if snapshot.state_file else "PoweredOff")
+                stamp = dt.datetime.fromtimestamp(snapshot.time_ms / 1000, dt.UTC)
+                machine.last_state_change = stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
                 self.write_settings(machine)
 
         return Operation(f"Restoring snapshot '{snapshot.name}'", cancelable=False).start(work)
+
 
     # -- settings ---------------------------------------------------------------------
 
