@@ -8,6 +8,7 @@ from __future__ import annotations
 from ._errors import (
     AccessDenied,
     ArchiveExists,
+    ArchiveInvalid,
     ArchiveMetadataError,
     ArchiveNotFound,
     BorgError,
@@ -42,6 +43,7 @@ from ._errors import (
     VMNotFound,
 )
 from ._models import (
+    ArchiveContents,
     ArchiveFile,
     ArchiveInfo,
     CheckResult,
@@ -53,12 +55,14 @@ from ._models import (
     FileChunks,
     FileRole,
     FileSpec,
+    ItemKind,
     MachineState,
     MediumInfo,
     Progress,
     SnapshotInfo,
     SnapshotMetadata,
     SnapshotMode,
+    StoredItem,
     VMInfo,
     WriteResult,
 )
@@ -66,6 +70,7 @@ from ._pruner import PROTECTED_LABEL, Guards, PlanEntry, PrunePlan, Pruner, Prun
 from ._repository import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_ENCRYPTION,
+    DEFAULT_READ_AHEAD,
     ENCRYPTION_MODES,
     ChunkStream,
     FetchedChunk,
@@ -88,9 +93,11 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AccessDenied",
+    "ArchiveContents",
     "ArchiveExists",
     "ArchiveFile",
     "ArchiveInfo",
+    "ArchiveInvalid",
     "ArchiveMetadataError",
     "ArchiveNotFound",
     "BorgError",
@@ -105,6 +112,7 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_ENCRYPTION",
     "DEFAULT_NAME_TEMPLATE",
+    "DEFAULT_READ_AHEAD",
     "Decision",
     "DeleteResult",
     "DiskAttachment",
@@ -118,6 +126,7 @@ __all__ = [
     "Guards",
     "IntegrityError",
     "InvalidVMState",
+    "ItemKind",
     "KeepLabels",
     "KeepRules",
     "LocalTransport",
@@ -156,6 +165,7 @@ __all__ = [
     "SnapshotStats",
     "Snapshotter",
     "SourceChanged",
+    "StoredItem",
     "TRANSIENT_PREFIX",
     "TransientSnapshotLeft",
     "Transport",

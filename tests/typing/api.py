@@ -105,3 +105,23 @@ def nightly(repo: vbremote.Repository, names: list[str]) -> list[vbremote.Snapsh
     migrated = snapshotter.take(names[0], vbremote.SnapshotMode.MIGRATE)
     print(migrated.vm_state.value, vbremote.TRANSIENT_PREFIX, vbremote.DEFAULT_NAME_TEMPLATE)
     return done
+
+
+def compare_blocks(transport: vbremote.Transport, archive: str, folder: Path) -> int:
+    """How many bytes a restore of ``archive`` into ``folder`` would fetch."""
+    to_fetch = 0
+    with vbremote.Repository.open(transport, read_ahead=64 << 20) as repo:
+        try:
+            contents: vbremote.ArchiveContents = repo.chunk_lists(archive)
+        except vbremote.ArchiveInvalid as exc:
+            print("refused:", exc.archive, exc.path)
+            return 0
+        refused: tuple[vbremote.StoredItem, ...] = contents.others()
+        print([(item.path, item.kind.value) for item in refused if item.kind is not vbremote.ItemKind.DIRECTORY])
+        for path, chunks in contents.files().items():
+            local: list[bytes | None] = repo.local_ids(folder / path, chunks.chunks)
+            for ref, mine in zip(chunks.chunks, local, strict=True):
+                if ref.id != mine and ref.id != repo.zero_chunk_id(ref.size):
+                    to_fetch += ref.size
+        print(repo.local_ids(folder / "x", [(0, 4096)]), repo.chunk_id(b"data"))
+    return to_fetch
