@@ -21,6 +21,7 @@ from helpers import PASSPHRASE, BorgCLI
 
 import vbremote
 from vbremote._models import FileRole
+from vbremote._restorer._checks import check_settings
 from vbremote._restorer._foreign import TRANSIENT_SNAPSHOT, foreign_source
 from vbremote._settings import parse_settings
 from vbremote.testing import MIB, SimulatedVirtualBox
@@ -154,6 +155,9 @@ class TestPowerShellToolArchives:
             host = vbremote.VirtualBoxHost.connect(manager=sim.manager())
             vm = host.register(target / source.settings_path)
             assert host.state(vm) is vbremote.MachineState.SAVED
+        # Every file the registered settings name is there (the simulator does not insist).
+        _, references = check_settings(source.settings, archive=archive)
+        assert all((target / reference.path).is_file() for reference in references)
 
 
 def _crafted(tmp_path: Path) -> Path:
