@@ -28,9 +28,12 @@ from ._errors import (
     RepositoryLocked,
     RepositoryNotFound,
     RepositoryReadOnly,
+    RestoreError,
+    RestorePreflightFailed,
     SettingsFileError,
     SnapshotNotFound,
     SourceChanged,
+    TargetSpaceError,
     VBRemoteError,
     VirtualBoxError,
     VirtualBoxOperationFailed,
@@ -75,6 +78,7 @@ from ._repository import (
     Passphrase,
     Repository,
 )
+from ._restorer import ApplyStats, BlockAction, FilePlan, PlanProblem, RestoreFileState, RestorePlan, RestoreState
 from ._retention import Decision, KeepLabels, KeepRules, RetentionPolicy
 from ._transports import CommandTransport, LocalTransport, SSHTransport, Transport
 from ._vbox import LockRetry, VirtualBoxHost
@@ -83,6 +87,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AccessDenied",
+    "ApplyStats",
     "ArchiveContents",
     "ArchiveExists",
     "ArchiveFile",
@@ -90,6 +95,7 @@ __all__ = [
     "ArchiveInvalid",
     "ArchiveMetadataError",
     "ArchiveNotFound",
+    "BlockAction",
     "BorgError",
     "CheckResult",
     "ChunkRef",
@@ -110,6 +116,7 @@ __all__ = [
     "FetchedChunk",
     "FileChunks",
     "FileNotInArchive",
+    "FilePlan",
     "FileRole",
     "FileSpec",
     "Guards",
@@ -128,6 +135,7 @@ __all__ = [
     "PassphraseMissing",
     "PassphraseWrong",
     "PlanEntry",
+    "PlanProblem",
     "Progress",
     "PruneError",
     "PrunePlan",
@@ -141,6 +149,11 @@ __all__ = [
     "RepositoryLocked",
     "RepositoryNotFound",
     "RepositoryReadOnly",
+    "RestoreError",
+    "RestoreFileState",
+    "RestorePlan",
+    "RestorePreflightFailed",
+    "RestoreState",
     "RetentionPolicy",
     "SSHTransport",
     "SettingsFileError",
@@ -150,6 +163,7 @@ __all__ = [
     "SnapshotNotFound",
     "SourceChanged",
     "StoredItem",
+    "TargetSpaceError",
     "Transport",
     "VBRemoteError",
     "VMInfo",
