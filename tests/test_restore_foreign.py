@@ -12,6 +12,7 @@ is the item ``.``.
 from __future__ import annotations
 
 import os
+import posixpath
 import shutil
 import stat
 import time
@@ -19,13 +20,15 @@ from pathlib import Path
 
 import pytest
 from helpers import PASSPHRASE, BorgCLI
+from hypothesis import given
+from hypothesis import strategies as st
 
 import vbremote
 from vbremote._models import FileRole
 from vbremote._restorer import apply_plan, make_plan
-from vbremote._restorer._checks import check_settings
+from vbremote._restorer._checks import check_settings, settings_references
 from vbremote._restorer._foreign import TRANSIENT_SNAPSHOT, foreign_source
-from vbremote._settings import parse_settings
+from vbremote._settings import MachineSettings, Medium, parse_settings
 from vbremote.testing import MIB, GuestWorkload, SimulatedVirtualBox
 
 VM = "Win 10"
@@ -59,7 +62,7 @@ def _source(repo_path: Path, base_dir: Path, archive: str) -> vbremote.RestoreSo
 
 
 def _tool_archive(tmp_path: Path, borg_cli: BorgCLI, repo_path: Path, *, running: bool, transient: bool = True,
-                  firmware: str = "EFI") -> tuple[str, Path]:
+                  firmware: str = "EFI", from_parent: bool = False) -> tuple[str, Path]:
     """A VM on a simulated host, archived as the PowerShell tool archives it; returns (archive, VM folder)."""
     with SimulatedVirtualBox(tmp_path / "host", version="6.1") as sim:
         sim.create_vm(VM, disk_size=4 * MIB, firmware=firmware)
@@ -71,7 +74,7 @@ def _tool_archive(tmp_path: Path, borg_cli: BorgCLI, repo_path: Path, *, running
         folder = Path(host.vm(VM).settings_file).parent
         suffix = "online" if running else "offline"
         archive = f"{VM.replace(' ', '-')}-2026.11.26-18.00.00-{suffix}"
-        _borg_create(borg_cli, repo_path, archive, folder)
+        _borg_create(borg_cli, repo_path, archive, folder.parent if from_parent else folder)
         if running:
             sim.power_off(VM)
     return archive, folder
@@ -125,6 +128,14 @@ class TestPowerShellToolArchives:
         source = _source(borg_repo, base_dir, archive)
         assert source.settings == (folder / f"{VM}.vbox").read_bytes()
         assert "restored as they are" in source.notes[0]
+
+    def test_vbox_in_a_subfolder(self, tmp_path, borg_cli, borg_repo, base_dir):
+        """An archive of the folder above (.vbox one level down, which the tool's restore walk finds) restores alike."""
+        archive, _ = _tool_archive(tmp_path, borg_cli, borg_repo, running=True, from_parent=True)
+        source = _source(borg_repo, base_dir, archive)
+        assert source.settings_path == f"{VM}.vbox"
+        assert all(f.archive_path == f"{VM}/{f.target_path}" for f in source.files)
+        assert f"{VM}.vdi" in {f.target_path for f in source.files}
 
     def test_chunks_are_the_archives_own(self, tmp_path, borg_cli, borg_repo, base_dir):
         """Each file's chunks, fetched in order, are byte-identical to borg extract of that file."""
@@ -287,6 +298,25 @@ def _two_tool_archives(tmp_path: Path, borg_cli: BorgCLI, repo_path: Path) -> tu
 def _extract(borg_cli: BorgCLI, repo_path: Path, archive: str, source: vbremote.RestoreSource, out: Path) -> None:
     out.mkdir()
     borg_cli("extract", f"{repo_path}::{archive}", *[f.archive_path for f in source.files], cwd=out)
+
+
+class TestSettingsReferences:
+    @given(st.text(alphabet="ab./\\:C ", min_size=1, max_size=12))
+    def test_accepted_paths_stay_inside(self, location):
+        """Any medium location the check accepts is relative, normalised, POSIX-style and without a drive letter."""
+        settings = MachineSettings(uuid="1", name="n", state_file=None, current_snapshot=None, snapshot_folder=None,
+                                   media=(Medium("2", location, "VDI", None, ()),), attachments=(), snapshot=None,
+                                   nvram=None)
+        try:
+            (reference,) = settings_references(settings, archive="a")
+        except vbremote.ArchiveInvalid:
+            return
+        path = reference.path
+        assert not path.startswith("/")
+        assert "\\" not in path
+        assert ".." not in path.split("/")
+        assert posixpath.normpath(path) == path
+        assert not (path[:1].isalpha() and path[1:2] == ":")
 
 
 class TestEndToEnd:
