@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 import vbremote
 from vbremote._models import FileRole
-from vbremote._restorer import apply_plan, make_plan
+from vbremote._restorer import _foreign, apply_plan, make_plan
 from vbremote._restorer._checks import check_settings, settings_references
 from vbremote._restorer._foreign import TRANSIENT_SNAPSHOT, foreign_source
 from vbremote._settings import MachineSettings, Medium, parse_settings
@@ -267,6 +267,13 @@ class TestHostileArchives:
         folder = _crafted(tmp_path)
         (folder / f"{VM}.vdi").unlink()
         assert "does not hold" in str(_refused(tmp_path, borg_cli, borg_repo, base_dir, folder))
+
+    @pytest.mark.parametrize(("bound", "value", "words"), [("MAX_ITEMS", 2, "items"), ("MAX_FILE_SIZE", 4096, "bytes")])
+    def test_absurd_counts_and_sizes_refused(self, tmp_path, borg_cli, borg_repo, base_dir, monkeypatch, bound, value,
+                                             words):
+        """More items or a larger file than the bounds allow is refused (bounds lowered to fit a test)."""
+        monkeypatch.setattr(_foreign, bound, value)
+        assert words in str(_refused(tmp_path, borg_cli, borg_repo, base_dir, _crafted(tmp_path)))
 
     def test_vbox_as_fifo_refused(self, tmp_path, borg_cli, borg_repo, base_dir):
         """A .vbox that is not a regular file is refused before anything is read."""
