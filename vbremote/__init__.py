@@ -8,6 +8,7 @@ from __future__ import annotations
 from ._errors import (
     AccessDenied,
     ArchiveExists,
+    ArchiveInvalid,
     ArchiveMetadataError,
     ArchiveNotFound,
     BorgError,
@@ -39,6 +40,7 @@ from ._errors import (
     VMNotFound,
 )
 from ._models import (
+    ArchiveContents,
     ArchiveFile,
     ArchiveInfo,
     CheckResult,
@@ -50,12 +52,14 @@ from ._models import (
     FileChunks,
     FileRole,
     FileSpec,
+    ItemKind,
     MachineState,
     MediumInfo,
     Progress,
     SnapshotInfo,
     SnapshotMetadata,
     SnapshotMode,
+    StoredItem,
     VMInfo,
     WriteResult,
 )
@@ -63,6 +67,7 @@ from ._pruner import PROTECTED_LABEL, Guards, PlanEntry, PrunePlan, Pruner, Prun
 from ._repository import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_ENCRYPTION,
+    DEFAULT_READ_AHEAD,
     ENCRYPTION_MODES,
     ChunkStream,
     FetchedChunk,
@@ -78,9 +83,11 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AccessDenied",
+    "ArchiveContents",
     "ArchiveExists",
     "ArchiveFile",
     "ArchiveInfo",
+    "ArchiveInvalid",
     "ArchiveMetadataError",
     "ArchiveNotFound",
     "BorgError",
@@ -94,6 +101,7 @@ __all__ = [
     "ConnectionFailed",
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_ENCRYPTION",
+    "DEFAULT_READ_AHEAD",
     "Decision",
     "DeleteResult",
     "DiskAttachment",
@@ -107,6 +115,7 @@ __all__ = [
     "Guards",
     "IntegrityError",
     "InvalidVMState",
+    "ItemKind",
     "KeepLabels",
     "KeepRules",
     "LocalTransport",
@@ -140,6 +149,7 @@ __all__ = [
     "SnapshotMode",
     "SnapshotNotFound",
     "SourceChanged",
+    "StoredItem",
     "Transport",
     "VBRemoteError",
     "VMInfo",
