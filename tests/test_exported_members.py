@@ -28,6 +28,8 @@ EXPECTED = {
     "SnapshotNotFound", "VMInfo", "VMLocked", "VMNotFound", "VirtualBoxError", "VirtualBoxHost",
     "VirtualBoxOperationFailed", "VirtualBoxTimeout", "VirtualBoxUnavailable",
     "RepositoryBusy", "ChunkStream", "FetchedChunk", "FetchErrors",
+    "DEFAULT_NAME_TEMPLATE", "TRANSIENT_PREFIX", "SnapshotError", "SnapshotInProgress", "SnapshotResult",
+    "SnapshotStats", "Snapshotter", "TransientSnapshotLeft",
 }
 
 
