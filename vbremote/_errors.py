@@ -28,6 +28,9 @@ adapter boundary and raised ``from`` the original, so callers catch one tree::
     ├── SnapshotError                              taking a snapshot (Snapshotter)
     │   ├── SnapshotInProgress                     another run holds the VM's snapshot lock
     │   └── TransientSnapshotLeft                  the run's transient snapshot could not be deleted
+    ├── RestoreError                               a restore could not be planned or applied
+    │   ├── RestorePreflightFailed                 a preflight check refused the restore; nothing was written
+    │   └── TargetSpaceError                       the target folder's file system is full
     ├── PruneError                                 pruning
     │   └── PruneRefused                           a guard (or an append-only repository) said no
     ├── SettingsFileError (also ValueError)        a .vbox file that is malformed, hostile or unexpected
@@ -43,7 +46,7 @@ adapter boundary and raised ``from`` the original, so callers catch one tree::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._models import ArchiveInfo
@@ -71,11 +74,14 @@ __all__ = [
     "RepositoryLocked",
     "RepositoryNotFound",
     "RepositoryReadOnly",
+    "RestoreError",
+    "RestorePreflightFailed",
     "SettingsFileError",
     "SnapshotError",
     "SnapshotInProgress",
     "SnapshotNotFound",
     "SourceChanged",
+    "TargetSpaceError",
     "TransientSnapshotLeft",
     "VBRemoteError",
     "VMLocked",
@@ -155,11 +161,25 @@ class IntegrityError(RepositoryError):
 
     Attributes:
         chunk_id: The hex id of the chunk that failed, when one chunk is to blame.
+        path: In a restore, the target file (relative to the target folder) where
+            the bad data belongs; None otherwise.
+        offset: In a restore, the byte offset in ``path`` of the first place that
+            needed that data; None otherwise.
     """
 
-    def __init__(self, message: str, *, location: str = "", chunk_id: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        location: str = "",
+        chunk_id: str | None = None,
+        path: str | None = None,
+        offset: int | None = None,
+    ) -> None:
         super().__init__(message, location=location)
         self.chunk_id = chunk_id
+        self.path = path
+        self.offset = offset
 
 
 class ArchiveNotFound(RepositoryError):
@@ -255,6 +275,43 @@ class BorgError(RepositoryError):
     def __init__(self, message: str, *, location: str = "", borg_class: str = "") -> None:
         super().__init__(message, location=location)
         self.borg_class = borg_class
+
+
+class RestoreError(VBRemoteError):
+    """A restore could not be planned or applied.
+
+    Attributes:
+        archive: The archive being restored, where known.
+        path: The target file concerned (relative to the target folder), where one is.
+        offset: The byte offset in ``path``, where one is to blame.
+    """
+
+    def __init__(self, message: str, *, archive: str = "", path: str | None = None, offset: int | None = None) -> None:
+        super().__init__(message)
+        self.archive = archive
+        self.path = path
+        self.offset = offset
+
+
+class RestorePreflightFailed(RestoreError):
+    """A preflight check refused the restore (see the plan's problems); nothing was written.
+
+    Attributes:
+        problems: The plan's problems (each with ``code``, ``message`` and ``remedy``).
+    """
+
+    def __init__(self, message: str, *, archive: str = "", problems: tuple[Any, ...] = ()) -> None:
+        super().__init__(message, archive=archive)
+        self.problems = problems
+
+
+class TargetSpaceError(RestoreError):
+    """The target folder's file system ran out of space (or quota) during a restore.
+
+    What was written and made durable is recorded in the restore journal; run
+    the restore again once space is freed and it continues.
+    """
+
 
 
 class SnapshotError(VBRemoteError):

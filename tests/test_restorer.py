@@ -1,0 +1,235 @@
+"""The Restorer on the simulated VirtualBox and real borg repositories, with archives the Snapshotter made.
+
+Results are checked from the outside: the registered VM's state and media as
+the simulated host reports them, the files against what the guest had
+written at the snapshot's instant (the simulator records it), and the VDI
+images with ``qemu-img check``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid as uuid_module
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import BorgCLI
+
+import vbremote
+from vbremote._restorer._rewrite import new_identity, set_vdi_uuids, settings_with, vdi_uuids
+from vbremote._restorer._source import source_from_archive
+from vbremote._settings import parse_settings
+from vbremote.testing import MIB, SimulatedVirtualBox, Timing, qemu_tools_available
+
+PROFILES = ["6.1", "7.1"]
+
+
+class Scene:
+    """A simulated host with one VM "dev" (EFI, two 4 MiB disks, the second outside the VM folder)."""
+
+    def __init__(self, tmp_path: Path, profile: str, repo: vbremote.Repository, borg: BorgCLI,
+                 transport: vbremote.LocalTransport, *, home: str = "vbox") -> None:
+        self.tmp_path = tmp_path
+        self.profile = profile
+        self.sim = SimulatedVirtualBox(tmp_path / home, version=profile,
+                                       timing=Timing(unlock_delay=0.02, snapshot=0.02))
+        self.sim.create_vm("dev", disk_size=4 * MIB, disks=2, firmware="EFI",
+                           external_disk_folder=tmp_path / "elsewhere")
+        self.host = vbremote.VirtualBoxHost.connect(manager=self.sim.manager(),
+                                                    lock_retry=vbremote.LockRetry(total=0.3))
+        self.repo = repo
+        self.borg = borg
+        self.transport = transport
+        self.snapshotter = vbremote.Snapshotter(self.host, repo, state_dir=tmp_path / "state")
+
+    def close(self) -> None:
+        self.sim.close()
+
+    def take(self, mode: vbremote.SnapshotMode | str = "auto") -> vbremote.ArchiveInfo:
+        return self.snapshotter.take("dev", mode).archive
+
+
+@pytest.fixture(params=PROFILES)
+def scene(request: pytest.FixtureRequest, tmp_path: Path, repo: vbremote.Repository, borg_cli: BorgCLI,
+          transport: vbremote.LocalTransport) -> Iterator[Scene]:
+    made = Scene(tmp_path, request.param, repo, borg_cli, transport)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def scene71(tmp_path: Path, repo: vbremote.Repository, borg_cli: BorgCLI,
+            transport: vbremote.LocalTransport) -> Iterator[Scene]:
+    made = Scene(tmp_path, "7.1", repo, borg_cli, transport)
+    yield made
+    made.close()
+
+
+def write_crafted(repo: vbremote.Repository, tmp_path: Path, settings: bytes, *, name: str = "crafted",
+                  extra: dict[str, bytes] | None = None) -> vbremote.ArchiveInfo:
+    """A vbremote archive of a hand-written settings file (and small data files), as a hostile server could hold."""
+    folder = tmp_path / f"src-{name}"
+    folder.mkdir()
+    (folder / "dev.vbox").write_bytes(settings)
+    specs = [vbremote.FileSpec(folder / "dev.vbox", "dev.vbox", vbremote.FileRole.SETTINGS)]
+    for path, data in (extra or {}).items():
+        (folder / path.replace("/", "_")).write_bytes(data)
+        specs.append(vbremote.FileSpec(folder / path.replace("/", "_"), path, vbremote.FileRole.DISK))
+    parsed = parse_settings(settings)
+    metadata = vbremote.SnapshotMetadata(vm_name=parsed.name, vm_uuid=parsed.uuid)
+    return repo.write_archive(name, specs, metadata).archive
+
+
+def settings_text(*, disk: str = "dev.vdi", state: str | None = None, nvram: str | None = None,
+                  snapshot_folder: str | None = None) -> bytes:
+    machine_uuid = "{11111111-2222-3333-4444-555555555555}"
+    state_attr = f' stateFile="{state}"' if state else ""
+    folder_attr = f' snapshotFolder="{snapshot_folder}"' if snapshot_folder else ""
+    nvram_xml = f'<BIOS><NVRAM path="{nvram}"/></BIOS>' if nvram else ""
+    return (
+        '<?xml version="1.0"?>\n<VirtualBox xmlns="http://www.virtualbox.org/" version="1.19-linux">'
+        f'<Machine uuid="{machine_uuid}" name="dev" OSType="Other"{state_attr}{folder_attr}>'
+        '<MediaRegistry><HardDisks>'
+        f'<HardDisk uuid="{{aaaaaaaa-2222-3333-4444-555555555555}}" location="{disk}" format="VDI" type="Normal"/>'
+        '</HardDisks></MediaRegistry>'
+        f'<Hardware><CPU count="1"/>{nvram_xml}</Hardware>'
+        '<StorageControllers><StorageController name="SATA" type="AHCI" PortCount="1">'
+        '<AttachedDevice type="HardDisk" port="0" device="0">'
+        '<Image uuid="{aaaaaaaa-2222-3333-4444-555555555555}"/></AttachedDevice>'
+        '</StorageController></StorageControllers></Machine></VirtualBox>\n'
+    ).encode()
+
+
+class TestSource:
+    def test_snapshotter_archive(self, scene: Scene):
+        """A Snapshotter archive gives every data file at its archive path, and the settings it was frozen with."""
+        archive = scene.take()
+        source = source_from_archive(scene.repo, archive.name)
+        assert source.vm_uuid == archive.vm_uuid
+        assert source.vm_name == "dev"
+        assert source.settings_path == "dev.vbox"
+        paths = {f.target_path: f for f in source.files}
+        recorded = {f.path for f in archive.files if f.role is not vbremote.FileRole.SETTINGS}
+        assert set(paths) == recorded
+        assert any(p.startswith("_external/") for p in paths)
+        for f in source.files:
+            assert f.target_path == f.archive_path
+            assert f.size == archive.file(f.archive_path).size
+        parsed = parse_settings(source.settings)
+        assert parsed.uuid == archive.vm_uuid
+        assert source.vbox_version == scene.host.version
+        assert source.mode is archive.mode
+
+    def test_external_mapped(self, scene71: Scene):
+        """An ``_external/`` disk goes where the caller maps it, and the settings name it there."""
+        archive = scene71.take()
+        (external,) = [f.path for f in archive.files if f.path.startswith("_external/")]
+        source = source_from_archive(scene71.repo, archive, external={external: "disks/second.vdi"})
+        assert "disks/second.vdi" in {f.target_path for f in source.files}
+        locations = {m.location for m in parse_settings(source.settings).all_media()}
+        assert "disks/second.vdi" in locations
+        assert external not in locations
+
+    def test_external_map_outside_refused(self, scene71: Scene):
+        """A mapping that leaves the target folder is refused."""
+        archive = scene71.take()
+        (external,) = [f.path for f in archive.files if f.path.startswith("_external/")]
+        with pytest.raises(vbremote.ConfigurationError):
+            source_from_archive(scene71.repo, archive, external={external: "../second.vdi"})
+
+    @pytest.mark.parametrize(("settings", "what"), [
+        (settings_text(disk="../../etc/x"), "medium location"),
+        (settings_text(disk="/etc/x"), "medium location"),
+        (settings_text(state="/var/tmp/dev.sav"), "state file"),
+        (settings_text(nvram="../dev.nvram"), "NVRAM"),
+        (settings_text(snapshot_folder="/srv/elsewhere"), "snapshot folder"),
+    ])
+    def test_hostile_settings_refused(self, repo: vbremote.Repository, tmp_path: Path, settings: bytes, what: str):
+        """Settings that name a file outside the VM folder are refused with an error naming the archive."""
+        archive = write_crafted(repo, tmp_path, settings, extra={"dev.vdi": b"\0" * 4096})
+        with pytest.raises(vbremote.ArchiveInvalid, match="not a path inside the VM folder") as caught:
+            source_from_archive(repo, archive)
+        assert caught.value.archive == "crafted"
+        assert what in str(caught.value)
+
+    def test_missing_disk_refused(self, repo: vbremote.Repository, tmp_path: Path):
+        """Settings that need a disk the archive does not hold are refused."""
+        archive = write_crafted(repo, tmp_path, settings_text(disk="dev.vdi"))
+        with pytest.raises(vbremote.ArchiveInvalid, match="not in the archive") as caught:
+            source_from_archive(repo, archive)
+        assert caught.value.path == "dev.vdi"
+
+    def test_bad_xml_refused(self, repo: vbremote.Repository, tmp_path: Path):
+        """A settings file with a DOCTYPE (entity expansion) is refused as the archive's fault."""
+        bomb = (b'<?xml version="1.0"?><!DOCTYPE v [<!ENTITY a "aaaa">]>'
+                b'<VirtualBox xmlns="http://www.virtualbox.org/" version="1.19"><Machine uuid="{11111111-2222-3333-'
+                b'4444-555555555555}" name="dev">&a;</Machine></VirtualBox>')
+        folder = tmp_path / "bomb"
+        folder.mkdir()
+        (folder / "dev.vbox").write_bytes(bomb)
+        metadata = vbremote.SnapshotMetadata(vm_name="dev", vm_uuid="11111111-2222-3333-4444-555555555555")
+        archive = repo.write_archive(
+            "bomb", [vbremote.FileSpec(folder / "dev.vbox", "dev.vbox", vbremote.FileRole.SETTINGS)], metadata
+        ).archive
+        with pytest.raises(vbremote.ArchiveInvalid, match="DOCTYPE"):
+            source_from_archive(repo, archive)
+
+    def test_settings_of_another_vm_refused(self, repo: vbremote.Repository, tmp_path: Path):
+        """A settings file whose machine uuid is not the metadata's is refused."""
+        folder = tmp_path / "other"
+        folder.mkdir()
+        (folder / "dev.vbox").write_bytes(settings_text())
+        (folder / "dev.vdi").write_bytes(b"\0" * 4096)
+        metadata = vbremote.SnapshotMetadata(vm_name="dev", vm_uuid=str(uuid_module.uuid4()))
+        archive = repo.write_archive("other", [
+            vbremote.FileSpec(folder / "dev.vbox", "dev.vbox", vbremote.FileRole.SETTINGS),
+            vbremote.FileSpec(folder / "dev.vdi", "dev.vdi", vbremote.FileRole.DISK),
+        ], metadata).archive
+        with pytest.raises(vbremote.ArchiveInvalid, match="metadata says"):
+            source_from_archive(repo, archive)
+
+
+class TestRewrite:
+    def test_drop_state_and_level(self):
+        """Dropping the state file and setting a portability level change only those."""
+        data = settings_text(state="Snapshots/x.sav")
+        out = settings_with(data, drop_state=True, cpu_portability_level=2)
+        parsed = parse_settings(out)
+        assert parsed.state_file is None
+        assert b'CpuIdPortabilityLevel="2"' in out
+        assert parse_settings(settings_with(data)).state_file == "Snapshots/x.sav"
+
+    def test_new_identity(self):
+        """A new identity changes the machine uuid, its name and every hard disk's uuid, in registry and attachments."""
+        out, machine, media = new_identity(settings_text(), name="dev-old")
+        parsed = parse_settings(out)
+        assert parsed.uuid == machine != "11111111-2222-3333-4444-555555555555"
+        assert parsed.name == "dev-old"
+        (old,) = media
+        assert old == "aaaaaaaa-2222-3333-4444-555555555555"
+        assert [m.uuid for m in parsed.all_media()] == [media[old]]
+        assert [a.medium for a in parsed.attachments] == [media[old]]
+
+    def test_vdi_uuids_rewritten(self, tmp_path: Path):
+        """A differencing VDI gets its new uuid and its parent's new uuid; qemu-img still reads both."""
+        if not qemu_tools_available():
+            pytest.skip("qemu-img is not installed (Debian package qemu-utils)")
+        from vbremote.testing._vdi import VDI
+
+        base = VDI.create(tmp_path / "base.vdi", 4 * MIB)
+        base.write(0, b"x" * 4096)
+        child = VDI.create_diff(tmp_path / "child.vdi", base)
+        child.write(MIB, b"y" * 4096)
+        media = {base.uuid: str(uuid_module.uuid4()), child.uuid: str(uuid_module.uuid4())}
+        assert set_vdi_uuids(tmp_path / "base.vdi", media)
+        assert set_vdi_uuids(tmp_path / "child.vdi", media)
+        assert vdi_uuids(tmp_path / "base.vdi") == (media[base.uuid], str(uuid_module.UUID(int=0)))
+        assert vdi_uuids(tmp_path / "child.vdi") == (media[child.uuid], media[base.uuid])
+        reopened = VDI.open(tmp_path / "child.vdi", parent=VDI.open(tmp_path / "base.vdi"))
+        assert reopened.read(0, 4096) == b"x" * 4096
+        assert reopened.read(MIB, 4096) == b"y" * 4096
+        subprocess.run(["qemu-img", "check", "-f", "vdi", str(tmp_path / "base.vdi")], check=True,
+                       capture_output=True)
+        (tmp_path / "plain").write_bytes(b"not an image" * 100)
+        assert not set_vdi_uuids(tmp_path / "plain", media)
