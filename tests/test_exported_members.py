@@ -30,6 +30,8 @@ EXPECTED = {
     "RepositoryBusy", "ChunkStream", "FetchedChunk", "FetchErrors",
     "DEFAULT_NAME_TEMPLATE", "TRANSIENT_PREFIX", "SnapshotError", "SnapshotInProgress", "SnapshotResult",
     "SnapshotStats", "Snapshotter", "TransientSnapshotLeft",
+    "ApplyStats", "BlockAction", "FilePlan", "PlanProblem", "RestoreError", "RestoreFileState", "RestorePlan",
+    "RestorePreflightFailed", "RestoreState", "TargetSpaceError",
 }
 
 

@@ -313,7 +313,6 @@ class TargetSpaceError(RestoreError):
     """
 
 
-
 class SnapshotError(VBRemoteError):
     """Taking a snapshot failed or was refused.
 
