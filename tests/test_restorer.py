@@ -9,6 +9,7 @@ images with ``qemu-img check``.
 from __future__ import annotations
 
 import subprocess
+import time
 import uuid as uuid_module
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,13 +21,13 @@ import vbremote
 from vbremote._restorer._rewrite import new_identity, set_vdi_uuids, settings_with, vdi_uuids
 from vbremote._restorer._source import source_from_archive
 from vbremote._settings import parse_settings
-from vbremote.testing import MIB, SimulatedVirtualBox, Timing, qemu_tools_available
+from vbremote.testing import MIB, GuestWorkload, SimulatedVirtualBox, Timing, qemu_tools_available
 
 PROFILES = ["6.1", "7.1"]
 
 
 class Scene:
-    """A simulated host with one VM "dev" (EFI, two 4 MiB disks, the second outside the VM folder)."""
+    """A simulated host with one VM "dev" (EFI, two 16 MiB disks, the second outside the VM folder)."""
 
     def __init__(self, tmp_path: Path, profile: str, repo: vbremote.Repository, borg: BorgCLI,
                  transport: vbremote.LocalTransport, *, home: str = "vbox") -> None:
@@ -34,7 +35,7 @@ class Scene:
         self.profile = profile
         self.sim = SimulatedVirtualBox(tmp_path / home, version=profile,
                                        timing=Timing(unlock_delay=0.02, snapshot=0.02))
-        self.sim.create_vm("dev", disk_size=4 * MIB, disks=2, firmware="EFI",
+        self.sim.create_vm("dev", disk_size=16 * MIB, disks=2, firmware="EFI",
                            external_disk_folder=tmp_path / "elsewhere")
         self.host = vbremote.VirtualBoxHost.connect(manager=self.sim.manager(),
                                                     lock_retry=vbremote.LockRetry(total=0.3))
@@ -233,3 +234,57 @@ class TestRewrite:
                        capture_output=True)
         (tmp_path / "plain").write_bytes(b"not an image" * 100)
         assert not set_vdi_uuids(tmp_path / "plain", media)
+
+
+HOT = GuestWorkload(rate=300, write_size=64 * 1024, pattern="hot", seed=5)
+
+
+def take_recording(scene: Scene, mode: vbremote.SnapshotMode | str = "auto") -> tuple[vbremote.ArchiveInfo,
+                                                                                        dict[int, bytes]]:
+    """An archive, and what the guest had written to each disk at its instant (recorded during the run)."""
+    contents: dict[int, bytes] = {}
+
+    def record(event: vbremote.Progress) -> None:
+        if event.operation == "archive" and not contents:
+            transient = [s for s in scene.host.vm("dev").snapshots()
+                         if s.name.startswith(vbremote.TRANSIENT_PREFIX)]
+            (snapshot,) = transient
+            for port in (0, 1):
+                contents[port] = scene.sim.guest_content_at("dev", snapshot.uuid, port)
+
+    result = scene.snapshotter.take("dev", mode, progress=record)
+    assert contents, "the run reported no archive progress"
+    return result.archive, contents
+
+
+def wait_writes(scene: Scene, count: int) -> None:
+    deadline = time.monotonic() + 10
+    start = scene.sim.guest_writes("dev")
+    while scene.sim.guest_writes("dev") < start + count:
+        assert time.monotonic() < deadline, "the guest did not write"
+        time.sleep(0.01)
+
+
+class TestInPlace:
+    def test_online_archive_resumes_saved(self, scene: Scene):
+        """After the guest changed, an online archive restores in place: only changed blocks travel, the VM is
+        Saved with the instant's disks."""
+        scene.sim.start("dev", workload=HOT)
+        archive, instant = take_recording(scene)
+        assert archive.mode is vbremote.SnapshotMode.ONLINE
+        wait_writes(scene, 20)
+        restorer = vbremote.Restorer(scene.host, scene.repo)
+        plan = restorer.plan(archive, power_off=True)
+        assert plan.problems == ()
+        assert plan.target == scene.host.vm("dev").folder
+        total = sum(f.source.size for f in plan.files)
+        assert 0 < plan.bytes_to_fetch < total / 2, plan.table()
+        result = restorer.restore(archive, power_off=True)
+        assert result.vm is not None
+        assert result.vm.state is vbremote.MachineState.SAVED
+        assert result.vm.uuid == archive.vm_uuid
+        assert result.stats.bytes_fetched <= plan.bytes_to_fetch
+        for port, content in instant.items():
+            assert scene.sim.disk_content("dev", port) == content
+        scene.host.start("dev")
+        assert scene.host.state("dev") is vbremote.MachineState.RUNNING

@@ -26,6 +26,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import stat
 import time
 from collections import deque
 from collections.abc import Callable
@@ -179,7 +180,9 @@ class _Applier:
             for part in rel.split("/")[:-1]:
                 parent = parent / part
                 parent.mkdir(exist_ok=True)
-                target_file(self.target, os.path.relpath(parent, self.target))
+                if not stat.S_ISDIR(os.lstat(parent).st_mode):  # a symlink to a folder, or a file
+                    raise RestoreError(f"{parent} is not a folder; a restore never writes through a symlink",
+                                       path=rel)
             self.fds[rel] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
     def close(self) -> None:
