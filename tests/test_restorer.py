@@ -288,3 +288,221 @@ class TestInPlace:
             assert scene.sim.disk_content("dev", port) == content
         scene.host.start("dev")
         assert scene.host.state("dev") is vbremote.MachineState.RUNNING
+
+    def test_offline_archive_powered_off(self, scene: Scene):
+        """An offline archive restores a powered-off VM; the disks hold what they held when it was taken."""
+        before = {port: scene.sim.disk_content("dev", port) for port in (0, 1)}
+        archive = scene.take()
+        assert archive.mode is vbremote.SnapshotMode.OFFLINE
+        scene.sim.start("dev", workload=HOT)
+        wait_writes(scene, 20)
+        scene.sim.power_off("dev")
+        assert scene.sim.disk_content("dev", 0) != before[0]
+        result = vbremote.Restorer(scene.host, scene.repo).restore(archive)
+        assert result.vm is not None
+        assert result.vm.state is vbremote.MachineState.POWERED_OFF
+        for port, content in before.items():
+            assert scene.sim.disk_content("dev", port) == content
+
+    def test_stale_files_removed(self, scene71: Scene, tmp_path: Path):
+        """Files the old VM named and the archive lacks (a later snapshot's images and state) are removed and
+        listed; other files in the folder stay."""
+        scene = scene71
+        archive = scene.take()
+        scene.sim.start("dev", workload=HOT)
+        wait_writes(scene, 5)
+        scene.host.take_snapshot("dev", "later")
+        wait_writes(scene, 5)
+        scene.host.save_state("dev")
+        info = scene.host.vm("dev")
+        folder = info.folder
+        later = [s for s in info.snapshots() if s.name == "later"]
+        assert later
+        named: set[Path | None] = {m.location for a in info.attachments for m in a.chain}
+        named |= {info.state_file, info.nvram_file}
+        for snap in info.snapshots():
+            named |= {m.location for a in snap.attachments for m in a.chain} | {snap.state_file, snap.nvram_file}
+        keep = folder / "Logs" / "VBox.log"
+        keep.parent.mkdir(exist_ok=True)
+        keep.write_text("log")
+        mine = folder / "notes.txt"
+        mine.write_text("mine")
+        restored = {folder / f.path for f in archive.files}
+        expected = {p for p in named if p is not None and p.exists() and p.is_relative_to(folder)
+                    and p not in restored}
+        result = vbremote.Restorer(scene.host, scene.repo).restore(archive)
+        assert {p.suffix for p in expected} >= {".vdi", ".sav"}
+        assert set(result.removed) == expected
+        assert not any(p.exists() for p in result.removed)
+        assert keep.read_text() == "log"
+        assert mine.read_text() == "mine"
+        assert all(p.exists() for p in restored)
+        assert result.vm is not None
+        assert [s.name for s in result.vm.snapshots()] == []
+
+
+class TestElsewhere:
+    def test_another_host(self, scene: Scene, tmp_path: Path):
+        """Into a folder on another host (migration): the external disk lands inside the folder, the VM registers
+        there Saved and resumes."""
+        scene.sim.start("dev", workload=HOT)
+        archive, instant = take_recording(scene)
+        other = SimulatedVirtualBox(tmp_path / "other", version=scene.profile)
+        try:
+            host = vbremote.VirtualBoxHost.connect(manager=other.manager())
+            restorer = vbremote.Restorer(host, scene.repo)
+            plan = restorer.plan(archive)
+            assert plan.target == other.vms_folder / "dev"
+            result = restorer.restore(archive)
+            assert result.vm is not None
+            assert result.vm.state is vbremote.MachineState.SAVED
+            assert result.vm.folder == other.vms_folder / "dev"
+            for m in (m for a in result.vm.attachments for m in a.chain):
+                assert m.location.is_relative_to(result.vm.folder)
+            for port, content in instant.items():
+                assert other.disk_content("dev", port) == content
+            host.start("dev")
+            assert host.state("dev") is vbremote.MachineState.RUNNING
+        finally:
+            other.close()
+
+    def test_same_uuid_elsewhere_refused(self, scene71: Scene, tmp_path: Path):
+        """Into another folder while the VM is registered from its own: refused, and nothing is written."""
+        archive = scene71.take()
+        restorer = vbremote.Restorer(scene71.host, scene71.repo)
+        plan = restorer.plan(archive, tmp_path / "copy")
+        assert [p.code for p in plan.problems] == ["uuid-elsewhere"]
+        with pytest.raises(vbremote.RestorePreflightFailed, match="uuid-elsewhere") as caught:
+            restorer.restore(archive, tmp_path / "copy")
+        assert [p.code for p in caught.value.problems] == ["uuid-elsewhere"]
+        assert not (tmp_path / "copy").exists()
+
+    def test_as_new_beside(self, scene: Scene):
+        """As a new VM: registered beside the current one with new machine and disk uuids; the images check."""
+        if not qemu_tools_available():
+            pytest.skip("qemu-img is not installed (Debian package qemu-utils)")
+        scene.sim.start("dev", workload=HOT)
+        archive, instant = take_recording(scene)
+        restorer = vbremote.Restorer(scene.host, scene.repo)
+        result = restorer.restore(archive, as_new="dev-old")
+        new = result.vm
+        assert new is not None
+        current = scene.host.vm("dev")
+        assert new.name == "dev-old"
+        assert new.uuid != current.uuid
+        assert new.folder == scene.sim.vms_folder / "dev-old"
+        assert new.state is vbremote.MachineState.SAVED
+        old_media = {m.uuid for a in current.attachments for m in a.chain}
+        new_media = {m.uuid for a in new.attachments for m in a.chain}
+        assert new_media
+        assert not old_media & new_media
+        assert current.state is vbremote.MachineState.RUNNING
+        for port, content in instant.items():
+            assert scene.sim.disk_content("dev-old", port) == content
+        for medium in (m for a in new.attachments for m in a.chain):
+            assert vdi_uuids(medium.location) is not None
+            assert vdi_uuids(medium.location)[0] == medium.uuid
+            subprocess.run(["qemu-img", "check", "-f", "vdi", str(medium.location)], check=True,
+                           capture_output=True)
+
+
+class TestPreflight:
+    def test_running_refused(self, scene71: Scene):
+        """A running VM is a problem unless power_off=True; the refused restore changes nothing."""
+        archive = scene71.take()
+        scene71.sim.start("dev", workload=None)
+        restorer = vbremote.Restorer(scene71.host, scene71.repo)
+        assert [p.code for p in restorer.plan(archive).problems] == ["vm-running"]
+        assert restorer.plan(archive, power_off=True).problems == ()
+        folder = scene71.host.vm("dev").folder
+        before = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+        with pytest.raises(vbremote.RestorePreflightFailed) as caught:
+            restorer.restore(archive)
+        assert caught.value.problems[0].remedy
+        assert scene71.host.state("dev") is vbremote.MachineState.RUNNING
+        assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == before
+        result = restorer.restore(archive, power_off=True)
+        assert result.vm is not None
+        assert result.vm.state is vbremote.MachineState.POWERED_OFF
+
+    def test_version_mismatch(self, scene71: Scene, tmp_path: Path):
+        """A saved state of VirtualBox 7.1 is refused on 7.0; with discard_state it restores powered off."""
+        scene71.sim.start("dev", workload=HOT)
+        archive, instant = take_recording(scene71)
+        other = SimulatedVirtualBox(tmp_path / "other", version="7.0")
+        try:
+            host = vbremote.VirtualBoxHost.connect(manager=other.manager())
+            restorer = vbremote.Restorer(host, scene71.repo)
+            (problem,) = restorer.plan(archive).problems
+            assert problem.code == "vbox-version"
+            assert "discard_state=True" in problem.remedy
+            with pytest.raises(vbremote.RestorePreflightFailed):
+                restorer.restore(archive)
+            assert not (other.vms_folder / "dev").exists()
+            result = restorer.restore(archive, discard_state=True)
+            assert result.vm is not None
+            assert result.vm.state is vbremote.MachineState.POWERED_OFF
+            assert result.vm.state_file is None
+            for port, content in instant.items():
+                assert other.disk_content("dev", port) == content
+        finally:
+            other.close()
+
+    def test_cpu_vendor(self, scene71: Scene):
+        """A saved state taken on another CPU vendor is refused, with the way out; offline archives are not."""
+        scene71.sim.start("dev", workload=None)
+        archive = scene71.take()
+        restorer = vbremote.Restorer(scene71.host, scene71.repo, cpu_vendor="SomeOtherVendor")
+        problems = restorer.plan(archive, power_off=True).problems
+        assert [p.code for p in problems] == ["cpu-vendor"]
+        assert "discard_state=True" in problems[0].remedy
+        assert restorer.plan(archive, power_off=True, discard_state=True).problems == ()
+        result = restorer.restore(archive, power_off=True, discard_state=True, cpu_portability_level=2)
+        assert result.vm is not None
+        assert result.vm.state is vbremote.MachineState.POWERED_OFF
+        assert result.vm.cpu_portability_level == 2
+
+    def test_hostile_refused_before_any_write(self, scene71: Scene, tmp_path: Path):
+        """A vbremote archive whose settings name ../../etc/x is refused by plan and restore; nothing is written."""
+        archive = write_crafted(scene71.repo, tmp_path, settings_text(disk="../../etc/x"),
+                                extra={"dev.vdi": b"\1" * 4096})
+        restorer = vbremote.Restorer(scene71.host, scene71.repo)
+        target = tmp_path / "t" / "dev"
+        for call in (restorer.plan, restorer.restore):
+            with pytest.raises(vbremote.ArchiveInvalid, match="crafted"):
+                call(archive, target)
+        assert not (tmp_path / "t").exists()
+        assert scene71.host.vm("dev").state is vbremote.MachineState.POWERED_OFF
+
+
+class TestUnregisterFirst:
+    def test_failed_apply_leaves_no_vm(self, scene71: Scene):
+        """The old VM is unregistered before the first write: a restore that fails half-way leaves no VM
+        registered, and a re-run into the same folder completes."""
+        scene = scene71
+        scene.sim.start("dev", workload=HOT)
+        archive, instant = take_recording(scene)
+        wait_writes(scene, 20)
+        folder = scene.host.vm("dev").folder
+        restorer = vbremote.Restorer(scene.host, scene.repo)
+        registered_at_write: list[bool] = []
+
+        class Stop(Exception):
+            pass
+
+        def fail(event: vbremote.Progress) -> None:
+            if event.operation == "restore":
+                registered_at_write.append(any(vm.uuid == archive.vm_uuid for vm in scene.host.vms()))
+                if event.done > 0:
+                    raise Stop
+
+        with pytest.raises(Stop):
+            restorer.restore(archive, power_off=True, progress=fail)
+        assert registered_at_write
+        assert not any(registered_at_write)
+        assert not any(vm.uuid == archive.vm_uuid for vm in scene.host.vms())
+        result = restorer.restore(archive, folder)
+        assert result.vm is not None
+        assert result.vm.state is vbremote.MachineState.SAVED
+        for port, content in instant.items():
+            assert scene.sim.disk_content("dev", port) == content
