@@ -14,6 +14,7 @@ import uuid as uuid_module
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 from helpers import BorgCLI
 
@@ -506,3 +507,59 @@ class TestUnregisterFirst:
         assert result.vm.state is vbremote.MachineState.SAVED
         for port, content in instant.items():
             assert scene.sim.disk_content("dev", port) == content
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs (needs root and mount rights; skipped otherwise)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def rewritten(scene: Scene, archive: vbremote.ArchiveInfo, tmp_path: Path, **changes: object) -> vbremote.ArchiveInfo:
+    """The same files in a new archive whose metadata differs (e.g. taken on another host)."""
+    folder = tmp_path / f"extract-{archive.name}"
+    folder.mkdir()
+    scene.borg("extract", "--bypass-lock", f"{scene.transport.path}::{archive.name}", cwd=folder)
+    specs = [vbremote.FileSpec(folder / f.path, f.path, f.role, medium=f.medium, parent=f.parent)
+             for f in archive.files]
+    metadata = attrs.evolve(archive.metadata, **changes)
+    return scene.repo.write_archive(f"{archive.name}-moved", specs, metadata).archive
+
+
+class TestPreflightMore:
+    def test_no_space(self, scene71: Scene, small_fs: Path):
+        """A target too small for what the restore writes is refused before any write."""
+        archive = scene71.take()
+        other = SimulatedVirtualBox(scene71.tmp_path / "other", version="7.1")
+        try:
+            restorer = vbremote.Restorer(vbremote.VirtualBoxHost.connect(manager=other.manager()), scene71.repo)
+            codes = [p.code for p in restorer.plan(archive, small_fs / "dev").problems]
+            assert codes == ["no-space"]
+            with pytest.raises(vbremote.RestorePreflightFailed, match="no-space"):
+                restorer.restore(archive, small_fs / "dev")
+            assert list(small_fs.iterdir()) == []
+        finally:
+            other.close()
+
+    def test_cpu_portability_from_another_host(self, scene71: Scene, tmp_path: Path):
+        """A saved state from another host at portability level 0 needs cpu_portability_level= or discard_state."""
+        scene71.sim.start("dev", workload=None)
+        archive = rewritten(scene71, scene71.take(), tmp_path, host="another-host")
+        restorer = vbremote.Restorer(scene71.host, scene71.repo)
+        problems = restorer.plan(archive, power_off=True).problems
+        assert [p.code for p in problems] == ["cpu-portability"]
+        assert "cpu_portability_level=" in problems[0].remedy
+        assert restorer.plan(archive, power_off=True, cpu_portability_level=1).problems == ()
+        result = restorer.restore(archive, power_off=True, cpu_portability_level=1)
+        assert result.vm is not None
+        assert result.vm.state is vbremote.MachineState.SAVED
+        assert result.vm.cpu_portability_level == 1
