@@ -280,7 +280,18 @@ class TestInPlace:
         assert plan.target == scene.host.vm("dev").folder
         total = sum(f.source.size for f in plan.files)
         assert 0 < plan.bytes_to_fetch < total / 2, plan.table()
-        result = restorer.restore(archive, power_off=True)
+        hashed_while_running: list[bool] = []
+
+        def while_hashing(event: vbremote.Progress) -> None:
+            # A guest still running while the plan compares its files would make the plan stale.
+            if event.operation == "hash" and not hashed_while_running:
+                running = scene.host.state("dev").is_running
+                hashed_while_running.append(running)
+                if running:
+                    wait_writes(scene, 10)
+
+        result = restorer.restore(archive, power_off=True, progress=while_hashing)
+        assert hashed_while_running == [False]
         assert result.vm is not None
         assert result.vm.state is vbremote.MachineState.SAVED
         assert result.vm.uuid == archive.vm_uuid

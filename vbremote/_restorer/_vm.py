@@ -163,7 +163,7 @@ class Restorer:
                                                 cpu_portability_level=cpu_portability_level)
         _, outside = self._old_files(folder, source, current) if as_new is None else (set(), set())
         plan = make_plan(self.repository, source, folder, seeds=[*seeds, *sorted(outside)], progress=progress)
-        problems = self._preflight(source, plan, power_off=power_off, discard_state=discard_state,
+        problems = self._preflight(source, folder, power_off=power_off, discard_state=discard_state,
                                    cpu_portability_level=cpu_portability_level, as_new=as_new)
         return attrs.evolve(plan, problems=(*plan.problems, *problems))
 
@@ -203,7 +203,7 @@ class Restorer:
     def _preflight(
         self,
         source: RestoreSource,
-        plan: RestorePlan,
+        folder: Path,
         *,
         power_off: bool,
         discard_state: bool,
@@ -211,7 +211,6 @@ class Restorer:
         as_new: str | None,
     ) -> list[PlanProblem]:
         problems: list[PlanProblem] = []
-        folder = plan.target
         current = self._registered(source.vm_uuid)
         if as_new is not None:
             for vm in self.host.vms():
@@ -302,10 +301,14 @@ class Restorer:
     ) -> RestoreResult:
         """Restore ``archive`` into ``target`` and register the VM.
 
-        The order: plan and preflight (nothing written); power off if asked;
-        unregister the VM being replaced; write the data (resumable: run
-        again after an interruption and it continues); write the settings
-        file; register and check the VM; remove the stale files.
+        The order: preflight (nothing written); power off if asked (before
+        the plan, which compares the VM's files); plan (the ``no-space``
+        check); unregister the VM being replaced; write the data (resumable:
+        run again after an interruption and it continues); write the
+        settings file; register and check the VM; remove the stale files.
+
+        A restore as a new VM reads the current VM's files as seeds when it
+        is not running (its disks hold most of the data of any of its archives).
 
         Args:
             archive, target, seeds, power_off, discard_state, cpu_portability_level, as_new, external:
@@ -326,22 +329,29 @@ class Restorer:
         """
         source, folder, current = self._prepare(archive, target, as_new=as_new, external=external,
                                                 cpu_portability_level=cpu_portability_level)
-        in_place = as_new is None
-        old_files, outside = self._old_files(folder, source, current) if in_place else (set(), set())
-        # The old VM's files outside the folder (disks it kept elsewhere) hold
-        # most of the data of their archived copies: read them, never write them.
-        plan = make_plan(self.repository, source, folder, seeds=[*seeds, *sorted(outside)], progress=progress)
-        problems = self._preflight(source, plan, power_off=power_off, discard_state=discard_state,
+        problems = self._preflight(source, folder, power_off=power_off, discard_state=discard_state,
                                    cpu_portability_level=cpu_portability_level, as_new=as_new)
-        plan = attrs.evolve(plan, problems=(*plan.problems, *problems))
+        if problems:
+            raise _refused(source, folder, problems)
+        in_place = as_new is None
+        if in_place and current is not None and current.state.is_running and power_off:
+            # Before the plan: a running guest changes the very blocks the plan compares.
+            log.info("%s: powering off for the restore", current.name)
+            self.host.power_off(current)
+        if in_place:
+            old_files, outside = self._old_files(folder, source, current)
+            # The old VM's files outside the folder (disks it kept elsewhere) hold
+            # most of the data of their archived copies: read them, never write them.
+            local_seeds = outside
+        else:
+            old_files = set()
+            mine = current if current is not None and current.state.is_off else None
+            inside, outside = self._old_files(mine.folder, source, mine) if mine is not None else (set(), set())
+            local_seeds = inside | outside
+        plan = make_plan(self.repository, source, folder, seeds=[*seeds, *sorted(local_seeds)], progress=progress)
         if plan.problems:
-            listed = "; ".join(f"{p.code}: {p.message} ({p.remedy})" for p in plan.problems)
-            raise RestorePreflightFailed(f"archive {source.archive!r} cannot be restored into {folder}: {listed}",
-                                         archive=source.archive, problems=plan.problems)
+            raise _refused(source, folder, plan.problems)
         if in_place and current is not None:
-            if current.state.is_running and power_off:
-                log.info("%s: powering off for the restore", current.name)
-                self.host.power_off(current)
             log.info("%s: unregistering before the restore writes", current.name)
             self.host.unregister(current)
         folder.mkdir(parents=True, exist_ok=True)
@@ -419,6 +429,12 @@ class Restorer:
             raise RestoreError(
                 f"archive {source.archive!r}: the restored VM {info.name!r} did not register as archived: "
                 + "; ".join(problems) + "; it was unregistered again", archive=source.archive)
+
+
+def _refused(source: RestoreSource, folder: Path, problems: Sequence[PlanProblem]) -> RestorePreflightFailed:
+    listed = "; ".join(f"{p.code}: {p.message} ({p.remedy})" for p in problems)
+    return RestorePreflightFailed(f"archive {source.archive!r} cannot be restored into {folder}: {listed}",
+                                  archive=source.archive, problems=tuple(problems))
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
