@@ -11,15 +11,15 @@ written outside the target folder.
 
 from __future__ import annotations
 
-import posixpath
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from attrs import field, frozen
 
-from .._errors import ArchiveInvalid, ConfigurationError, SettingsFileError
+from .._errors import ArchiveInvalid, ConfigurationError
 from .._models import EXTERNAL_FOLDER, ArchiveInfo, ChunkRef, FileRole, SnapshotMode, _check_archive_path
-from .._settings import MachineSettings, parse_settings
+from .._settings import MachineSettings
+from ._checks import check_settings
 from ._rewrite import rewrite_paths as _rewrite_paths
 
 if TYPE_CHECKING:
@@ -34,6 +34,14 @@ def _target_path(value: str) -> str:
 
 
 def _chunks(value: tuple[ChunkRef, ...]) -> tuple[ChunkRef, ...]:
+    return tuple(value)
+
+
+def _files(value: Iterable[SourceFile]) -> tuple[SourceFile, ...]:
+    return tuple(value)
+
+
+def _notes(value: Iterable[str]) -> tuple[str, ...]:
     return tuple(value)
 
 
@@ -70,10 +78,6 @@ class SourceFile:
             raise ConfigurationError(f"{self.archive_path}: chunks add up to {offset} bytes, not {self.size}")
 
 
-def _files(value: Iterable[SourceFile]) -> tuple[SourceFile, ...]:
-    return tuple(value)
-
-
 @frozen
 class RestoreSource:
     """Everything a restore needs from one archive.
@@ -93,6 +97,9 @@ class RestoreSource:
         cpu_vendor: The host CPU vendor, where known.
         cpu_portability: The VM's CPU portability level, where known.
         foreign: Whether another tool made the archive (no vbremote metadata).
+        notes: What building the source decided that a caller should be told
+            (e.g. for another tool's archive: which snapshot the settings were
+            frozen at, or that there was none).
     """
 
     archive: str
@@ -107,6 +114,7 @@ class RestoreSource:
     cpu_vendor: str | None = None
     cpu_portability: int | None = None
     foreign: bool = False
+    notes: tuple[str, ...] = field(default=(), converter=_notes)
 
     def __attrs_post_init__(self) -> None:
         seen = {self.settings_path}
@@ -119,14 +127,6 @@ class RestoreSource:
         for path in seen:
             if any(path.startswith(prefix) for prefix in prefixes):
                 raise ConfigurationError(f"archive {self.archive!r}: {path!r} lies inside another file's path")
-
-
-def _inside_target(path: str, what: str) -> str:
-    """A settings path, normalised, if it stays inside the target folder (else SettingsFileError)."""
-    normal = posixpath.normpath(path)
-    if path.startswith("/") or "\\" in path or normal in (".", "..") or normal.startswith("../"):
-        raise SettingsFileError(f"the {what} {path!r} is not a path inside the VM folder")
-    return normal
 
 
 def referenced_files(settings: MachineSettings) -> Iterator[tuple[str, FileRole, str]]:
@@ -215,15 +215,8 @@ def source_from_archive(
         if item.size != recorded.size:
             raise refuse(f"{recorded.path!r} is {item.size} bytes, the metadata says {recorded.size}", recorded.path)
     data = _fetch_whole(repository, stored[settings_file.path].chunks)
-    try:
-        settings = parse_settings(data)
-        wanted = {}
-        for path, role, what in referenced_files(settings):
-            wanted[_inside_target(path, what)] = (role, what)
-        if settings.snapshot_folder:
-            _inside_target(settings.snapshot_folder, "snapshot folder")
-    except SettingsFileError as exc:
-        raise refuse(f"settings file {settings_file.path!r}: {exc}", settings_file.path) from exc
+    settings, references = check_settings(data, archive=info.name, location=location)
+    wanted = {reference.path: (reference.role, reference.what) for reference in references}
     if settings.uuid != info.vm_uuid:
         raise refuse(f"the settings file is of VM {{{settings.uuid}}}, the metadata says {{{info.vm_uuid}}}",
                      settings_file.path)

@@ -35,6 +35,7 @@ import attrs
 from attrs import define, frozen
 
 from .._errors import (
+    ArchiveNotFound,
     ConfigurationError,
     RestoreError,
     RestorePreflightFailed,
@@ -44,6 +45,7 @@ from .._errors import (
 from .._models import ArchiveInfo, FileRole, MachineState, Progress, SnapshotMode, VMInfo
 from .._settings import parse_settings, relocate
 from ._apply import ApplyStats, Verify, apply_plan
+from ._foreign import foreign_source
 from ._plan import PlanProblem, RestorePlan, make_plan
 from ._rewrite import new_identity, set_vdi_uuids, settings_with
 from ._source import RestoreSource, referenced_files, source_from_archive
@@ -113,12 +115,31 @@ class Restorer:
     # -- planning -----------------------------------------------------------------
 
     def source(self, archive: ArchiveInfo | str, *, external: Mapping[str, str] | None = None) -> RestoreSource:
-        """What ``archive`` restores (see :func:`vbremote._restorer.source_from_archive`).
+        """What ``archive`` restores, checked before anything is written.
+
+        A vbremote archive is read from its metadata
+        (:func:`vbremote._restorer.source_from_archive`); an archive without
+        vbremote metadata (made with the borg CLI from a VM folder, e.g. by
+        the PowerShell tool) from its items and its settings file
+        (:func:`vbremote._restorer._foreign.foreign_source`).
 
         Raises:
-            ArchiveNotFound, ArchiveMetadataError, ArchiveInvalid: As there.
+            ArchiveNotFound: No archive of that name.
+            ArchiveInvalid: The archive is hostile or broken (its metadata
+                included: :class:`ArchiveMetadataError` is one); it names the archive.
+            ConfigurationError: ``external`` for an archive of another tool, or a bad mapping.
         """
-        return source_from_archive(self.repository, archive, external=external)
+        if isinstance(archive, ArchiveInfo):
+            return source_from_archive(self.repository, archive, external=external)
+        try:
+            info = self.repository.archive(archive)
+        except ArchiveNotFound:
+            contents = self.repository.chunk_lists(archive)  # ArchiveNotFound if there is none at all
+            if external:
+                raise ConfigurationError(f"archive {archive!r} was made by another tool: it has no _external/ files"
+                                         ) from None
+            return foreign_source(self.repository, archive, contents)
+        return source_from_archive(self.repository, info, external=external)
 
     def plan(
         self,
@@ -247,11 +268,10 @@ class Restorer:
         problems: list[PlanProblem] = []
         here = _major_minor(self.host.version)
         there = _major_minor(source.vbox_version)
-        if there is None:
-            problems.append(PlanProblem(
-                "vbox-version", "the archive does not record the VirtualBox version that saved its state",
-                "pass discard_state=True to restore it powered off"))
-        elif here != there:
+        # An archive of another tool records no version (nor CPU): nothing to
+        # compare, and VirtualBox refuses to load a saved state it cannot
+        # (the VM then stays Saved and its state can be discarded).
+        if there is not None and here != there:
             problems.append(PlanProblem(
                 "vbox-version",
                 f"the saved state was written by VirtualBox {source.vbox_version}; this host runs "
