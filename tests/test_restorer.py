@@ -16,7 +16,7 @@ from pathlib import Path
 
 import attrs
 import pytest
-from helpers import BorgCLI
+from helpers import PASSPHRASE, BorgCLI
 
 import vbremote
 from vbremote._restorer._rewrite import new_identity, set_vdi_uuids, settings_with, vdi_uuids
@@ -237,7 +237,7 @@ class TestRewrite:
         assert not set_vdi_uuids(tmp_path / "plain", media)
 
 
-HOT = GuestWorkload(rate=300, write_size=64 * 1024, pattern="hot", seed=5)
+HOT = GuestWorkload(rate=60, write_size=64 * 1024, pattern="hot", seed=5)
 
 
 def take_recording(scene: Scene, mode: vbremote.SnapshotMode | str = "auto") -> tuple[vbremote.ArchiveInfo,
@@ -295,7 +295,8 @@ class TestInPlace:
         assert result.vm is not None
         assert result.vm.state is vbremote.MachineState.SAVED
         assert result.vm.uuid == archive.vm_uuid
-        assert result.stats.bytes_fetched <= plan.bytes_to_fetch
+        # The guest wrote on until the restore powered it off: the restore's own plan, made then, differs.
+        assert 0 < result.stats.bytes_fetched < total / 2
         for port, content in instant.items():
             assert scene.sim.disk_content("dev", port) == content
         scene.host.start("dev")
@@ -574,3 +575,33 @@ class TestPreflightMore:
         assert result.vm is not None
         assert result.vm.state is vbremote.MachineState.SAVED
         assert result.vm.cpu_portability_level == 1
+
+
+class TestOtherTools:
+    def test_borg_cli_archive_of_vm_folder(self, tmp_path: Path, borg_cli: BorgCLI, base_dir: Path):
+        """An archive the borg CLI made of a powered-off VM's folder (the PowerShell tool's way) restores onto
+        another host and registers PoweredOff with the folder's disk."""
+        sim = SimulatedVirtualBox(tmp_path / "vbox", version="7.1")
+        other = SimulatedVirtualBox(tmp_path / "other", version="7.1")
+        try:
+            sim.create_vm("plain", disk_size=8 * MIB)
+            content = sim.disk_content("plain")
+            folder = sim.vms_folder / "plain"
+            repo_path = tmp_path / "cli-repo"
+            borg_cli("init", "-e", "repokey-blake2", str(repo_path))
+            borg_cli("create", "-C", "lz4", f"{repo_path}::plain-2026.11.26-18.00.00-offline", ".", cwd=folder)
+            host = vbremote.VirtualBoxHost.connect(manager=other.manager())
+            with vbremote.Repository.open(vbremote.LocalTransport(repo_path), passphrase=PASSPHRASE,
+                                          base_dir=base_dir) as repository:
+                restorer = vbremote.Restorer(host, repository)
+                plan = restorer.plan("plain-2026.11.26-18.00.00-offline")
+                assert plan.source.foreign
+                assert plan.problems == ()
+                result = restorer.restore("plain-2026.11.26-18.00.00-offline")
+            assert result.vm is not None
+            assert result.vm.state is vbremote.MachineState.POWERED_OFF
+            assert result.vm.folder == other.vms_folder / "plain"
+            assert other.disk_content("plain") == content
+        finally:
+            sim.close()
+            other.close()
