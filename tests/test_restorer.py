@@ -418,6 +418,19 @@ class TestElsewhere:
             subprocess.run(["qemu-img", "check", "-f", "vdi", str(medium.location)], check=True,
                            capture_output=True)
 
+    def test_as_new_reads_the_current_vm(self, scene71: Scene):
+        """As a new VM beside a powered-off current VM: its disks are read as seeds, so little is fetched."""
+        archive = scene71.take()
+        scene71.sim.start("dev", workload=HOT)
+        wait_writes(scene71, 10)
+        scene71.sim.power_off("dev")
+        result = vbremote.Restorer(scene71.host, scene71.repo).restore(archive, as_new="dev-old")
+        total = sum(f.size for f in archive.files)
+        assert result.stats.bytes_copied > total / 2
+        assert result.stats.bytes_fetched < total / 2
+        assert result.vm is not None
+        assert result.vm.state is vbremote.MachineState.POWERED_OFF
+
 
 class TestPreflight:
     def test_running_refused(self, scene71: Scene):
@@ -605,3 +618,20 @@ class TestOtherTools:
         finally:
             sim.close()
             other.close()
+
+
+class TestCheck:
+    def test_inaccessible_medium_not_left_registered(self, scene71: Scene):
+        """A restored VM that registers with a medium VirtualBox cannot open is unregistered again, with an error."""
+        archive = scene71.take()
+        folder = scene71.host.vm("dev").folder
+        victim = folder / "_external" / "dev-disk2.vdi"
+
+        def lose_disk(event: vbremote.Progress) -> None:
+            if event.operation == "restore" and event.done == event.total and victim.exists():
+                victim.unlink()
+
+        with pytest.raises(vbremote.RestoreError, match="inaccessible") as caught:
+            vbremote.Restorer(scene71.host, scene71.repo).restore(archive, verify="none", progress=lose_disk)
+        assert caught.value.archive == archive.name
+        assert not any(vm.uuid == archive.vm_uuid for vm in scene71.host.vms())
