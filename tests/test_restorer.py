@@ -8,7 +8,11 @@ images with ``qemu-img check``.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import sys
+import textwrap
 import time
 import uuid as uuid_module
 from collections.abc import Iterator
@@ -635,3 +639,57 @@ class TestCheck:
             vbremote.Restorer(scene71.host, scene71.repo).restore(archive, verify="none", progress=lose_disk)
         assert caught.value.archive == archive.name
         assert not any(vm.uuid == archive.vm_uuid for vm in scene71.host.vms())
+
+
+class TestKilled:
+    def test_killed_restore_leaves_no_vm(self, tmp_path: Path, repo: vbremote.Repository, borg_cli: BorgCLI,
+                                         transport: vbremote.LocalTransport, base_dir: Path):
+        """SIGKILL of the restoring process while it writes: the VM is not registered; a re-run into the same
+        folder completes."""
+        scene = Scene(tmp_path, "7.1", repo, borg_cli, transport)
+        scene.sim.start("dev", workload=HOT)
+        archive, instant = take_recording(scene)
+        wait_writes(scene, 20)
+        scene.sim.power_off("dev")
+        folder = scene.host.vm("dev").folder
+        scene.close()
+        repo.close()
+        script = textwrap.dedent(f"""
+            import sys, time
+            from pathlib import Path
+            import vbremote
+            from vbremote.testing import SimulatedVirtualBox
+
+            def stall(event):
+                if event.operation == "restore" and event.done > 0:
+                    print("WRITING", flush=True)
+                    time.sleep(600)
+
+            sim = SimulatedVirtualBox({str(tmp_path / "vbox")!r}, version="7.1")
+            host = vbremote.VirtualBoxHost.connect(manager=sim.manager())
+            with vbremote.Repository.open(vbremote.LocalTransport({str(transport.path)!r}),
+                                          passphrase={PASSPHRASE!r}, base_dir={str(base_dir)!r}) as repo:
+                vbremote.Restorer(host, repo).restore({archive.name!r}, progress=stall)
+        """)
+        env = {**os.environ, "PYTHONPATH": str(Path(vbremote.__file__).parent.parent)}
+        child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 env=env, text=True, start_new_session=True)
+        try:
+            assert child.stdout is not None
+            line = child.stdout.readline()
+            assert line.strip() == "WRITING", child.stderr.read() if child.stderr else ""
+        finally:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
+        with SimulatedVirtualBox(tmp_path / "vbox", version="7.1") as sim:
+            host = vbremote.VirtualBoxHost.connect(manager=sim.manager())
+            assert not any(vm.uuid == archive.vm_uuid for vm in host.vms())
+            # The killed run's borg worker (a session of its own) lets go of the lock once it sees its parent gone.
+            with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir,
+                                          lock_wait=60) as again:
+                result = vbremote.Restorer(host, again).restore(archive.name, folder)
+            assert result.resumed
+            assert result.vm is not None
+            assert result.vm.state is vbremote.MachineState.SAVED
+            for port, content in instant.items():
+                assert sim.disk_content("dev", port) == content
