@@ -383,6 +383,21 @@ class TestElsewhere:
         finally:
             other.close()
 
+    def test_migrate_archive(self, scene71: Scene, tmp_path: Path):
+        """A migrate archive (the VM saved, then archived) registers Saved on the other host."""
+        scene71.sim.start("dev", workload=HOT)
+        archive = scene71.snapshotter.take("dev", vbremote.SnapshotMode.MIGRATE).archive
+        other = SimulatedVirtualBox(tmp_path / "other", version="7.1")
+        try:
+            result = vbremote.Restorer(vbremote.VirtualBoxHost.connect(manager=other.manager()),
+                                       scene71.repo).restore(archive)
+            assert result.vm is not None
+            assert result.vm.state is vbremote.MachineState.SAVED
+            for port in (0, 1):
+                assert other.disk_content("dev", port) == scene71.sim.disk_content("dev", port)
+        finally:
+            other.close()
+
     def test_same_uuid_elsewhere_refused(self, scene71: Scene, tmp_path: Path):
         """Into another folder while the VM is registered from its own: refused, and nothing is written."""
         archive = scene71.take()
