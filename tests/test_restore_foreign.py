@@ -15,7 +15,6 @@ import os
 import posixpath
 import shutil
 import stat
-import time
 from pathlib import Path
 
 import pytest
@@ -25,11 +24,11 @@ from hypothesis import strategies as st
 
 import vbremote
 from vbremote._models import FileRole
-from vbremote._restorer import apply_plan, make_plan
+from vbremote._restorer import _foreign, apply_plan, make_plan
 from vbremote._restorer._checks import check_settings, settings_references
 from vbremote._restorer._foreign import TRANSIENT_SNAPSHOT, foreign_source
 from vbremote._settings import MachineSettings, Medium, parse_settings
-from vbremote.testing import MIB, GuestWorkload, SimulatedVirtualBox
+from vbremote.testing import MIB, SimulatedVirtualBox
 
 VM = "Win 10"
 
@@ -268,6 +267,13 @@ class TestHostileArchives:
         (folder / f"{VM}.vdi").unlink()
         assert "does not hold" in str(_refused(tmp_path, borg_cli, borg_repo, base_dir, folder))
 
+    @pytest.mark.parametrize(("bound", "value", "words"), [("MAX_ITEMS", 2, "items"), ("MAX_FILE_SIZE", 4096, "bytes")])
+    def test_absurd_counts_and_sizes_refused(self, tmp_path, borg_cli, borg_repo, base_dir, monkeypatch, bound, value,
+                                             words):
+        """More items or a larger file than the bounds allow is refused (bounds lowered to fit a test)."""
+        monkeypatch.setattr(_foreign, bound, value)
+        assert words in str(_refused(tmp_path, borg_cli, borg_repo, base_dir, _crafted(tmp_path)))
+
     def test_vbox_as_fifo_refused(self, tmp_path, borg_cli, borg_repo, base_dir):
         """A .vbox that is not a regular file is refused before anything is read."""
         folder = tmp_path / "f"
@@ -275,24 +281,6 @@ class TestHostileArchives:
         os.mkfifo(folder / f"{VM}.vbox")
         assert stat.S_ISFIFO((folder / f"{VM}.vbox").lstat().st_mode)
         assert "fifo" in str(_refused(tmp_path, borg_cli, borg_repo, base_dir, folder))
-
-
-def _two_tool_archives(tmp_path: Path, borg_cli: BorgCLI, repo_path: Path) -> tuple[str, str]:
-    """Two archives of one running VM, as the tool takes them a while apart (vrs-temp deleted in between, line 148)."""
-    names = []
-    with SimulatedVirtualBox(tmp_path / "host", version="6.1") as sim:
-        sim.create_vm(VM, disk_size=48 * MIB, firmware="EFI")
-        host = vbremote.VirtualBoxHost.connect(manager=sim.manager())
-        sim.start(VM, workload=GuestWorkload(rate=50, pattern="hot"))
-        folder = Path(host.vm(VM).settings_file).parent
-        for minute in ("00", "05"):
-            host.take_snapshot(VM, TRANSIENT_SNAPSHOT)
-            names.append(f"{VM.replace(' ', '-')}-2026.11.26-18.{minute}.00-online")
-            _borg_create(borg_cli, repo_path, names[-1], folder)
-            host.delete_snapshot(VM, TRANSIENT_SNAPSHOT)
-            time.sleep(0.3)  # the guest writes on
-        sim.power_off(VM)
-    return names[0], names[1]
 
 
 def _extract(borg_cli: BorgCLI, repo_path: Path, archive: str, source: vbremote.RestoreSource, out: Path) -> None:
@@ -342,22 +330,25 @@ class TestEndToEnd:
                 {source.settings_path, *(f.target_path.split("/")[0] for f in source.files)})
 
     def test_incremental_in_place(self, tmp_path, borg_cli, borg_repo, base_dir):
-        """Restoring the newer archive over the older one's files moves only what differs; files as borg extract's."""
-        older, newer = _two_tool_archives(tmp_path, borg_cli, borg_repo)
+        """Over files that differ in three places, only the chunks holding them travel; files as borg extract's."""
+        archive, _ = _tool_archive(tmp_path, borg_cli, borg_repo, running=True)
         target = tmp_path / "restored"
         with _open(borg_repo, base_dir) as repository:
-            first = foreign_source(repository, older, repository.chunk_lists(older))
-            apply_plan(repository, make_plan(repository, first, target))
-            second = foreign_source(repository, newer, repository.chunk_lists(newer))
-            plan = make_plan(repository, second, target)
-            total = sum(f.size for f in second.files)
-            disk = next(f for f in second.files if f.role is FileRole.DISK)
-            # The guest's writes, the blocks VirtualBox appended on merging and the
-            # VDI header's block map change some of the content-defined chunks;
-            # the rest is compared at the archive's boundaries and stays.
-            assert plan.bytes_reused >= disk.size // 4
-            assert plan.bytes_to_fetch <= total - plan.bytes_reused
+            source = foreign_source(repository, archive, repository.chunk_lists(archive))
+            apply_plan(repository, make_plan(repository, source, target))
+            disk = next(f for f in source.files if f.role is FileRole.DISK)
+            changed = [disk.size // 7, disk.size // 2, disk.size - 5000]
+            with open(target / disk.target_path, "r+b") as local:
+                for offset in changed:
+                    local.seek(offset)
+                    local.write(os.urandom(4096))
+            hit = {c.id: c.size for c in disk.chunks if any(c.offset <= o + 4095 and o < c.offset + c.size
+                                                             for o in changed)}
+            plan = make_plan(repository, source, target)
+            # (A chunk whose data sits elsewhere in the folder too is copied, not fetched.)
+            assert plan.bytes_to_fetch <= sum(hit.values())
+            assert plan.bytes_reused == sum(f.size for f in source.files) - sum(hit.values())
             apply_plan(repository, plan)
-        _extract(borg_cli, borg_repo, newer, second, tmp_path / "extract")
-        for item in second.files:
+        _extract(borg_cli, borg_repo, archive, source, tmp_path / "extract")
+        for item in source.files:
             assert (target / item.target_path).read_bytes() == (tmp_path / "extract" / item.archive_path).read_bytes()
