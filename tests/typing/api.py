@@ -84,6 +84,26 @@ def snapshot_running_vms(manager: object | None = None) -> list[vbremote.Snapsho
     return taken
 
 
+def compare_blocks(transport: vbremote.Transport, archive: str, folder: Path) -> int:
+    """How many bytes a restore of ``archive`` into ``folder`` would fetch."""
+    to_fetch = 0
+    with vbremote.Repository.open(transport, read_ahead=64 << 20) as repo:
+        try:
+            contents: vbremote.ArchiveContents = repo.chunk_lists(archive)
+        except vbremote.ArchiveInvalid as exc:
+            print("refused:", exc.archive, exc.path)
+            return 0
+        refused: tuple[vbremote.StoredItem, ...] = contents.others()
+        print([(item.path, item.kind.value) for item in refused if item.kind is not vbremote.ItemKind.DIRECTORY])
+        for path, chunks in contents.files().items():
+            local: list[bytes | None] = repo.local_ids(folder / path, chunks.chunks)
+            for ref, mine in zip(chunks.chunks, local, strict=True):
+                if ref.id != mine and ref.id != repo.zero_chunk_id(ref.size):
+                    to_fetch += ref.size
+        print(repo.local_ids(folder / "x", [(0, 4096)]), repo.chunk_id(b"data"))
+    return to_fetch
+
+
 def nightly(repo: vbremote.Repository, names: list[str]) -> list[vbremote.SnapshotResult]:
     host = vbremote.VirtualBoxHost.connect()
     snapshotter = vbremote.Snapshotter(host, repo, state_dir=Path("/var/lib/vbremote"), lock_wait=60.0)
@@ -107,21 +127,20 @@ def nightly(repo: vbremote.Repository, names: list[str]) -> list[vbremote.Snapsh
     return done
 
 
-def compare_blocks(transport: vbremote.Transport, archive: str, folder: Path) -> int:
-    """How many bytes a restore of ``archive`` into ``folder`` would fetch."""
-    to_fetch = 0
-    with vbremote.Repository.open(transport, read_ahead=64 << 20) as repo:
-        try:
-            contents: vbremote.ArchiveContents = repo.chunk_lists(archive)
-        except vbremote.ArchiveInvalid as exc:
-            print("refused:", exc.archive, exc.path)
-            return 0
-        refused: tuple[vbremote.StoredItem, ...] = contents.others()
-        print([(item.path, item.kind.value) for item in refused if item.kind is not vbremote.ItemKind.DIRECTORY])
-        for path, chunks in contents.files().items():
-            local: list[bytes | None] = repo.local_ids(folder / path, chunks.chunks)
-            for ref, mine in zip(chunks.chunks, local, strict=True):
-                if ref.id != mine and ref.id != repo.zero_chunk_id(ref.size):
-                    to_fetch += ref.size
-        print(repo.local_ids(folder / "x", [(0, 4096)]), repo.chunk_id(b"data"))
-    return to_fetch
+def restore_latest(repo: vbremote.Repository, name: str) -> vbremote.VMInfo | None:
+    host = vbremote.VirtualBoxHost.connect()
+    restorer = vbremote.Restorer(host, repo)
+    plan: vbremote.RestorePlan = restorer.plan(name, seeds=[Path("/srv/old.vdi")])
+    print(plan.table(), plan.bytes_to_fetch, host.default_machine_folder)
+    problems: tuple[vbremote.PlanProblem, ...] = plan.problems
+    for problem in problems:
+        print(problem.code, problem.remedy)
+    try:
+        result: vbremote.RestoreResult = restorer.restore(name, power_off=True, verify="full", discard_state=False,
+                                                          cpu_portability_level=1, progress=lambda e: print(e.done))
+    except vbremote.RestorePreflightFailed as exc:
+        print(exc.archive, [p.code for p in exc.problems])
+        return None
+    copy = restorer.restore(name, as_new=f"{name}-copy", register=False)
+    print(result.stats.bytes_fetched, result.removed, result.resumed, copy.settings_file)
+    return result.vm
