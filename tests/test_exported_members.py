@@ -15,7 +15,7 @@ EXPECTED = {
     "DEFAULT_BLOCK_SIZE", "DEFAULT_ENCRYPTION", "ENCRYPTION_MODES",
     "AccessDenied", "ArchiveExists", "ArchiveFile", "ArchiveInfo", "ArchiveMetadataError", "ArchiveNotFound",
     "BorgError",
-    "CheckResult", "ChunkRef", "Chunking", "CommandTransport", "CompactResult", "ConfigurationError",
+    "CheckResult", "ChunkRef", "Chunking", "CommandTransport", "CompactResult", "ConfigFileError", "ConfigurationError",
     "ConnectionFailed", "DeleteResult", "FileChunks", "FileNotInArchive", "FileRole", "FileSpec",
     "IntegrityError", "LocalTransport", "Passphrase", "PassphraseError", "PassphraseMissing",
     "PassphraseWrong", "Progress", "Repository", "RepositoryError", "RepositoryExists",
