@@ -1,0 +1,446 @@
+"""The vbremote command end to end: real repositories, the simulated VirtualBox selected by the config."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from helpers import PASSPHRASE, BorgCLI
+
+import vbremote
+from vbremote._cli import EXIT_CODES
+from vbremote.testing import MIB, SimulatedVirtualBox
+
+ROOT = Path(__file__).parent.parent
+SCHEMAS = ROOT / "vbremote" / "_cli" / "schemas"
+
+
+def schema(name: str) -> dict[str, Any]:
+    return json.loads((SCHEMAS / f"{name}.json").read_text())
+
+
+def validate(document: Any, name: str) -> None:
+    jsonschema.validate(document, schema(name), format_checker=jsonschema.FormatChecker())
+
+
+class CLI:
+    """Runs ``python -m vbremote`` in a subprocess with a config file in a temporary folder."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.config = tmp_path / "config.toml"
+        self.home = tmp_path / "vbox"
+        self.base_dir = tmp_path / "borg-base"
+        self.base_dir.mkdir()
+        self.state = tmp_path / "state"
+        self.env = dict(os.environ)
+        self.env.update(
+            PYTHONPATH=str(ROOT),
+            XDG_STATE_HOME=str(self.state),
+            XDG_CONFIG_HOME=str(tmp_path / "xdg"),
+            VBR_TEST_PASSPHRASE=PASSPHRASE,
+            COLUMNS="200",
+        )
+        self.extra = ""
+
+    def write_config(self, extra: str = "") -> None:
+        self.extra = extra
+        self.config.write_text(
+            f'[repositories.main]\npath = "repo"\npassphrase_env = "VBR_TEST_PASSPHRASE"\n'
+            f'borg_base_dir = "borg-base"\n\n'
+            f'[virtualbox]\nbackend = "simulated"\nhome = "vbox"\n\n[keep]\nlast = 1\n\n{extra}'
+        )
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "vbremote", "--config", str(self.config), *args]
+
+    def __call__(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.argv(*args), env=self.env, cwd=self.tmp, capture_output=True, text=True,
+            stdin=subprocess.DEVNULL, timeout=timeout, check=False,
+        )
+
+    def json(self, *args: str, code: int = 0) -> Any:
+        done = self("--json", *args)
+        assert done.returncode == code, done.stderr
+        return json.loads(done.stdout)
+
+    def open(self) -> vbremote.Repository:
+        return vbremote.Repository.open(
+            vbremote.LocalTransport(self.tmp / "repo"), passphrase=PASSPHRASE, base_dir=self.base_dir
+        )
+
+    def vm_files(self, name: str) -> list[vbremote.FileSpec]:
+        folder = self.home / "VirtualBox VMs" / name
+        return [
+            vbremote.FileSpec(folder / f"{name}.vbox", f"{name}.vbox", vbremote.FileRole.SETTINGS),
+            vbremote.FileSpec(folder / f"{name}.vdi", f"{name}.vdi", vbremote.FileRole.DISK),
+        ]
+
+    def add_archive(self, name: str, vm: str, uuid: str, when: datetime, labels: tuple[str, ...] = ()) -> None:
+        meta = vbremote.SnapshotMetadata(vm, uuid, mode=vbremote.SnapshotMode.OFFLINE, labels=frozenset(labels))
+        with self.open() as repo:
+            repo.write_archive(name, self.vm_files(vm), meta, timestamp=when)
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> CLI:
+    """A config with a local repository (not yet created) and a simulated VirtualBox with VMs alpha and beta."""
+    runner = CLI(tmp_path)
+    with SimulatedVirtualBox(runner.home, workload=None) as sim:
+        runner.uuids = {name: sim.create_vm(name, disk_size=4 * MIB, seed=i) for i, name in enumerate(["alpha", "beta"])}
+    runner.write_config()
+    return runner
+
+
+@pytest.fixture
+def ready(cli: CLI) -> CLI:
+    """The repository created, with two archives of alpha (a day apart) and one of beta."""
+    done = cli("init")
+    assert done.returncode == 0, done.stderr
+    now = datetime.now(UTC)
+    cli.add_archive("alpha-1", "alpha", cli.uuids["alpha"], now - timedelta(days=1))
+    cli.add_archive("alpha-2", "alpha", cli.uuids["alpha"], now - timedelta(hours=1), labels=("nightly",))
+    cli.add_archive("beta-1", "beta", cli.uuids["beta"], now - timedelta(hours=2))
+    return cli
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("vbremote: error: ")
+    assert "Traceback" not in done.stderr
+    return lines[0]
+
+
+class TestInit:
+    def test_init_creates_repository(self, cli):
+        """init creates the configured repository; its --json document follows the schema."""
+        doc = cli.json("init")
+        validate(doc, "init")
+        assert doc["repository"] == "main"
+        assert doc["encryption"] == "repokey"
+        with cli.open() as repo:
+            assert repo.id == doc["id"]
+
+    def test_init_twice_is_repository_error(self, cli):
+        """A second init fails with exit code 3 and one line saying what is there."""
+        assert cli("init").returncode == 0
+        done = cli("init")
+        assert done.returncode == 3
+        assert "already" in one_line_error(done) or "exists" in done.stderr
+
+    def test_encryption_option(self, cli):
+        """--encryption overrides the config's mode."""
+        doc = cli.json("init", "--encryption", "authenticated")
+        assert doc["encryption"] == "authenticated"
+
+
+class TestListing:
+    def test_vms(self, ready):
+        """vms lists the simulated VMs with their state and newest archive, and says it is a test double."""
+        doc = ready.json("vms")
+        validate(doc, "vms")
+        assert doc["virtualbox"]["test_double"] is True
+        rows = {row["name"]: row for row in doc["vms"]}
+        assert rows["alpha"]["state"] == "PoweredOff"
+        assert rows["alpha"]["newest_archive"]["name"] == "alpha-2"
+        assert rows["beta"]["newest_archive"]["name"] == "beta-1"
+        text = ready("vms").stdout
+        assert "SIMULATED" in text and "test double" in text
+        assert re.search(r"alpha .*PoweredOff.*alpha-2", text)
+
+    def test_archives(self, ready):
+        """archives lists every archive oldest first, or one VM's; --json follows the schema."""
+        doc = ready.json("archives")
+        validate(doc, "archives")
+        assert [a["name"] for a in doc["archives"]] == ["alpha-1", "beta-1", "alpha-2"]
+        doc = ready.json("archives", "alpha")
+        assert [a["name"] for a in doc["archives"]] == ["alpha-1", "alpha-2"]
+        assert doc["archives"][1]["labels"] == ["nightly"]
+        assert "alpha-2" in ready("archives").stdout
+
+    def test_json_after_subcommand(self, ready):
+        """--json works after the subcommand too."""
+        done = ready("archives", "--json")
+        assert done.returncode == 0
+        validate(json.loads(done.stdout), "archives")
+
+    def test_info(self, ready):
+        """info shows an archive's metadata and files; --json follows the schema."""
+        doc = ready.json("info", "alpha-2")
+        validate(doc, "info")
+        assert doc["archive"]["vm_uuid"] == ready.uuids["alpha"]
+        assert {f["path"]: f["role"] for f in doc["archive"]["files"]} == {"alpha.vbox": "settings", "alpha.vdi": "disk"}
+        assert "alpha.vdi" in ready("info", "alpha-2").stdout
+
+
+class TestErrors:
+    def test_unknown_archive(self, ready):
+        """A missing archive is one line on stderr, exit code 3, nothing on stdout."""
+        done = ready("info", "nope")
+        assert done.returncode == 3
+        assert "nope" in one_line_error(done)
+        assert done.stdout == ""
+
+    def test_verbose_shows_traceback(self, ready):
+        """-v adds the traceback before the one line."""
+        done = ready("-v", "info", "nope")
+        assert done.returncode == 3
+        assert "Traceback" in done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith("vbremote: error: ")
+
+    def test_json_error_document(self, ready):
+        """With --json a failure writes only the error document to stdout, per its schema."""
+        doc = ready.json("info", "nope", code=3)
+        validate(doc, "error")
+        assert doc["error"]["type"] == "ArchiveNotFound"
+        assert doc["error"]["exit_code"] == 3
+
+    def test_config_error_names_key(self, cli):
+        """A bad config value: exit code 2 and one line naming the key."""
+        cli.config.write_text('[repositories.main]\npath = "repo"\npassphrase = "x"\n')
+        done = cli("archives")
+        assert done.returncode == 2
+        assert "repositories.main.passphrase" in one_line_error(done)
+
+    def test_missing_config_file(self, cli):
+        """A --config file that does not exist: exit code 2."""
+        cli.config.unlink()
+        done = cli("archives")
+        assert done.returncode == 2
+        assert "does not exist" in one_line_error(done)
+
+    def test_wrong_passphrase(self, ready):
+        """A wrong passphrase is a repository error: exit code 3."""
+        ready.env["VBR_TEST_PASSPHRASE"] = "wrong"
+        done = ready("archives")
+        assert done.returncode == 3
+        one_line_error(done)
+
+    def test_passphrase_env_unset(self, ready):
+        """An unset passphrase_env variable is named in the error."""
+        del ready.env["VBR_TEST_PASSPHRASE"]
+        done = ready("archives")
+        assert done.returncode == 3
+        assert "VBR_TEST_PASSPHRASE" in one_line_error(done)
+
+    def test_virtualbox_unavailable(self, ready):
+        """Without vboxapi, the real backend fails with exit code 4 and what to install."""
+        ready.config.write_text(ready.config.read_text().replace('backend = "simulated"\nhome = "vbox"\n', ""))
+        done = ready("vms")
+        assert done.returncode == 4
+        assert "vboxapi" in one_line_error(done)
+
+    def test_usage_error(self, ready):
+        """An unknown option is a usage error: exit code 2."""
+        assert ready("archives", "--bogus").returncode == 2
+
+    def test_exit_codes_documented(self):
+        """The exit-code table of docs/cli.md is the one the command uses."""
+        text = (ROOT / "docs" / "cli.md").read_text()
+        documented = {name: int(code) for code, name in re.findall(r"^\| (\d+) \| `(\w+)`", text, flags=re.MULTILINE)}
+        assert {name: code for name, code, _ in EXIT_CODES} == documented
+
+    def test_log_file(self, ready, tmp_path):
+        """--log-file gets the detailed log, stderr stays one line."""
+        log = tmp_path / "run.log"
+        done = ready("--log-file", str(log), "info", "nope")
+        one_line_error(done)
+        assert "opening repository main" in log.read_text()
+
+
+class TestPrune:
+    def test_dry_run_changes_nothing(self, ready):
+        """prune --dry-run shows the plan (keep last 1) and deletes nothing."""
+        doc = ready.json("prune", "alpha", "--dry-run")
+        validate(doc, "prune")
+        entries = {e["archive"]: e["keep"] for e in doc["vms"][0]["entries"]}
+        assert entries == {"alpha-2": True, "alpha-1": False}
+        assert doc["vms"][0]["deleted"] == []
+        with ready.open() as repo:
+            assert len(repo.archives()) == 3
+        assert "alpha-1" in ready("prune", "alpha", "--dry-run").stdout
+
+    def test_prune_deletes(self, ready):
+        """prune deletes what the rules do not keep, for the VMs named only."""
+        doc = ready.json("prune", "alpha")
+        validate(doc, "prune")
+        assert doc["vms"][0]["deleted"] == ["alpha-1"]
+        with ready.open() as repo:
+            assert sorted(a.name for a in repo.archives()) == ["alpha-2", "beta-1"]
+
+    def test_all(self, ready):
+        """prune --all plans every VM of the repository."""
+        doc = ready.json("prune", "--all", "--dry-run")
+        assert sorted(v["vm"] for v in doc["vms"]) == ["alpha", "beta"]
+
+    def test_per_vm_rules_and_labels(self, ready):
+        """A VM's own keep table and keep_labels from the config decide."""
+        ready.write_config('[vms.alpha]\nkeep_labels = ["old"]\n[vms.alpha.keep]\nlast = 2\n')
+        doc = ready.json("prune", "alpha", "--dry-run")
+        assert all(e["keep"] for e in doc["vms"][0]["entries"])
+
+    def test_guard_refusal_exit_code(self, cli):
+        """A guard's refusal (backups stopped: newest archive too old) exits 6, deleting nothing."""
+        assert cli("init").returncode == 0
+        old = datetime.now(UTC) - timedelta(days=90)
+        cli.add_archive("alpha-old-1", "alpha", cli.uuids["alpha"], old - timedelta(days=1))
+        cli.add_archive("alpha-old-2", "alpha", cli.uuids["alpha"], old)
+        done = cli("prune", "alpha")
+        assert done.returncode == 6
+        assert "stopped" in done.stderr
+        with cli.open() as repo:
+            assert len(repo.archives()) == 2
+
+    def test_no_vm_without_terminal(self, ready):
+        """Without a VM and without a terminal, prune asks to name one (exit code 2)."""
+        done = ready("prune")
+        assert done.returncode == 2
+        assert "name a VM" in done.stderr
+
+    def test_no_rules(self, ready):
+        """Without retention rules in the config, prune names the missing table (exit code 2)."""
+        ready.config.write_text(ready.config.read_text().replace("[keep]\nlast = 1\n", ""))
+        done = ready("prune", "alpha")
+        assert done.returncode == 2
+        assert "[keep]" in one_line_error(done)
+
+
+class TestCheck:
+    def test_check_ok(self, ready):
+        """check of a sound repository: exit 0; --json per schema."""
+        doc = ready.json("check", "--verify-data")
+        validate(doc, "check")
+        assert doc["ok"] is True
+
+    def test_check_finds_damage(self, ready):
+        """check of a damaged repository: exit 1 and the problems listed."""
+        segments = sorted((ready.tmp / "repo" / "data").rglob("[0-9]*"), key=lambda p: p.stat().st_size)
+        target = segments[-1]
+        data = bytearray(target.read_bytes())
+        middle = len(data) // 2
+        data[middle : middle + 64] = bytes(64)
+        target.write_bytes(bytes(data))
+        done = ready("--json", "check", "--verify-data")
+        assert done.returncode == 1
+        doc = json.loads(done.stdout)
+        validate(doc, "check")
+        assert doc["ok"] is False and doc["problems"]
+
+
+# -- monitoring ------------------------------------------------------------------
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    received: list[tuple[str, str]]
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", 0))
+        body = self.rfile.read(length).decode()
+        self.server.received.append((self.path, body))  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def ping_server() -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    """A small HTTP server on loopback that records the pings it receives."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    server.received = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/ping/check-uuid", server.received  # type: ignore[attr-defined]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _hook_script(tmp_path: Path, name: str, body: str) -> str:
+    script = tmp_path / name
+    script.write_text(f"import json, sys, time\n{body}\n")
+    return f"[{sys.executable!r}, {str(script)!r}]"
+
+
+class TestMonitoring:
+    def test_ping_start_and_success(self, ready, ping_server):
+        """A check sends the start ping, then the success ping, to its URL."""
+        url, received = ping_server
+        ready.write_config(f'[pings]\ncheck = "{url}"\n')
+        assert ready("check").returncode == 0
+        assert [path for path, _ in received] == ["/ping/check-uuid/start", "/ping/check-uuid"]
+
+    def test_ping_failure_with_error_text(self, ready, ping_server):
+        """A failing check sends the failure ping with the error's text as the body."""
+        url, received = ping_server
+        ready.write_config(f'[pings]\ncheck = "{url}"\n')
+        ready.env["VBR_TEST_PASSPHRASE"] = "wrong"
+        assert ready("check").returncode == 3
+        assert [path for path, _ in received] == ["/ping/check-uuid/start", "/ping/check-uuid/fail"]
+        assert "passphrase" in received[1][1].lower()
+
+    def test_unreachable_ping_reported(self, ready):
+        """A ping that cannot be delivered is a warning; the command's result stands."""
+        ready.write_config('[pings]\ncheck = "http://127.0.0.1:9/nothing"\ntimeout = 2\n')
+        done = ready("--json", "check")
+        assert done.returncode == 0
+        assert "ping" in done.stderr and "warning" in done.stderr
+        validate(json.loads(done.stdout), "check")
+
+    def test_hook_gets_json_document(self, ready, tmp_path):
+        """Hooks get each event as a JSON document on stdin, with the result on success."""
+        out = tmp_path / "events.jsonl"
+        command = _hook_script(tmp_path, "hook.py", f"open({str(out)!r}, 'a').write(sys.stdin.read() + '\\n')")
+        ready.write_config(f"[[hooks]]\ncommand = {command}\non = [\"prune\"]\n")
+        assert ready("prune", "alpha", "--dry-run").returncode == 0
+        events = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [e["event"] for e in events] == ["start", "success"]
+        assert events[1]["command"] == "prune"
+        assert events[1]["repository"] == "main"
+        validate(events[1]["result"], "prune")
+
+    def test_failing_hook_reported_result_kept(self, ready, tmp_path):
+        """A hook that fails is reported on stderr; exit code and JSON output are the command's."""
+        command = _hook_script(tmp_path, "bad.py", "sys.stderr.write('disk full\\n'); sys.exit(3)")
+        ready.write_config(f"[[hooks]]\ncommand = {command}\n")
+        done = ready("--json", "check")
+        assert done.returncode == 0
+        assert "failed with exit code 3: disk full" in done.stderr
+        validate(json.loads(done.stdout), "check")
+
+    def test_hook_does_not_hide_failure(self, ready, tmp_path):
+        """A command that fails keeps its exit code when its failure hook fails too."""
+        command = _hook_script(tmp_path, "bad.py", "sys.exit(9)")
+        ready.write_config(f"[[hooks]]\ncommand = {command}\n")
+        ready.env["VBR_TEST_PASSPHRASE"] = "wrong"
+        done = ready("check")
+        assert done.returncode == 3
+        assert "exit code 9" in done.stderr
+
+    def test_hanging_hook_killed(self, ready, tmp_path):
+        """A hook that hangs is killed after its timeout and reported; the command finishes."""
+        command = _hook_script(tmp_path, "hang.py", "time.sleep(600)")
+        ready.write_config(f"[[hooks]]\ncommand = {command}\nevents = [\"success\"]\ntimeout = 1\n")
+        started = time.monotonic()
+        done = ready("--json", "check", timeout=60)
+        assert time.monotonic() - started < 30
+        assert done.returncode == 0
+        assert "did not finish within 1 s" in done.stderr
+        validate(json.loads(done.stdout), "check")
