@@ -17,7 +17,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from helpers import PASSPHRASE, BorgCLI
+from helpers import PASSPHRASE
 
 import vbremote
 from vbremote._cli import EXIT_CODES
@@ -54,6 +54,7 @@ class CLI:
             COLUMNS="200",
         )
         self.extra = ""
+        self.uuids: dict[str, str] = {}
 
     def write_config(self, extra: str = "") -> None:
         self.extra = extra
@@ -100,7 +101,8 @@ def cli(tmp_path: Path) -> CLI:
     """A config with a local repository (not yet created) and a simulated VirtualBox with VMs alpha and beta."""
     runner = CLI(tmp_path)
     with SimulatedVirtualBox(runner.home, workload=None) as sim:
-        runner.uuids = {name: sim.create_vm(name, disk_size=4 * MIB, seed=i) for i, name in enumerate(["alpha", "beta"])}
+        for seed, name in enumerate(("alpha", "beta")):
+            runner.uuids[name] = sim.create_vm(name, disk_size=4 * MIB, seed=seed)
     runner.write_config()
     return runner
 
@@ -159,7 +161,8 @@ class TestListing:
         assert rows["alpha"]["newest_archive"]["name"] == "alpha-2"
         assert rows["beta"]["newest_archive"]["name"] == "beta-1"
         text = ready("vms").stdout
-        assert "SIMULATED" in text and "test double" in text
+        assert "SIMULATED" in text
+        assert "test double" in text
         assert re.search(r"alpha .*PoweredOff.*alpha-2", text)
 
     def test_archives(self, ready):
@@ -183,7 +186,8 @@ class TestListing:
         doc = ready.json("info", "alpha-2")
         validate(doc, "info")
         assert doc["archive"]["vm_uuid"] == ready.uuids["alpha"]
-        assert {f["path"]: f["role"] for f in doc["archive"]["files"]} == {"alpha.vbox": "settings", "alpha.vdi": "disk"}
+        roles = {f["path"]: f["role"] for f in doc["archive"]["files"]}
+        assert roles == {"alpha.vbox": "settings", "alpha.vdi": "disk"}
         assert "alpha.vdi" in ready("info", "alpha-2").stdout
 
 
@@ -338,7 +342,8 @@ class TestCheck:
         assert done.returncode == 1
         doc = json.loads(done.stdout)
         validate(doc, "check")
-        assert doc["ok"] is False and doc["problems"]
+        assert doc["ok"] is False
+        assert doc["problems"]
 
 
 # -- monitoring ------------------------------------------------------------------
@@ -401,7 +406,8 @@ class TestMonitoring:
         ready.write_config('[pings]\ncheck = "http://127.0.0.1:9/nothing"\ntimeout = 2\n')
         done = ready("--json", "check")
         assert done.returncode == 0
-        assert "ping" in done.stderr and "warning" in done.stderr
+        assert "ping" in done.stderr
+        assert "warning" in done.stderr
         validate(json.loads(done.stdout), "check")
 
     def test_hook_gets_json_document(self, ready, tmp_path):

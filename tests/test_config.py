@@ -165,7 +165,8 @@ class TestValues:
     def test_policy_union_with_labels(self, tmp_path):
         """A VM's policy is its rules, else the default rules, with the kept labels."""
         config = parse_config(
-            'keep_labels = ["gold"]\n[keep]\nlast = 2\n[vms.dev]\nkeep_labels = ["silver"]\n[vms.dev.keep]\ndaily = 3\n',
+            'keep_labels = ["gold"]\n[keep]\nlast = 2\n'
+            '[vms.dev]\nkeep_labels = ["silver"]\n[vms.dev.keep]\ndaily = 3\n',
             file=tmp_path / "c.toml",
         )
         assert config.policy("other") == vbremote.KeepRules(last=2) | vbremote.KeepLabels({"gold"})
@@ -209,7 +210,7 @@ class TestPassphrase:
         repo = self.config(tmp_path, 'passphrase_file = "pw.txt"')
         source = repo.passphrase()
         assert source is not None
-        with pytest.raises(vbremote.PassphraseMissing, match="pw.txt"):
+        with pytest.raises(vbremote.PassphraseMissing, match=r"pw\.txt"):
             source()
         (tmp_path / "pw.txt").write_text("in a file\n")
         assert source() == "in a file"
@@ -252,6 +253,10 @@ class TestProperties:
         """Any TOML document either validates or raises ConfigFileError; nothing else escapes."""
         text = "".join(f"{key} = {_toml_value(value)}\n" for key, value in document.items())
         try:
-            parse_config(text, file="c.toml")
+            config = parse_config(text, file="c.toml")
         except vbremote.ConfigFileError as exc:
-            assert str(exc)
+            message, key = str(exc), exc.key
+        else:
+            message, key = "", ""
+            assert config.file == Path("c.toml")
+        assert not key or key in message
