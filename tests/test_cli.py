@@ -450,3 +450,56 @@ class TestMonitoring:
         assert done.returncode == 0
         assert "did not finish within 1 s" in done.stderr
         validate(json.loads(done.stdout), "check")
+
+
+# -- a real terminal -------------------------------------------------------------
+
+
+def spawn(cli: CLI, *args: str) -> Any:
+    import pexpect
+
+    return pexpect.spawn(
+        sys.executable, cli.argv(*args)[1:], env=cli.env, cwd=str(cli.tmp), encoding="utf-8", timeout=30,
+        dimensions=(40, 160),
+    )
+
+
+class TestTerminal:
+    def test_choose_vm_and_remember(self, ready):
+        """At a terminal without a VM: a numbered list, the choice remembered, and with two VMs the other offered."""
+        child = spawn(ready, "prune", "--dry-run")
+        child.expect(r"Which VM to prune \[1\]: ")
+        assert "alpha" in child.before
+        assert "beta" in child.before
+        child.sendline("2")
+        child.expect("beta: plan")
+        child.expect(pexpect_eof())
+        child.close()
+        assert child.exitstatus == 0
+        assert json.loads((ready.state / "vbremote" / "cli.json").read_text()) == {"last_vm": "beta"}
+        child = spawn(ready, "prune", "--dry-run")
+        child.expect(r"Which VM to prune \[1\]: ")
+        child.sendline("")
+        child.expect("alpha: plan")
+        child.expect(pexpect_eof())
+        child.close()
+        assert child.exitstatus == 0
+
+    def test_out_of_range_asked_again(self, ready):
+        """An answer that is not on the list is refused and the question asked again."""
+        child = spawn(ready, "prune", "--dry-run")
+        child.expect(r"Which VM to prune \[1\]: ")
+        child.sendline("7")
+        child.expect(r"not in the range")
+        child.expect(r"Which VM to prune \[1\]: ")
+        child.sendline("1")
+        child.expect("alpha: plan")
+        child.expect(pexpect_eof())
+        child.close()
+        assert child.exitstatus == 0
+
+
+def pexpect_eof() -> Any:
+    import pexpect
+
+    return pexpect.EOF
