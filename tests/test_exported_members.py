@@ -26,6 +26,7 @@ EXPECTED = {
     "DiskAttachment", "InvalidVMState", "LockRetry", "MachineState", "MediumInfo", "SnapshotInfo",
     "SnapshotNotFound", "VMInfo", "VMLocked", "VMNotFound", "VirtualBoxError", "VirtualBoxHost",
     "VirtualBoxOperationFailed", "VirtualBoxTimeout", "VirtualBoxUnavailable",
+    "RepositoryBusy", "ChunkStream", "FetchedChunk", "FetchErrors",
 }
 
 

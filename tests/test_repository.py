@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from helpers import PASSPHRASE, disk_content, metadata, vm_specs
 
 import vbremote
+from vbremote._borg import _protocol
 from vbremote._models import ArchiveFile, encode_comment
 from vbremote.testing import MIB, guest_write
 
@@ -638,6 +640,167 @@ class TestRead:
 def repo_base(repo: vbremote.Repository) -> Path:
     # The fixture's base folder sits beside the repository folder.
     return Path(repo.transport.path).parent / "borg-base"
+
+
+def corrupt_one_chunk(transport: vbremote.LocalTransport) -> None:
+    """Flip one byte in the middle of the largest segment file (inside one stored chunk)."""
+    segment = max(Path(transport.path, "data").rglob("[0-9]*"), key=lambda p: p.stat().st_size)
+    data = bytearray(segment.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    segment.write_bytes(bytes(data))
+
+
+def count_requests(repo: vbremote.Repository, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the op of every request the repository sends its worker from now on."""
+    ops: list[str] = []
+    worker = repo._worker
+    post = worker._post
+
+    def counting(message: object) -> None:
+        if isinstance(message, _protocol.Request):
+            ops.append(message.op)
+        post(message)
+
+    monkeypatch.setattr(worker, "_post", counting)
+    return ops
+
+
+class TestFetch:
+    def test_each_distinct_id_once_in_order(self, repo, tmp_path):
+        """fetch yields each distinct id once, in the order of first appearance, with its data."""
+        content = disk_content(12, seed=5)
+        spec = write_disk(tmp_path, content)
+        repo.write_archive("a", [spec], metadata())
+        refs = repo.chunk_list("a", spec.path).chunks
+        data = {r.id: content[r.offset : r.offset + r.size] for r in refs}
+        asked = [r.id for r in reversed(refs)] * 3
+        with repo.fetch(asked) as chunks:
+            got = list(chunks)
+        assert [c.id for c in got] == list(dict.fromkeys(asked))
+        assert all(c.data == data[c.id] and c.error is None for c in got)
+        assert chunks.ids == tuple(dict.fromkeys(asked))
+
+    def test_one_request_for_the_whole_list(self, repo, tmp_path, monkeypatch):
+        """A fetch of many chunks is one request to the worker (one pipelined get_many), not one per batch."""
+        spec = write_disk(tmp_path, disk_content(150, seed=6))
+        repo.write_archive("a", [spec], metadata())
+        ids = [c.id for c in repo.chunk_list("a", spec.path).chunks]
+        ops = count_requests(repo, monkeypatch)
+        with repo.fetch(ids) as chunks:
+            assert sum(1 for _ in chunks) == len(set(ids))
+        assert ops == ["fetch"]
+
+    def test_leaving_early_cancels_and_stays_in_step(self, repo, tmp_path):
+        """Leaving the with block after two chunks cancels the rest; the next calls work."""
+        content = os.urandom(32 * MIB)
+        spec = write_disk(tmp_path, content)
+        repo.write_archive("a", [spec], metadata())
+        ids = [c.id for c in repo.chunk_list("a", spec.path).chunks]
+        with repo.fetch(ids) as chunks:
+            for count, _ in enumerate(chunks, 1):
+                if count == 2:
+                    break
+        assert [a.name for a in repo.archives()] == ["a"]
+        with repo.fetch(ids) as chunks:
+            assert b"".join(c.data for c in chunks) == content
+
+    def test_exception_in_the_block_cancels(self, repo, tmp_path):
+        """An exception raised inside the with block cancels the stream and goes on; the repository is usable."""
+        spec = write_disk(tmp_path, os.urandom(16 * MIB))
+        repo.write_archive("a", [spec], metadata())
+        ids = [c.id for c in repo.chunk_list("a", spec.path).chunks]
+
+        def fail_inside() -> None:
+            with repo.fetch(ids) as chunks:
+                next(iter(chunks))
+                raise LookupError("caller failed")
+
+        with pytest.raises(LookupError):
+            fail_inside()
+        assert len(repo.archives()) == 1
+        assert len(list(repo.fetch_chunks(ids))) == len(ids)
+
+    def test_missing_chunk_is_reported_and_the_rest_follow(self, repo, tmp_path):
+        """With errors="report" a missing id comes back with an IntegrityError naming it; the others follow."""
+        content = os.urandom(6 * MIB)
+        spec = write_disk(tmp_path, content)
+        repo.write_archive("a", [spec], metadata())
+        ids = [c.id for c in repo.chunk_list("a", spec.path).chunks]
+        missing = bytes(range(32))
+        asked = [*ids[:2], missing, *ids[2:]]
+        with repo.fetch(asked, errors="report") as chunks:
+            got = list(chunks)
+        assert [c.id for c in got] == list(dict.fromkeys(asked))
+        bad = [c for c in got if c.error is not None]
+        assert [c.id for c in bad] == [missing]
+        assert bad[0].error.chunk_id == missing.hex()
+        assert bad[0].data == b""
+        assert b"".join(c.data for c in got) == content
+
+    def test_missing_chunk_raises_by_default(self, repo, tmp_path):
+        """By default a missing id raises IntegrityError naming it, and the repository stays usable."""
+        spec = write_disk(tmp_path, disk_content(3, seed=8))
+        repo.write_archive("a", [spec], metadata())
+        ids = [c.id for c in repo.chunk_list("a", spec.path).chunks]
+        missing = bytes(range(32))
+        with pytest.raises(vbremote.IntegrityError) as caught, repo.fetch([ids[0], missing, *ids[1:]]) as chunks:
+            list(chunks)
+        assert caught.value.chunk_id == missing.hex()
+        assert len(list(repo.fetch_chunks(ids))) == len(ids)
+
+    def test_corrupt_chunk_reported_by_id(self, repo, transport, tmp_path):
+        """One damaged chunk in a real segment: reported by its id, every other chunk arrives intact."""
+        content = os.urandom(8 * MIB)
+        spec = write_disk(tmp_path, content)
+        repo.write_archive("a", [spec], metadata())
+        refs = repo.chunk_list("a", spec.path).chunks
+        repo.close()
+        corrupt_one_chunk(transport)
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=repo_base(repo)) as again:
+            with again.fetch([r.id for r in refs], errors="report") as chunks:
+                got = list(chunks)
+            bad = [c for c in got if c.error is not None]
+            assert len(bad) == 1
+            assert bad[0].error.chunk_id == bad[0].id.hex()
+            assert len(got) == len(refs)
+            for ref, chunk in zip(refs, got, strict=True):
+                assert chunk.id == ref.id
+                if chunk.error is None:
+                    assert chunk.data == content[ref.offset : ref.offset + ref.size]
+            with pytest.raises(vbremote.IntegrityError) as caught, again.fetch([r.id for r in refs]) as chunks:
+                list(chunks)
+            assert caught.value.chunk_id == bad[0].id.hex()
+
+    def test_memory_stays_bounded(self, repo, tmp_path):
+        """A slow reader of a long fetch keeps the worker's memory flat: it waits on the pipe, not reading ahead."""
+        spec = write_disk(tmp_path, os.urandom(128 * MIB))
+        repo.write_archive("a", [spec], metadata())
+        ids = [c.id for c in repo.chunk_list("a", spec.path).chunks]
+        status = Path(f"/proc/{repo._worker._process.pid}/status")
+        if not status.exists():
+            pytest.skip("needs /proc to read the worker's memory")
+
+        def rss() -> int:
+            line = next(x for x in status.read_text().splitlines() if x.startswith("VmRSS:"))
+            return int(line.split()[1]) * 1024
+
+        before = rss()
+        with repo.fetch(ids) as chunks:
+            stream = iter(chunks)
+            next(stream)
+            time.sleep(1.0)  # time enough to read every chunk ahead, if it would
+            grown = rss() - before
+            assert sum(1 for _ in stream) == len(ids) - 1
+        assert grown < 32 * MIB
+
+    def test_bad_arguments(self, repo):
+        """An id that is not 32 bytes, or an unknown errors mode, raises ConfigurationError before anything is sent."""
+        with pytest.raises(vbremote.ConfigurationError, match="32 bytes"):
+            repo.fetch([b"short"])
+        with pytest.raises(vbremote.ConfigurationError, match="errors"):
+            repo.fetch([bytes(32)], errors="ignore")  # type: ignore[arg-type]
+        with repo.fetch([]) as chunks:
+            assert list(chunks) == []
 
 
 class TestDeleteCompactCheck:

@@ -277,3 +277,60 @@ class TestPruneThroughAppendOnlyKey:
             assert sorted(result.deleted) == ["dev-0", "dev-1"]
             assert result.freed_bytes
             assert repo.check(verify_data=True).ok
+
+
+class TestSSHFetch:
+    def test_fetch_pipeline_errors_and_cancel(self, sshd, tmp_path, base_dir):
+        """Over SSH: distinct ids once in order, a missing id reported amid the rest, an early exit stays in step."""
+        transport = sshd.transport(tmp_path / "repo")
+        image = tmp_path / "disk.img"
+        content = os.urandom(24 * 1024 * 1024)
+        image.write_bytes(content)
+        spec = vbremote.FileSpec(image, "disk.img", vbremote.FileRole.DISK)
+        with vbremote.Repository.init(transport, passphrase=PASSPHRASE, base_dir=base_dir) as repo:
+            repo.write_archive("a", [spec], metadata())
+            refs = repo.chunk_list("a", "disk.img").chunks
+            ids = [r.id for r in refs]
+            missing = bytes(range(32))
+            asked = [*ids[:5], missing, *ids[5:], *ids[:3]]
+            with repo.fetch(asked, errors="report") as chunks:
+                got = list(chunks)
+            assert [c.id for c in got] == [*ids[:5], missing, *ids[5:]]
+            assert [c.error.chunk_id for c in got if c.error is not None] == [missing.hex()]
+            assert b"".join(c.data for c in got) == content
+            with pytest.raises(vbremote.IntegrityError) as caught, repo.fetch([missing, *ids]) as chunks:
+                list(chunks)
+            assert caught.value.chunk_id == missing.hex()
+            with repo.fetch(ids) as chunks:
+                for chunk in chunks:
+                    assert chunk.data == content[: len(chunk.data)]
+                    break
+            assert [a.name for a in repo.archives()] == ["a"]
+            with repo.fetch(reversed(ids)) as chunks:
+                assert b"".join(c.data for c in reversed(list(chunks))) == content
+
+    def test_corrupt_chunk_reported_over_ssh(self, sshd, tmp_path, base_dir):
+        """A damaged chunk on the server is reported by its id; every other chunk arrives intact."""
+        transport = sshd.transport(tmp_path / "repo")
+        image = tmp_path / "disk.img"
+        content = os.urandom(8 * 1024 * 1024)
+        image.write_bytes(content)
+        spec = vbremote.FileSpec(image, "disk.img", vbremote.FileRole.DISK)
+        with vbremote.Repository.init(transport, passphrase=PASSPHRASE, base_dir=base_dir) as repo:
+            repo.write_archive("a", [spec], metadata())
+            refs = repo.chunk_list("a", "disk.img").chunks
+        segment = max((tmp_path / "repo" / "data").rglob("[0-9]*"), key=lambda p: p.stat().st_size)
+        data = bytearray(segment.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        segment.write_bytes(bytes(data))
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir) as repo:
+            with repo.fetch([r.id for r in refs], errors="report") as chunks:
+                got = list(chunks)
+            assert [c.id for c in got] == [r.id for r in refs]
+            bad = [c for c in got if c.error is not None]
+            assert len(bad) == 1
+            assert bad[0].error.chunk_id == bad[0].id.hex()
+            for ref, chunk in zip(refs, got, strict=True):
+                if chunk.error is None:
+                    assert chunk.data == content[ref.offset : ref.offset + ref.size]
+            assert [a.name for a in repo.archives()] == ["a"]

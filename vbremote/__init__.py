@@ -22,6 +22,7 @@ from ._errors import (
     PassphraseWrong,
     PruneError,
     PruneRefused,
+    RepositoryBusy,
     RepositoryError,
     RepositoryExists,
     RepositoryLocked,
@@ -60,7 +61,16 @@ from ._models import (
     WriteResult,
 )
 from ._pruner import PROTECTED_LABEL, Guards, PlanEntry, PrunePlan, Pruner, PruneResult
-from ._repository import DEFAULT_BLOCK_SIZE, DEFAULT_ENCRYPTION, ENCRYPTION_MODES, Passphrase, Repository
+from ._repository import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_ENCRYPTION,
+    ENCRYPTION_MODES,
+    ChunkStream,
+    FetchedChunk,
+    FetchErrors,
+    Passphrase,
+    Repository,
+)
 from ._retention import Decision, KeepLabels, KeepRules, RetentionPolicy
 from ._transports import CommandTransport, LocalTransport, SSHTransport, Transport
 from ._vbox import LockRetry, VirtualBoxHost
@@ -77,6 +87,7 @@ __all__ = [
     "BorgError",
     "CheckResult",
     "ChunkRef",
+    "ChunkStream",
     "Chunking",
     "CommandTransport",
     "CompactResult",
@@ -89,6 +100,8 @@ __all__ = [
     "DeleteResult",
     "DiskAttachment",
     "ENCRYPTION_MODES",
+    "FetchErrors",
+    "FetchedChunk",
     "FileChunks",
     "FileNotInArchive",
     "FileRole",
@@ -115,6 +128,7 @@ __all__ = [
     "PruneResult",
     "Pruner",
     "Repository",
+    "RepositoryBusy",
     "RepositoryError",
     "RepositoryExists",
     "RepositoryLocked",

@@ -14,6 +14,7 @@ adapter boundary and raised ``from`` the original, so callers catch one tree::
     │   │   ├── PassphraseMissing                  encrypted, and no passphrase given
     │   │   └── PassphraseWrong
     │   ├── RepositoryLocked                       still locked after ``lock_wait``
+    │   ├── RepositoryBusy                         called again from the thread that is using it
     │   ├── ConnectionFailed                       the transport did not reach ``borg serve``
     │   │   └── AccessDenied                       the server refused the path or operation
     │   ├── IntegrityError                         a chunk or object failed verification
@@ -58,6 +59,7 @@ __all__ = [
     "PruneRefused",
     "RepositoryError",
     "RepositoryExists",
+    "RepositoryBusy",
     "RepositoryLocked",
     "RepositoryNotFound",
     "RepositoryReadOnly",
@@ -132,6 +134,16 @@ class PassphraseWrong(PassphraseError):
 
 class RepositoryLocked(RepositoryError):
     """Another process holds the repository lock and ``lock_wait`` ran out."""
+
+
+class RepositoryBusy(RepositoryError):
+    """The repository was used again from the thread that is in the middle of using it.
+
+    For example a call made while this thread still reads a :meth:`Repository.fetch`
+    stream, or from inside a progress callback. Waiting could never end, so
+    vbremote refuses at once; finish (or leave) the first use and call again.
+    Other threads simply wait their turn.
+    """
 
 
 class ConnectionFailed(RepositoryError):

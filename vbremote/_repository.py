@@ -13,17 +13,18 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import attrs
-from attrs import define, field
+from attrs import define, field, frozen
 
-from ._borg import BorgWorker, ProgressCallback
+from ._borg import BorgWorker, ProgressCallback, WorkerStream
 from ._diskformats import disk_chunking
 from ._errors import (
     ArchiveMetadataError,
     ArchiveNotFound,
     ConfigurationError,
+    IntegrityError,
     PassphraseMissing,
     RepositoryReadOnly,
 )
@@ -46,7 +47,16 @@ from ._models import (
 )
 from ._transports import Transport
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_ENCRYPTION", "ENCRYPTION_MODES", "Passphrase", "Repository"]
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_ENCRYPTION",
+    "ENCRYPTION_MODES",
+    "ChunkStream",
+    "FetchErrors",
+    "FetchedChunk",
+    "Passphrase",
+    "Repository",
+]
 
 #: A passphrase, a callable that returns one (asked once, at open), or None
 #: for borg's own variables (BORG_PASSPHRASE, BORG_PASSCOMMAND, BORG_PASSPHRASE_FD).
@@ -72,9 +82,8 @@ DEFAULT_ENCRYPTION = "repokey"
 #: so 1 MiB chunks send what a guest changed and no more.
 DEFAULT_BLOCK_SIZE = 1 << 20
 
-# How many chunk ids one fetch call asks the worker for; the worker pipelines
-# them to the server, and the next batch is asked for as soon as one is read.
-_FETCH_BATCH = 64
+#: What :meth:`Repository.fetch` does when a chunk fails verification.
+FetchErrors = Literal["raise", "report"]
 
 _CompactProgress = Callable[[Progress], None]
 
@@ -135,7 +144,17 @@ class Repository:
 
     Open one with :meth:`open` (or create one with :meth:`init`) and use it as
     a context manager; leaving the block closes it and releases borg's lock.
-    A Repository may be used from several threads; its calls run one at a time.
+    A Repository may be used from several threads; its calls run one at a
+    time (another thread waits its turn). A second use from the thread that
+    is in the middle of one (an open fetch stream, a progress callback)
+    raises :class:`RepositoryBusy` at once.
+
+    An exception raised by your code during a call (a progress callback, the
+    loop over a fetch) cancels the call: borg rolls back, and the repository
+    stays usable. An interrupt (``KeyboardInterrupt``) that lands while
+    vbremote waits on borg closes the repository instead; later calls raise
+    :class:`RepositoryError` ("… interrupted; open it again"). The
+    repositories guide explains both in "Cancelling and interrupts".
 
     Attributes:
         transport: How the repository is reached.
@@ -441,8 +460,10 @@ class Repository:
             timestamp: The archive time (default: now), like ``borg create --timestamp``.
             block_size: Fixed block size for disks (default: the repository's).
             progress: Called with a :class:`Progress` as bytes are read. To
-                cancel, raise from it: nothing is committed, and the repository
-                is closed (open it again to go on).
+                cancel, raise from it: the write is rolled back, nothing is
+                committed, your exception is re-raised, and the repository
+                stays open and usable. No callback runs once the archive is
+                being committed.
 
         Returns:
             What was written and what it cost.
@@ -453,6 +474,7 @@ class Repository:
             SourceChanged: A file changed size while it was read; nothing was
                 committed, and the repository stays usable.
             RepositoryReadOnly: The repository was opened with ``read_only=True``.
+            RepositoryBusy: Called from a progress callback or loop of this same repository.
         """
         self._refuse_if_read_only("write_archive")
         if not name or "/" in name or name != name.strip():
@@ -571,13 +593,57 @@ class Repository:
         )
         return result
 
+    def fetch(self, ids: Iterable[bytes], *, errors: FetchErrors = "raise") -> ChunkStream:
+        """Fetch chunks by id as one pipelined stream; use it as a context manager.
+
+        ::
+
+            with repo.fetch(ids) as chunks:
+                for chunk in chunks:
+                    target.write_at(offsets[chunk.id], chunk.data)
+
+        The whole list goes to the worker in one request, and the worker asks
+        borg for all of it in one pipelined ``get_many``, so a remote
+        repository always has requests in flight (borg keeps up to 100
+        outstanding) and never waits for a batch to drain. Each distinct id is
+        fetched once, in the order of its first appearance, however often
+        ``ids`` lists it; map ids to offsets yourself. Every chunk is
+        authenticated and checked against its id.
+
+        Memory stays bounded: chunks are read from the worker only as you
+        iterate, and the worker blocks when the pipe is full, so at most one
+        chunk waits in this process and about 100 (borg's requests in flight)
+        in the worker. Leaving the ``with`` block early (a ``break``, an
+        exception) cancels the rest in the worker and leaves the repository
+        in step and usable. The repository is busy for this thread while the
+        stream is open (:class:`RepositoryBusy`); other threads wait.
+
+        Args:
+            ids: Chunk ids (32 bytes each), e.g. from :meth:`chunk_list`.
+            errors: ``"raise"``: a chunk that is missing or fails verification
+                raises :class:`IntegrityError` (naming it in ``chunk_id``) and ends
+                the stream. ``"report"``: that chunk comes back with ``error`` set
+                and empty ``data``, and the stream goes on with the rest.
+
+        Returns:
+            A :class:`ChunkStream` of :class:`FetchedChunk`.
+
+        Raises:
+            ConfigurationError: An id is not 32 bytes, or ``errors`` is unknown.
+            IntegrityError: While iterating, with ``errors="raise"``.
+        """
+        if errors not in ("raise", "report"):
+            raise ConfigurationError(f"errors must be 'raise' or 'report', not {errors!r}")
+        return ChunkStream(self._worker, _distinct_ids(ids), errors=errors)
+
     def fetch_chunks(self, ids: Iterable[bytes]) -> Iterator[tuple[bytes, bytes]]:
         """Fetch chunks by id, in the order given, each verified against its id.
 
-        Requests are batched and pipelined (borg's ``get_many``), so a remote
-        repository is not one round trip per chunk. The repository is busy
-        until the iteration ends: exhaust the iterator, leave the loop, or
-        close it (``contextlib.closing``) before other calls.
+        A thin wrapper of :meth:`fetch` that yields a pair for every id given,
+        repeats included (a repeated id is fetched again). The repository is
+        busy until the iteration ends: exhaust the iterator, leave the loop, or
+        close it (``contextlib.closing``) before other calls; prefer
+        :meth:`fetch` with ``with``.
 
         Yields:
             ``(id, plaintext)`` pairs.
@@ -585,14 +651,10 @@ class Repository:
         Raises:
             IntegrityError: A chunk is missing or failed verification (its id is on the error).
         """
-        batch: list[bytes] = []
-        for chunk_id in ids:
-            batch.append(bytes(chunk_id))
-            if len(batch) >= _FETCH_BATCH:
-                yield from self._worker.stream("fetch", ids=batch)
-                batch = []
-        if batch:
-            yield from self._worker.stream("fetch", ids=batch)
+        wanted = [_chunk_id(chunk_id) for chunk_id in ids]
+        with ChunkStream(self._worker, wanted, errors="raise") as chunks:
+            for chunk in chunks:
+                yield chunk.id, chunk.data
 
     def delete_archives(self, archives: Iterable[str | ArchiveInfo]) -> DeleteResult:
         """Delete archives (all or none); run :meth:`compact` to free the space.
@@ -628,6 +690,85 @@ class Repository:
         """Check the repository and its archives (``borg check``; with ``verify_data``, every chunk)."""
         ok, problems = self._worker.call("check", verify_data=verify_data)
         return CheckResult(ok=ok, problems=tuple(problems))
+
+
+@frozen
+class FetchedChunk:
+    """One chunk from :meth:`Repository.fetch`.
+
+    Attributes:
+        id: The chunk id.
+        data: The plaintext, verified against ``id``; empty when ``error`` is set.
+        error: With ``errors="report"``, why this chunk could not be fetched
+            (its ``chunk_id`` is this id's hex); otherwise always None.
+    """
+
+    id: bytes
+    data: bytes
+    error: IntegrityError | None = None
+
+
+class ChunkStream:
+    """The chunks of one :meth:`Repository.fetch`, in the order asked; a context manager.
+
+    Iterate it inside ``with``; leaving the block closes it, which cancels
+    whatever the worker has not sent yet.
+
+    Attributes:
+        ids: The ids that will come, in order: for :meth:`Repository.fetch`,
+            each distinct id asked for once, in the order of first appearance.
+    """
+
+    def __init__(self, worker: BorgWorker, ids: list[bytes], *, errors: FetchErrors) -> None:
+        self.ids: tuple[bytes, ...] = tuple(ids)
+        self._worker = worker
+        self._errors = errors
+        self._stream: WorkerStream | None = None
+        self._closed = False
+
+    def __enter__(self) -> ChunkStream:
+        self._start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        if self._stream is None and not self._closed and self.ids:
+            self._stream = self._worker.stream("fetch", ids=list(self.ids), errors=self._errors)
+
+    def __iter__(self) -> Iterator[FetchedChunk]:
+        self._start()
+        stream = self._stream
+        if stream is None:
+            return
+        location = self._worker.location
+        for chunk_id, data, message in stream:
+            if message is None:
+                yield FetchedChunk(id=chunk_id, data=data)
+            else:
+                error = IntegrityError(message, location=location, chunk_id=chunk_id.hex())
+                yield FetchedChunk(id=chunk_id, data=b"", error=error)
+
+    def close(self) -> None:
+        """Stop the stream (idempotent): the rest is cancelled in the worker."""
+        self._closed = True
+        if self._stream is not None:
+            self._stream.close()
+
+
+def _chunk_id(value: bytes) -> bytes:
+    chunk_id = bytes(value)
+    if len(chunk_id) != 32:
+        raise ConfigurationError(f"a chunk id is 32 bytes, not {len(chunk_id)}: {chunk_id.hex()!r}")
+    return chunk_id
+
+
+def _distinct_ids(ids: Iterable[bytes]) -> list[bytes]:
+    """The ids, each once, in the order of first appearance."""
+    return list(dict.fromkeys(_chunk_id(chunk_id) for chunk_id in ids))
 
 
 def _check_importable(transport: Transport) -> None:

@@ -34,6 +34,14 @@ def backup(folder: Path, vm_name: str, vm_uuid: str) -> vbremote.WriteResult:
             changed = [c for c, mine in zip(chunks.chunks, local, strict=False) if c.id != mine]
             for chunk_id, data in repo.fetch_chunks(c.id for c in changed):
                 print(chunk_id.hex(), len(data))
+            stream: vbremote.ChunkStream
+            with repo.fetch([c.id for c in changed], errors="report") as stream:
+                for chunk in stream:
+                    fetched: vbremote.FetchedChunk = chunk
+                    if fetched.error is not None:
+                        print("damaged:", fetched.error.chunk_id)
+                    else:
+                        print(fetched.id.hex(), len(fetched.data))
         return result
 
 

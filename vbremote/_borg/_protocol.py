@@ -1,46 +1,68 @@
-"""Framing between vbremote and its borg worker process.
+"""The messages between vbremote and its borg worker process.
 
-Each message is a 4-byte little-endian length and a pickle. Both ends are
-vbremote's own code, started by the same user over private pipes, so pickle
-is safe here and keeps values (bytes, tuples, datetimes) intact.
+Frames are :class:`multiprocessing.connection.Connection` messages (a
+length header and a pickle) over the worker's private pipes. Both ends are
+vbremote's own code, started by the same user, so pickle is safe here and
+keeps values (bytes, tuples, datetimes) intact.
+
+One request is in flight at a time. The parent sends a :class:`Request`;
+the worker answers with :class:`Reply` frames that all carry the request's
+id: any number of ``log``, ``progress`` and ``item`` replies, at most one
+``commit`` (the worker is about to commit and waits for a
+:class:`Decision`), and one final ``ok`` or ``error``. While the request runs
+the parent may send :class:`Cancel`; the worker then stops at its next
+check, rolls back, and answers ``error`` of kind ``cancelled``. A reply with
+another id means the two ends fell out of step: the parent kills the worker.
 """
 
 from __future__ import annotations
 
-import pickle
-import struct
-from typing import IO, Any
+from typing import Any
 
-_HEADER = struct.Struct("<I")
+from attrs import frozen
 
-# What the worker sends back, as the first element of each message.
-LOG = "log"  # (LOG, levelno, logger name, message)
-PROGRESS = "progress"  # (PROGRESS, operation, path, done, total)
-ITEM = "item"  # (ITEM, value): one element of a streamed result
-OK = "ok"  # (OK, value): the call finished
-ERROR = "error"  # (ERROR, kind, message, context dict)
+# Reply kinds.
+LOG = "log"  # payload: (levelno, logger name, message)
+PROGRESS = "progress"  # payload: (operation, path, done, total)
+ITEM = "item"  # payload: one element of a streamed result
+COMMIT = "commit"  # payload: None; the worker waits for a Decision
+OK = "ok"  # payload: the result; final
+ERROR = "error"  # payload: (kind, message, context dict); final
 
+FINAL = frozenset({OK, ERROR})
 
-def send(stream: IO[bytes], message: Any) -> None:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(_HEADER.pack(len(data)))
-    stream.write(data)
-    stream.flush()
+#: The error kind of a request that stopped because the parent cancelled it.
+CANCELLED = "cancelled"
 
 
-def receive(stream: IO[bytes]) -> Any:
-    """Read one message; raises EOFError when the other side is gone."""
-    header = _read_exactly(stream, _HEADER.size)
-    (length,) = _HEADER.unpack(header)
-    return pickle.loads(_read_exactly(stream, length))
+@frozen
+class Request:
+    """Run ``op`` with keyword arguments ``args``; ``id`` is new for each request."""
+
+    id: int
+    op: str
+    args: dict[str, Any]
 
 
-def _read_exactly(stream: IO[bytes], size: int) -> bytes:
-    parts = []
-    while size:
-        part = stream.read(size)
-        if not part:
-            raise EOFError("the other end of the borg worker pipe closed")
-        parts.append(part)
-        size -= len(part)
-    return b"".join(parts)
+@frozen
+class Cancel:
+    """Stop request ``id`` at the next check and roll back; ignored once it has ended."""
+
+    id: int
+
+
+@frozen
+class Decision:
+    """The answer to a ``commit`` reply: commit (``go``) or roll back."""
+
+    id: int
+    go: bool
+
+
+@frozen
+class Reply:
+    """One answer to request ``id``."""
+
+    id: int
+    kind: str
+    payload: Any

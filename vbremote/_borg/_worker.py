@@ -3,8 +3,11 @@
 This module is the only code in vbremote that imports ``borg``. It runs as
 ``python -m vbremote._borg._worker`` so that borg's process-wide habits
 (logging setup, passphrase prompts, environment variables, per-process
-repository locks, umask) stay in a process of their own. It reads calls from
-stdin and answers on the pipe it was given (see ``_protocol``).
+repository locks, umask) stay in a process of their own. It reads requests
+from the pipe on its stdin and answers on the pipe on its stdout (see
+``_protocol``): a reader thread takes every message as it arrives, so a
+cancel reaches a running operation, which checks for it between blocks and
+rolls back.
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ import hmac
 import json
 import logging
 import os
+import queue
 import stat
 import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import IO, Any
+from multiprocessing.connection import Connection
+from typing import Any
 
 from .._transports import _borg_url_path
 from . import _protocol
@@ -70,7 +75,7 @@ class _ForwardingHandler(logging.Handler):
             self.remote_lines.append(message[len("Remote: ") :].strip())
         if record.levelno >= logging.ERROR:
             self.errors.append(message)
-        self.worker.send((_protocol.LOG, record.levelno, record.name, message))
+        self.worker.log(record.levelno, record.name, message)
 
 
 class _StderrTap:
@@ -93,9 +98,19 @@ class _StderrTap:
 
 
 class Worker:
-    def __init__(self, rfile: IO[bytes], wfile: IO[bytes]) -> None:
-        self.rfile = rfile
-        self.wfile = wfile
+    def __init__(self, requests: Connection, replies: Connection) -> None:
+        self.requests = requests
+        self.replies = replies
+        # Filled by the reader thread; None once the parent is gone.
+        self.inbox: queue.SimpleQueue[_protocol.Request | None] = queue.SimpleQueue()
+        self.decisions: queue.SimpleQueue[_protocol.Decision | None] = queue.SimpleQueue()
+        # The request being run (set by the reader as it queues one: requests
+        # come one at a time), and whether the parent cancelled it.
+        self.current: int | None = None
+        self.cancelled = threading.Event()
+        self.state_lock = threading.Lock()
+        # Log records from outside a request wait for the next one, so every frame carries a request id.
+        self.idle_logs: collections.deque[tuple[int, str, str]] = collections.deque(maxlen=100)
         self.repository: Any = None
         self.key: Any = None
         self.manifest: Any = None
@@ -106,44 +121,120 @@ class Worker:
         # The manifest's archives, sorted by time; dropped whenever the manifest may change.
         self.listing: list[Any] | None = None
         self.send_lock = threading.Lock()
+        # The request whose replies are being sent (None while idle).
+        self.running: int | None = None
         self.handler = _ForwardingHandler(self)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2))
         # One thread: borg's compressors write into one module-wide buffer,
         # and the cipher takes its nonces in order.
         self.encrypt_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
 
-    def send(self, message: Any) -> None:
+    # -- messages ---------------------------------------------------------
+
+    def reply(self, kind: str, payload: Any) -> None:
+        """Send one reply to the request being run."""
         # Log records may come from any thread; frames must not interleave.
         with self.send_lock:
-            _protocol.send(self.wfile, message)
+            assert self.running is not None, "a reply outside a request"
+            self.replies.send(_protocol.Reply(self.running, kind, payload))
+
+    def item(self, value: Any) -> None:
+        """Send one element of a streamed result, unless the parent cancelled the request."""
+        self.check_cancelled()
+        self.reply(_protocol.ITEM, value)
+
+    def log(self, level: int, name: str, message: str) -> None:
+        with self.send_lock:
+            if self.running is None:
+                self.idle_logs.append((level, name, message))
+            else:
+                self.replies.send(_protocol.Reply(self.running, _protocol.LOG, (level, name, message)))
+
+    def check_cancelled(self) -> None:
+        """Raise if the parent cancelled the request being run (called between blocks)."""
+        if self.cancelled.is_set():
+            raise _Refused(_protocol.CANCELLED, "cancelled by the caller")
+
+    def commit_point(self) -> None:
+        """Ask the parent whether to commit; raise (so the caller rolls back) unless it says go.
+
+        The parent refuses when its caller cancelled; once it said go it runs
+        no more callbacks for this request, so nothing can cancel it afterwards.
+        """
+        self.check_cancelled()
+        self.reply(_protocol.COMMIT, None)
+        decision = self.decisions.get()
+        if decision is not None and decision.id != self.running:
+            raise _Refused("internal", f"a decision for request {decision.id} during request {self.running}")
+        if decision is None or not decision.go:
+            raise _Refused(_protocol.CANCELLED, "cancelled by the caller before the commit")
+
+    def read_requests(self) -> None:
+        """The reader thread: route each message from the parent as it arrives."""
+        while True:
+            try:
+                message = self.requests.recv()
+            except BaseException as exc:
+                if not isinstance(exc, (EOFError, OSError)):
+                    # A message this process cannot read (e.g. a transport class it
+                    # cannot import): say why on stderr, which the parent reports.
+                    traceback.print_exc()
+                # The parent is gone or unreadable: stop whatever runs, without committing.
+                self.cancelled.set()
+                self.decisions.put(None)
+                self.inbox.put(None)
+                return
+            if isinstance(message, _protocol.Request):
+                with self.state_lock:
+                    self.current = message.id
+                    self.cancelled.clear()
+                self.inbox.put(message)
+            elif isinstance(message, _protocol.Cancel):
+                with self.state_lock:
+                    if message.id == self.current:
+                        self.cancelled.set()
+            elif isinstance(message, _protocol.Decision):
+                self.decisions.put(message)
 
     # -- the loop ---------------------------------------------------------
 
     def serve(self) -> None:
+        threading.Thread(target=self.read_requests, name="vbremote-requests", daemon=True).start()
         while True:
-            try:
-                op, kwargs = _protocol.receive(self.rfile)
-            except EOFError:
+            request = self.inbox.get()
+            if request is None:
                 break
-            if op == "close":
+            with self.send_lock:
+                self.running = request.id
+                while self.idle_logs:
+                    level, name, message = self.idle_logs.popleft()
+                    self.replies.send(_protocol.Reply(request.id, _protocol.LOG, (level, name, message)))
+            if request.op == "close":
                 self.close()
-                self.send((_protocol.OK, None))
+                self.finish(_protocol.OK, None)
                 break
             self.handler.errors.clear()
             try:
-                result = getattr(self, "op_" + op)(**kwargs)
+                result = getattr(self, "op_" + request.op)(**request.args)
             except Exception as exc:
                 kind, message, context = classify(exc, self.handler.remote_lines)
                 if kind == "internal":
                     logging.getLogger("vbremote.borg.worker").error(
                         "unexpected error in the borg worker:\n%s", traceback.format_exc()
                     )
-                self.send((_protocol.ERROR, kind, message, context))
-                if op in ("open", "init"):
+                self.finish(_protocol.ERROR, (kind, message, context))
+                if request.op in ("open", "init"):
                     break
             else:
-                self.send((_protocol.OK, result))
+                self.finish(_protocol.OK, result)
         self.close()
+
+    def finish(self, kind: str, payload: Any) -> None:
+        """Send the final reply of the request being run; the worker is idle after it."""
+        with self.send_lock:
+            assert self.running is not None
+            self.replies.send(_protocol.Reply(self.running, kind, payload))
+            self.running = None
 
     def close(self) -> None:
         if self.repository is not None:
@@ -418,21 +509,67 @@ class Worker:
         chunks = [(bytes(c.id), int(c.size)) for c in found.chunks]
         return sum(size for _, size in chunks), chunks
 
-    def op_fetch(self, ids: list[bytes]) -> None:
-        """Stream (id, plaintext) for each id, verified; borg pipelines the gets."""
+    def op_fetch(self, ids: list[bytes], errors: str = "raise") -> None:
+        """Stream (id, plaintext, None) for each id, verified, in order; one pipelined get_many.
+
+        A chunk that is missing or fails verification raises (``errors="raise"``)
+        or is streamed as (id, None, message) and the rest follow (``"report"``).
+        """
+        position = 0
+        while position < len(ids):
+            # borg's get_many ends at the first missing or damaged object; ask again after it.
+            replies = self.repository.get_many(ids[position:])
+            try:
+                for chunk_id in ids[position:]:
+                    position += 1
+                    try:
+                        # decrypt() authenticates the ciphertext and checks the id of the plaintext.
+                        data = bytes(self.key.decrypt(chunk_id, next(replies)))
+                    except Exception as exc:
+                        message = self._chunk_error(chunk_id, exc)
+                        if errors == "raise":
+                            raise _Refused("integrity", message, chunk_id=chunk_id.hex()) from exc
+                        self.item((chunk_id, None, message))
+                        if not _generator_alive(replies):
+                            break
+                        continue
+                    self.item((chunk_id, data, None))
+            finally:
+                replies.close()
+                self._forget_pipeline()
+
+    @staticmethod
+    def _chunk_error(chunk_id: bytes, exc: Exception) -> str:
         from borg.helpers import IntegrityError
         from borg.repository import Repository
 
-        replies = iter(self.repository.get_many(ids))
-        for chunk_id in ids:
+        if not isinstance(exc, (IntegrityError, Repository.ObjectNotFound)):
+            raise exc
+        return f"chunk {chunk_id.hex()}: {exc.get_message()}"
+
+    def _forget_pipeline(self) -> None:
+        """Read and drop the answers to gets that a stopped get_many still had in flight.
+
+        borg files them under its async responses, where they would wait (and
+        take memory) until the next write; read them now, while they arrive.
+        """
+        repository = self.repository
+        if not (getattr(repository, "ignore_responses", None) or getattr(repository, "async_responses", None)):
+            return  # a local repository, or nothing left in flight
+        from borg.helpers import IntegrityError
+        from borg.repository import Repository
+
+        drain = self.repository.async_response
+        while True:
             try:
-                # decrypt() authenticates the ciphertext and checks the id of the plaintext.
-                data = bytes(self.key.decrypt(chunk_id, next(replies)))
-            except (IntegrityError, Repository.ObjectNotFound) as exc:
-                raise _Refused(
-                    "integrity", f"chunk {chunk_id.hex()}: {exc.get_message()}", chunk_id=chunk_id.hex()
-                ) from exc
-            self.send((_protocol.ITEM, (chunk_id, data)))
+                if drain(wait=True) is None:
+                    return
+            except (IntegrityError, Repository.ObjectNotFound):
+                continue  # the error answer to a get nobody waits for any more
+            except Exception:
+                # The connection itself failed; the next call reports it.
+                logging.getLogger("vbremote.borg.worker").debug("draining the fetch pipeline failed", exc_info=True)
+                return
 
     def op_local_ids(self, source: str, params: tuple[int, int], path: str) -> list[bytes]:
         ids = []
@@ -545,6 +682,7 @@ class Worker:
                     item.get_size(memorize=True)
                     stats.nfiles += 1
                     archive.add_item(item, show_progress=False)
+            self.commit_point()
             archive.save(comment=comment, timestamp=_naive_utc(timestamp))
             info = self.manifest.archives[name]
             self.sent.add(info.id)  # the parent knows what it wrote
@@ -618,7 +756,9 @@ class Worker:
         return entries
 
     def _progress(self, operation: str, path: str, done: int, total: int) -> None:
-        self.send((_protocol.PROGRESS, operation, path, done, total))
+        # Between blocks: the place where a cancelled operation stops.
+        self.check_cancelled()
+        self.reply(_protocol.PROGRESS, (operation, path, done, total))
 
     # -- deleting, compacting, checking ----------------------------------
 
@@ -633,6 +773,7 @@ class Worker:
             try:
                 yield cache
                 if commit:
+                    self.commit_point()
                     self.manifest.write()
                     self.repository.commit(compact=False)
                     cache.commit()
@@ -682,6 +823,10 @@ class Worker:
             ))
         return ok, list(self.handler.errors)
 
+
+
+def _generator_alive(generator: Any) -> bool:
+    return bool(generator.gi_frame is not None)
 
 
 def _extents(size: int, block_size: int, header_size: int) -> Iterator[tuple[int, int]]:
@@ -888,8 +1033,8 @@ def _refuse_prompt(*args: Any, **kwargs: Any) -> str:
 
 def main() -> None:
     # The protocol owns the original stdin/stdout; anything borg prints goes to stderr.
-    rfile = os.fdopen(os.dup(0), "rb")
-    wfile = os.fdopen(os.dup(1), "wb")
+    requests = Connection(os.dup(0), writable=False)
+    replies = Connection(os.dup(1), readable=False)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(2, 1)
@@ -906,7 +1051,7 @@ def main() -> None:
 
     import borg.logger
 
-    worker = Worker(rfile, wfile)
+    worker = Worker(requests, replies)
     # borg refuses to log before its setup_logging ran; in this process we
     # route its records to the parent instead of configuring handlers twice.
     borg.logger.configured = True
