@@ -503,3 +503,41 @@ def pexpect_eof() -> Any:
     import pexpect
 
     return pexpect.EOF
+
+
+# -- the quickstart --------------------------------------------------------------
+
+
+def shell_examples(page: str) -> list[tuple[str, str]]:
+    text = (ROOT / "docs" / page).read_text()
+    return re.findall(r"<!-- example: ([\w-]+) -->\n```sh\n(.*?)```", text, re.S)
+
+
+class TestQuickstart:
+    def test_quickstart_runs_as_printed(self, tmp_path):
+        """docs/quickstart.md's shell examples run in order, as printed, in a fresh home folder."""
+        home = tmp_path / "home"
+        work = tmp_path / "work"
+        shims = tmp_path / "bin"
+        for folder in (home, work, shims):
+            folder.mkdir()
+        (shims / "vbremote").write_text(f'#!/bin/sh\nexec {sys.executable} -m vbremote "$@"\n')
+        (shims / "python3").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+        for shim in shims.iterdir():
+            shim.chmod(0o755)
+        env = {
+            "HOME": str(home),
+            "PATH": f"{shims}:{os.environ['PATH']}",
+            "PYTHONPATH": str(ROOT),
+            "LANG": "C.UTF-8",
+        }
+        examples = shell_examples("quickstart.md")
+        assert [name for name, _ in examples][:2] == ["quickstart-vm", "quickstart-config"]
+        for name, script in examples:
+            done = subprocess.run(
+                ["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env, capture_output=True, text=True,
+                timeout=300, check=False,
+            )
+            assert done.returncode == 0, f"{name}:\n{done.stdout}\n{done.stderr}"
+        assert (home / ".config" / "vbremote" / "config.toml").exists()
+        assert (work / "repo").is_dir()
