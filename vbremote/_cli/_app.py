@@ -17,12 +17,16 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    ProgressColumn,
+    Task,
     TaskID,
+    TaskProgressColumn,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
 from rich.progress import Progress as RichProgress
+from rich.text import Text
 
 from .. import _errors as errors
 from .._config import Config, RepositoryConfig, load_config
@@ -195,24 +199,50 @@ class App:
         if not self.show_progress:
             yield None
             return
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-        )
+        columns = (TextColumn("{task.description}"), BarColumn(), _Amount(), _Rate(), TimeRemainingColumn())
         with RichProgress(*columns, console=self.stderr, transient=False) as bars:
             tasks: dict[tuple[str, str], TaskID] = {}
 
             def update(event: Progress) -> None:
                 key = (event.operation, event.path)
+                counted = event.operation in _COUNTED_PHASES
+                # A counted phase with nothing to count (no leftovers) is done, not pulsing.
+                total, done = (1, 1) if counted and not event.total else (event.total or None, event.done)
                 if key not in tasks:
                     label = f"{event.operation} {event.path}".strip()
-                    tasks[key] = bars.add_task(label, total=event.total or None)
-                bars.update(tasks[key], completed=event.done, total=event.total or None)
+                    tasks[key] = bars.add_task(label, total=total, counted=counted)
+                bars.update(tasks[key], completed=done, total=total)
 
             yield update
+
+
+# Phases whose progress counts steps or percent, not bytes.
+_COUNTED_PHASES = frozenset({"locking", "leftovers", "snapshot", "merge", "register", "start", "power off", "verify"})
+
+
+class _Amount(ProgressColumn):
+    """Bytes done of the total for byte phases, the percentage for the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bytes = DownloadColumn(binary_units=True)
+        self._percent = TaskProgressColumn()
+
+    def render(self, task: Task) -> Text:
+        if task.fields.get("counted"):
+            return self._percent.render(task)
+        return self._bytes.render(task)
+
+
+class _Rate(ProgressColumn):
+    """The transfer rate of a byte phase."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._speed = TransferSpeedColumn()
+
+    def render(self, task: Task) -> Text:
+        return Text("") if task.fields.get("counted") else self._speed.render(task)
 
 
 def setup_logging(verbosity: int, log_file: Path | None) -> None:
