@@ -6,6 +6,7 @@ import http.server
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -541,3 +542,58 @@ class TestQuickstart:
             assert done.returncode == 0, f"{name}:\n{done.stdout}\n{done.stderr}"
         assert (home / ".config" / "vbremote" / "config.toml").exists()
         assert (work / "repo").is_dir()
+
+
+class TestInterrupt:
+    def test_ctrl_c_exit_code_and_hook_killed(self, ready, tmp_path):
+        """Ctrl-C during a run exits with 130, and a hook still running is killed with it."""
+        pid_file = tmp_path / "hook.pid"
+        command = _hook_script(
+            tmp_path, "slow.py", f"import os\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)"
+        )
+        ready.write_config(f"[[hooks]]\ncommand = {command}\nevents = [\"start\"]\ntimeout = 100\n")
+        process = subprocess.Popen(
+            ready.argv("check"), env=ready.env, cwd=ready.tmp, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not (pid_file.exists() and pid_file.read_text()):
+                assert time.monotonic() < deadline, "the hook did not start"
+                time.sleep(0.05)
+            hook_pid = int(pid_file.read_text())
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=30)
+        finally:
+            process.kill()
+        assert process.returncode == 130
+        assert "interrupted" in stderr
+        with pytest.raises(ProcessLookupError):
+            os.kill(hook_pid, 0)
+
+
+class TestDemo:
+    def test_demo(self, tmp_path):
+        """vbremote demo runs the demo to the end (needs qemu-img)."""
+        from vbremote.testing import qemu_tools_available
+
+        if not qemu_tools_available():
+            pytest.skip("qemu-img/qemu-io are not installed (Debian package qemu-utils)")
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        done = subprocess.run(
+            [sys.executable, "-m", "vbremote", "demo", "--disk-mib", "16", "--keep", str(tmp_path / "demo")],
+            env=env, capture_output=True, text=True, timeout=300, check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "pruned" in done.stdout
+        assert (tmp_path / "demo" / "repository").is_dir()
+
+    def test_demo_has_no_json(self, tmp_path):
+        """vbremote demo --json is a usage error: the demo prints prose."""
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        done = subprocess.run(
+            [sys.executable, "-m", "vbremote", "--json", "demo"], env=env, capture_output=True, text=True,
+            timeout=60, check=False,
+        )
+        assert done.returncode == 2
+        assert done.stdout == ""

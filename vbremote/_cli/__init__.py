@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         code = exit_code_for(exc)
         report_error(exc, code=code, as_json=app.json, verbosity=app.verbosity)
         return code
-    except click.exceptions.Abort:
-        sys.stderr.write("vbremote: aborted\n")
+    except click.exceptions.Abort as exc:
+        # click turns Ctrl-C into Abort; a "no" to a confirmation says so in its message.
+        sys.stderr.write(f"vbremote: {str(exc) or 'interrupted'}\n")
         return EXIT_INTERRUPTED
     except click.ClickException as exc:
         exc.show()

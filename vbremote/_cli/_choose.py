@@ -100,4 +100,4 @@ def confirm(app: App, question: str, *, yes: bool) -> None:
     if not app.interactive:
         raise click.UsageError("pass --yes to confirm (there is no terminal to ask at)")
     if not click.confirm(question, default=False, err=True):
-        raise click.Abort()
+        raise click.Abort("not confirmed: nothing was changed")

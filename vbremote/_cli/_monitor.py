@@ -103,14 +103,22 @@ class Run:
         try:
             _, stderr = process.communicate(payload, timeout=hook.timeout)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
+            _kill(process)
             self.warn(f"the {document['event']} hook {name!r} did not finish within {hook.timeout:g} s and was killed")
             return
+        except BaseException:
+            # Interrupted (Ctrl-C): the hook runs in its own session and would outlive the command.
+            _kill(process)
+            raise
         if process.returncode != 0:
             words = stderr.decode("utf-8", errors="replace").strip().splitlines()[-1:] or [""]
             self.warn(f"the {document['event']} hook {name!r} failed with exit code {process.returncode}: {words[0]}")
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
 
 
 @contextlib.contextmanager
