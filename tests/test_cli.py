@@ -18,7 +18,8 @@ from typing import Any
 
 import jsonschema
 import pytest
-from helpers import PASSPHRASE
+from helpers import PASSPHRASE, borg_executable
+from test_ssh import sshd  # noqa: F401  (the real sshd on loopback)
 
 import vbremote
 from vbremote._cli import EXIT_CODES
@@ -597,3 +598,45 @@ class TestDemo:
         )
         assert done.returncode == 2
         assert done.stdout == ""
+
+
+class TestServerSidePruning:
+    """The server-side pruning recipe through the command: an append-only key on the host, pruning on the server."""
+
+    @pytest.mark.ssh
+    def test_append_only_host_and_server_prune(self, sshd, cli, tmp_path):  # noqa: F811
+        """Through the forced append-only key prune exits 6 and deletes nothing; the server's local config prunes."""
+        repo_path = sshd.forced_root / f"cli-{tmp_path.name}"
+        server_base = tmp_path / "server-base"
+        server_base.mkdir()
+        server_config = tmp_path / "server.toml"
+        server_config.write_text(
+            f'[repositories.local]\npath = "{repo_path}"\npassphrase_env = "VBR_TEST_PASSPHRASE"\n'
+            f'borg_base_dir = "{server_base}"\n\n[keep]\nlast = 1\n'
+        )
+        assert cli("--config", str(server_config), "init").returncode == 0
+        options = ", ".join(f'"{o}"' for o in sshd.options())
+        cli.config.write_text(
+            f'[repositories.offsite]\ntransport = "ssh"\nhost = "127.0.0.1"\nuser = "{sshd.user}"\n'
+            f'port = {sshd.port}\nidentity = "{sshd.forced_key}"\nssh_options = [{options}]\n'
+            f'remote_borg = "{borg_executable()}"\npath = "{repo_path}"\nappend_only = true\n'
+            f'passphrase_env = "VBR_TEST_PASSPHRASE"\nborg_base_dir = "borg-base"\n\n'
+            f'[virtualbox]\nbackend = "simulated"\nhome = "vbox"\n\n[keep]\nlast = 1\n'
+        )
+        now = datetime.now(UTC)
+        meta = vbremote.SnapshotMetadata("alpha", cli.uuids["alpha"])
+        transport = vbremote.SSHTransport(
+            "127.0.0.1", str(repo_path), user=sshd.user, port=sshd.port, identity_file=sshd.forced_key,
+            ssh_options=sshd.options(), remote_borg=borg_executable(),
+        )
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=cli.base_dir) as repo:
+            for n in range(3):
+                repo.write_archive(f"alpha-{n}", cli.vm_files("alpha"), meta, timestamp=now - timedelta(hours=3 - n))
+        assert [a["name"] for a in cli.json("archives")["archives"]] == ["alpha-0", "alpha-1", "alpha-2"]
+        done = cli("prune", "alpha")
+        assert done.returncode == 6
+        assert "append-only" in done.stderr
+        assert len(cli.json("archives")["archives"]) == 3
+        doc = json.loads(cli("--config", str(server_config), "--json", "prune", "--all").stdout)
+        assert sorted(doc["vms"][0]["deleted"]) == ["alpha-0", "alpha-1"]
+        assert [a["name"] for a in cli.json("archives")["archives"]] == ["alpha-2"]
