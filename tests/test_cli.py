@@ -413,11 +413,16 @@ class TestMonitoring:
         validate(json.loads(done.stdout), "check")
 
     def test_hook_gets_json_document(self, ready, tmp_path):
-        """Hooks get each event as a JSON document on stdin, with the result on success."""
+        """Hooks get each event as a JSON document on stdin, with the result on success; their output goes to stderr."""
         out = tmp_path / "events.jsonl"
-        command = _hook_script(tmp_path, "hook.py", f"open({str(out)!r}, 'a').write(sys.stdin.read() + '\\n')")
+        command = _hook_script(
+            tmp_path, "hook.py", f"open({str(out)!r}, 'a').write(sys.stdin.read() + '\\n')\nprint('hook says hi')"
+        )
         ready.write_config(f"[[hooks]]\ncommand = {command}\non = [\"prune\"]\n")
-        assert ready("prune", "alpha", "--dry-run").returncode == 0
+        done = ready("--json", "prune", "alpha", "--dry-run")
+        assert done.returncode == 0
+        validate(json.loads(done.stdout), "prune")  # the hook's output went to stderr
+        assert "hook says hi" in done.stderr
         events = [json.loads(line) for line in out.read_text().splitlines()]
         assert [e["event"] for e in events] == ["start", "success"]
         assert events[1]["command"] == "prune"
