@@ -47,7 +47,7 @@ class CLI:
         self.base_dir = tmp_path / "borg-base"
         self.base_dir.mkdir()
         self.state = tmp_path / "state"
-        self.env = dict(os.environ)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BORG_")}
         self.env.update(
             PYTHONPATH=str(ROOT),
             XDG_STATE_HOME=str(self.state),
@@ -145,6 +145,14 @@ class TestInit:
         done = cli("init")
         assert done.returncode == 3
         assert "already" in one_line_error(done) or "exists" in done.stderr
+
+    def test_init_without_passphrase_source(self, cli):
+        """init of an encrypted repository without a passphrase source names the repository table (exit code 2)."""
+        cli.config.write_text(cli.config.read_text().replace('passphrase_env = "VBR_TEST_PASSPHRASE"\n', ""))
+        done = cli("init")
+        assert done.returncode == 2
+        assert "repositories.main" in one_line_error(done)
+        assert not (cli.tmp / "repo").exists()
 
     def test_encryption_option(self, cli):
         """--encryption overrides the config's mode."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import click
 from rich.table import Table
 
 from .. import __version__
-from .._errors import PruneRefused
+from .._errors import ConfigFileError, PruneRefused
 from .._models import ArchiveInfo
 from .._pruner import Pruner, PruneResult
 from .._repository import ENCRYPTION_MODES, Repository
@@ -160,10 +161,19 @@ def _repo_detail(app: App) -> dict[str, Any]:
 def init(app: App, encryption: str | None) -> None:
     """Create the repository (the one --repo names, or the default one)."""
     settings = app.repository_config()
+    mode = encryption or settings.encryption
+    borg_sources = ("BORG_PASSPHRASE", "BORG_NEW_PASSPHRASE", "BORG_PASSCOMMAND", "BORG_PASSPHRASE_FD")
+    if mode != "none" and settings.passphrase() is None and not any(os.environ.get(v) for v in borg_sources):
+        raise ConfigFileError(
+            f"encryption {mode!r} needs a passphrase: give repositories.{settings.name} a passphrase_command,"
+            " passphrase_env or passphrase_file",
+            file=str(app.config.file or ""),
+            key=f"repositories.{settings.name}",
+        )
     with _monitored(app, "init", **_repo_detail(app)) as run:
         with Repository.init(
             settings.transport,
-            encryption=encryption or settings.encryption,
+            encryption=mode,
             passphrase=settings.passphrase(),
             lock_wait=settings.lock_wait,
             base_dir=settings.borg_base_dir,
