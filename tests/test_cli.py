@@ -201,6 +201,30 @@ class TestListing:
         assert "alpha.vdi" in ready("info", "alpha-2").stdout
 
 
+class TestRepositories:
+    def test_repo_option(self, ready, tmp_path):
+        """--repo picks a repository by name; an unknown name is a config error listing the known ones (exit 2)."""
+        ready.write_config(
+            '[repositories.spare]\npath = "spare"\npassphrase_env = "VBR_TEST_PASSPHRASE"\n'
+            'borg_base_dir = "borg-base"\n'
+        )
+        ready.config.write_text('default_repository = "main"\n' + ready.config.read_text())
+        assert ready("--repo", "spare", "init").returncode == 0
+        assert ready.json("--repo", "spare", "archives")["archives"] == []
+        assert len(ready.json("archives")["archives"]) == 3
+        done = ready("--repo", "nope", "archives")
+        assert done.returncode == 2
+        assert "no repository named 'nope' in the config (configured: main, spare)" in one_line_error(done)
+
+    def test_vms_without_repository(self, cli):
+        """vms works without any repository configured: no newest archives."""
+        cli.config.write_text('[virtualbox]\nbackend = "simulated"\nhome = "vbox"\n')
+        doc = cli.json("vms")
+        validate(doc, "vms")
+        assert doc["repository"] is None
+        assert [row["newest_archive"] for row in doc["vms"]] == [None, None]
+
+
 class TestErrors:
     def test_unknown_archive(self, ready):
         """A missing archive is one line on stderr, exit code 3, nothing on stdout."""
