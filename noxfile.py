@@ -62,3 +62,4 @@ def bench(session: nox.Session) -> None:
     session.install("-e", ".")
     session.run("python", "benchmarks/bench_repository.py", *session.posargs)
     session.run("python", "benchmarks/bench_prune.py")
+    session.run("python", "benchmarks/bench_fetch.py")

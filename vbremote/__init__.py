@@ -8,6 +8,7 @@ from __future__ import annotations
 from ._errors import (
     AccessDenied,
     ArchiveExists,
+    ArchiveInvalid,
     ArchiveMetadataError,
     ArchiveNotFound,
     BorgError,
@@ -40,6 +41,7 @@ from ._errors import (
     VMNotFound,
 )
 from ._models import (
+    ArchiveContents,
     ArchiveFile,
     ArchiveInfo,
     CheckResult,
@@ -51,12 +53,14 @@ from ._models import (
     FileChunks,
     FileRole,
     FileSpec,
+    ItemKind,
     MachineState,
     MediumInfo,
     Progress,
     SnapshotInfo,
     SnapshotMetadata,
     SnapshotMode,
+    StoredItem,
     VMInfo,
     WriteResult,
 )
@@ -64,6 +68,7 @@ from ._pruner import PROTECTED_LABEL, Guards, PlanEntry, PrunePlan, Pruner, Prun
 from ._repository import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_ENCRYPTION,
+    DEFAULT_READ_AHEAD,
     ENCRYPTION_MODES,
     ChunkStream,
     FetchedChunk,
@@ -79,9 +84,11 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AccessDenied",
+    "ArchiveContents",
     "ArchiveExists",
     "ArchiveFile",
     "ArchiveInfo",
+    "ArchiveInvalid",
     "ArchiveMetadataError",
     "ArchiveNotFound",
     "BorgError",
@@ -96,6 +103,7 @@ __all__ = [
     "ConnectionFailed",
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_ENCRYPTION",
+    "DEFAULT_READ_AHEAD",
     "Decision",
     "DeleteResult",
     "DiskAttachment",
@@ -109,6 +117,7 @@ __all__ = [
     "Guards",
     "IntegrityError",
     "InvalidVMState",
+    "ItemKind",
     "KeepLabels",
     "KeepRules",
     "LocalTransport",
@@ -142,6 +151,7 @@ __all__ = [
     "SnapshotMode",
     "SnapshotNotFound",
     "SourceChanged",
+    "StoredItem",
     "Transport",
     "VBRemoteError",
     "VMInfo",
