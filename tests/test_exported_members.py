@@ -28,6 +28,8 @@ EXPECTED = {
     "SnapshotNotFound", "VMInfo", "VMLocked", "VMNotFound", "VirtualBoxError", "VirtualBoxHost",
     "VirtualBoxOperationFailed", "VirtualBoxTimeout", "VirtualBoxUnavailable",
     "RepositoryBusy", "ChunkStream", "FetchedChunk", "FetchErrors",
+    "ApplyStats", "BlockAction", "FilePlan", "PlanProblem", "RestoreError", "RestoreFileState", "RestorePlan",
+    "RestorePreflightFailed", "RestoreState", "TargetSpaceError",
 }
 
 

@@ -29,9 +29,12 @@ from ._errors import (
     RepositoryLocked,
     RepositoryNotFound,
     RepositoryReadOnly,
+    RestoreError,
+    RestorePreflightFailed,
     SettingsFileError,
     SnapshotNotFound,
     SourceChanged,
+    TargetSpaceError,
     VBRemoteError,
     VirtualBoxError,
     VirtualBoxOperationFailed,
@@ -76,6 +79,7 @@ from ._repository import (
     Passphrase,
     Repository,
 )
+from ._restorer import ApplyStats, BlockAction, FilePlan, PlanProblem, RestoreFileState, RestorePlan, RestoreState
 from ._retention import Decision, KeepLabels, KeepRules, RetentionPolicy
 from ._transports import CommandTransport, LocalTransport, SSHTransport, Transport
 from ._vbox import LockRetry, VirtualBoxHost
@@ -84,6 +88,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AccessDenied",
+    "ApplyStats",
     "ArchiveContents",
     "ArchiveExists",
     "ArchiveFile",
@@ -91,6 +96,7 @@ __all__ = [
     "ArchiveInvalid",
     "ArchiveMetadataError",
     "ArchiveNotFound",
+    "BlockAction",
     "BorgError",
     "CheckResult",
     "ChunkRef",
@@ -112,6 +118,7 @@ __all__ = [
     "FetchedChunk",
     "FileChunks",
     "FileNotInArchive",
+    "FilePlan",
     "FileRole",
     "FileSpec",
     "Guards",
@@ -130,6 +137,7 @@ __all__ = [
     "PassphraseMissing",
     "PassphraseWrong",
     "PlanEntry",
+    "PlanProblem",
     "Progress",
     "PruneError",
     "PrunePlan",
@@ -143,6 +151,11 @@ __all__ = [
     "RepositoryLocked",
     "RepositoryNotFound",
     "RepositoryReadOnly",
+    "RestoreError",
+    "RestoreFileState",
+    "RestorePlan",
+    "RestorePreflightFailed",
+    "RestoreState",
     "RetentionPolicy",
     "SSHTransport",
     "SettingsFileError",
@@ -152,6 +165,7 @@ __all__ = [
     "SnapshotNotFound",
     "SourceChanged",
     "StoredItem",
+    "TargetSpaceError",
     "Transport",
     "VBRemoteError",
     "VMInfo",

@@ -26,6 +26,9 @@ adapter boundary and raised ``from`` the original, so callers catch one tree::
     │   ├── RepositoryReadOnly                     a write to a repository opened with ``read_only=True``
     │   ├── SourceChanged                          a local file changed while it was read
     │   └── BorgError                              any other failure reported by borg
+    ├── RestoreError                               a restore could not be planned or applied
+    │   ├── RestorePreflightFailed                 a preflight check refused the restore; nothing was written
+    │   └── TargetSpaceError                       the target folder's file system is full
     ├── PruneError                                 pruning
     │   └── PruneRefused                           a guard (or an append-only repository) said no
     ├── SettingsFileError (also ValueError)        a .vbox file that is malformed, hostile or unexpected
@@ -65,9 +68,12 @@ __all__ = [
     "RepositoryLocked",
     "RepositoryNotFound",
     "RepositoryReadOnly",
+    "RestoreError",
+    "RestorePreflightFailed",
     "SettingsFileError",
     "SnapshotNotFound",
     "SourceChanged",
+    "TargetSpaceError",
     "VBRemoteError",
     "VMLocked",
     "VMNotFound",
@@ -161,11 +167,25 @@ class IntegrityError(RepositoryError):
 
     Attributes:
         chunk_id: The hex id of the chunk that failed, when one chunk is to blame.
+        path: In a restore, the target file (relative to the target folder) where
+            the bad data belongs; None otherwise.
+        offset: In a restore, the byte offset in ``path`` of the first place that
+            needed that data; None otherwise.
     """
 
-    def __init__(self, message: str, *, location: str = "", chunk_id: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        location: str = "",
+        chunk_id: str | None = None,
+        path: str | None = None,
+        offset: int | None = None,
+    ) -> None:
         super().__init__(message, location=location)
         self.chunk_id = chunk_id
+        self.path = path
+        self.offset = offset
 
 
 class ArchiveNotFound(RepositoryError):
@@ -260,6 +280,34 @@ class BorgError(RepositoryError):
     def __init__(self, message: str, *, location: str = "", borg_class: str = "") -> None:
         super().__init__(message, location=location)
         self.borg_class = borg_class
+
+
+class RestoreError(VBRemoteError):
+    """A restore could not be planned or applied.
+
+    Attributes:
+        archive: The archive being restored, where known.
+        path: The target file concerned (relative to the target folder), where one is.
+        offset: The byte offset in ``path``, where one is to blame.
+    """
+
+    def __init__(self, message: str, *, archive: str = "", path: str | None = None, offset: int | None = None) -> None:
+        super().__init__(message)
+        self.archive = archive
+        self.path = path
+        self.offset = offset
+
+
+class RestorePreflightFailed(RestoreError):
+    """A preflight check refused the restore (see the plan's problems); nothing was written."""
+
+
+class TargetSpaceError(RestoreError):
+    """The target folder's file system ran out of space (or quota) during a restore.
+
+    What was written and made durable is recorded in the restore journal; run
+    the restore again once space is freed and it continues.
+    """
 
 
 class PruneError(VBRemoteError):
