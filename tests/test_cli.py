@@ -677,3 +677,94 @@ class TestServerSidePruning:
         doc = json.loads(cli("--config", str(server_config), "--json", "prune", "--all").stdout)
         assert sorted(doc["vms"][0]["deleted"]) == ["alpha-0", "alpha-1"]
         assert [a["name"] for a in cli.json("archives")["archives"]] == ["alpha-2"]
+
+
+# -- snapshot ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def created(cli: CLI) -> CLI:
+    """The repository created, without archives."""
+    done = cli("init")
+    assert done.returncode == 0, done.stderr
+    return cli
+
+
+class TestSnapshot:
+    def test_snapshot(self, created):
+        """snapshot archives a VM with the config's labels and --label; --json follows the schema."""
+        created.write_config('[vms.alpha]\nlabels = ["nightly"]\n')
+        doc = created.json("snapshot", "alpha", "--label", "before-upgrade")
+        validate(doc, "snapshot")
+        (taken,) = doc["snapshots"]
+        assert taken["vm"] == "alpha"
+        assert taken["mode"] == "offline"
+        assert taken["vm_state"] == "PoweredOff"
+        assert taken["archive"]["labels"] == ["before-upgrade", "nightly"]
+        with created.open() as repo:
+            (archive,) = repo.archives("alpha")
+        assert archive.name == taken["archive"]["name"]
+        assert archive.metadata.labels == {"nightly", "before-upgrade"}
+
+    def test_several_vms_and_text(self, created):
+        """snapshot takes each VM named, in turn, and says what each cost."""
+        done = created("snapshot", "alpha", "beta")
+        assert done.returncode == 0, done.stderr
+        assert re.search(r"^alpha: alpha-\S+ \(offline\); read ", done.stdout, re.M)
+        assert re.search(r"^beta: beta-\S+ \(offline\); read ", done.stdout, re.M)
+        assert [row["newest_archive"] is not None for row in created.json("vms")["vms"]] == [True, True]
+
+    def test_mode_from_config(self, created):
+        """The VM's mode in the config applies: online on a powered-off VM is refused (exit code 4)."""
+        created.write_config('[vms.alpha]\nmode = "online"\n')
+        done = created("snapshot", "alpha")
+        assert done.returncode == 4
+        one_line_error(done)
+        assert created("snapshot", "alpha", "--mode", "offline").returncode == 0
+
+    def test_unknown_vm(self, created):
+        """An unknown VM is a VirtualBox error, exit code 4, and nothing is written."""
+        done = created("snapshot", "gamma")
+        assert done.returncode == 4
+        assert "gamma" in one_line_error(done)
+        with created.open() as repo:
+            assert repo.archives() == []
+
+    def test_snapshot_in_progress_exit_code(self, created):
+        """While another run holds the VM's lock, snapshot fails with exit code 5 (a snapshot error)."""
+        from vbremote._snapshotter._lock import vm_lock
+
+        with vm_lock(created.state / "vbremote", created.uuids["alpha"], vm="alpha"):
+            done = created("snapshot", "alpha")
+        assert done.returncode == 5
+        one_line_error(done)
+
+    def test_no_progress_bars_when_piped(self, created):
+        """Piped (stderr not a terminal): no progress bars anywhere."""
+        done = created("snapshot", "alpha")
+        assert done.returncode == 0
+        assert "━" not in done.stderr + done.stdout
+        assert "MiB/" not in done.stderr
+
+    def test_progress_bars_and_choice_in_terminal(self, created):
+        """At a terminal: choose the VM from the list, then progress bars (phase, bytes, rate) on the terminal."""
+        child = spawn(created, "snapshot")
+        child.expect(r"Which VM to snapshot \[1\]: ")
+        assert "PoweredOff" in child.before
+        child.sendline("2")
+        child.expect(pexpect_eof())
+        child.close()
+        assert child.exitstatus == 0, child.before
+        output = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", child.before)
+        assert re.search(r"archive beta\.vdi .*━.* [\d.]+/[\d.]+ MiB", output)
+        assert "merge beta" in output
+        assert re.search(r"^beta: beta-\S+ \(offline\)", output, re.M)
+
+    def test_no_progress_bars_with_json_in_terminal(self, created):
+        """With --json at a terminal: no bars, only the JSON document."""
+        child = spawn(created, "--json", "snapshot", "alpha")
+        child.expect(pexpect_eof())
+        child.close()
+        assert child.exitstatus == 0
+        assert "━" not in child.before
+        validate(json.loads(child.before), "snapshot")
