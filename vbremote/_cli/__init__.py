@@ -14,6 +14,8 @@ import click
 from .._errors import VBRemoteError
 from ._app import EXIT_CODES, EXIT_INTERRUPTED, EXIT_USAGE, App, CommandFailed, exit_code_for, report_error
 from ._commands import cli
+from ._restore import drill as _drill  # noqa: F401  (registers the command)
+from ._restore import restore as _restore  # noqa: F401  (registers the command)
 from ._snapshot import snapshot as _snapshot  # noqa: F401  (registers the command)
 
 __all__ = ["EXIT_CODES", "cli", "main"]
