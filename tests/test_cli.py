@@ -768,3 +768,115 @@ class TestSnapshot:
         assert child.exitstatus == 0
         assert "━" not in child.before
         validate(json.loads(child.before), "snapshot")
+
+
+# -- restore and drill -----------------------------------------------------------
+
+
+def disk(cli: CLI, vm: str) -> bytes:
+    with SimulatedVirtualBox(cli.home, workload=None) as sim:
+        return sim.disk_content(vm)
+
+
+def scribble(cli: CLI, vm: str) -> None:
+    """Change 1 MiB of the VM's disk, as its guest would."""
+    from vbremote.testing._vdi import VDI
+
+    VDI.open(cli.home / "VirtualBox VMs" / vm / f"{vm}.vdi").write(MIB, b"\xa5" * MIB)
+
+
+@pytest.fixture
+def snapped(created: CLI) -> CLI:
+    """alpha snapshotted once, then its disk changed."""
+    assert created("snapshot", "alpha").returncode == 0
+    created.archived = disk(created, "alpha")
+    scribble(created, "alpha")
+    assert disk(created, "alpha") != created.archived
+    return created
+
+
+class TestRestore:
+    def test_restore_newest(self, snapped):
+        """restore VM --yes restores its newest archive in place; only the changed block travels."""
+        doc = snapped.json("restore", "alpha", "--yes")
+        validate(doc, "restore")
+        assert doc["vm"]["name"] == "alpha"
+        assert doc["plan"]["bytes_to_fetch"] <= 2 * MIB
+        assert doc["plan"]["bytes_reused"] > 0
+        assert disk(snapped, "alpha") == snapped.archived
+
+    def test_plan_shown_and_no_write_without_yes(self, snapped):
+        """Without --yes and without a terminal, the plan is shown, nothing is written, exit code 2."""
+        done = snapped("restore", "alpha")
+        assert done.returncode == 2
+        assert "restore plan" in done.stdout
+        assert "--yes" in done.stderr
+        assert disk(snapped, "alpha") != snapped.archived
+
+    def test_refused_plan(self, snapped):
+        """A plan with problems (the new name is taken) is shown with its remedy; exit code 5, nothing written."""
+        done = snapped("restore", "alpha", "--as-new", "beta", "--yes")
+        assert done.returncode == 5
+        assert "name-taken" in done.stdout
+        assert "choose another name" in done.stdout
+        assert "name-taken" in one_line_error(done)
+
+    def test_as_new(self, snapped):
+        """--as-new registers the archive as a second VM beside the current one."""
+        doc = snapped.json("restore", "alpha", "--as-new", "alpha-old", "--yes")
+        assert doc["vm"]["name"] == "alpha-old"
+        assert disk(snapped, "alpha-old") == snapped.archived
+        assert disk(snapped, "alpha") != snapped.archived
+
+    def test_terminal_choice_and_confirmation(self, snapped):
+        """At a terminal: choose the VM, then the archive (newest offered), see the plan, answer no, then yes."""
+        assert snapped("snapshot", "beta").returncode == 0
+        child = spawn(snapped, "restore")
+        child.expect(r"Which VM to restore \[1\]: ")
+        child.sendline("1")
+        child.expect(r"Which archive \[1\]: ")
+        child.sendline("")
+        child.expect("restore plan")
+        child.expect(r"Restore alpha-\S+ into .*\? \[y/N\]: ")
+        child.sendline("n")
+        child.expect(pexpect_eof())
+        child.close()
+        assert child.exitstatus == 130
+        assert disk(snapped, "alpha") != snapped.archived
+        child = spawn(snapped, "restore", "alpha")
+        child.expect(r"\[y/N\]: ")
+        child.sendline("y")
+        child.expect("Restored alpha-")
+        child.expect(pexpect_eof())
+        child.close()
+        assert child.exitstatus == 0
+        assert disk(snapped, "alpha") == snapped.archived
+
+
+class TestDrill:
+    def test_drill(self, snapped):
+        """drill restores the newest archive as a scratch VM, runs it, verifies it and removes it."""
+        doc = snapped.json("drill", "alpha", "--run-seconds", "1")
+        validate(doc, "drill")
+        assert doc["ok"] is True
+        assert [s["step"] for s in doc["steps"]] == ["restore", "start", "run", "power off", "remove"]
+        assert all(s["ok"] for s in doc["steps"])
+        names = [row["name"] for row in snapped.json("vms")["vms"]]
+        assert names == ["alpha", "beta"]
+        assert not (snapped.home / "VirtualBox VMs" / doc["scratch_vm"]).exists()
+
+    def test_failed_drill_names_step(self, snapped):
+        """A drill over a damaged repository fails at the restore step, says so, and leaves no scratch VM."""
+        segments = sorted((snapped.tmp / "repo" / "data").rglob("[0-9]*"), key=lambda p: p.stat().st_size)
+        data = bytearray(segments[-1].read_bytes())
+        middle = len(data) // 2
+        data[middle : middle + 4096] = bytes(4096)
+        segments[-1].write_bytes(bytes(data))
+        done = snapped("--json", "drill", "alpha", "--run-seconds", "1")
+        assert done.returncode == 3
+        doc = json.loads(done.stdout)
+        validate(doc, "drill")
+        assert doc["ok"] is False
+        assert doc["failed_step"] == "restore"
+        assert "failed at step 'restore'" in done.stderr
+        assert [row["name"] for row in snapped.json("vms")["vms"]] == ["alpha", "beta"]
