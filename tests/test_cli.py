@@ -778,11 +778,11 @@ def disk(cli: CLI, vm: str) -> bytes:
         return sim.disk_content(vm)
 
 
-def scribble(cli: CLI, vm: str) -> None:
+def scribble(cli: CLI, vm: str, fill: bytes = b"\xa5") -> None:
     """Change 1 MiB of the VM's disk, as its guest would."""
     from vbremote.testing._vdi import VDI
 
-    VDI.open(cli.home / "VirtualBox VMs" / vm / f"{vm}.vdi").write(MIB, b"\xa5" * MIB)
+    VDI.open(cli.home / "VirtualBox VMs" / vm / f"{vm}.vdi").write(MIB, fill * MIB)
 
 
 @pytest.fixture
@@ -798,12 +798,15 @@ def snapped(created: CLI) -> CLI:
 class TestRestore:
     def test_restore_newest(self, snapped):
         """restore VM --yes restores its newest archive in place; only the changed block travels."""
+        assert snapped("snapshot", "alpha").returncode == 0
+        newest = disk(snapped, "alpha")
+        scribble(snapped, "alpha", fill=b"\x5a")
         doc = snapped.json("restore", "alpha", "--yes")
         validate(doc, "restore")
         assert doc["vm"]["name"] == "alpha"
         assert doc["plan"]["bytes_to_fetch"] <= 2 * MIB
         assert doc["plan"]["bytes_reused"] > 0
-        assert disk(snapped, "alpha") == snapped.archived
+        assert disk(snapped, "alpha") == newest
 
     def test_plan_shown_and_no_write_without_yes(self, snapped):
         """Without --yes and without a terminal, the plan is shown, nothing is written, exit code 2."""
@@ -814,8 +817,8 @@ class TestRestore:
         assert disk(snapped, "alpha") != snapped.archived
 
     def test_refused_plan(self, snapped):
-        """A plan with problems (the new name is taken) is shown with its remedy; exit code 5, nothing written."""
-        done = snapped("restore", "alpha", "--as-new", "beta", "--yes")
+        """A plan with problems (the new name is taken) is refused before any question: remedy shown, exit code 5."""
+        done = snapped("restore", "alpha", "--as-new", "beta")
         assert done.returncode == 5
         assert "name-taken" in done.stdout
         assert "choose another name" in done.stdout
@@ -829,28 +832,25 @@ class TestRestore:
         assert disk(snapped, "alpha") != snapped.archived
 
     def test_terminal_choice_and_confirmation(self, snapped):
-        """At a terminal: choose the VM, then the archive (newest offered), see the plan, answer no, then yes."""
+        """At a terminal: choose VM and archive (newest offered), see the plan; "n" writes nothing, "y" restores."""
         assert snapped("snapshot", "beta").returncode == 0
-        child = spawn(snapped, "restore")
-        child.expect(r"Which VM to restore \[1\]: ")
-        child.sendline("1")
-        child.expect(r"Which archive \[1\]: ")
-        child.sendline("")
-        child.expect("restore plan")
-        child.expect(r"Restore alpha-\S+ into .*\? \[y/N\]: ")
-        child.sendline("n")
-        child.expect(pexpect_eof())
-        child.close()
-        assert child.exitstatus == 130
-        assert disk(snapped, "alpha") != snapped.archived
-        child = spawn(snapped, "restore", "alpha")
-        child.expect(r"\[y/N\]: ")
-        child.sendline("y")
-        child.expect("Restored alpha-")
-        child.expect(pexpect_eof())
-        child.close()
-        assert child.exitstatus == 0
-        assert disk(snapped, "alpha") == snapped.archived
+        assert snapped("snapshot", "alpha").returncode == 0
+        newest = disk(snapped, "alpha")
+        scribble(snapped, "alpha", fill=b"\x5a")
+        changed = disk(snapped, "alpha")
+        for answer, code in (("n", 130), ("y", 0)):
+            child = spawn(snapped, "restore")
+            child.expect(r"Which VM to restore \[\d\]: ")
+            child.sendline("1")
+            child.expect(r"Which archive \[1\]: ")
+            child.sendline("")
+            child.expect("restore plan")
+            child.expect(r"Restore alpha-\S+ into .*\? \[y/N\]: ")
+            child.sendline(answer)
+            child.expect(pexpect_eof())
+            child.close()
+            assert child.exitstatus == code
+            assert disk(snapped, "alpha") == (changed if answer == "n" else newest)
 
 
 class TestDrill:
