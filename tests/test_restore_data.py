@@ -247,6 +247,20 @@ class TestApply:
         assert (target / "b.bin").read_bytes() == b
         assert plan.files[0].blocks_fetched == 0
 
+    def test_symlink_in_target_is_refused(self, repo, vdi_folder, tmp_path):
+        """A symlink at a file's place in the target: RestoreError before any write; its target is untouched."""
+        info = archive_folder(repo, vdi_folder, "a")
+        outside = tmp_path / "outside.bin"
+        outside.write_bytes(b"keep")
+        target = tmp_path / "t"
+        target.mkdir()
+        (target / "state.sav").symlink_to(outside)
+        with pytest.raises(vbremote.RestoreError) as caught:
+            make_plan(repo, restore_source(repo, info), target)
+        assert caught.value.path == "state.sav"
+        assert outside.read_bytes() == b"keep"
+        assert sorted(p.name for p in target.iterdir()) == ["state.sav"]
+
     def test_another_archive_starts_a_new_plan(self, repo, vdi_folder, tmp_path):
         """A journal of another archive is not trusted: its done blocks are compared, not taken as done."""
         first = archive_folder(repo, vdi_folder, "a")
