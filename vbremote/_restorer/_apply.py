@@ -27,10 +27,12 @@ import contextlib
 import ctypes
 import errno
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from queue import Queue
 from typing import TYPE_CHECKING, Literal
 
 from attrs import frozen
@@ -54,6 +56,7 @@ JOURNAL_EVERY_SECONDS = 2.0
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _ZEROS = bytes(1024 * 1024)
+_WRITES_IN_FLIGHT = 2  # fetched chunks waiting for the writer thread, at most
 
 Verify = Literal["written", "full", "none"]
 
@@ -118,6 +121,8 @@ class _Applier:
         self.dirty: set[str] = set()
         self.last_flush = time.monotonic()
         self.verifying = False
+        self.syncer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vbremote-sync")
+        self.syncing: concurrent.futures.Future[None] | None = None
         self.verifier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vbremote-verify")
         self.checks: list[tuple[str, list[ChunkRef], concurrent.futures.Future[list[ChunkRef]]]] = []
         self.source_fds: dict[str, int] = {}
@@ -144,31 +149,50 @@ class _Applier:
         )
 
     def record(self, path: str, chunk: ChunkRef) -> None:
+        """Note a block as written; it is recorded in the journal once it is durable."""
         self.pending.append((path, chunk))
         self.pending_bytes += chunk.size
         self.dirty.add(path)
         if self.pending_bytes >= JOURNAL_EVERY_BYTES or time.monotonic() - self.last_flush >= JOURNAL_EVERY_SECONDS:
-            self.flush()
+            # fsync and the journal update run in a thread of their own while the next blocks are
+            # written; one batch at a time, so the data not yet durable stays about one batch.
+            self.wait_sync()
+            batch, dirty = self.take_batch()
+            self.syncing = self.syncer.submit(self.sync, batch, dirty)
+
+    def take_batch(self) -> tuple[list[tuple[str, ChunkRef]], set[str]]:
+        batch, dirty = self.pending, self.dirty
+        self.pending, self.dirty, self.pending_bytes = [], set(), 0
+        self.last_flush = time.monotonic()
+        return batch, dirty
+
+    def wait_sync(self) -> None:
+        """Wait for the batch being made durable (its error is raised here)."""
+        if self.syncing is not None:
+            syncing, self.syncing = self.syncing, None
+            syncing.result()
 
     def flush(self) -> None:
-        """Make the pending blocks durable, then record them."""
-        for path in sorted(self.dirty):
+        """Make every block written so far durable, then record it."""
+        self.wait_sync()
+        self.sync(*self.take_batch())
+
+    def sync(self, batch: list[tuple[str, ChunkRef]], dirty: set[str]) -> None:
+        """fsync the files of a batch, then record its blocks in the journal (and have them read back)."""
+        for path in sorted(dirty):
             os.fsync(self.fds[path])
-        self.dirty.clear()
-        if self.pending:
-            by_path: dict[str, list[ChunkRef]] = {}
-            for path, chunk in self.pending:
-                by_path.setdefault(path, []).append(chunk)
+        if not batch:
+            return
+        by_path: dict[str, list[ChunkRef]] = {}
+        for path, chunk in batch:
+            by_path.setdefault(path, []).append(chunk)
+        for path, chunks in by_path.items():
+            self.done[path] = coalesce([*self.done[path], *((c.offset, c.offset + c.size) for c in chunks)])
+        self.state().save(self.target)
+        if self.verifying:
+            # Read back what is now durable while the next blocks are fetched and written.
             for path, chunks in by_path.items():
-                self.done[path] = coalesce([*self.done[path], *((c.offset, c.offset + c.size) for c in chunks)])
-            self.pending.clear()
-            self.pending_bytes = 0
-            self.state().save(self.target)
-            if self.verifying:
-                # Read back what is now durable while the next blocks are fetched and written.
-                for path, chunks in by_path.items():
-                    self.checks.append((path, chunks, self.verifier.submit(self.check, path, chunks)))
-        self.last_flush = time.monotonic()
+                self.checks.append((path, chunks, self.verifier.submit(self.check, path, chunks)))
 
     def check(self, path: str, chunks: list[ChunkRef]) -> list[ChunkRef]:
         """The chunks among ``chunks`` whose data in the target file does not have their id."""
@@ -194,6 +218,7 @@ class _Applier:
             self.fds[rel] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
     def close(self) -> None:
+        self.syncer.shutdown(wait=True, cancel_futures=True)
         self.verifier.shutdown(wait=True, cancel_futures=True)
         for fd in [*self.fds.values(), *self.source_fds.values()]:
             os.close(fd)
@@ -251,33 +276,60 @@ class _Applier:
             self.fetch_from(chunks, places)
 
     def fetch_from(self, chunks: ChunkStream, places: dict[bytes, list[tuple[str, BlockAction]]]) -> None:
-        for chunk in chunks:
-            where = places[chunk.id]
-            first_path, first = where[0]
-            if chunk.error is not None:
-                self.flush()
-                raise IntegrityError(
-                    f"{first_path} at offset {first.chunk.offset}: {chunk.error}",
-                    location=chunk.error.location, chunk_id=chunk.id.hex(), path=first_path, offset=first.chunk.offset,
-                ) from chunk.error
-            data = chunk.data
-            # borg authenticated the chunk and checked its id when it decrypted it, in the worker; hashing
-            # it again here would cost a second pass over every fetched byte, so only the size is checked.
-            # The read-back verification hashes what reached the disk.
-            if len(data) != first.chunk.size:
-                self.flush()
-                raise IntegrityError(
-                    f"{first_path} at offset {first.chunk.offset}: chunk {chunk.id.hex()} has {len(data)} bytes, "
-                    f"not {first.chunk.size}",
-                    chunk_id=chunk.id.hex(), path=first_path, offset=first.chunk.offset,
-                )
-            self.bytes_fetched += len(data)
-            self.chunks_fetched += 1
-            for path, action in where:
-                self.write(path, data, action.chunk.offset)
-                self.bytes_written += len(data)
-                self.record(path, action.chunk)
-            self.emit(first_path)
+        """Write the stream's chunks at every offset that needs them.
+
+        The writes run in a thread of their own, a few chunks behind, so that
+        reading the next chunk from the worker overlaps with writing this one.
+        """
+        queue: Queue[tuple[bytes, list[tuple[str, BlockAction]]] | None] = Queue(maxsize=_WRITES_IN_FLIGHT)
+        failed: list[BaseException] = []
+
+        def writer() -> None:
+            while (item := queue.get()) is not None:
+                if failed:
+                    continue  # drain, so the reader never blocks on a full queue
+                data, where = item
+                try:
+                    for path, action in where:
+                        self.write(path, data, action.chunk.offset)
+                        self.bytes_written += len(data)
+                        self.record(path, action.chunk)
+                    self.emit(where[0][0])
+                except BaseException as exc:  # re-raised in the reading thread
+                    failed.append(exc)
+
+        thread = threading.Thread(target=writer, name="vbremote-write", daemon=True)
+        thread.start()
+        try:
+            for chunk in chunks:
+                if failed:
+                    break
+                where = places[chunk.id]
+                first_path, first = where[0]
+                if chunk.error is not None:
+                    raise IntegrityError(
+                        f"{first_path} at offset {first.chunk.offset}: {chunk.error}",
+                        location=chunk.error.location, chunk_id=chunk.id.hex(), path=first_path,
+                        offset=first.chunk.offset,
+                    ) from chunk.error
+                data = chunk.data
+                # borg authenticated the chunk and checked its id when it decrypted it, in the worker;
+                # hashing it again here would cost a second pass over every fetched byte, so only the
+                # size is checked. The read-back verification hashes what reached the disk.
+                if len(data) != first.chunk.size:
+                    raise IntegrityError(
+                        f"{first_path} at offset {first.chunk.offset}: chunk {chunk.id.hex()} has {len(data)} "
+                        f"bytes, not {first.chunk.size}",
+                        chunk_id=chunk.id.hex(), path=first_path, offset=first.chunk.offset,
+                    )
+                self.bytes_fetched += len(data)
+                self.chunks_fetched += 1
+                queue.put((data, where))
+        finally:
+            queue.put(None)
+            thread.join()
+        if failed:
+            raise failed[0]
 
     def sizes(self) -> None:
         for f in self.plan.files:
@@ -429,6 +481,9 @@ def apply_plan(
         applier.sizes()
         verified = 0 if verify == "none" else applier.verify(verify)
         remove_journal(plan.target)
+    except IntegrityError:
+        _flush_quietly(applier)  # the good blocks written before the bad one stay recorded
+        raise
     except OSError as exc:
         _flush_quietly(applier)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -454,5 +509,7 @@ def apply_plan(
 
 def _flush_quietly(applier: _Applier) -> None:
     """Record what can still be made durable after a failure; keep the old journal if that fails too."""
+    with contextlib.suppress(OSError):
+        applier.wait_sync()  # a batch that failed is simply not recorded
     with contextlib.suppress(OSError):
         applier.flush()
