@@ -201,6 +201,7 @@ class _Applier:
         return [c for c, got in zip(chunks, ids, strict=True) if got != c.id]
 
     def emit(self, path: str) -> None:
+        # Called after a block is written and before it is recorded: a callback that raises leaves it unrecorded.
         if self.progress is not None:
             self.progress(Progress("restore", path, self.bytes_written + self.bytes_zero, self.total))
 
@@ -258,8 +259,8 @@ class _Applier:
             self.write(path, data, action.chunk.offset)
             self.bytes_copied += len(data)
             self.bytes_written += len(data)
-            self.record(path, action.chunk)
             self.emit(path)
+            self.record(path, action.chunk)
         return failed
 
     def zeros(self) -> None:
@@ -297,8 +298,9 @@ class _Applier:
                     for path, action in where:
                         self.write(path, data, action.chunk.offset)
                         self.bytes_written += len(data)
-                        self.record(path, action.chunk)
                     self.emit(where[0][0])
+                    for path, action in where:
+                        self.record(path, action.chunk)
                 except BaseException as exc:  # re-raised in the reading thread
                     failed.append(exc)
 
