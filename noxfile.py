@@ -58,4 +58,5 @@ def bench(session: nox.Session) -> None:
     session.install("-e", ".[bench]")
     session.run("python", "benchmarks/bench_repository.py", *session.posargs)
     session.run("python", "benchmarks/bench_prune.py")
+    session.run("python", "benchmarks/bench_fetch.py")
     session.run("python", "benchmarks/bench_restore.py")

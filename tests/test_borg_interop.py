@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,100 @@ def test_restored_folder_matches(tmp_path: Path, vm_folder: Path, repo, transpor
     out.mkdir()
     borg_cli("extract", f"{transport.path}::vm-1", cwd=out)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in vm_folder.iterdir())
+
+
+class TestBlockAccessOnBorgArchives:
+    @pytest.mark.parametrize("encryption", vbremote.ENCRYPTION_MODES)
+    def test_ids_here_equal_borgs_for_any_chunker(self, tmp_path, base_dir, borg_cli, encryption):
+        """For every mode, ids hashed here at the archive's own boundaries (fixed or buzhash) equal borg's."""
+        repo_path = tmp_path / "r"
+        borg_cli("init", f"--encryption={encryption}", str(repo_path))
+        image = tmp_path / "disk.img"
+        image.write_bytes(disk_content(12, seed=8) + bytes(4 * MIB) + os.urandom(777))
+        borg_cli("create", "--chunker-params", "fixed,4194304", f"{repo_path}::fixed", "disk.img", cwd=tmp_path)
+        borg_cli("create", "--chunker-params", "buzhash,16,20,18,4095", f"{repo_path}::cdc", "disk.img",
+                 cwd=tmp_path)
+        with vbremote.Repository.open(
+            vbremote.LocalTransport(repo_path), passphrase=PASSPHRASE, base_dir=base_dir
+        ) as repo:
+            fixed = repo.chunk_lists("fixed").file("disk.img")
+            ids = [c.id for c in fixed.chunks]
+            assert repo.local_ids(image, fixed.chunks) == ids
+            assert ids[3] == repo.zero_chunk_id(4 * MIB)  # the appended zero block
+            cdc = repo.chunk_lists("cdc").file("disk.img")
+            sizes = {c.size for c in cdc.chunks}
+            assert len(sizes) > 2  # content-defined: boundaries follow the data
+            assert repo.local_ids(image, cdc.chunks) == [c.id for c in cdc.chunks]
+            assert cdc.size == fixed.size == image.stat().st_size
+
+    def test_folder_archive_items_and_kinds(self, tmp_path, base_dir, borg_cli):
+        """A 'borg create' of a folder reports every regular file, and symlinks, hard links, FIFOs by kind."""
+        repo_path = tmp_path / "r"
+        borg_cli("init", "--encryption=repokey", str(repo_path))
+        folder = tmp_path / "vm"
+        (folder / "sub").mkdir(parents=True)
+        (folder / "a.bin").write_bytes(disk_content(3, seed=1))
+        (folder / "empty").write_bytes(b"")
+        (folder / "sub" / "b.txt").write_text("hello\n")
+        os.link(folder / "sub" / "b.txt", folder / "b-link")
+        (folder / "sym").symlink_to("sub/b.txt")
+        os.mkfifo(folder / "fifo")
+        borg_cli("create", f"{repo_path}::folder", "vm", cwd=tmp_path)
+        with vbremote.Repository.open(
+            vbremote.LocalTransport(repo_path), passphrase=PASSPHRASE, base_dir=base_dir
+        ) as repo:
+            contents = repo.chunk_lists("folder")
+            kinds = {item.path: item.kind for item in contents.items}
+            k = vbremote.ItemKind
+            assert kinds == {
+                "vm": k.DIRECTORY, "vm/sub": k.DIRECTORY, "vm/a.bin": k.FILE, "vm/empty": k.FILE,
+                "vm/sub/b.txt": k.FILE, "vm/b-link": k.FILE, "vm/sym": k.SYMLINK, "vm/fifo": k.FIFO,
+            }
+            files = contents.files()
+            # borg stores a hard link's content once; the other name points at it.
+            linked = {item.path for item in contents.items if item.hardlinked}
+            assert linked == {"vm/sub/b.txt", "vm/b-link"}
+            holder, other = sorted(linked, key=lambda p: p in files)[::-1]
+            assert holder in files
+            assert other not in files
+            assert next(i for i in contents.items if i.path == other).link_target == holder
+            assert {i.path for i in contents.items if i.is_plain_file} == {"vm/a.bin", "vm/empty"}
+            assert next(i for i in contents.items if i.path == "vm/sym").link_target == "sub/b.txt"
+            assert files["vm/empty"].chunks == ()
+            for path in ("vm/a.bin", holder):
+                data = b"".join(d for _, d in repo.fetch_chunks(c.id for c in files[path].chunks))
+                assert data == (tmp_path / path).read_bytes()
+
+    def test_hostile_archive_is_refused(self, tmp_path, base_dir, borg_cli):
+        """An archive whose item escapes the folder (written with borg's own code) raises ArchiveInvalid."""
+        repo_path = tmp_path / "r"
+        borg_cli("init", "--encryption=repokey", str(repo_path))
+        forge = (
+            "import sys, stat\n"
+            "import borg.logger\n"
+            "borg.logger.setup_logging()\n"
+            "from borg.repository import Repository\n"
+            "from borg.helpers import Manifest\n"
+            "from borg.cache import Cache\n"
+            "from borg.archive import Archive\n"
+            "from borg.item import Item\n"
+            "with Repository(sys.argv[1], exclusive=True) as repository:\n"
+            "    manifest, key = Manifest.load(repository, Manifest.NO_OPERATION_CHECK)\n"
+            "    with Cache(repository, key, manifest) as cache:\n"
+            "        archive = Archive(repository, key, manifest, 'evil', cache=cache, create=True)\n"
+            "        archive.add_item(Item(path='../../etc/cron.d/x', mode=stat.S_IFREG | 0o644,\n"
+            "                              uid=0, gid=0, mtime=0, chunks=[]), show_progress=False)\n"
+            "        archive.save()\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", forge, str(repo_path)], env=borg_cli.env(), capture_output=True, text=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        with vbremote.Repository.open(
+            vbremote.LocalTransport(repo_path), passphrase=PASSPHRASE, base_dir=base_dir
+        ) as repo:
+            with pytest.raises(vbremote.ArchiveInvalid, match="leaves the folder") as caught:
+                repo.chunk_lists("evil")
+            assert caught.value.archive == "evil"
+            assert caught.value.path == "../../etc/cron.d/x"

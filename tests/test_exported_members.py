@@ -12,7 +12,8 @@ import vbremote
 import vbremote.testing
 
 EXPECTED = {
-    "DEFAULT_BLOCK_SIZE", "DEFAULT_ENCRYPTION", "ENCRYPTION_MODES",
+    "DEFAULT_BLOCK_SIZE", "DEFAULT_ENCRYPTION", "DEFAULT_READ_AHEAD", "ENCRYPTION_MODES",
+    "ArchiveContents", "ArchiveInvalid", "ItemKind", "StoredItem",
     "AccessDenied", "ArchiveExists", "ArchiveFile", "ArchiveInfo", "ArchiveMetadataError", "ArchiveNotFound",
     "BorgError",
     "CheckResult", "ChunkRef", "Chunking", "CommandTransport", "CompactResult", "ConfigurationError",
@@ -27,6 +28,8 @@ EXPECTED = {
     "SnapshotNotFound", "VMInfo", "VMLocked", "VMNotFound", "VirtualBoxError", "VirtualBoxHost",
     "VirtualBoxOperationFailed", "VirtualBoxTimeout", "VirtualBoxUnavailable",
     "RepositoryBusy", "ChunkStream", "FetchedChunk", "FetchErrors",
+    "ApplyStats", "BlockAction", "FilePlan", "PlanProblem", "RestoreError", "RestoreFileState", "RestorePlan",
+    "RestorePreflightFailed", "RestoreState", "TargetSpaceError",
 }
 
 

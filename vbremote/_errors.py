@@ -22,8 +22,12 @@ adapter boundary and raised ``from`` the original, so callers catch one tree::
     │   ├── FileNotInArchive
     │   ├── ArchiveMetadataError (also ValueError)  an archive's metadata is malformed or hostile
     │   ├── RepositoryReadOnly                     a write to a repository opened with ``read_only=True``
+    │   ├── ArchiveInvalid (also ValueError)        an archive's items are malformed or hostile
     │   ├── SourceChanged                          a local file changed while it was read
     │   └── BorgError                              any other failure reported by borg
+    ├── RestoreError                               a restore could not be planned or applied
+    │   ├── RestorePreflightFailed                 a preflight check refused the restore; nothing was written
+    │   └── TargetSpaceError                       the target folder's file system is full
     ├── PruneError                                 pruning
     │   └── PruneRefused                           a guard (or an append-only repository) said no
     ├── SettingsFileError (also ValueError)        a .vbox file that is malformed, hostile or unexpected
@@ -42,6 +46,7 @@ from __future__ import annotations
 __all__ = [
     "AccessDenied",
     "ArchiveExists",
+    "ArchiveInvalid",
     "ArchiveMetadataError",
     "ArchiveNotFound",
     "BorgError",
@@ -61,9 +66,12 @@ __all__ = [
     "RepositoryLocked",
     "RepositoryNotFound",
     "RepositoryReadOnly",
+    "RestoreError",
+    "RestorePreflightFailed",
     "SettingsFileError",
     "SnapshotNotFound",
     "SourceChanged",
+    "TargetSpaceError",
     "VBRemoteError",
     "VMLocked",
     "VMNotFound",
@@ -142,11 +150,25 @@ class IntegrityError(RepositoryError):
 
     Attributes:
         chunk_id: The hex id of the chunk that failed, when one chunk is to blame.
+        path: In a restore, the target file (relative to the target folder) where
+            the bad data belongs; None otherwise.
+        offset: In a restore, the byte offset in ``path`` of the first place that
+            needed that data; None otherwise.
     """
 
-    def __init__(self, message: str, *, location: str = "", chunk_id: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        location: str = "",
+        chunk_id: str | None = None,
+        path: str | None = None,
+        offset: int | None = None,
+    ) -> None:
         super().__init__(message, location=location)
         self.chunk_id = chunk_id
+        self.path = path
+        self.offset = offset
 
 
 class ArchiveNotFound(RepositoryError):
@@ -208,6 +230,26 @@ class RepositoryReadOnly(RepositoryError):
     """A write was asked of a repository opened with ``read_only=True``; nothing was changed."""
 
 
+class ArchiveInvalid(RepositoryError, ValueError):
+    """What an archive says about its items is malformed or hostile; nothing was used.
+
+    An archive is input from a server that may be compromised: item paths
+    that leave the target folder, duplicates, or chunk sizes that do not add
+    up are refused rather than trusted (:meth:`Repository.chunk_lists`). Its
+    sibling :class:`ArchiveMetadataError` is about vbremote's own record in
+    the archive comment.
+
+    Attributes:
+        archive: The archive read.
+        path: The item at fault, where one is.
+    """
+
+    def __init__(self, message: str, *, location: str = "", archive: str = "", path: str = "") -> None:
+        super().__init__(message, location=location)
+        self.archive = archive
+        self.path = path
+
+
 class SourceChanged(RepositoryError):
     """A local file changed size while it was being stored; nothing was committed."""
 
@@ -222,6 +264,34 @@ class BorgError(RepositoryError):
     def __init__(self, message: str, *, location: str = "", borg_class: str = "") -> None:
         super().__init__(message, location=location)
         self.borg_class = borg_class
+
+
+class RestoreError(VBRemoteError):
+    """A restore could not be planned or applied.
+
+    Attributes:
+        archive: The archive being restored, where known.
+        path: The target file concerned (relative to the target folder), where one is.
+        offset: The byte offset in ``path``, where one is to blame.
+    """
+
+    def __init__(self, message: str, *, archive: str = "", path: str | None = None, offset: int | None = None) -> None:
+        super().__init__(message)
+        self.archive = archive
+        self.path = path
+        self.offset = offset
+
+
+class RestorePreflightFailed(RestoreError):
+    """A preflight check refused the restore (see the plan's problems); nothing was written."""
+
+
+class TargetSpaceError(RestoreError):
+    """The target folder's file system ran out of space (or quota) during a restore.
+
+    What was written and made durable is recorded in the restore journal; run
+    the restore again once space is freed and it continues.
+    """
 
 
 class PruneError(VBRemoteError):

@@ -16,6 +16,7 @@ from attrs import field, frozen
 from ._errors import ArchiveMetadataError, ConfigurationError
 
 __all__ = [
+    "ArchiveContents",
     "ArchiveFile",
     "ArchiveInfo",
     "CheckResult",
@@ -26,12 +27,14 @@ __all__ = [
     "FileChunks",
     "FileRole",
     "FileSpec",
+    "ItemKind",
     "MachineState",
     "MediumInfo",
     "Progress",
     "SnapshotMetadata",
     "SnapshotInfo",
     "SnapshotMode",
+    "StoredItem",
     "VMInfo",
     "DiskAttachment",
     "WriteResult",
@@ -650,6 +653,83 @@ class FileChunks:
     path: str
     size: int
     chunks: tuple[ChunkRef, ...]
+
+
+class ItemKind(enum.Enum):
+    """What an archive item is, from its stored mode."""
+
+    FILE = "file"
+    DIRECTORY = "directory"
+    SYMLINK = "symlink"
+    BLOCK_DEVICE = "block_device"
+    CHAR_DEVICE = "char_device"
+    FIFO = "fifo"
+
+
+@frozen
+class StoredItem:
+    """One item of an archive, as the archive describes it (validated).
+
+    Attributes:
+        path: The archive-relative path (relative, normalised, without ``..``).
+        kind: What the item is.
+        mode: The stored mode bits (type and permissions).
+        chunks: The content of a regular file stored in this item; ``None``
+            for other kinds and for a hard link whose content is another item's.
+        link_target: A symlink's target, or for a hard link the path of the
+            item that holds the content; ``None`` otherwise.
+        hardlinked: The file had more than one name when it was archived (borg
+            marks such files even when only one name is in the archive).
+    """
+
+    path: str
+    kind: ItemKind
+    mode: int
+    chunks: FileChunks | None = None
+    link_target: str | None = None
+    hardlinked: bool = False
+
+    @property
+    def is_plain_file(self) -> bool:
+        """A regular file with its content here and no other name: what a restore can take as is."""
+        return self.kind is ItemKind.FILE and self.chunks is not None and not self.hardlinked
+
+
+@frozen
+class ArchiveContents:
+    """Every item of one archive, with the chunk lists of its regular files, in archive order.
+
+    Attributes:
+        archive: The archive name.
+        items: Every item, regular files or not.
+    """
+
+    archive: str
+    items: tuple[StoredItem, ...]
+
+    def files(self) -> dict[str, FileChunks]:
+        """The chunk list of every regular file whose content is stored in its item, by path.
+
+        Hard-linked files are included where their content is (check
+        :attr:`StoredItem.hardlinked` to refuse them); the other names of a
+        hard link are not (see :meth:`others`).
+        """
+        return {item.path: item.chunks for item in self.items if item.chunks is not None}
+
+    def others(self) -> tuple[StoredItem, ...]:
+        """The items that are not plain regular files: directories, symlinks, devices, FIFOs, hard links."""
+        return tuple(item for item in self.items if not item.is_plain_file)
+
+    def file(self, path: str) -> FileChunks:
+        """The chunk list of the regular file at ``path``.
+
+        Raises:
+            KeyError: No regular file with stored content at that path.
+        """
+        for item in self.items:
+            if item.path == path and item.chunks is not None:
+                return item.chunks
+        raise KeyError(path)
 
 
 @frozen

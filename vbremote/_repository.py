@@ -7,6 +7,7 @@ import importlib
 import logging
 import os
 import pickle
+import stat
 import time
 import uuid as uuid_module
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -19,6 +20,8 @@ import attrs
 from attrs import define, field, frozen
 
 from ._borg import BorgWorker, ProgressCallback, WorkerStream
+from ._borg._idhash import DEFAULT_READ_AHEAD, IdHasher, ReadAheadMeter, fixed_ranges, hash_ranges
+from ._borg._items import contents_from_rows
 from ._diskformats import disk_chunking
 from ._errors import (
     ArchiveMetadataError,
@@ -26,9 +29,12 @@ from ._errors import (
     ConfigurationError,
     IntegrityError,
     PassphraseMissing,
+    RepositoryError,
     RepositoryReadOnly,
+    SourceChanged,
 )
 from ._models import (
+    ArchiveContents,
     ArchiveFile,
     ArchiveInfo,
     CheckResult,
@@ -50,6 +56,7 @@ from ._transports import Transport
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_ENCRYPTION",
+    "DEFAULT_READ_AHEAD",
     "ENCRYPTION_MODES",
     "ChunkStream",
     "FetchErrors",
@@ -129,6 +136,22 @@ def _check_lock_wait(lock_wait: float) -> float:
     return float(lock_wait)
 
 
+def _check_read_ahead(read_ahead: int) -> int:
+    if not isinstance(read_ahead, int) or isinstance(read_ahead, bool) or read_ahead < 1:
+        raise ConfigurationError("read_ahead must be a positive number of bytes")
+    return read_ahead
+
+
+def _range(value: tuple[int, int] | ChunkRef) -> tuple[int, int]:
+    try:
+        offset, size = (value.offset, value.size) if isinstance(value, ChunkRef) else value
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"a range is (offset, size), not {value!r}") from None
+    if not isinstance(offset, int) or not isinstance(size, int) or offset < 0 or size < 1:
+        raise ConfigurationError(f"a range is (offset >= 0, size >= 1), not {value!r}")
+    return offset, size
+
+
 def _folder_size(path: str) -> int:
     total = 0
     for folder, _, names in os.walk(path):
@@ -162,6 +185,8 @@ class Repository:
         encryption: The borg encryption mode (``repokey``, ``none`` …).
         block_size: The default fixed block size for disk images.
         append_only: Whether the repository is append-only, where known.
+        read_ahead: The most bytes of file data read ahead of their use, by
+            hashing here and by writes in the worker.
         read_only: Opened with ``read_only=True``: every write raises
             :class:`~vbremote.RepositoryReadOnly` before anything is sent.
     """
@@ -172,6 +197,10 @@ class Repository:
     block_size: int
     append_only: bool | None
     _worker: BorgWorker = field(repr=False)
+    _hasher: IdHasher = field(repr=False)
+    read_ahead: int = DEFAULT_READ_AHEAD
+    # What local hashing holds in memory, measured (tests read it).
+    _local_meter: ReadAheadMeter = field(factory=ReadAheadMeter, repr=False)
     read_only: bool = field(default=False, kw_only=True)
     # Archive metadata is immutable: what was read once is kept, keyed by archive id
     # (None: another tool's archive; _Unreadable: refused, see archives()).
@@ -194,6 +223,7 @@ class Repository:
         compression: str = "lz4",
         lock_wait: float = 1.0,
         base_dir: Path | None = None,
+        read_ahead: int = DEFAULT_READ_AHEAD,
     ) -> Repository:
         """Create a new repository and return it open.
 
@@ -207,6 +237,8 @@ class Repository:
             lock_wait: Seconds to wait for borg's repository lock.
             base_dir: borg's base folder for keys, cache and security data
                 (``BORG_BASE_DIR``) for this repository only; default: borg's own.
+            read_ahead: The most bytes of file data read ahead of their use
+                (see :data:`DEFAULT_READ_AHEAD`).
 
         Returns:
             The new repository, open with an exclusive lock.
@@ -238,6 +270,7 @@ class Repository:
                 compression=compression,
             ),
             _worker_env(base_dir, accept_relocated=False, accept_unencrypted=True),
+            _check_read_ahead(read_ahead),
         )
 
     @classmethod
@@ -252,6 +285,7 @@ class Repository:
         base_dir: Path | None = None,
         accept_relocated: bool = False,
         accept_unencrypted: bool = False,
+        read_ahead: int = DEFAULT_READ_AHEAD,
     ) -> Repository:
         """Open an existing repository.
 
@@ -268,6 +302,9 @@ class Repository:
                 this user last used it (borg otherwise asks; vbremote refuses).
             accept_unencrypted: Accept an unencrypted repository this user has
                 not used before (borg otherwise asks; vbremote refuses).
+            read_ahead: The most bytes of file data read ahead of their use, by
+                hashing in this process and by writes in the worker, whatever
+                the number of CPUs (see :data:`DEFAULT_READ_AHEAD`).
 
         Returns:
             The open repository; use it as a context manager.
@@ -293,12 +330,20 @@ class Repository:
                 compression=compression,
             ),
             _worker_env(base_dir, accept_relocated, accept_unencrypted),
+            _check_read_ahead(read_ahead),
             read_only=read_only,
         )
 
     @classmethod
     def _start(
-        cls, transport: Transport, op: str, kwargs: dict[str, Any], env: dict[str, str], *, read_only: bool = False
+        cls,
+        transport: Transport,
+        op: str,
+        kwargs: dict[str, Any],
+        env: dict[str, str],
+        read_ahead: int,
+        *,
+        read_only: bool = False,
     ) -> Repository:
         if not isinstance(transport, Transport):
             raise ConfigurationError(f"transport must be a vbremote.Transport, not {type(transport).__name__}")
@@ -314,6 +359,12 @@ class Repository:
         except BaseException:
             worker.abandon()
             raise
+        try:
+            hasher = _id_hasher(worker, transport.location)
+            worker.call("set_read_ahead", limit=read_ahead)
+        except BaseException:
+            worker.close()
+            raise
         return cls(
             transport=transport,
             id=info["id"],
@@ -321,6 +372,8 @@ class Repository:
             block_size=info["block_size"] or DEFAULT_BLOCK_SIZE,
             append_only=info["append_only"],
             worker=worker,
+            hasher=hasher,
+            read_ahead=read_ahead,
             read_only=read_only,
         )
 
@@ -561,6 +614,118 @@ class Repository:
             offset += chunk_size
         return FileChunks(archive=name, path=path, size=size, chunks=tuple(refs))
 
+    def chunk_lists(self, archive: str | ArchiveInfo) -> ArchiveContents:
+        """Every item of an archive with the chunk lists of its regular files, read in one pass.
+
+        Works on any borg archive, including those the borg CLI made. What the
+        archive says is validated before it is returned: an archive is input
+        from a server that may be compromised.
+
+        Args:
+            archive: The archive (its name, or its :class:`ArchiveInfo`).
+
+        Returns:
+            Every item in archive order, with its kind; regular files with
+            their chunks and offsets (:meth:`ArchiveContents.files`).
+
+        Raises:
+            ArchiveNotFound: No such archive.
+            ArchiveInvalid: A path that is absolute, not normalised or leaves the
+                folder, a duplicate path, an unknown item type, or sizes that do
+                not add up; the error names the archive and the item.
+        """
+        name = archive.name if isinstance(archive, ArchiveInfo) else archive
+        try:
+            rows = self._worker.call("chunk_lists", archive=name)
+        except ArchiveNotFound as exc:
+            raise ArchiveNotFound(str(exc), location=self.transport.location, archive=name) from exc
+        return contents_from_rows(name, rows, location=self.transport.location)
+
+    def chunk_id(self, data: bytes | memoryview) -> bytes:
+        """The id this repository's key gives ``data`` (borg's id hash), computed in this process.
+
+        Args:
+            data: A chunk's plaintext.
+
+        Returns:
+            The 32-byte id.
+        """
+        return self._hasher(data)
+
+    def zero_chunk_id(self, size: int) -> bytes:
+        """The id of an all-zero chunk of ``size`` bytes, so that zero blocks need not be fetched.
+
+        Args:
+            size: The chunk size in bytes (>= 1).
+
+        Returns:
+            The 32-byte id (computed once per size, then remembered).
+
+        Raises:
+            ConfigurationError: ``size`` is not a positive number of bytes.
+        """
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ConfigurationError(f"a chunk size is a positive number of bytes, not {size!r}")
+        return self._hasher.zero_id(size)
+
+    def local_ids(
+        self,
+        source: str | os.PathLike[str],
+        ranges: Iterable[tuple[int, int] | ChunkRef],
+        *,
+        progress: Callable[[Progress], None] | None = None,
+    ) -> list[bytes | None]:
+        """The ids of a local file's data at arbitrary ``(offset, size)`` ranges.
+
+        Give the archive's own chunk boundaries (a :class:`FileChunks`'
+        chunks work as ranges) to compare a local file with a stored one,
+        whatever chunker cut it. Ranges are hashed in parallel threads of this
+        process, with the key's id function: this never waits for the
+        repository's calls to borg, so it runs while a fetch from the same
+        repository is under way, even from inside its loop. At most
+        :attr:`read_ahead` bytes are in memory (at least one range, read in
+        pieces of at most 8 MiB).
+
+        Args:
+            source: The local file.
+            ranges: ``(offset, size)`` pairs or :class:`ChunkRef` values;
+                they may overlap and come in any order.
+            progress: Called with a :class:`Progress` (operation ``"hash"``)
+                as ranges are hashed.
+
+        Returns:
+            One id per range, in the order given; ``None`` for a range that
+            reaches past the end of the file (wholly or partly).
+
+        Raises:
+            ConfigurationError: The file cannot be read, or a range has a
+                negative offset or a size below 1.
+        """
+        checked = [_range(r) for r in ranges]
+        path = Path(source)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read {path}: {exc.strerror}") from exc
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigurationError(f"{path} is not a regular file")
+            total = sum(size for _, size in checked)
+            report = None
+            if progress is not None:
+                callback = progress
+
+                def report(done: int) -> None:
+                    callback(Progress(operation="hash", path=str(path), done=done, total=total))
+
+            return hash_ranges(
+                self._hasher, fd, checked, read_ahead=self.read_ahead, meter=self._local_meter, progress=report
+            )
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        finally:
+            os.close(fd)
+
     def local_chunk_ids(
         self,
         source: str | os.PathLike[str],
@@ -570,12 +735,14 @@ class Repository:
     ) -> list[bytes]:
         """The ids of a local file's fixed blocks, exactly as this repository's key computes them.
 
-        Hashing runs in parallel threads. Give the chunking of the stored file
-        to compare with (``ArchiveInfo.file(path).chunking``); by default the
-        file is cut as :meth:`write_archive` would cut it now.
+        Hashing runs in parallel threads of this process (see :meth:`local_ids`).
+        Give the chunking of the stored file to compare with
+        (``ArchiveInfo.file(path).chunking``); by default the file is cut as
+        :meth:`write_archive` would cut it now.
 
         Raises:
             ConfigurationError: The file cannot be read, or the chunking is not a fixed one.
+            SourceChanged: The file shrank while it was read.
         """
         path = Path(source)
         if not path.is_file():
@@ -584,13 +751,11 @@ class Repository:
             chunking = disk_chunking(path, self.block_size)
         if chunking.kind != "fixed":
             raise ConfigurationError("local chunk ids are computed for fixed chunkings only")
-        result: list[bytes] = self._worker.call(
-            "local_ids",
-            progress=_progress_adapter(progress),
-            source=os.fspath(path),
-            params=(chunking.params[0], chunking.header_size),
-            path=str(path),
-        )
+        ranges = fixed_ranges(path.stat().st_size, chunking.params[0], chunking.header_size)
+        ids = self.local_ids(path, ranges, progress=progress)
+        result = [chunk_id for chunk_id in ids if chunk_id is not None]
+        if len(result) != len(ids):
+            raise SourceChanged(f"{path}: file shrank while it was read", location=self.transport.location)
         return result
 
     def fetch(self, ids: Iterable[bytes], *, errors: FetchErrors = "raise") -> ChunkStream:
@@ -769,6 +934,14 @@ def _chunk_id(value: bytes) -> bytes:
 def _distinct_ids(ids: Iterable[bytes]) -> list[bytes]:
     """The ids, each once, in the order of first appearance."""
     return list(dict.fromkeys(_chunk_id(chunk_id) for chunk_id in ids))
+
+
+def _id_hasher(worker: BorgWorker, location: str) -> IdHasher:
+    described = worker.call("id_key")
+    try:
+        return IdHasher.from_worker(described["algorithm"], described["key"], described["probe_id"])
+    except ValueError as exc:
+        raise RepositoryError(f"cannot compute this repository's chunk ids: {exc}", location=location) from exc
 
 
 def _check_importable(transport: Transport) -> None:

@@ -82,3 +82,23 @@ def snapshot_running_vms(manager: object | None = None) -> list[vbremote.Snapsho
             if exc.snapshot_id is not None:
                 host.delete_snapshot(vm, exc.snapshot_id)
     return taken
+
+
+def compare_blocks(transport: vbremote.Transport, archive: str, folder: Path) -> int:
+    """How many bytes a restore of ``archive`` into ``folder`` would fetch."""
+    to_fetch = 0
+    with vbremote.Repository.open(transport, read_ahead=64 << 20) as repo:
+        try:
+            contents: vbremote.ArchiveContents = repo.chunk_lists(archive)
+        except vbremote.ArchiveInvalid as exc:
+            print("refused:", exc.archive, exc.path)
+            return 0
+        refused: tuple[vbremote.StoredItem, ...] = contents.others()
+        print([(item.path, item.kind.value) for item in refused if item.kind is not vbremote.ItemKind.DIRECTORY])
+        for path, chunks in contents.files().items():
+            local: list[bytes | None] = repo.local_ids(folder / path, chunks.chunks)
+            for ref, mine in zip(chunks.chunks, local, strict=True):
+                if ref.id != mine and ref.id != repo.zero_chunk_id(ref.size):
+                    to_fetch += ref.size
+        print(repo.local_ids(folder / "x", [(0, 4096)]), repo.chunk_id(b"data"))
+    return to_fetch

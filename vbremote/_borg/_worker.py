@@ -32,6 +32,7 @@ from typing import Any
 
 from .._transports import _borg_url_path
 from . import _protocol
+from ._idhash import DEFAULT_READ_AHEAD, PROBE, ReadAheadMeter
 
 # --- borg is imported below, after stdout has been moved out of the way ---
 
@@ -128,6 +129,10 @@ class Worker:
         # One thread: borg's compressors write into one module-wide buffer,
         # and the cipher takes its nonces in order.
         self.encrypt_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        # Bytes of file data read ahead of their use, at most (see _blocks).
+        self.read_ahead = DEFAULT_READ_AHEAD
+        self.read_ahead_meter = ReadAheadMeter()
+        self.get_many_calls = 0
 
     # -- messages ---------------------------------------------------------
 
@@ -509,6 +514,68 @@ class Worker:
         chunks = [(bytes(c.id), int(c.size)) for c in found.chunks]
         return sum(size for _, size in chunks), chunks
 
+    def op_chunk_lists(self, archive: str) -> list[tuple[Any, ...]]:
+        """Every item of an archive in one pass: (path, mode, size or None,
+        chunks [(id, size)] or None, source or None, hardlink_master).
+
+        Raw, as stored: the parent validates (the archive is untrusted input).
+        """
+        if archive not in self.manifest.archives:
+            raise _Refused("archive_missing", f"no archive named {archive!r}")
+        rows: list[tuple[Any, ...]] = []
+        for item in self._archive(archive).iter_items():
+            chunks = [(bytes(c.id), int(c.size)) for c in item.chunks] if "chunks" in item else None
+            size = item.get("size")
+            rows.append((
+                str(item.path), int(item.mode), None if size is None else int(size), chunks,
+                None if "source" not in item else str(item.source), bool(item.get("hardlink_master", False)),
+            ))
+        return rows
+
+    def op_id_key(self) -> dict[str, Any]:
+        """The key's id function for the parent, which hashes local data itself
+        (see ``_idhash``): its construction, its key, and borg's id of a probe."""
+        from borg.crypto.key import ID_HMAC_SHA_256, ID_BLAKE2b_256, PlaintextKey
+
+        if isinstance(self.key, ID_BLAKE2b_256):
+            algorithm, key = "blake2b-256", bytes(self.key.id_key)
+        elif isinstance(self.key, ID_HMAC_SHA_256):
+            algorithm, key = "hmac-sha256", bytes(self.key.id_key)
+        elif isinstance(self.key, PlaintextKey):
+            algorithm, key = "sha256", b""
+        else:
+            raise _Refused("config", f"unsupported borg key type {type(self.key).__name__}")
+        return {"algorithm": algorithm, "key": key, "probe_id": bytes(self.key.id_hash(PROBE))}
+
+    def op_set_read_ahead(self, limit: int) -> None:
+        if limit < 1:
+            raise _Refused("config", "read_ahead must be at least 1 byte")
+        self.read_ahead = limit
+
+    def op_stats(self, reset: bool = False) -> dict[str, int]:
+        """Measurements for tests and benchmarks: the peak of bytes read ahead,
+        the calls of borg's get_many (each ends with the request pipeline
+        drained: a round trip), and this process's peak resident memory."""
+        if not getattr(self.repository.get_many, "vbremote_counted", False):
+            original = self.repository.get_many
+
+            def get_many(*args: Any, **kwargs: Any) -> Any:
+                self.get_many_calls += 1
+                return original(*args, **kwargs)
+
+            get_many.vbremote_counted = True  # type: ignore[attr-defined]
+            self.repository.get_many = get_many
+        out = {
+            "read_ahead_peak": self.read_ahead_meter.peak,
+            "read_ahead_held": self.read_ahead_meter.held,
+            "get_many_calls": self.get_many_calls,
+            "peak_rss": _peak_rss(),
+        }
+        if reset:
+            self.read_ahead_meter.peak = self.read_ahead_meter.held
+            self.get_many_calls = 0
+        return out
+
     def op_fetch(self, ids: list[bytes], errors: str = "raise") -> None:
         """Stream (id, plaintext, None) for each id, verified, in order; one pipelined get_many.
 
@@ -571,26 +638,18 @@ class Worker:
                 logging.getLogger("vbremote.borg.worker").debug("draining the fetch pipeline failed", exc_info=True)
                 return
 
-    def op_local_ids(self, source: str, params: tuple[int, int], path: str) -> list[bytes]:
-        ids = []
-        with open(source, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            for block in self._blocks(f.fileno(), size, params, path, keep_data=False):
-                ids.append(block.id)
-                self._progress("hash", path, block.offset + block.size, size)
-        return ids
-
-    def _blocks(
-        self, fd: int, size: int, params: tuple[int, int], path: str, *, keep_data: bool
-    ) -> Iterator[_Block]:
-        """The file's fixed blocks, in order, hashed in parallel threads.
+    def _blocks(self, fd: int, size: int, params: tuple[int, int], path: str, *, limit: int) -> Iterator[_Block]:
+        """The file's fixed blocks with their data, in order, hashed in parallel threads.
 
         hashlib and hmac release the GIL on large buffers, so reading and
         hashing overlap with whatever the caller does with each block
-        (compression and encryption, for a write).
+        (compression and encryption, for a write). At most ``limit`` bytes
+        are read ahead (at least one block), whatever the number of CPUs:
+        memory, not threads, is what a large host would run out of.
         """
         id_hash = self.key.id_hash
         zero_ids: dict[int, bytes] = {}
+        meter = self.read_ahead_meter
 
         def job(offset: int, length: int) -> _Block:
             data = os.pread(fd, length, offset)
@@ -601,20 +660,33 @@ class Worker:
                 if zero_id is None:
                     zero_id = zero_ids[length] = id_hash(ZERO[:length])
                 return _Block(offset, length, zero_id, None, True)
-            return _Block(offset, length, id_hash(data), data if keep_data else None, False)
+            return _Block(offset, length, id_hash(data), data, False)
 
-        depth = 4 * (os.cpu_count() or 2)
-        pending: collections.deque[concurrent.futures.Future[_Block]] = collections.deque()
+        pending: collections.deque[tuple[concurrent.futures.Future[_Block], int]] = collections.deque()
+        held = 0
+
+        def oldest() -> _Block:
+            nonlocal held
+            future, length = pending.popleft()
+            block = future.result()
+            # What the caller keeps is the caller's to count (see _store_blocks).
+            held -= length
+            meter.give(length)
+            return block
+
         try:
             for offset, length in _extents(size, *params):
-                pending.append(self.pool.submit(job, offset, length))
-                if len(pending) >= depth:
-                    yield pending.popleft().result()
+                while pending and held + length > limit:
+                    yield oldest()
+                held += length
+                meter.take(length)
+                pending.append((self.pool.submit(job, offset, length), length))
             while pending:
-                yield pending.popleft().result()
+                yield oldest()
         finally:
-            for future in pending:
+            for future, length in pending:
                 future.cancel()
+                meter.give(length)
 
     # -- writing ----------------------------------------------------------
 
@@ -703,11 +775,17 @@ class Worker:
         thread was measured slower: more threads, more GIL hand-offs.) This
         thread stores in file order and does the chunk bookkeeping of borg's
         ``Cache.add_chunk``; nothing else encrypts while blocks are in flight.
+
+        The read-ahead limit is shared: half for blocks being read and
+        hashed, half for new blocks waiting here (plaintext and ciphertext,
+        counted as twice the block); known blocks drop their data at once.
         """
         from borg.item import ChunkListEntry
 
         key = self.key
-        depth = 2 * (os.cpu_count() or 2)
+        limit = max(1, self.read_ahead // 2)
+        meter = self.read_ahead_meter
+        held = 0
         in_flight: set[bytes] = set()
         queue: collections.deque[tuple[_Block, concurrent.futures.Future[bytes] | None]] = collections.deque()
         entries: list[Any] = []
@@ -716,7 +794,11 @@ class Worker:
             return bytes(key.encrypt(block.data if block.data is not None else ZERO[: block.size]))
 
         def finish() -> None:
+            nonlocal held
             block, future = queue.popleft()
+            if future is not None:
+                held -= 2 * block.size
+                meter.give(2 * block.size)
             if future is None:  # known to the repository, or an earlier block of this file
                 entries.append(cache.chunk_incref(block.id, stats))
             else:
@@ -736,20 +818,26 @@ class Worker:
             self._progress("write", path, counts["read"], total)
 
         try:
-            for block in self._blocks(fd, size, params, path, keep_data=True):
+            for block in self._blocks(fd, size, params, path, limit=limit):
                 if block.id in in_flight or cache.seen_chunk(block.id, block.size):
+                    block.data = None
                     queue.append((block, None))
                 else:
+                    while queue and held + 2 * block.size > limit:
+                        finish()
                     in_flight.add(block.id)
+                    held += 2 * block.size
+                    meter.take(2 * block.size)
                     queue.append((block, self.encrypt_pool.submit(encrypt, block)))
-                while len(queue) > depth or (queue and _ready(queue[0][1])):
+                while queue and _ready(queue[0][1]):
                     finish()
             while queue:
                 finish()
         finally:
-            for _, future in queue:
+            for block, future in queue:
                 if future is not None:
                     future.cancel()
+                    meter.give(2 * block.size)
             # A block still being encrypted (after an error) must be done
             # before anything else may use the key.
             concurrent.futures.wait([f for _, f in queue if f is not None and not f.cancelled()])
@@ -827,6 +915,19 @@ class Worker:
 
 def _generator_alive(generator: Any) -> bool:
     return bool(generator.gi_frame is not None)
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes (VmHWM: since its exec, unlike ru_maxrss,
+    which Linux carries over from the parent that forked it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _extents(size: int, block_size: int, header_size: int) -> Iterator[tuple[int, int]]:
