@@ -1,4 +1,4 @@
-"""Fixtures for tests over a rate-limited link into a network namespace (benchmarks/_netns.py)."""
+"""Fixtures for tests over a rate-limited link into a network namespace (benchmarks/_netns.py, _restoring.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from _netns import NetnsLink, NetnsSSHD, NetnsUnavailable
+from _restoring import restore
 
-__all__ = ["NetnsLink", "NetnsSSHD", "NetnsUnavailable", "link_with_sshd"]
+__all__ = ["NetnsLink", "NetnsSSHD", "NetnsUnavailable", "link_with_sshd", "restore"]
 
 
 def link_with_sshd(rate_mbit: float, root: Path) -> Iterator[tuple[NetnsLink, NetnsSSHD]]:
