@@ -305,6 +305,10 @@ class Bench:
             transport, self.base, ARCHIVE, target, kill=lambda: net.host_rx_bytes() - rx >= whole_rx / 2
         )
         first = net.host_rx_bytes() - rx
+        # The server's borg serve holds the repository lock until it notices that its client is gone.
+        deadline = time.monotonic() + 120
+        while (self.repo_path / "lock.exclusive").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
         rx = net.host_rx_bytes()
         child = run_child(transport, self.base, ARCHIVE, target)
         second = net.host_rx_bytes() - rx
@@ -443,19 +447,20 @@ def link_part(bench: Bench, args: argparse.Namespace, lines: list[str]) -> None:
                 print(f"   borg mount + rsync: skipped, {missing}")
             ours, *rest = alternating(args.repeat, *runs)
             old = rest[0] if rest else None
-            extract = bench.borg_extract_link(net, sshd)
+            print(f"   vbremote incremental           {ours['s']:7.2f} s   received {mib(ours['rx'])}"
+                  f"   (chunks fetched {mib(ours['fetched'])})")
+            if old is not None:
+                print(f"   borg mount + rsync --inplace   {old['s']:7.2f} s   received {mib(old['rx'])}"
+                      f"   (mount {old['mount_s']:.1f} s, rsync {old['rsync_s']:.1f} s)", flush=True)
             killed = bench.killed_and_resumed(net, sshd, ours["rx"])
+            print(f"   killed at half, resumed        received {mib(killed['rx'])} in all ({mib(killed['first_rx'])}"
+                  " before the kill)", flush=True)
+            extract = bench.borg_extract_link(net, sshd)
+            print(f"   borg extract over ssh          {extract['s']:7.2f} s   received {mib(extract['rx'])}",
+                  flush=True)
     except NetnsUnavailable as error:
         print(f"   skipped: {error}")
         return
-    print(f"   vbremote incremental           {ours['s']:7.2f} s   received {mib(ours['rx'])}"
-          f"   (chunks fetched {mib(ours['fetched'])})")
-    if old is not None:
-        print(f"   borg mount + rsync --inplace   {old['s']:7.2f} s   received {mib(old['rx'])}"
-              f"   (mount {old['mount_s']:.1f} s, rsync {old['rsync_s']:.1f} s)")
-    print(f"   borg extract over ssh          {extract['s']:7.2f} s   received {mib(extract['rx'])}")
-    print(f"   killed at half, resumed        received {mib(killed['rx'])} in all ({mib(killed['first_rx'])}"
-          " before the kill)", flush=True)
     bench.results["link"] = {"vbremote": ours, "borg_mount_rsync": old, "borg_extract": extract, "killed": killed}
     if old is not None:
         lines.append(f"   link: time / borg mount + rsync         {verdict(ours['s'] / old['s'], 0.45)}")
