@@ -12,7 +12,7 @@ a parent can kill it at a chosen point:
 from __future__ import annotations
 
 import json
-import resource
+import os
 import sys
 from pathlib import Path
 
@@ -82,12 +82,27 @@ def main() -> None:
 
     with vbremote.Repository.open(transport, passphrase=passphrase, base_dir=Path(base_dir)) as repository:
         stats = restore(repository, archive, Path(target), progress=progress)
-        worker_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        # The worker (and ssh) are alive until the repository closes: their peaks now.
+        children = [peak_rss_kib(pid) for pid in child_pids()]
     print("stats " + json.dumps({
         "bytes_fetched": stats.bytes_fetched, "bytes_written": stats.bytes_written, "resumed": stats.resumed,
-        "seconds": stats.seconds, "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-        "worker_rss_kib": max(worker_rss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss),
+        "seconds": stats.seconds, "rss_kib": peak_rss_kib(os.getpid()), "worker_rss_kib": max(children, default=0),
     }), flush=True)
+
+
+def peak_rss_kib(pid: int) -> int:
+    """The peak resident set of a process since its exec (VmHWM; ru_maxrss would carry the parent's over exec)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def child_pids() -> list[int]:
+    pids = []
+    for task in Path("/proc/self/task").iterdir():
+        pids += [int(pid) for pid in (task / "children").read_text().split()]
+    return pids
 
 
 if __name__ == "__main__":
