@@ -7,8 +7,9 @@ written by vbremote (1 MiB blocks, repokey, lz4) into a local repository.
 Then, taking turns so that drift of the machine hits both alike:
 
 - vbremote: open, read the archive's chunk lists (:meth:`Repository.chunk_lists`),
-  fetch every distinct chunk id of the image once, all-zero blocks skipped
-  by id (:meth:`Repository.zero_chunk_id`), as a restore would; close;
+  fetch every distinct chunk id of the image once with one
+  :meth:`Repository.fetch` stream, all-zero blocks skipped by id
+  (:meth:`Repository.zero_chunk_id`), as a restore would; close;
 - ``borg extract --stdout`` of the same file into ``/dev/null`` (borg fetches
   every chunk of the file, in order, and writes nothing to disk either).
 
@@ -158,8 +159,9 @@ class Bench:
             repo._worker.call("stats", reset=True)
             fetch_started = time.perf_counter()
             fetched = 0
-            for _, data in repo.fetch_chunks(wanted):
-                fetched += len(data)
+            with repo.fetch(wanted) as stream:
+                for chunk in stream:
+                    fetched += len(chunk.data)
             fetch_s = time.perf_counter() - fetch_started
             stats = repo._worker.call("stats")
         return {

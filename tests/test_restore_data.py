@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -16,11 +17,14 @@ from pathlib import Path
 
 import pytest
 from helpers import PASSPHRASE, metadata
+from hypothesis import given
+from hypothesis import strategies as st
 from test_repository import corrupt_one_chunk
 
 import vbremote
 from vbremote._restorer import JOURNAL_NAME, RestoreSource, SourceFile, apply_plan, make_plan
 from vbremote._restorer import _apply as apply_module
+from vbremote._restorer._journal import coalesce, intervals_cover, subtract
 from vbremote.testing import MIB, guest_write, make_vdi, qemu_tools_available
 
 pytestmark = pytest.mark.filterwarnings("error")
@@ -494,3 +498,66 @@ class TestDiskFull:
         assert resumed.bytes_to_fetch < plan.bytes_to_fetch  # what was written before is reused
         apply_plan(repo, resumed)
         assert files_of(target, NAMES) == expected
+
+
+class TestVerifyFull:
+    def test_full_reads_back_reused_blocks_too(self, repo, vdi_folder, tmp_path):
+        """verify="full" also checks blocks the plan reused; "written" does not read them."""
+        info = archive_folder(repo, vdi_folder, "a")
+        target = tmp_path / "t"
+        shutil.copytree(vdi_folder, target)
+        source = restore_source(repo, info)
+        plan = make_plan(repo, source, target)
+        reused = next(a.chunk for a in plan.files[0].actions if a.kind == "reuse" and a.chunk.offset > 0)
+        with (target / "disk.vdi").open("r+b") as f:  # changed after the plan was made
+            f.seek(reused.offset)
+            f.write(b"changed")
+        assert apply_plan(repo, plan, verify="written").bytes_verified == 0
+        with pytest.raises(vbremote.IntegrityError) as caught:
+            apply_plan(repo, plan, verify="full")
+        assert (caught.value.path, caught.value.offset) == ("disk.vdi", reused.offset)
+
+
+class TestJournalFile:
+    def test_round_trip_and_atomic_name(self, tmp_path):
+        """A saved journal loads back equal; no temporary file is left beside it."""
+        state = vbremote.RestoreState(
+            archive_id="ab" * 32, archive="a", fingerprint="f",
+            files=[vbremote.RestoreFileState("disk.vdi", 10 * MIB, [(MIB, 2 * MIB), (0, MIB), (5 * MIB, 6 * MIB)])],
+        )
+        state.save(tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [JOURNAL_NAME]
+        loaded = vbremote.RestoreState.load(tmp_path)
+        assert loaded == state
+        assert loaded.files[0].done == ((0, 2 * MIB), (5 * MIB, 6 * MIB))
+        assert loaded.done_bytes == 3 * MIB
+
+    @pytest.mark.parametrize("text", ["", "{", "[]", '{"version": 99}', '{"version": 1, "files": [{"path": 1}]}',
+                                      '{"version":1,"archive_id":"a","archive":"a","fingerprint":"f",'
+                                      '"files":[{"path":"d","size":1,"done":[[5,2]]}]}'])
+    def test_malformed_journal_is_ignored(self, repo, vdi_folder, tmp_path, text):
+        """A journal that does not parse is ignored: the plan compares everything and trusts nothing."""
+        (vdi_folder / JOURNAL_NAME).write_text(text)
+        assert vbremote.RestoreState.load(vdi_folder) is None
+        info = archive_folder(repo, vdi_folder, "a")
+        plan = make_plan(repo, restore_source(repo, info), vdi_folder)
+        assert not plan.resumed
+        assert plan.bytes_to_write == 0
+
+
+class TestIntervals:
+    @given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 20)), max_size=8),
+           st.integers(0, 70), st.integers(1, 20), st.integers(0, 70), st.integers(0, 20))
+    def test_intervals_match_a_set_model(self, pairs, offset, size, cut_start, cut_size):
+        """coalesce, intervals_cover and subtract agree with the same ranges as sets of positions."""
+        intervals = [(a, a + n) for a, n in pairs]
+        model = {i for a, b in intervals for i in range(a, b)}
+        merged = coalesce(intervals)
+        assert {i for a, b in merged for i in range(a, b)} == model
+        assert all(b < c for (_, b), (c, _) in itertools.pairwise(merged))  # sorted, disjoint, not touching
+        assert intervals_cover(merged, offset, size) == all(i in model for i in range(offset, offset + size))
+        for a, b in merged:  # the edges: each interval covers itself, and not one position more
+            assert intervals_cover(merged, a, b - a)
+            assert not intervals_cover(merged, a, b - a + 1)
+        cut = subtract(merged, cut_start, cut_start + cut_size)
+        assert {i for a, b in cut for i in range(a, b)} == model - set(range(cut_start, cut_start + cut_size))

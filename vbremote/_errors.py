@@ -20,9 +20,9 @@ adapter boundary and raised ``from`` the original, so callers catch one tree::
     │   ├── ArchiveNotFound
     │   ├── ArchiveExists
     │   ├── FileNotInArchive
-    │   ├── ArchiveMetadataError (also ValueError)  an archive's metadata is malformed or hostile
-    │   ├── RepositoryReadOnly                     a write to a repository opened with ``read_only=True``
     │   ├── ArchiveInvalid (also ValueError)        an archive's items are malformed or hostile
+    │   │   └── ArchiveMetadataError                its vbremote metadata is malformed or hostile
+    │   ├── RepositoryReadOnly                     a write to a repository opened with ``read_only=True``
     │   ├── SourceChanged                          a local file changed while it was read
     │   └── BorgError                              any other failure reported by borg
     ├── RestoreError                               a restore could not be planned or applied
@@ -209,7 +209,27 @@ class FileNotInArchive(RepositoryError):
         self.path = path
 
 
-class ArchiveMetadataError(RepositoryError, ValueError):
+class ArchiveInvalid(RepositoryError, ValueError):
+    """What an archive says about its items is malformed or hostile; nothing was used.
+
+    An archive is input from a server that may be compromised: item paths
+    that leave the target folder, duplicates, or chunk sizes that do not add
+    up are refused rather than trusted (:meth:`Repository.chunk_lists`). Its
+    subclass :class:`ArchiveMetadataError` is about vbremote's own record in
+    the archive comment, so ``except ArchiveInvalid`` catches both.
+
+    Attributes:
+        archive: The archive read.
+        path: The item at fault, where one is.
+    """
+
+    def __init__(self, message: str, *, location: str = "", archive: str = "", path: str = "") -> None:
+        super().__init__(message, location=location)
+        self.archive = archive
+        self.path = path
+
+
+class ArchiveMetadataError(ArchiveInvalid):
     """An archive's vbremote metadata is malformed or hostile, and was refused.
 
     Archive metadata comes from the repository server, which may be
@@ -222,32 +242,11 @@ class ArchiveMetadataError(RepositoryError, ValueError):
     """
 
     def __init__(self, message: str, *, location: str = "", archive: str = "") -> None:
-        super().__init__(message, location=location)
-        self.archive = archive
+        super().__init__(message, location=location, archive=archive)
 
 
 class RepositoryReadOnly(RepositoryError):
     """A write was asked of a repository opened with ``read_only=True``; nothing was changed."""
-
-
-class ArchiveInvalid(RepositoryError, ValueError):
-    """What an archive says about its items is malformed or hostile; nothing was used.
-
-    An archive is input from a server that may be compromised: item paths
-    that leave the target folder, duplicates, or chunk sizes that do not add
-    up are refused rather than trusted (:meth:`Repository.chunk_lists`). Its
-    sibling :class:`ArchiveMetadataError` is about vbremote's own record in
-    the archive comment.
-
-    Attributes:
-        archive: The archive read.
-        path: The item at fault, where one is.
-    """
-
-    def __init__(self, message: str, *, location: str = "", archive: str = "", path: str = "") -> None:
-        super().__init__(message, location=location)
-        self.archive = archive
-        self.path = path
 
 
 class SourceChanged(RepositoryError):

@@ -857,6 +857,14 @@ class Repository:
         return CheckResult(ok=ok, problems=tuple(problems))
 
 
+def _id_hasher(worker: BorgWorker, location: str) -> IdHasher:
+    described = worker.call("id_key")
+    try:
+        return IdHasher.from_worker(described["algorithm"], described["key"], described["probe_id"])
+    except ValueError as exc:
+        raise RepositoryError(f"cannot compute this repository's chunk ids: {exc}", location=location) from exc
+
+
 @frozen
 class FetchedChunk:
     """One chunk from :meth:`Repository.fetch`.
@@ -934,14 +942,6 @@ def _chunk_id(value: bytes) -> bytes:
 def _distinct_ids(ids: Iterable[bytes]) -> list[bytes]:
     """The ids, each once, in the order of first appearance."""
     return list(dict.fromkeys(_chunk_id(chunk_id) for chunk_id in ids))
-
-
-def _id_hasher(worker: BorgWorker, location: str) -> IdHasher:
-    described = worker.call("id_key")
-    try:
-        return IdHasher.from_worker(described["algorithm"], described["key"], described["probe_id"])
-    except ValueError as exc:
-        raise RepositoryError(f"cannot compute this repository's chunk ids: {exc}", location=location) from exc
 
 
 def _check_importable(transport: Transport) -> None:

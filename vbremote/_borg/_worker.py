@@ -913,10 +913,6 @@ class Worker:
 
 
 
-def _generator_alive(generator: Any) -> bool:
-    return bool(generator.gi_frame is not None)
-
-
 def _peak_rss() -> int:
     """This process's peak resident memory in bytes (VmHWM: since its exec, unlike ru_maxrss,
     which Linux carries over from the parent that forked it)."""
@@ -928,6 +924,10 @@ def _peak_rss() -> int:
     except OSError:
         pass
     return 0
+
+
+def _generator_alive(generator: Any) -> bool:
+    return bool(generator.gi_frame is not None)
 
 
 def _extents(size: int, block_size: int, header_size: int) -> Iterator[tuple[int, int]]:
