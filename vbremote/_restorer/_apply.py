@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import stat
 import time
 from collections import deque
 from collections.abc import Callable
@@ -190,7 +191,10 @@ class _Applier:
             for part in rel.split("/")[:-1]:
                 parent = parent / part
                 parent.mkdir(exist_ok=True)
-                target_file(self.target, os.path.relpath(parent, self.target))
+                # A folder on the way (e.g. Snapshots/) must be one, not a symlink to one.
+                if not stat.S_ISDIR(os.lstat(parent).st_mode):
+                    raise RestoreError(f"{parent} is not a folder; a restore never writes through a symlink",
+                                       path=os.path.relpath(parent, self.target))
             self.fds[rel] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
     def close(self) -> None:
