@@ -28,8 +28,10 @@ EXPECTED = {
     "SnapshotNotFound", "VMInfo", "VMLocked", "VMNotFound", "VirtualBoxError", "VirtualBoxHost",
     "VirtualBoxOperationFailed", "VirtualBoxTimeout", "VirtualBoxUnavailable",
     "RepositoryBusy", "ChunkStream", "FetchedChunk", "FetchErrors",
+    "DEFAULT_NAME_TEMPLATE", "TRANSIENT_PREFIX", "SnapshotError", "SnapshotInProgress", "SnapshotResult",
+    "SnapshotStats", "Snapshotter", "TransientSnapshotLeft",
     "ApplyStats", "BlockAction", "FilePlan", "PlanProblem", "RestoreError", "RestoreFileState", "RestorePlan",
-    "RestorePreflightFailed", "RestoreState", "TargetSpaceError",
+    "RestorePreflightFailed", "RestoreState", "TargetSpaceError", "Restorer", "RestoreResult",
 }
 
 

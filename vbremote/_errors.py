@@ -25,6 +25,9 @@ adapter boundary and raised ``from`` the original, so callers catch one tree::
     │   ├── RepositoryReadOnly                     a write to a repository opened with ``read_only=True``
     │   ├── SourceChanged                          a local file changed while it was read
     │   └── BorgError                              any other failure reported by borg
+    ├── SnapshotError                              taking a snapshot (Snapshotter)
+    │   ├── SnapshotInProgress                     another run holds the VM's snapshot lock
+    │   └── TransientSnapshotLeft                  the run's transient snapshot could not be deleted
     ├── RestoreError                               a restore could not be planned or applied
     │   ├── RestorePreflightFailed                 a preflight check refused the restore; nothing was written
     │   └── TargetSpaceError                       the target folder's file system is full
@@ -42,6 +45,11 @@ adapter boundary and raised ``from`` the original, so callers catch one tree::
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._models import ArchiveInfo
 
 __all__ = [
     "AccessDenied",
@@ -69,9 +77,12 @@ __all__ = [
     "RestoreError",
     "RestorePreflightFailed",
     "SettingsFileError",
+    "SnapshotError",
+    "SnapshotInProgress",
     "SnapshotNotFound",
     "SourceChanged",
     "TargetSpaceError",
+    "TransientSnapshotLeft",
     "VBRemoteError",
     "VMLocked",
     "VMNotFound",
@@ -282,7 +293,15 @@ class RestoreError(VBRemoteError):
 
 
 class RestorePreflightFailed(RestoreError):
-    """A preflight check refused the restore (see the plan's problems); nothing was written."""
+    """A preflight check refused the restore (see the plan's problems); nothing was written.
+
+    Attributes:
+        problems: The plan's problems (each with ``code``, ``message`` and ``remedy``).
+    """
+
+    def __init__(self, message: str, *, archive: str = "", problems: tuple[Any, ...] = ()) -> None:
+        super().__init__(message, archive=archive)
+        self.problems = problems
 
 
 class TargetSpaceError(RestoreError):
@@ -291,6 +310,60 @@ class TargetSpaceError(RestoreError):
     What was written and made durable is recorded in the restore journal; run
     the restore again once space is freed and it continues.
     """
+
+
+class SnapshotError(VBRemoteError):
+    """Taking a snapshot failed or was refused.
+
+    Attributes:
+        vm: The VM (name or uuid) being snapshotted.
+    """
+
+    def __init__(self, message: str, *, vm: str = "") -> None:
+        super().__init__(message)
+        self.vm = vm
+
+
+class SnapshotInProgress(SnapshotError):
+    """Another snapshot run on this host holds the VM's lock (see ``Snapshotter(lock_wait=...)``); nothing was done.
+
+    Attributes:
+        lock_file: The lock file that is held.
+    """
+
+    def __init__(self, message: str, *, vm: str = "", lock_file: str = "") -> None:
+        super().__init__(message, vm=vm)
+        self.lock_file = lock_file
+
+
+class TransientSnapshotLeft(SnapshotError):
+    """The run's transient VirtualBox snapshot could not be deleted.
+
+    Raised after the archive committed (``archive`` is set; the snapshot is
+    safe in the repository), or when a leftover of an earlier run could not be
+    removed before a new run (``archive`` is ``None``). The VM keeps the
+    snapshot and its differencing images until it is deleted: the next run
+    removes it, or delete it by hand (``VBoxManage snapshot VM delete UUID``).
+
+    Attributes:
+        snapshot: The uuid of the snapshot left on the VM.
+        snapshot_name: Its name.
+        archive: The archive that committed, or ``None``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        vm: str = "",
+        snapshot: str = "",
+        snapshot_name: str = "",
+        archive: ArchiveInfo | None = None,
+    ) -> None:
+        super().__init__(message, vm=vm)
+        self.snapshot = snapshot
+        self.snapshot_name = snapshot_name
+        self.archive = archive
 
 
 class PruneError(VBRemoteError):
