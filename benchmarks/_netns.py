@@ -323,7 +323,7 @@ class NetnsSSHD:
             alive_seconds: If given, ssh gives up on a connection that has not
                 answered for about this many seconds (ServerAliveInterval=1).
         """
-        options = [f"UserKnownHostsFile={self.known_hosts}", "StrictHostKeyChecking=yes", "ConnectTimeout=5"]
+        options = [f"UserKnownHostsFile={self.known_hosts}", "StrictHostKeyChecking=yes", "ConnectTimeout=3"]
         if alive_seconds is not None:
             options += ["ServerAliveInterval=1", f"ServerAliveCountMax={alive_seconds}"]
         return tuple(options)
