@@ -20,3 +20,9 @@ def test_live_snapshot_example():
     code = example("virtualbox.md", "live-snapshot")
     assert len(code.strip().splitlines()) <= 14
     exec(compile(code, "docs/virtualbox.md", "exec"), {})
+
+
+def test_snapshot_and_recover_example():
+    """docs/snapshots.md: a live snapshot on the simulator, extracted by borg and registered on another host."""
+    code = example("snapshots.md", "snapshot-and-recover")
+    exec(compile(code, "docs/snapshots.md", "exec"), {})

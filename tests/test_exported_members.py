@@ -27,6 +27,8 @@ EXPECTED = {
     "DiskAttachment", "InvalidVMState", "LockRetry", "MachineState", "MediumInfo", "SnapshotInfo",
     "SnapshotNotFound", "VMInfo", "VMLocked", "VMNotFound", "VirtualBoxError", "VirtualBoxHost",
     "VirtualBoxOperationFailed", "VirtualBoxTimeout", "VirtualBoxUnavailable",
+    "DEFAULT_NAME_TEMPLATE", "TRANSIENT_PREFIX", "SnapshotError", "SnapshotInProgress", "SnapshotResult",
+    "SnapshotStats", "Snapshotter", "TransientSnapshotLeft",
     "RepositoryBusy", "ChunkStream", "FetchedChunk", "FetchErrors",
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import uuid
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,14 @@ metadata_strategy = st.builds(
     cpu_portability=st.none() | st.integers(0, 3),
     labels=st.frozensets(st.text(min_size=1, max_size=20), max_size=4),
     extra=st.dictionaries(st.text(max_size=10), json_scalars, max_size=4),
+    # Fixed offsets: zones with folds compare unequal across zones at ambiguous times.
+    taken=st.none() | st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=2)),
+                                                                timezone(-timedelta(hours=5, minutes=30))])),
+    external=st.dictionaries(
+        st.from_regex(r"_external/([0-9]/)?[a-z][a-z0-9.-]{0,7}", fullmatch=True),
+        st.from_regex(r"(/[a-zA-Z0-9 ._-]{1,8}){1,4}", fullmatch=True),
+        max_size=3,
+    ),
 )
 chunkings = st.one_of(
     st.builds(vbremote.Chunking.fixed, st.sampled_from([1 << 20, 2 << 20, 4 << 20]), st.integers(0, 1 << 20)),
@@ -41,6 +50,8 @@ files_strategy = st.lists(
         role=st.sampled_from(vbremote.FileRole),
         size=st.integers(0, MAX_FILE_SIZE),
         chunking=chunkings,
+        medium=st.none() | st.uuids().map(str),
+        parent=st.none() | st.uuids().map(str),
     ),
     max_size=5,
     unique_by=lambda f: f.path,
@@ -51,7 +62,8 @@ json_values = st.recursive(
     max_leaves=20,
 )
 UUID = "0b8e1c6a-0000-4000-8000-000000000001"
-RECORD_KEYS = {"vm", "mode", "vbox_version", "host", "cpu_vendor", "cpu_portability", "labels", "extra", "files"}
+RECORD_KEYS = {"vm", "mode", "vbox_version", "host", "cpu_vendor", "cpu_portability", "labels", "extra", "files",
+               "taken", "external"}
 # Values near the valid ones, so that generated records get past the first checks.
 plausible = (
     json_values
@@ -65,10 +77,13 @@ plausible = (
 def good_record() -> dict[str, Any]:
     return json.loads(
         encode_comment(
-            vbremote.SnapshotMetadata("vm", UUID, labels={"daily"}, extra={"k": [1, 2]}),
+            vbremote.SnapshotMetadata("vm", UUID, labels={"daily"}, extra={"k": [1, 2]},
+                                      taken=datetime(2026, 5, 1, 10, tzinfo=UTC),
+                                      external={"_external/data.vdi": "/srv/data.vdi"}),
             [
                 ArchiveFile("vm.vbox", vbremote.FileRole.SETTINGS, 100, vbremote.Chunking.buzhash()),
-                ArchiveFile("vm.vdi", vbremote.FileRole.DISK, 1 << 30, vbremote.Chunking.fixed(1 << 20, 512)),
+                ArchiveFile("vm.vdi", vbremote.FileRole.DISK, 1 << 30, vbremote.Chunking.fixed(1 << 20, 512),
+                            medium=UUID, parent=None),
             ],
         )
     )
@@ -128,7 +143,8 @@ class TestMetadataRecord:
     @given(
         st.dictionaries(st.sampled_from(sorted(RECORD_KEYS)), plausible, max_size=len(RECORD_KEYS)),
         st.lists(
-            st.dictionaries(st.sampled_from(["path", "role", "size", "chunking", "x"]), plausible) | json_values,
+            st.dictionaries(st.sampled_from(["path", "role", "size", "chunking", "medium", "parent", "x"]), plausible)
+            | json_values,
             max_size=3,
         ),
     )
@@ -195,6 +211,16 @@ class TestHostileRecords:
             (set_file(1, "chunking", ["rabin", 1]), "kind"),
             (set_file(1, "chunking", []), "chunking"),
             (set_file(1, "extra_key", 1), "unknown"),
+            (set_file(1, "medium", "not-a-uuid"), "medium uuid"),
+            (set_file(1, "parent", 7), "parent uuid"),
+            (lambda r: r.__setitem__("taken", "yesterday"), "ISO 8601"),
+            (lambda r: r.__setitem__("taken", 1700000000), "ISO 8601"),
+            (lambda r: r.__setitem__("taken", "2026-05-01T10:00:00"), "timezone-aware"),
+            (lambda r: r.__setitem__("external", {"dev.vdi": "/data/dev.vdi"}), "lie under _external/"),
+            (lambda r: r.__setitem__("external", {"_external/../../x": "/data/x"}), "normalised"),
+            (lambda r: r.__setitem__("external", {"_external/x": "data/x"}), "absolute path"),
+            (lambda r: r.__setitem__("external", {"_external/x": ["/data/x"]}), "absolute path"),
+            (lambda r: r.__setitem__("external", ["_external/x"]), "mapping"),
             (lambda r: r["files"][1].pop("size"), "missing size"),
             (lambda r: r.__setitem__("files", {"a": 1}), "list"),
             (lambda r: r.__setitem__("files", [r["files"][0]] * (MAX_FILES + 1)), "at most"),
@@ -250,11 +276,24 @@ class TestHostileRecords:
             decode_comment(comment, archive="a")
 
     def test_good_record_reads_back(self):
-        """The reference record used above is itself accepted."""
+        """The reference record used above is itself accepted, with the instant, outside files and media."""
         decoded = decode_comment(json.dumps(good_record()))
         assert decoded is not None
         assert decoded[0].labels == frozenset({"daily"})
+        assert decoded[0].taken == datetime(2026, 5, 1, 10, tzinfo=UTC)
+        assert decoded[0].external == {"_external/data.vdi": "/srv/data.vdi"}
         assert [f.path for f in decoded[1]] == ["vm.vbox", "vm.vdi"]
+        assert [(f.medium, f.parent) for f in decoded[1]] == [(None, None), (UUID, None)]
+
+    def test_optional_keys_are_left_out(self):
+        """Records without an instant, outside files or media leave those keys out (and read back as before)."""
+        record = json.loads(encode_comment(
+            vbremote.SnapshotMetadata("vm", UUID),
+            [ArchiveFile("vm.vdi", vbremote.FileRole.DISK, 1, vbremote.Chunking.fixed(1 << 20))],
+        ))
+        assert "taken" not in record
+        assert "external" not in record
+        assert set(record["files"][0]) == {"path", "role", "size", "chunking"}
 
     def test_chunking_from_json_is_typed(self):
         """A short fixed chunking record raises the typed error, not IndexError."""
@@ -294,6 +333,15 @@ class TestValidation:
             vbremote.SnapshotMetadata("vm", UUID, labels={""})
         with pytest.raises(vbremote.ConfigurationError, match="not one string"):
             vbremote.SnapshotMetadata("vm", UUID, labels="protected")  # type: ignore[arg-type]
+
+    def test_medium_uuids_and_instant(self):
+        """Medium and parent uuids must be uuids (kept canonical); the instant must carry a timezone."""
+        with pytest.raises(vbremote.ConfigurationError, match="medium uuid"):
+            vbremote.FileSpec("x", "x.vdi", vbremote.FileRole.DISK, medium="x")
+        spec = vbremote.FileSpec("x", "x.vdi", vbremote.FileRole.DISK, medium="{" + UUID.upper() + "}")
+        assert spec.medium == UUID
+        with pytest.raises(vbremote.ConfigurationError, match="timezone-aware"):
+            vbremote.SnapshotMetadata("vm", UUID, taken=datetime(2026, 1, 1))
 
     def test_vm_uuid_is_a_uuid(self):
         """The VM uuid must parse as a uuid and is kept in canonical form."""

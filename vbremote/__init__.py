@@ -29,8 +29,11 @@ from ._errors import (
     RepositoryNotFound,
     RepositoryReadOnly,
     SettingsFileError,
+    SnapshotError,
+    SnapshotInProgress,
     SnapshotNotFound,
     SourceChanged,
+    TransientSnapshotLeft,
     VBRemoteError,
     VirtualBoxError,
     VirtualBoxOperationFailed,
@@ -76,6 +79,13 @@ from ._repository import (
     Repository,
 )
 from ._retention import Decision, KeepLabels, KeepRules, RetentionPolicy
+from ._snapshotter import (
+    DEFAULT_NAME_TEMPLATE,
+    TRANSIENT_PREFIX,
+    SnapshotResult,
+    SnapshotStats,
+    Snapshotter,
+)
 from ._transports import CommandTransport, LocalTransport, SSHTransport, Transport
 from ._vbox import LockRetry, VirtualBoxHost
 
@@ -101,6 +111,7 @@ __all__ = [
     "ConnectionFailed",
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_ENCRYPTION",
+    "DEFAULT_NAME_TEMPLATE",
     "DEFAULT_READ_AHEAD",
     "Decision",
     "DeleteResult",
@@ -144,12 +155,19 @@ __all__ = [
     "RetentionPolicy",
     "SSHTransport",
     "SettingsFileError",
+    "SnapshotError",
+    "SnapshotInProgress",
     "SnapshotInfo",
     "SnapshotMetadata",
     "SnapshotMode",
     "SnapshotNotFound",
+    "SnapshotResult",
+    "SnapshotStats",
+    "Snapshotter",
     "SourceChanged",
     "StoredItem",
+    "TRANSIENT_PREFIX",
+    "TransientSnapshotLeft",
     "Transport",
     "VBRemoteError",
     "VMInfo",

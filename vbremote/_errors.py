@@ -25,6 +25,9 @@ adapter boundary and raised ``from`` the original, so callers catch one tree::
     │   ├── ArchiveInvalid (also ValueError)        an archive's items are malformed or hostile
     │   ├── SourceChanged                          a local file changed while it was read
     │   └── BorgError                              any other failure reported by borg
+    ├── SnapshotError                              taking a snapshot (Snapshotter)
+    │   ├── SnapshotInProgress                     another run holds the VM's snapshot lock
+    │   └── TransientSnapshotLeft                  the run's transient snapshot could not be deleted
     ├── PruneError                                 pruning
     │   └── PruneRefused                           a guard (or an append-only repository) said no
     ├── SettingsFileError (also ValueError)        a .vbox file that is malformed, hostile or unexpected
@@ -39,6 +42,11 @@ adapter boundary and raised ``from`` the original, so callers catch one tree::
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._models import ArchiveInfo
 
 __all__ = [
     "AccessDenied",
@@ -64,8 +72,11 @@ __all__ = [
     "RepositoryNotFound",
     "RepositoryReadOnly",
     "SettingsFileError",
+    "SnapshotError",
+    "SnapshotInProgress",
     "SnapshotNotFound",
     "SourceChanged",
+    "TransientSnapshotLeft",
     "VBRemoteError",
     "VMLocked",
     "VMNotFound",
@@ -244,6 +255,60 @@ class BorgError(RepositoryError):
     def __init__(self, message: str, *, location: str = "", borg_class: str = "") -> None:
         super().__init__(message, location=location)
         self.borg_class = borg_class
+
+
+class SnapshotError(VBRemoteError):
+    """Taking a snapshot failed or was refused.
+
+    Attributes:
+        vm: The VM (name or uuid) being snapshotted.
+    """
+
+    def __init__(self, message: str, *, vm: str = "") -> None:
+        super().__init__(message)
+        self.vm = vm
+
+
+class SnapshotInProgress(SnapshotError):
+    """Another snapshot run on this host holds the VM's lock (see ``Snapshotter(lock_wait=...)``); nothing was done.
+
+    Attributes:
+        lock_file: The lock file that is held.
+    """
+
+    def __init__(self, message: str, *, vm: str = "", lock_file: str = "") -> None:
+        super().__init__(message, vm=vm)
+        self.lock_file = lock_file
+
+
+class TransientSnapshotLeft(SnapshotError):
+    """The run's transient VirtualBox snapshot could not be deleted.
+
+    Raised after the archive committed (``archive`` is set; the snapshot is
+    safe in the repository), or when a leftover of an earlier run could not be
+    removed before a new run (``archive`` is ``None``). The VM keeps the
+    snapshot and its differencing images until it is deleted: the next run
+    removes it, or delete it by hand (``VBoxManage snapshot VM delete UUID``).
+
+    Attributes:
+        snapshot: The uuid of the snapshot left on the VM.
+        snapshot_name: Its name.
+        archive: The archive that committed, or ``None``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        vm: str = "",
+        snapshot: str = "",
+        snapshot_name: str = "",
+        archive: ArchiveInfo | None = None,
+    ) -> None:
+        super().__init__(message, vm=vm)
+        self.snapshot = snapshot
+        self.snapshot_name = snapshot_name
+        self.archive = archive
 
 
 class PruneError(VBRemoteError):

@@ -217,6 +217,25 @@ def _check_archive_path(path: str) -> str:
     return path
 
 
+def _medium_uuid(value: Any, what: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 64:
+        raise ConfigurationError(f"the {what} uuid must be a uuid string, not {_short(value)}")
+    try:
+        return str(uuid_module.UUID(value))
+    except ValueError as exc:
+        raise ConfigurationError(f"the {what} uuid must be a uuid, not {_short(value)}") from exc
+
+
+def _medium_field(value: Any) -> str | None:
+    return _medium_uuid(value, "medium")
+
+
+def _parent_field(value: Any) -> str | None:
+    return _medium_uuid(value, "parent")
+
+
 @frozen
 class FileSpec:
     """One local file to store in an archive.
@@ -226,11 +245,18 @@ class FileSpec:
         path: Where it goes in the archive, relative to the VM folder
             (POSIX separators, no ``..``).
         role: What the file is; disks are chunked in fixed blocks.
+        medium: For a disk image, VirtualBox's medium uuid (recorded in the metadata).
+        parent: For a differencing image, its parent medium's uuid.
+
+    Raises:
+        ConfigurationError: A bad path, or a medium or parent that is not a uuid.
     """
 
     source: Path = field(converter=Path)
     path: str = field(converter=_check_archive_path)
     role: FileRole = FileRole.OTHER
+    medium: str | None = field(default=None, kw_only=True, converter=_medium_field)
+    parent: str | None = field(default=None, kw_only=True, converter=_parent_field)
 
 
 @frozen
@@ -242,12 +268,16 @@ class ArchiveFile:
         role: What the file is.
         size: Size in bytes.
         chunking: How its content was chunked.
+        medium: For a disk image, VirtualBox's medium uuid, where recorded.
+        parent: For a differencing image, its parent medium's uuid, where recorded.
     """
 
     path: str = field(validator=lambda _, __, value: _check_archive_path(value))
     role: FileRole = field()
     size: int = field()
     chunking: Chunking = field()
+    medium: str | None = field(default=None, kw_only=True, converter=_medium_field)
+    parent: str | None = field(default=None, kw_only=True, converter=_parent_field)
 
     @role.validator
     def _check_role(self, _: Any, value: Any) -> None:
@@ -265,13 +295,17 @@ class ArchiveFile:
             raise ConfigurationError(f"chunking must be a Chunking, not {_short(value)}")
 
     def to_json(self) -> dict[str, Any]:
-        """The file as stored in the metadata record."""
-        return {
+        """The file as stored in the metadata record (``medium`` and ``parent`` only where set)."""
+        record: dict[str, Any] = {
             "path": self.path,
             "role": self.role.value,
             "size": self.size,
             "chunking": self.chunking.to_json(),
         }
+        for key in ("medium", "parent"):
+            if getattr(self, key) is not None:
+                record[key] = getattr(self, key)
+        return record
 
     @classmethod
     def from_json(cls, value: Any) -> ArchiveFile:
@@ -282,7 +316,7 @@ class ArchiveFile:
         """
         if not isinstance(value, dict):
             raise ArchiveMetadataError(f"a file record must be an object, not {_short(value)}")
-        _expect_keys(value, {"path", "role", "size", "chunking"}, "file record")
+        _expect_keys(value, {"path", "role", "size", "chunking"}, "file record", optional={"medium", "parent"})
         role = value["role"]
         if not isinstance(role, str) or role not in _ROLES:
             raise ArchiveMetadataError(f"unknown file role {_short(role)}")
@@ -292,6 +326,8 @@ class ArchiveFile:
                 role=FileRole(role),
                 size=_json_int(value["size"], "file size"),
                 chunking=Chunking.from_json(value["chunking"]),
+                medium=value.get("medium"),
+                parent=value.get("parent"),
             )
         except ConfigurationError as exc:
             raise ArchiveMetadataError(str(exc)) from exc
@@ -300,12 +336,16 @@ class ArchiveFile:
 _ROLES = frozenset(role.value for role in FileRole)
 
 
-def _expect_keys(record: Mapping[str, Any], keys: set[str], what: str) -> None:
-    if set(record) != keys:
-        missing = sorted(keys - set(record))
-        unknown = sorted(str(k) for k in set(record) - keys)
+def _expect_keys(
+    record: Mapping[str, Any], keys: set[str], what: str, *, optional: frozenset[str] | set[str] = frozenset()
+) -> None:
+    present = set(record)
+    if not keys <= present or not present <= keys | optional:
+        missing = sorted(keys - present)
+        unknown = sorted(str(k) for k in present - keys - optional)
         raise ArchiveMetadataError(
             f"{what} must have exactly the keys {sorted(keys)}"
+            f"{' (and may have ' + ', '.join(sorted(optional)) + ')' if optional else ''}"
             f"{'; missing ' + ', '.join(missing) if missing else ''}"
             f"{'; unknown ' + _short(', '.join(unknown)) if unknown else ''}"
         )
@@ -321,6 +361,29 @@ def _labels(value: Any) -> frozenset[str]:
         if not isinstance(label, str) or not label or len(label) > 100:
             raise ConfigurationError(f"labels must be non-empty strings of at most 100 characters: {_short(label)}")
     return labels
+
+
+def _taken(value: Any) -> datetime | None:
+    if value is not None and (not isinstance(value, datetime) or value.utcoffset() is None):
+        raise ConfigurationError(f"taken must be a timezone-aware datetime, not {_short(value)}")
+    return value
+
+
+def _external(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(f"external must be a mapping, not {_short(value)}")
+    if len(value) > MAX_FILES:
+        raise ConfigurationError(f"external maps at most {MAX_FILES} files, not {len(value)}")
+    out: dict[str, str] = {}
+    for path, original in value.items():
+        _check_archive_path(path)
+        if path.split("/")[0] != EXTERNAL_FOLDER:
+            raise ConfigurationError(f"external paths lie under {EXTERNAL_FOLDER}/, not {_short(path)}")
+        if (not isinstance(original, str) or not original.startswith("/") or "\0" in original
+                or len(original.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES):
+            raise ConfigurationError(f"the original of {_short(path)} must be an absolute path, not {_short(original)}")
+        out[path] = original
+    return out
 
 
 def _vm_uuid(value: Any) -> str:
@@ -386,6 +449,10 @@ class SnapshotMetadata:
         labels: Free-form labels (retention policies can keep by label).
         extra: Further JSON-serialisable facts; keys are free. A copy is kept;
             it takes part in equality but not in the hash.
+        taken: The snapshot's instant (timezone-aware), where recorded.
+        external: Files that lived outside the VM folder: their archive path
+            (under ``_external/``) to their original absolute path. A copy is
+            kept; it takes part in equality but not in the hash.
 
     Values are hashable. Strings are at most :data:`MAX_STRING` characters.
 
@@ -409,6 +476,8 @@ class SnapshotMetadata:
     labels: frozenset[str] = field(default=frozenset(), converter=_labels)
     # A dict cannot be hashed: equal records have equal hashes without it.
     extra: Mapping[str, Any] = field(factory=dict, converter=_extra, hash=False)
+    taken: datetime | None = field(default=None, converter=_taken)
+    external: Mapping[str, str] = field(factory=dict, converter=_external, hash=False)
 
     @mode.validator
     def _check_mode(self, _: Any, value: Any) -> None:
@@ -431,6 +500,8 @@ class SnapshotMetadata:
             "cpu_portability": self.cpu_portability,
             "labels": sorted(self.labels),
             "extra": dict(self.extra),
+            **({"taken": self.taken.isoformat()} if self.taken is not None else {}),
+            **({"external": dict(self.external)} if self.external else {}),
         }
 
     @classmethod
@@ -452,6 +523,14 @@ class SnapshotMetadata:
         labels = value.get("labels", [])
         if not isinstance(labels, list):
             raise ArchiveMetadataError(f"labels must be a list, not {_short(labels)}")
+        taken = value.get("taken")
+        if taken is not None:
+            if not isinstance(taken, str) or len(taken) > 64:
+                raise ArchiveMetadataError(f"taken must be an ISO 8601 time, not {_short(taken)}")
+            try:
+                taken = datetime.fromisoformat(taken)
+            except ValueError as exc:
+                raise ArchiveMetadataError(f"taken must be an ISO 8601 time, not {_short(taken)}") from exc
         try:
             return cls(
                 vm_name=vm["name"],
@@ -463,6 +542,8 @@ class SnapshotMetadata:
                 cpu_portability=value.get("cpu_portability"),
                 labels=frozenset(labels) if all(isinstance(x, str) for x in labels) else labels,
                 extra=value.get("extra", {}),
+                taken=taken,
+                external=value.get("external", {}),
             )
         except ConfigurationError as exc:
             raise ArchiveMetadataError(str(exc)) from exc
@@ -472,7 +553,8 @@ class SnapshotMetadata:
 
 _MODES = frozenset(mode.value for mode in SnapshotMode)
 _RECORD_KEYS = frozenset(
-    {"vbremote", "vm", "mode", "vbox_version", "host", "cpu_vendor", "cpu_portability", "labels", "extra", "files"}
+    {"vbremote", "vm", "mode", "vbox_version", "host", "cpu_vendor", "cpu_portability", "labels", "extra", "files",
+     "taken", "external"}
 )
 
 

@@ -549,7 +549,8 @@ class Repository:
             if not spec.source.is_file():
                 raise ConfigurationError(f"{spec.source} is not a regular file")
             chunking = disk_chunking(spec.source, disk_block) if spec.role is FileRole.DISK else Chunking.buzhash()
-            records.append(ArchiveFile(path=spec.path, role=spec.role, size=size, chunking=chunking))
+            records.append(ArchiveFile(path=spec.path, role=spec.role, size=size, chunking=chunking,
+                                       medium=spec.medium, parent=spec.parent))
             specs.append(
                 {"source": os.fspath(spec.source), "path": spec.path, "size": size, "chunking": chunking.to_json()}
             )

@@ -581,6 +581,11 @@ def freeze_instant(data: bytes, snapshot_uuid: str) -> bytes:
         machine.set("stateFile", state_file)
     else:
         machine.attrib.pop("stateFile", None)
+    # The instant was not aborted, whatever befell the VM after it: a restored
+    # snapshot is Saved or PoweredOff (SessionMachine::i_restoreSnapshotHandler,
+    # SnapshotImpl.cpp), and "aborted" is only written for Aborted and
+    # AbortedSaved (Machine::i_copyMachineDataToSettings, MachineImpl.cpp; 7.1.12).
+    machine.attrib.pop("aborted", None)
     if snapshot.get("timeStamp"):
         machine.set("lastStateChange", snapshot.get("timeStamp", ""))
     machine.attrib.pop("currentStateModified", None)

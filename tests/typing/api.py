@@ -102,3 +102,26 @@ def compare_blocks(transport: vbremote.Transport, archive: str, folder: Path) ->
                     to_fetch += ref.size
         print(repo.local_ids(folder / "x", [(0, 4096)]), repo.chunk_id(b"data"))
     return to_fetch
+
+
+def nightly(repo: vbremote.Repository, names: list[str]) -> list[vbremote.SnapshotResult]:
+    host = vbremote.VirtualBoxHost.connect()
+    snapshotter = vbremote.Snapshotter(host, repo, state_dir=Path("/var/lib/vbremote"), lock_wait=60.0)
+    done: list[vbremote.SnapshotResult] = []
+    for name in names:
+        try:
+            result = snapshotter.take(name, "auto", labels={"nightly"}, progress=lambda e: print(e.operation))
+        except vbremote.TransientSnapshotLeft as exc:
+            archive: vbremote.ArchiveInfo | None = exc.archive
+            print("left", exc.snapshot, archive.name if archive else "-")
+            continue
+        except vbremote.SnapshotInProgress as exc:
+            print("busy:", exc.lock_file)
+            continue
+        stats: vbremote.SnapshotStats = result.stats
+        mode: vbremote.SnapshotMode = result.mode
+        print(result.archive.name, mode.value, stats.bytes_new, stats.seconds_transient, len(result.leftovers))
+        done.append(result)
+    migrated = snapshotter.take(names[0], vbremote.SnapshotMode.MIGRATE)
+    print(migrated.vm_state.value, vbremote.TRANSIENT_PREFIX, vbremote.DEFAULT_NAME_TEMPLATE)
+    return done
