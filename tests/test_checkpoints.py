@@ -196,6 +196,31 @@ class TestCheckpointsDuringAWrite:
         assert sorted(borg_names(borg_cli, transport.path, checkpoints=True)) == ["mine", "other.checkpoint"]
 
 
+class TestRetention:
+    def test_pruning_never_sees_a_checkpoint(self, transport, base_dir, borg_cli, tmp_path):
+        """A policy pruning everything but the last archive neither plans nor deletes a VM's checkpoint."""
+        vbremote.Repository.init(transport, passphrase=PASSPHRASE, base_dir=base_dir).close()
+        spec, _ = disk(tmp_path, 48, seed=19)
+
+        def cancel(event: vbremote.Progress) -> None:
+            if event.operation == "checkpoint":
+                raise KeyboardInterrupt
+
+        repo = vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir)
+        repo.write_archive("old", [spec], metadata(vm_uuid=VM_UUID), checkpoint_interval=None)
+        repo.write_archive("new", [spec], metadata(vm_uuid=VM_UUID), checkpoint_interval=None)
+        spec, _ = disk(tmp_path, 48, seed=20)  # new data: a write long enough for a checkpoint
+        with pytest.raises(KeyboardInterrupt):
+            repo.write_archive("newest", [spec], metadata(vm_uuid=VM_UUID), progress=cancel, checkpoint_interval=0.05)
+        repo.close()
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir, lock_wait=5) as again:
+            pruner = vbremote.Pruner(again, vbremote.KeepRules(last=1))
+            plan = pruner.plan(VM_UUID)
+            assert [e.archive.name for e in plan.entries] == ["new", "old"]
+            assert pruner.prune(VM_UUID).deleted == ("old",)
+        assert sorted(borg_names(borg_cli, transport.path, checkpoints=True)) == ["new", "newest.checkpoint"]
+
+
 class TestRefusals:
     @pytest.mark.parametrize("interval", [0, -1.0, float("inf"), float("nan"), "300"])
     def test_bad_interval(self, repo, tmp_path, interval):
