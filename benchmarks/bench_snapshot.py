@@ -240,10 +240,14 @@ def report(local: dict[str, float], served: dict[str, float], this_rss: int, rep
         verdict = "met" if ratio <= targets[label] else "NOT met"
         print(f"   {label:<5} take {local[f'{label}_s']:6.2f} s (snapshot {local[f'{label}_snapshot_s']:.2f},"
               f" archive {local[f'{label}_archive_s']:.2f}, merge {local[f'{label}_merge_s']:.2f})"
-              f"   borg create {local[f'{label}_borg_s']:6.2f} s   ratio {ratio:4.2f}"
+              f"   borg create {local[f'{label}_borg_s']:6.2f} s   ratio {ratio:5.3f}"
               f" (target <= {targets[label]}: {verdict})")
         print(f"         read {local[f'{label}_read'] / MIB:7.1f} MiB; stored: vbremote"
               f" {local[f'{label}_stored'] / MIB:7.1f} MiB, borg {local[f'{label}_borg_stored'] / MIB:7.1f} MiB")
+        without = local[f"{label}_s"] - local[f"{label}_snapshot_s"]
+        print(f"         take without the simulator's snapshot phase {without:6.2f} s:"
+              f" {without / local[f'{label}_borg_s']:5.3f}x; the archive phase alone:"
+              f" {local[f'{label}_archive_s'] / local[f'{label}_borg_s']:5.3f}x")
     print(f"   the guest changed {local['guest_bytes'] / MIB:.0f} MiB between the two")
     print("\n2. over a pipe to borg serve (CommandTransport; ssh host borg serve without the network)")
     ratio = served["incr_sent"] / served["guest_bytes"]
