@@ -30,6 +30,8 @@ EXPECTED = {
     "DEFAULT_NAME_TEMPLATE", "TRANSIENT_PREFIX", "SnapshotError", "SnapshotInProgress", "SnapshotResult",
     "SnapshotStats", "Snapshotter", "TransientSnapshotLeft",
     "RepositoryBusy", "ChunkStream", "FetchedChunk", "FetchErrors",
+    "ApplyStats", "BlockAction", "FilePlan", "PlanProblem", "RestoreError", "RestoreFileState", "RestorePlan",
+    "RestorePreflightFailed", "RestoreState", "TargetSpaceError",
 }
 
 

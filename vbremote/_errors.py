@@ -20,14 +20,17 @@ adapter boundary and raised ``from`` the original, so callers catch one tree::
     │   ├── ArchiveNotFound
     │   ├── ArchiveExists
     │   ├── FileNotInArchive
-    │   ├── ArchiveMetadataError (also ValueError)  an archive's metadata is malformed or hostile
-    │   ├── RepositoryReadOnly                     a write to a repository opened with ``read_only=True``
     │   ├── ArchiveInvalid (also ValueError)        an archive's items are malformed or hostile
+    │   │   └── ArchiveMetadataError                its vbremote metadata is malformed or hostile
+    │   ├── RepositoryReadOnly                     a write to a repository opened with ``read_only=True``
     │   ├── SourceChanged                          a local file changed while it was read
     │   └── BorgError                              any other failure reported by borg
     ├── SnapshotError                              taking a snapshot (Snapshotter)
     │   ├── SnapshotInProgress                     another run holds the VM's snapshot lock
     │   └── TransientSnapshotLeft                  the run's transient snapshot could not be deleted
+    ├── RestoreError                               a restore could not be planned or applied
+    │   ├── RestorePreflightFailed                 a preflight check refused the restore; nothing was written
+    │   └── TargetSpaceError                       the target folder's file system is full
     ├── PruneError                                 pruning
     │   └── PruneRefused                           a guard (or an append-only repository) said no
     ├── SettingsFileError (also ValueError)        a .vbox file that is malformed, hostile or unexpected
@@ -71,11 +74,14 @@ __all__ = [
     "RepositoryLocked",
     "RepositoryNotFound",
     "RepositoryReadOnly",
+    "RestoreError",
+    "RestorePreflightFailed",
     "SettingsFileError",
     "SnapshotError",
     "SnapshotInProgress",
     "SnapshotNotFound",
     "SourceChanged",
+    "TargetSpaceError",
     "TransientSnapshotLeft",
     "VBRemoteError",
     "VMLocked",
@@ -155,11 +161,25 @@ class IntegrityError(RepositoryError):
 
     Attributes:
         chunk_id: The hex id of the chunk that failed, when one chunk is to blame.
+        path: In a restore, the target file (relative to the target folder) where
+            the bad data belongs; None otherwise.
+        offset: In a restore, the byte offset in ``path`` of the first place that
+            needed that data; None otherwise.
     """
 
-    def __init__(self, message: str, *, location: str = "", chunk_id: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        location: str = "",
+        chunk_id: str | None = None,
+        path: str | None = None,
+        offset: int | None = None,
+    ) -> None:
         super().__init__(message, location=location)
         self.chunk_id = chunk_id
+        self.path = path
+        self.offset = offset
 
 
 class ArchiveNotFound(RepositoryError):
@@ -200,7 +220,27 @@ class FileNotInArchive(RepositoryError):
         self.path = path
 
 
-class ArchiveMetadataError(RepositoryError, ValueError):
+class ArchiveInvalid(RepositoryError, ValueError):
+    """What an archive says about its items is malformed or hostile; nothing was used.
+
+    An archive is input from a server that may be compromised: item paths
+    that leave the target folder, duplicates, or chunk sizes that do not add
+    up are refused rather than trusted (:meth:`Repository.chunk_lists`). Its
+    subclass :class:`ArchiveMetadataError` is about vbremote's own record in
+    the archive comment, so ``except ArchiveInvalid`` catches both.
+
+    Attributes:
+        archive: The archive read.
+        path: The item at fault, where one is.
+    """
+
+    def __init__(self, message: str, *, location: str = "", archive: str = "", path: str = "") -> None:
+        super().__init__(message, location=location)
+        self.archive = archive
+        self.path = path
+
+
+class ArchiveMetadataError(ArchiveInvalid):
     """An archive's vbremote metadata is malformed or hostile, and was refused.
 
     Archive metadata comes from the repository server, which may be
@@ -213,32 +253,11 @@ class ArchiveMetadataError(RepositoryError, ValueError):
     """
 
     def __init__(self, message: str, *, location: str = "", archive: str = "") -> None:
-        super().__init__(message, location=location)
-        self.archive = archive
+        super().__init__(message, location=location, archive=archive)
 
 
 class RepositoryReadOnly(RepositoryError):
     """A write was asked of a repository opened with ``read_only=True``; nothing was changed."""
-
-
-class ArchiveInvalid(RepositoryError, ValueError):
-    """What an archive says about its items is malformed or hostile; nothing was used.
-
-    An archive is input from a server that may be compromised: item paths
-    that leave the target folder, duplicates, or chunk sizes that do not add
-    up are refused rather than trusted (:meth:`Repository.chunk_lists`). Its
-    sibling :class:`ArchiveMetadataError` is about vbremote's own record in
-    the archive comment.
-
-    Attributes:
-        archive: The archive read.
-        path: The item at fault, where one is.
-    """
-
-    def __init__(self, message: str, *, location: str = "", archive: str = "", path: str = "") -> None:
-        super().__init__(message, location=location)
-        self.archive = archive
-        self.path = path
 
 
 class SourceChanged(RepositoryError):
@@ -309,6 +328,34 @@ class TransientSnapshotLeft(SnapshotError):
         self.snapshot = snapshot
         self.snapshot_name = snapshot_name
         self.archive = archive
+
+
+class RestoreError(VBRemoteError):
+    """A restore could not be planned or applied.
+
+    Attributes:
+        archive: The archive being restored, where known.
+        path: The target file concerned (relative to the target folder), where one is.
+        offset: The byte offset in ``path``, where one is to blame.
+    """
+
+    def __init__(self, message: str, *, archive: str = "", path: str | None = None, offset: int | None = None) -> None:
+        super().__init__(message)
+        self.archive = archive
+        self.path = path
+        self.offset = offset
+
+
+class RestorePreflightFailed(RestoreError):
+    """A preflight check refused the restore (see the plan's problems); nothing was written."""
+
+
+class TargetSpaceError(RestoreError):
+    """The target folder's file system ran out of space (or quota) during a restore.
+
+    What was written and made durable is recorded in the restore journal; run
+    the restore again once space is freed and it continues.
+    """
 
 
 class PruneError(VBRemoteError):

@@ -65,7 +65,12 @@ def contents_from_rows(archive: str, rows: Sequence[Any], *, location: str) -> A
             raise refuse("an item record of the wrong shape") from None
         if not isinstance(path, str):
             raise refuse("an item path that is not text")
-        _check_path(path, refuse)
+        if path == "." and isinstance(mode, int) and stat.S_ISDIR(mode):
+            # `borg create ... .` run inside a folder stores the folder itself as
+            # ".": the archive's root, not a path that leaves it.
+            pass
+        else:
+            _check_path(path, refuse)
         if path in seen:
             raise refuse("the path appears twice", path)
         seen.add(path)

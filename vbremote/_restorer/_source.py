@@ -11,6 +11,8 @@ written outside the target folder.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from attrs import field, frozen
 
 from .._errors import ConfigurationError
@@ -25,6 +27,14 @@ def _target_path(value: str) -> str:
 
 
 def _chunks(value: tuple[ChunkRef, ...]) -> tuple[ChunkRef, ...]:
+    return tuple(value)
+
+
+def _files(value: Iterable[SourceFile]) -> tuple[SourceFile, ...]:
+    return tuple(value)
+
+
+def _notes(value: Iterable[str]) -> tuple[str, ...]:
     return tuple(value)
 
 
@@ -80,6 +90,9 @@ class RestoreSource:
         cpu_vendor: The host CPU vendor, where known.
         cpu_portability: The VM's CPU portability level, where known.
         foreign: Whether another tool made the archive (no vbremote metadata).
+        notes: What building the source decided that a caller should be told
+            (e.g. for another tool's archive: which snapshot the settings were
+            frozen at, or that there was none).
     """
 
     archive: str
@@ -89,11 +102,12 @@ class RestoreSource:
     mode: SnapshotMode
     settings_path: str = field(converter=_target_path)
     settings: bytes
-    files: tuple[SourceFile, ...] = field(converter=tuple)
+    files: tuple[SourceFile, ...] = field(converter=_files)
     vbox_version: str | None = None
     cpu_vendor: str | None = None
     cpu_portability: int | None = None
     foreign: bool = False
+    notes: tuple[str, ...] = field(default=(), converter=_notes)
 
     def __attrs_post_init__(self) -> None:
         seen = {self.settings_path}

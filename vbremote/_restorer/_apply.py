@@ -1,0 +1,439 @@
+"""Applying a restore plan: copy, fetch, write in place, journal, size, verify.
+
+The order is what makes it safe to kill at any instant:
+
+1. The journal is replaced first by one for this plan (keeping what an
+   interrupted run of the same plan recorded), so a journal never describes
+   blocks of another archive that this run overwrites.
+2. Copies from local data go first, each read, checked against its id and
+   written; a copy whose source no longer holds the data (it was itself
+   overwritten) is fetched instead. Copies are ordered so that a block is read
+   before another copy overwrites it. The one fetch stream is opened before
+   the copies start, so a remote repository is already sending meanwhile.
+3. All-zero blocks inside the existing data are punched out as holes (zeros
+   are written where the file system cannot punch).
+4. Fetched chunks are written at every offset that needs them.
+5. Every :data:`JOURNAL_EVERY_BYTES` bytes or :data:`JOURNAL_EVERY_SECONDS`
+   seconds, the written files are fsynced and only then the journal records
+   those blocks.
+6. Each file is cut or extended to its final size, fsynced; then the blocks
+   are verified; then the journal is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import stat
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from attrs import frozen
+
+from .._errors import ConfigurationError, IntegrityError, RestoreError, TargetSpaceError
+from .._models import Progress
+from ._journal import RestoreFileState, RestoreState, coalesce, remove_journal, subtract
+from ._plan import BlockAction, RestorePlan, distinct_fetches, target_file
+
+if TYPE_CHECKING:
+    from .._repository import ChunkStream, Repository
+
+__all__ = ["JOURNAL_EVERY_BYTES", "JOURNAL_EVERY_SECONDS", "ApplyStats", "apply_plan"]
+
+JOURNAL_EVERY_BYTES = 64 * 1024 * 1024
+"""The journal is brought up to date after at most this many bytes written…"""
+
+JOURNAL_EVERY_SECONDS = 2.0
+"""…or this many seconds, whichever comes first."""
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_ZEROS = bytes(1024 * 1024)
+
+Verify = Literal["written", "full", "none"]
+
+
+@frozen
+class ApplyStats:
+    """What applying a plan did.
+
+    Attributes:
+        bytes_fetched: Bytes of chunks fetched from the repository (each distinct chunk once).
+        bytes_copied: Bytes copied from local data.
+        bytes_written: Bytes of data written into target files (copies and fetched chunks, at every offset).
+        bytes_zero: Bytes of all-zero blocks made holes (or written as zeros) in existing data.
+        chunks_fetched: Distinct chunks fetched.
+        bytes_verified: Bytes read back and hashed by the verification.
+        seconds: Wall time of the apply.
+        resumed: Whether an interrupted restore of the same archive was continued.
+    """
+
+    bytes_fetched: int
+    bytes_copied: int
+    bytes_written: int
+    bytes_zero: int
+    chunks_fetched: int
+    bytes_verified: int
+    seconds: float
+    resumed: bool
+
+
+class _Punch:
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._fallocate = getattr(libc, "fallocate", None)
+        if self._fallocate is not None:
+            self._fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+            self._fallocate.restype = ctypes.c_int
+
+    def __call__(self, fd: int, offset: int, size: int) -> None:
+        """Make ``[offset, offset + size)`` read as zeros: a hole where possible, else written zeros."""
+        if self._fallocate is not None:
+            if self._fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, size) == 0:
+                return
+            code = ctypes.get_errno()
+            if code not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise OSError(code, os.strerror(code))
+        end = offset + size
+        while offset < end:
+            n = os.pwrite(fd, _ZEROS[: min(len(_ZEROS), end - offset)], offset)
+            offset += n
+
+
+class _Applier:
+    def __init__(self, repository: Repository, plan: RestorePlan, progress: Callable[[Progress], None] | None) -> None:
+        self.repository = repository
+        self.plan = plan
+        self.progress = progress
+        self.target = plan.target
+        self.fds: dict[str, int] = {}
+        self.done: dict[str, tuple[tuple[int, int], ...]] = {}
+        self.pending: list[tuple[str, int, int]] = []
+        self.pending_bytes = 0
+        self.dirty: set[str] = set()
+        self.last_flush = time.monotonic()
+        self.written: dict[str, list[tuple[int, int]]] = {f.source.target_path: [] for f in plan.files}
+        self.source_fds: dict[str, int] = {}
+        self.bytes_fetched = self.bytes_copied = self.bytes_written = self.bytes_zero = self.chunks_fetched = 0
+        self.punch = _Punch()
+        self.total = plan.bytes_to_write
+        state = RestoreState.load(self.target) if plan.resumed else None
+        for f in plan.files:
+            previous = state.file(f.source.target_path) if state is not None else None
+            self.done[f.source.target_path] = previous.done if previous is not None else ()
+        self.initial_done = dict(self.done)
+
+    # -- journal ----------------------------------------------------------
+
+    def state(self) -> RestoreState:
+        return RestoreState(
+            archive_id=self.plan.source.archive_id,
+            archive=self.plan.source.archive,
+            fingerprint=self.plan.fingerprint,
+            files=tuple(
+                RestoreFileState(f.source.target_path, f.source.size, self.done[f.source.target_path])
+                for f in self.plan.files
+            ),
+        )
+
+    def record(self, path: str, offset: int, size: int) -> None:
+        self.pending.append((path, offset, offset + size))
+        self.pending_bytes += size
+        self.dirty.add(path)
+        self.written[path].append((offset, offset + size))
+        if self.pending_bytes >= JOURNAL_EVERY_BYTES or time.monotonic() - self.last_flush >= JOURNAL_EVERY_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Make the pending blocks durable, then record them."""
+        for path in sorted(self.dirty):
+            os.fsync(self.fds[path])
+        self.dirty.clear()
+        if self.pending:
+            by_path: dict[str, list[tuple[int, int]]] = {}
+            for path, start, end in self.pending:
+                by_path.setdefault(path, []).append((start, end))
+            for path, ranges in by_path.items():
+                self.done[path] = coalesce([*self.done[path], *ranges])
+            self.pending.clear()
+            self.pending_bytes = 0
+            self.state().save(self.target)
+        self.last_flush = time.monotonic()
+
+    def emit(self, path: str) -> None:
+        if self.progress is not None:
+            self.progress(Progress("restore", path, self.bytes_written + self.bytes_zero, self.total))
+
+    # -- steps ------------------------------------------------------------
+
+    def open_files(self) -> None:
+        self.target.mkdir(parents=True, exist_ok=True)
+        for f in self.plan.files:
+            rel = f.source.target_path
+            path = target_file(self.target, rel)
+            parent = self.target
+            for part in rel.split("/")[:-1]:
+                parent = parent / part
+                parent.mkdir(exist_ok=True)
+                # A folder on the way (e.g. Snapshots/) must be one, not a symlink to one.
+                if not stat.S_ISDIR(os.lstat(parent).st_mode):
+                    raise RestoreError(f"{parent} is not a folder; a restore never writes through a symlink",
+                                       path=os.path.relpath(parent, self.target))
+            self.fds[rel] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+    def close(self) -> None:
+        for fd in [*self.fds.values(), *self.source_fds.values()]:
+            os.close(fd)
+        self.fds.clear()
+        self.source_fds.clear()
+
+    def write(self, path: str, data: bytes, offset: int) -> None:
+        fd = self.fds[path]
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def read_source(self, source: str, offset: int, size: int) -> bytes:
+        fd = self.source_fds.get(source)
+        if fd is None:
+            fd = self.source_fds[source] = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+        return os.pread(fd, size, offset)
+
+    def copies(self) -> list[tuple[str, BlockAction]]:
+        """Run the copies in a safe order; return those whose source no longer holds the data."""
+        failed: list[tuple[str, BlockAction]] = []
+        for path, action in _copy_order(self.plan, self.target):
+            assert action.source is not None
+            try:
+                data = self.read_source(action.source, action.source_offset, action.chunk.size)
+            except OSError:
+                data = b""
+            if len(data) != action.chunk.size or self.repository.chunk_id(data) != action.chunk.id:
+                failed.append((path, action))
+                continue
+            self.write(path, data, action.chunk.offset)
+            self.bytes_copied += len(data)
+            self.bytes_written += len(data)
+            self.record(path, action.chunk.offset, action.chunk.size)
+            self.emit(path)
+        return failed
+
+    def zeros(self) -> None:
+        for f in self.plan.files:
+            path = f.source.target_path
+            size = os.fstat(self.fds[path]).st_size
+            for action in f.actions:
+                if action.kind != "zero" or action.chunk.offset >= size:
+                    continue
+                self.punch(self.fds[path], action.chunk.offset, min(action.chunk.size, size - action.chunk.offset))
+                self.bytes_zero += action.chunk.size
+                self.record(path, action.chunk.offset, action.chunk.size)
+
+    def fetch(self, places: dict[bytes, list[tuple[str, BlockAction]]], stream_ids: list[bytes]) -> None:
+        if not stream_ids:
+            return
+        with self.repository.fetch(stream_ids, errors="report") as chunks:
+            self.fetch_from(chunks, places)
+
+    def fetch_from(self, chunks: ChunkStream, places: dict[bytes, list[tuple[str, BlockAction]]]) -> None:
+        for chunk in chunks:
+            where = places[chunk.id]
+            first_path, first = where[0]
+            if chunk.error is not None:
+                self.flush()
+                raise IntegrityError(
+                    f"{first_path} at offset {first.chunk.offset}: {chunk.error}",
+                    location=chunk.error.location, chunk_id=chunk.id.hex(), path=first_path, offset=first.chunk.offset,
+                ) from chunk.error
+            data = chunk.data
+            # borg checked the id when it decrypted; the check here also covers the way back from the worker.
+            if len(data) != first.chunk.size or self.repository.chunk_id(data) != chunk.id:
+                self.flush()
+                raise IntegrityError(
+                    f"{first_path} at offset {first.chunk.offset}: chunk {chunk.id.hex()} does not match its id",
+                    chunk_id=chunk.id.hex(), path=first_path, offset=first.chunk.offset,
+                )
+            self.bytes_fetched += len(data)
+            self.chunks_fetched += 1
+            for path, action in where:
+                self.write(path, data, action.chunk.offset)
+                self.bytes_written += len(data)
+                self.record(path, action.chunk.offset, action.chunk.size)
+            self.emit(first_path)
+
+    def sizes(self) -> None:
+        for f in self.plan.files:
+            fd = self.fds[f.source.target_path]
+            if os.fstat(fd).st_size != f.source.size:
+                os.ftruncate(fd, f.source.size)
+            os.fsync(fd)
+
+    def verify(self, mode: Verify) -> int:
+        checked = 0
+        for f in self.plan.files:
+            path = f.source.target_path
+            if mode == "full":
+                refs = list(f.source.chunks)
+            else:
+                ranges = coalesce([*self.written[path], *self.previously_done(path)])
+                refs = [a.chunk for a in f.actions if _overlaps(ranges, a.chunk.offset, a.chunk.offset + a.chunk.size)]
+            if not refs:
+                continue
+            ids = self.repository.local_ids(self.target / path, refs)
+            checked += sum(r.size for r in refs)
+            bad = [r for r, got in zip(refs, ids, strict=True) if got != r.id]
+            if bad:
+                for r in bad:
+                    self.done[path] = subtract(self.done[path], r.offset, r.offset + r.size)
+                self.state().save(self.target)
+                raise IntegrityError(
+                    f"{path} at offset {bad[0].offset}: the data read back does not match the archive's chunk "
+                    f"{bad[0].id.hex()} ({len(bad)} block(s) wrong)",
+                    chunk_id=bad[0].id.hex(), path=path, offset=bad[0].offset,
+                )
+        return checked
+
+    def previously_done(self, path: str) -> tuple[tuple[int, int], ...]:
+        """What an interrupted run of this plan recorded (written then, verified now)."""
+        return self.initial_done.get(path, ())
+
+
+def _overlaps(ranges: tuple[tuple[int, int], ...], start: int, end: int) -> bool:
+    return any(a < end and start < b for a, b in ranges)
+
+
+def _copy_order(plan: RestorePlan, target: Path) -> list[tuple[str, BlockAction]]:
+    """The copies, each after the copies that read the block it overwrites (cycles in plan order)."""
+    copies = [(f.source.target_path, a) for f in plan.files for a in f.actions if a.kind == "copy"]
+    dest_key = [(os.fspath(target / path), a.chunk.offset) for path, a in copies]
+    readers: dict[tuple[str, int], list[int]] = {}
+    for i, (_path, a) in enumerate(copies):
+        assert a.source is not None
+        readers.setdefault((a.source, a.source_offset), []).append(i)
+    indegree = [0] * len(copies)
+    after: list[list[int]] = [[] for _ in copies]
+    for i, key in enumerate(dest_key):
+        for r in readers.get(key, ()):
+            if r != i:
+                indegree[i] += 1
+                after[r].append(i)
+    queue = deque(i for i, d in enumerate(indegree) if d == 0)
+    order: list[int] = []
+    placed = [False] * len(copies)
+    while queue or len(order) < len(copies):
+        if not queue:  # a cycle: take the first left, its readers will fall back to a fetch
+            queue.append(next(i for i, p in enumerate(placed) if not p))
+        i = queue.popleft()
+        if placed[i]:
+            continue
+        placed[i] = True
+        order.append(i)
+        for j in after[i]:
+            indegree[j] -= 1
+            if indegree[j] == 0 and not placed[j]:
+                queue.append(j)
+    return [copies[i] for i in order]
+
+
+def apply_plan(
+    repository: Repository,
+    plan: RestorePlan,
+    *,
+    verify: Verify = "written",
+    progress: Callable[[Progress], None] | None = None,
+) -> ApplyStats:
+    """Write the plan's files into its target folder; resumable, verified.
+
+    Writes only ``plan.source.files`` (never the settings file) and the
+    journal. Fetches the distinct chunks the plan fetches in one pipelined
+    stream, copies local data, punches zero blocks as holes, records durable
+    blocks in the journal, sets each file's final size, verifies and removes
+    the journal. If it is interrupted (killed, a full disk, a bad chunk), make
+    a new plan for the same archive and apply it: it continues.
+
+    Args:
+        repository: The repository the archive is in.
+        plan: The plan from :func:`make_plan` (its problems are not checked here).
+        verify: ``"written"``: read back every block this restore wrote (in
+            this run or an interrupted one) and hash it against the archive's
+            id; ``"full"``: every block of every file; ``"none"``: no read-back.
+        progress: Called with a :class:`Progress` (operation ``"restore"``) as blocks are written.
+
+    Returns:
+        What was done.
+
+    Raises:
+        IntegrityError: A chunk failed verification (fetched, or read back);
+            ``path`` and ``offset`` name the first place it belongs. Nothing
+            wrong stays recorded as done.
+        TargetSpaceError: The target file system is full; what is durable is
+            recorded, run again once space is freed.
+        RestoreError: Another failure writing the target.
+        ConfigurationError: ``verify`` is unknown.
+    """
+    if verify not in ("written", "full", "none"):
+        raise ConfigurationError(f"verify must be 'written', 'full' or 'none', not {verify!r}")
+    started = time.monotonic()
+    applier = _Applier(repository, plan, progress)
+    archive = plan.source.archive
+    try:
+        applier.open_files()
+        applier.state().save(plan.target)
+        fetches = list(distinct_fetches(plan))
+        places: dict[bytes, list[tuple[str, BlockAction]]] = {}
+        for f in plan.files:
+            for a in f.actions:
+                if a.kind == "fetch":
+                    places.setdefault(a.chunk.id, []).append((f.source.target_path, a))
+        if fetches:
+            # Opened before the copies, so that the repository already sends while they run.
+            with repository.fetch(fetches, errors="report") as chunks:
+                failed = applier.copies()
+                applier.zeros()
+                applier.fetch_from(chunks, places)
+        else:
+            failed = applier.copies()
+            applier.zeros()
+        if failed:
+            again: dict[bytes, list[tuple[str, BlockAction]]] = {}
+            for path, a in failed:
+                again.setdefault(a.chunk.id, []).append((path, a))
+            applier.fetch(again, list(again))
+        applier.flush()
+        applier.sizes()
+        verified = 0 if verify == "none" else applier.verify(verify)
+        remove_journal(plan.target)
+    except OSError as exc:
+        _flush_quietly(applier)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise TargetSpaceError(
+                f"the file system of {plan.target} is full: {exc.strerror}; what was written is recorded, "
+                "free space and restore again to continue",
+                archive=archive, path=exc.filename,
+            ) from exc
+        raise RestoreError(f"writing into {plan.target} failed: {exc}", archive=archive, path=exc.filename) from exc
+    finally:
+        applier.close()
+    return ApplyStats(
+        bytes_fetched=applier.bytes_fetched,
+        bytes_copied=applier.bytes_copied,
+        bytes_written=applier.bytes_written,
+        bytes_zero=applier.bytes_zero,
+        chunks_fetched=applier.chunks_fetched,
+        bytes_verified=verified,
+        seconds=time.monotonic() - started,
+        resumed=plan.resumed,
+    )
+
+
+def _flush_quietly(applier: _Applier) -> None:
+    """Record what can still be made durable after a failure; keep the old journal if that fails too."""
+    with contextlib.suppress(OSError):
+        applier.flush()
