@@ -89,8 +89,9 @@ class TestCrashResume:
         # borg keeps the checkpoint (and hides it from a plain listing).
         assert borg_names(borg_cli, transport.path, checkpoints=True) == ["first.checkpoint"]
         assert borg_names(borg_cli, transport.path, checkpoints=False) == []
+        # The worker may have gone on (even to the file's last part) before the kill reached it.
         held = part_bytes(borg_cli, transport.path, "first.checkpoint")
-        assert reported <= held < len(content)
+        assert reported <= held <= len(content)
         borg_cli("--lock-wait", "10", "check", str(transport.path))
 
         with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir, lock_wait=5) as repo:
