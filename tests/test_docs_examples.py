@@ -26,3 +26,9 @@ def test_snapshot_and_recover_example():
     """docs/snapshots.md: a live snapshot on the simulator, extracted by borg and registered on another host."""
     code = example("snapshots.md", "snapshot-and-recover")
     exec(compile(code, "docs/snapshots.md", "exec"), {})
+
+
+def test_restore_in_place_example():
+    """docs/restores.md: a snapshot on the simulator, the guest changes, the restore in place fetches less."""
+    code = example("restores.md", "restore-in-place")
+    exec(compile(code, "docs/restores.md", "exec"), {})

@@ -27,11 +27,11 @@ EXPECTED = {
     "DiskAttachment", "InvalidVMState", "LockRetry", "MachineState", "MediumInfo", "SnapshotInfo",
     "SnapshotNotFound", "VMInfo", "VMLocked", "VMNotFound", "VirtualBoxError", "VirtualBoxHost",
     "VirtualBoxOperationFailed", "VirtualBoxTimeout", "VirtualBoxUnavailable",
+    "RepositoryBusy", "ChunkStream", "FetchedChunk", "FetchErrors",
     "DEFAULT_NAME_TEMPLATE", "TRANSIENT_PREFIX", "SnapshotError", "SnapshotInProgress", "SnapshotResult",
     "SnapshotStats", "Snapshotter", "TransientSnapshotLeft",
-    "RepositoryBusy", "ChunkStream", "FetchedChunk", "FetchErrors",
     "ApplyStats", "BlockAction", "FilePlan", "PlanProblem", "RestoreError", "RestoreFileState", "RestorePlan",
-    "RestorePreflightFailed", "RestoreState", "TargetSpaceError",
+    "RestorePreflightFailed", "RestoreState", "TargetSpaceError", "Restorer", "RestoreResult",
 }
 
 

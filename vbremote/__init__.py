@@ -82,7 +82,17 @@ from ._repository import (
     Passphrase,
     Repository,
 )
-from ._restorer import ApplyStats, BlockAction, FilePlan, PlanProblem, RestoreFileState, RestorePlan, RestoreState
+from ._restorer import (
+    ApplyStats,
+    BlockAction,
+    FilePlan,
+    PlanProblem,
+    RestoreFileState,
+    RestorePlan,
+    Restorer,
+    RestoreResult,
+    RestoreState,
+)
 from ._retention import Decision, KeepLabels, KeepRules, RetentionPolicy
 from ._snapshotter import (
     DEFAULT_NAME_TEMPLATE,
@@ -166,7 +176,9 @@ __all__ = [
     "RestoreFileState",
     "RestorePlan",
     "RestorePreflightFailed",
+    "RestoreResult",
     "RestoreState",
+    "Restorer",
     "RetentionPolicy",
     "SSHTransport",
     "SettingsFileError",

@@ -46,7 +46,7 @@ adapter boundary and raised ``from`` the original, so callers catch one tree::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._models import ArchiveInfo
@@ -276,6 +276,42 @@ class BorgError(RepositoryError):
         self.borg_class = borg_class
 
 
+class RestoreError(VBRemoteError):
+    """A restore could not be planned or applied.
+
+    Attributes:
+        archive: The archive being restored, where known.
+        path: The target file concerned (relative to the target folder), where one is.
+        offset: The byte offset in ``path``, where one is to blame.
+    """
+
+    def __init__(self, message: str, *, archive: str = "", path: str | None = None, offset: int | None = None) -> None:
+        super().__init__(message)
+        self.archive = archive
+        self.path = path
+        self.offset = offset
+
+
+class RestorePreflightFailed(RestoreError):
+    """A preflight check refused the restore (see the plan's problems); nothing was written.
+
+    Attributes:
+        problems: The plan's problems (each with ``code``, ``message`` and ``remedy``).
+    """
+
+    def __init__(self, message: str, *, archive: str = "", problems: tuple[Any, ...] = ()) -> None:
+        super().__init__(message, archive=archive)
+        self.problems = problems
+
+
+class TargetSpaceError(RestoreError):
+    """The target folder's file system ran out of space (or quota) during a restore.
+
+    What was written and made durable is recorded in the restore journal; run
+    the restore again once space is freed and it continues.
+    """
+
+
 class SnapshotError(VBRemoteError):
     """Taking a snapshot failed or was refused.
 
@@ -328,34 +364,6 @@ class TransientSnapshotLeft(SnapshotError):
         self.snapshot = snapshot
         self.snapshot_name = snapshot_name
         self.archive = archive
-
-
-class RestoreError(VBRemoteError):
-    """A restore could not be planned or applied.
-
-    Attributes:
-        archive: The archive being restored, where known.
-        path: The target file concerned (relative to the target folder), where one is.
-        offset: The byte offset in ``path``, where one is to blame.
-    """
-
-    def __init__(self, message: str, *, archive: str = "", path: str | None = None, offset: int | None = None) -> None:
-        super().__init__(message)
-        self.archive = archive
-        self.path = path
-        self.offset = offset
-
-
-class RestorePreflightFailed(RestoreError):
-    """A preflight check refused the restore (see the plan's problems); nothing was written."""
-
-
-class TargetSpaceError(RestoreError):
-    """The target folder's file system ran out of space (or quota) during a restore.
-
-    What was written and made durable is recorded in the restore journal; run
-    the restore again once space is freed and it continues.
-    """
 
 
 class PruneError(VBRemoteError):

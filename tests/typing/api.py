@@ -125,3 +125,22 @@ def nightly(repo: vbremote.Repository, names: list[str]) -> list[vbremote.Snapsh
     migrated = snapshotter.take(names[0], vbremote.SnapshotMode.MIGRATE)
     print(migrated.vm_state.value, vbremote.TRANSIENT_PREFIX, vbremote.DEFAULT_NAME_TEMPLATE)
     return done
+
+
+def restore_latest(repo: vbremote.Repository, name: str) -> vbremote.VMInfo | None:
+    host = vbremote.VirtualBoxHost.connect()
+    restorer = vbremote.Restorer(host, repo)
+    plan: vbremote.RestorePlan = restorer.plan(name, seeds=[Path("/srv/old.vdi")])
+    print(plan.table(), plan.bytes_to_fetch, host.default_machine_folder)
+    problems: tuple[vbremote.PlanProblem, ...] = plan.problems
+    for problem in problems:
+        print(problem.code, problem.remedy)
+    try:
+        result: vbremote.RestoreResult = restorer.restore(name, power_off=True, verify="full", discard_state=False,
+                                                          cpu_portability_level=1, progress=lambda e: print(e.done))
+    except vbremote.RestorePreflightFailed as exc:
+        print(exc.archive, [p.code for p in exc.problems])
+        return None
+    copy = restorer.restore(name, as_new=f"{name}-copy", register=False)
+    print(result.stats.bytes_fetched, result.removed, result.resumed, copy.settings_file)
+    return result.vm

@@ -11,14 +11,21 @@ written outside the target folder.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from attrs import field, frozen
 
-from .._errors import ConfigurationError
-from .._models import ChunkRef, FileRole, SnapshotMode, _check_archive_path
+from .._errors import ArchiveInvalid, ConfigurationError
+from .._models import EXTERNAL_FOLDER, ArchiveInfo, ChunkRef, FileRole, SnapshotMode, _check_archive_path
+from .._settings import MachineSettings
+from ._checks import check_settings
+from ._rewrite import rewrite_paths as _rewrite_paths
 
-__all__ = ["RestoreSource", "SourceFile"]
+if TYPE_CHECKING:
+    from .._repository import Repository
+
+__all__ = ["RestoreSource", "SourceFile", "referenced_files", "source_from_archive"]
 
 
 def _target_path(value: str) -> str:
@@ -120,3 +127,123 @@ class RestoreSource:
         for path in seen:
             if any(path.startswith(prefix) for prefix in prefixes):
                 raise ConfigurationError(f"archive {self.archive!r}: {path!r} lies inside another file's path")
+
+
+def referenced_files(settings: MachineSettings) -> Iterator[tuple[str, FileRole, str]]:
+    """Every file the settings name that a restore writes: (path as written, role, what it is).
+
+    Hard disks of the media registry (differencing images included), the
+    saved-state files of the machine and of every snapshot, and the NVRAM
+    files of the machine and of every snapshot. DVD and floppy images are
+    only referenced, never written, and are not listed.
+    """
+    for medium in settings.all_media():
+        yield medium.location, FileRole.DISK, f"medium location of {{{medium.uuid}}}"
+    if settings.state_file:
+        yield settings.state_file, FileRole.STATE, "machine's state file"
+    if settings.nvram:
+        yield settings.nvram, FileRole.NVRAM, "machine's NVRAM file"
+    for node in settings.snapshots():
+        if node.state_file:
+            yield node.state_file, FileRole.STATE, f"state file of snapshot {node.name!r}"
+        if node.nvram:
+            yield node.nvram, FileRole.NVRAM, f"NVRAM file of snapshot {node.name!r}"
+
+
+def _fetch_whole(repository: Repository, chunks: tuple[ChunkRef, ...]) -> bytes:
+    wanted = [chunk.id for chunk in chunks]
+    got: dict[bytes, bytes] = {}
+    with repository.fetch(wanted) as stream:
+        for chunk in stream:
+            got[chunk.id] = chunk.data
+    return b"".join(got[chunk.id] for chunk in chunks)
+
+
+def source_from_archive(
+    repository: Repository,
+    archive: ArchiveInfo | str,
+    *,
+    external: Mapping[str, str] | None = None,
+) -> RestoreSource:
+    """What a vbremote archive restores: its settings file, checked, and its data files.
+
+    The settings file is read from the archive (its chunks fetched) and
+    parsed as untrusted input. Every file it names that a restore writes
+    (hard disks, saved states, NVRAM files, of the machine and of every
+    snapshot) and its snapshot folder must be relative paths inside the VM
+    folder, and every disk and saved state must be in the archive; otherwise
+    the archive is refused before anything is written.
+
+    Args:
+        repository: The open repository.
+        archive: The archive, or its name.
+        external: Where files the archive keeps under ``_external/`` go,
+            relative to the target folder (default: where they are in the
+            archive, inside the target folder). The settings are rewritten to match.
+
+    Returns:
+        The source, its files in the archive's order; the settings file is
+        not among them (it is written when the data is in place).
+
+    Raises:
+        ArchiveNotFound: No such vbremote archive.
+        ArchiveMetadataError: Its metadata is malformed or hostile.
+        ArchiveInvalid: Its items disagree with its metadata, its settings
+            file is missing, unreadable or names files outside the VM
+            folder, or a file the settings need is not in it. The error names
+            the archive and the path at fault.
+    """
+    info = archive if isinstance(archive, ArchiveInfo) else repository.archive(archive)
+    location = repository.transport.location
+
+    def refuse(message: str, path: str = "") -> ArchiveInvalid:
+        return ArchiveInvalid(f"archive {info.name!r}: {message}", location=location, archive=info.name,
+                              path=path)
+
+    contents = repository.chunk_lists(info)
+    stored = contents.files()
+    settings_files = [f for f in info.files if f.role is FileRole.SETTINGS]
+    if len(settings_files) != 1:
+        raise refuse(f"{len(settings_files)} settings files in the metadata, not one")
+    (settings_file,) = settings_files
+    if "/" in settings_file.path:
+        raise refuse(f"the settings file {settings_file.path!r} is not at the archive's top", settings_file.path)
+    for recorded in info.files:
+        item = stored.get(recorded.path)
+        if item is None:
+            raise refuse(f"{recorded.path!r} is in the metadata but not in the archive", recorded.path)
+        if item.size != recorded.size:
+            raise refuse(f"{recorded.path!r} is {item.size} bytes, the metadata says {recorded.size}", recorded.path)
+    data = _fetch_whole(repository, stored[settings_file.path].chunks)
+    settings, references = check_settings(data, archive=info.name, location=location)
+    wanted = {reference.path: (reference.role, reference.what) for reference in references}
+    if settings.uuid != info.vm_uuid:
+        raise refuse(f"the settings file is of VM {{{settings.uuid}}}, the metadata says {{{info.vm_uuid}}}",
+                     settings_file.path)
+    recorded_paths = {f.path: f for f in info.files}
+    for path, (role, what) in wanted.items():
+        if path not in recorded_paths and role is not FileRole.NVRAM:
+            # VirtualBox creates a missing NVRAM store at the next start; a disk or state file it cannot make.
+            raise refuse(f"the settings need {path!r} ({what}), which is not in the archive", path)
+    mapping = dict(external or {})
+    for source_path, target in mapping.items():
+        if source_path not in recorded_paths or source_path.split("/")[0] != EXTERNAL_FOLDER:
+            raise ConfigurationError(f"archive {info.name!r}: no {EXTERNAL_FOLDER}/ file {source_path!r} to map")
+        mapping[source_path] = _check_archive_path(target)
+    settings_data = _rewrite_paths(data, mapping) if mapping else data
+    files: list[SourceFile] = []
+    try:
+        for recorded in info.files:
+            if recorded is settings_file:
+                continue
+            item = stored[recorded.path]
+            files.append(SourceFile(archive_path=recorded.path, target_path=mapping.get(recorded.path, recorded.path),
+                                    role=recorded.role, size=item.size, chunks=item.chunks))
+        return RestoreSource(
+            archive=info.name, archive_id=info.id, vm_uuid=info.vm_uuid, vm_name=settings.name, mode=info.mode,
+            settings_path=settings_file.path, settings=settings_data, files=tuple(files),
+            vbox_version=info.metadata.vbox_version, cpu_vendor=info.metadata.cpu_vendor,
+            cpu_portability=info.metadata.cpu_portability,
+        )
+    except ConfigurationError as exc:
+        raise refuse(str(exc)) from exc

@@ -175,6 +175,12 @@ class VirtualBoxHost:
         with self._translated():
             return str(self._vbox.version)
 
+    @property
+    def default_machine_folder(self) -> Path:
+        """Where VirtualBox puts new VMs (``ISystemProperties.defaultMachineFolder``)."""
+        with self._translated():
+            return Path(str(self._vbox.systemProperties.defaultMachineFolder))
+
     def vms(self) -> tuple[VMInfo, ...]:
         """Every registered VM."""
         with self._translated():

@@ -582,6 +582,16 @@ class _ISession(_COM):
         self._sim.unlock(self._s)
 
 
+class _ISystemProperties(_COM):
+    """``ISystemProperties``: the default machine folder is ``<home>/VirtualBox VMs``
+    (SystemProperties::i_getDefaultMachineFolder, SystemPropertiesImpl.cpp)."""
+
+    def __init__(self, sim: World) -> None:
+        self._sim = sim
+
+    defaultMachineFolder = property(lambda self: str(self._sim.vms_folder))
+
+
 class _IVirtualBox(_COM):
     def __init__(self, sim: World) -> None:
         self._sim = sim
@@ -592,6 +602,7 @@ class _IVirtualBox(_COM):
     APIVersion = property(lambda self: self._sim.profile.replace(".", "_"))
     homeFolder = property(lambda self: str(self._sim.home))
     settingsFilePath = property(lambda self: str(self._sim.home / "VirtualBox.xml"))
+    systemProperties = property(lambda self: _ISystemProperties(self._sim))
 
     @property
     def machines(self) -> list[_IMachine]:

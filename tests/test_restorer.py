@@ -1,0 +1,710 @@
+"""The Restorer on the simulated VirtualBox and real borg repositories, with archives the Snapshotter made.
+
+Results are checked from the outside: the registered VM's state and media as
+the simulated host reports them, the files against what the guest had
+written at the snapshot's instant (the simulator records it), and the VDI
+images with ``qemu-img check``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid as uuid_module
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+from helpers import PASSPHRASE, BorgCLI
+
+import vbremote
+from vbremote._restorer._rewrite import new_identity, set_vdi_uuids, settings_with, vdi_uuids
+from vbremote._restorer._source import source_from_archive
+from vbremote._settings import parse_settings
+from vbremote.testing import MIB, GuestWorkload, SimulatedVirtualBox, Timing, qemu_tools_available
+
+PROFILES = ["6.1", "7.1"]
+
+
+class Scene:
+    """A simulated host with one VM "dev" (EFI, two 16 MiB disks, the second outside the VM folder)."""
+
+    def __init__(self, tmp_path: Path, profile: str, repo: vbremote.Repository, borg: BorgCLI,
+                 transport: vbremote.LocalTransport, *, home: str = "vbox") -> None:
+        self.tmp_path = tmp_path
+        self.profile = profile
+        self.sim = SimulatedVirtualBox(tmp_path / home, version=profile,
+                                       timing=Timing(unlock_delay=0.02, snapshot=0.02))
+        self.sim.create_vm("dev", disk_size=16 * MIB, disks=2, firmware="EFI",
+                           external_disk_folder=tmp_path / "elsewhere")
+        self.host = vbremote.VirtualBoxHost.connect(manager=self.sim.manager(),
+                                                    lock_retry=vbremote.LockRetry(total=0.3))
+        self.repo = repo
+        self.borg = borg
+        self.transport = transport
+        self.snapshotter = vbremote.Snapshotter(self.host, repo, state_dir=tmp_path / "state")
+
+    def close(self) -> None:
+        self.sim.close()
+
+    def take(self, mode: vbremote.SnapshotMode | str = "auto") -> vbremote.ArchiveInfo:
+        return self.snapshotter.take("dev", mode).archive
+
+
+@pytest.fixture(params=PROFILES)
+def scene(request: pytest.FixtureRequest, tmp_path: Path, repo: vbremote.Repository, borg_cli: BorgCLI,
+          transport: vbremote.LocalTransport) -> Iterator[Scene]:
+    made = Scene(tmp_path, request.param, repo, borg_cli, transport)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def scene71(tmp_path: Path, repo: vbremote.Repository, borg_cli: BorgCLI,
+            transport: vbremote.LocalTransport) -> Iterator[Scene]:
+    made = Scene(tmp_path, "7.1", repo, borg_cli, transport)
+    yield made
+    made.close()
+
+
+def write_crafted(repo: vbremote.Repository, tmp_path: Path, settings: bytes, *, name: str = "crafted",
+                  extra: dict[str, bytes] | None = None) -> vbremote.ArchiveInfo:
+    """A vbremote archive of a hand-written settings file (and small data files), as a hostile server could hold."""
+    folder = tmp_path / f"src-{name}"
+    folder.mkdir()
+    (folder / "dev.vbox").write_bytes(settings)
+    specs = [vbremote.FileSpec(folder / "dev.vbox", "dev.vbox", vbremote.FileRole.SETTINGS)]
+    for path, data in (extra or {}).items():
+        (folder / path.replace("/", "_")).write_bytes(data)
+        specs.append(vbremote.FileSpec(folder / path.replace("/", "_"), path, vbremote.FileRole.DISK))
+    parsed = parse_settings(settings)
+    metadata = vbremote.SnapshotMetadata(vm_name=parsed.name, vm_uuid=parsed.uuid)
+    return repo.write_archive(name, specs, metadata).archive
+
+
+def settings_text(*, disk: str = "dev.vdi", state: str | None = None, nvram: str | None = None,
+                  snapshot_folder: str | None = None) -> bytes:
+    machine_uuid = "{11111111-2222-3333-4444-555555555555}"
+    state_attr = f' stateFile="{state}"' if state else ""
+    folder_attr = f' snapshotFolder="{snapshot_folder}"' if snapshot_folder else ""
+    nvram_xml = f'<BIOS><NVRAM path="{nvram}"/></BIOS>' if nvram else ""
+    return (
+        '<?xml version="1.0"?>\n<VirtualBox xmlns="http://www.virtualbox.org/" version="1.19-linux">'
+        f'<Machine uuid="{machine_uuid}" name="dev" OSType="Other"{state_attr}{folder_attr}>'
+        '<MediaRegistry><HardDisks>'
+        f'<HardDisk uuid="{{aaaaaaaa-2222-3333-4444-555555555555}}" location="{disk}" format="VDI" type="Normal"/>'
+        '</HardDisks></MediaRegistry>'
+        f'<Hardware><CPU count="1"/>{nvram_xml}</Hardware>'
+        '<StorageControllers><StorageController name="SATA" type="AHCI" PortCount="1">'
+        '<AttachedDevice type="HardDisk" port="0" device="0">'
+        '<Image uuid="{aaaaaaaa-2222-3333-4444-555555555555}"/></AttachedDevice>'
+        '</StorageController></StorageControllers></Machine></VirtualBox>\n'
+    ).encode()
+
+
+class TestSource:
+    def test_snapshotter_archive(self, scene: Scene):
+        """A Snapshotter archive gives every data file at its archive path, and the settings it was frozen with."""
+        archive = scene.take()
+        source = source_from_archive(scene.repo, archive.name)
+        assert source.vm_uuid == archive.vm_uuid
+        assert source.vm_name == "dev"
+        assert source.settings_path == "dev.vbox"
+        paths = {f.target_path: f for f in source.files}
+        recorded = {f.path for f in archive.files if f.role is not vbremote.FileRole.SETTINGS}
+        assert set(paths) == recorded
+        assert any(p.startswith("_external/") for p in paths)
+        for f in source.files:
+            assert f.target_path == f.archive_path
+            assert f.size == archive.file(f.archive_path).size
+        parsed = parse_settings(source.settings)
+        assert parsed.uuid == archive.vm_uuid
+        assert source.vbox_version == scene.host.version
+        assert source.mode is archive.mode
+
+    def test_external_mapped(self, scene71: Scene):
+        """An ``_external/`` disk goes where the caller maps it, and the settings name it there."""
+        archive = scene71.take()
+        (external,) = [f.path for f in archive.files if f.path.startswith("_external/")]
+        source = source_from_archive(scene71.repo, archive, external={external: "disks/second.vdi"})
+        assert "disks/second.vdi" in {f.target_path for f in source.files}
+        locations = {m.location for m in parse_settings(source.settings).all_media()}
+        assert "disks/second.vdi" in locations
+        assert external not in locations
+
+    def test_external_map_outside_refused(self, scene71: Scene):
+        """A mapping that leaves the target folder is refused."""
+        archive = scene71.take()
+        (external,) = [f.path for f in archive.files if f.path.startswith("_external/")]
+        with pytest.raises(vbremote.ConfigurationError):
+            source_from_archive(scene71.repo, archive, external={external: "../second.vdi"})
+
+    @pytest.mark.parametrize(("settings", "what"), [
+        (settings_text(disk="../../etc/x"), "medium"),
+        (settings_text(disk="/etc/x"), "medium"),
+        (settings_text(state="/var/tmp/dev.sav"), "saved state"),
+        (settings_text(nvram="../dev.nvram"), "NVRAM"),
+        (settings_text(snapshot_folder="/srv/elsewhere"), "snapshot folder"),
+    ])
+    def test_hostile_settings_refused(self, repo: vbremote.Repository, tmp_path: Path, settings: bytes, what: str):
+        """Settings that name a file outside the VM folder are refused with an error naming the archive."""
+        archive = write_crafted(repo, tmp_path, settings, extra={"dev.vdi": b"\0" * 4096})
+        with pytest.raises(vbremote.ArchiveInvalid, match="outside the VM folder") as caught:
+            source_from_archive(repo, archive)
+        assert caught.value.archive == "crafted"
+        assert what in str(caught.value)
+
+    def test_missing_disk_refused(self, repo: vbremote.Repository, tmp_path: Path):
+        """Settings that need a disk the archive does not hold are refused."""
+        archive = write_crafted(repo, tmp_path, settings_text(disk="dev.vdi"))
+        with pytest.raises(vbremote.ArchiveInvalid, match="not in the archive") as caught:
+            source_from_archive(repo, archive)
+        assert caught.value.path == "dev.vdi"
+
+    def test_bad_xml_refused(self, repo: vbremote.Repository, tmp_path: Path):
+        """A settings file with a DOCTYPE (entity expansion) is refused as the archive's fault."""
+        bomb = (b'<?xml version="1.0"?><!DOCTYPE v [<!ENTITY a "aaaa">]>'
+                b'<VirtualBox xmlns="http://www.virtualbox.org/" version="1.19"><Machine uuid="{11111111-2222-3333-'
+                b'4444-555555555555}" name="dev">&a;</Machine></VirtualBox>')
+        folder = tmp_path / "bomb"
+        folder.mkdir()
+        (folder / "dev.vbox").write_bytes(bomb)
+        metadata = vbremote.SnapshotMetadata(vm_name="dev", vm_uuid="11111111-2222-3333-4444-555555555555")
+        archive = repo.write_archive(
+            "bomb", [vbremote.FileSpec(folder / "dev.vbox", "dev.vbox", vbremote.FileRole.SETTINGS)], metadata
+        ).archive
+        with pytest.raises(vbremote.ArchiveInvalid, match="DOCTYPE"):
+            source_from_archive(repo, archive)
+
+    def test_settings_of_another_vm_refused(self, repo: vbremote.Repository, tmp_path: Path):
+        """A settings file whose machine uuid is not the metadata's is refused."""
+        folder = tmp_path / "other"
+        folder.mkdir()
+        (folder / "dev.vbox").write_bytes(settings_text())
+        (folder / "dev.vdi").write_bytes(b"\0" * 4096)
+        metadata = vbremote.SnapshotMetadata(vm_name="dev", vm_uuid=str(uuid_module.uuid4()))
+        archive = repo.write_archive("other", [
+            vbremote.FileSpec(folder / "dev.vbox", "dev.vbox", vbremote.FileRole.SETTINGS),
+            vbremote.FileSpec(folder / "dev.vdi", "dev.vdi", vbremote.FileRole.DISK),
+        ], metadata).archive
+        with pytest.raises(vbremote.ArchiveInvalid, match="metadata says"):
+            source_from_archive(repo, archive)
+
+
+class TestRewrite:
+    def test_drop_state_and_level(self):
+        """Dropping the state file and setting a portability level change only those."""
+        data = settings_text(state="Snapshots/x.sav")
+        out = settings_with(data, drop_state=True, cpu_portability_level=2)
+        parsed = parse_settings(out)
+        assert parsed.state_file is None
+        assert b'CpuIdPortabilityLevel="2"' in out
+        assert parse_settings(settings_with(data)).state_file == "Snapshots/x.sav"
+
+    def test_new_identity(self):
+        """A new identity changes the machine uuid, its name and every hard disk's uuid, in registry and attachments."""
+        out, machine, media = new_identity(settings_text(), name="dev-old")
+        parsed = parse_settings(out)
+        assert parsed.uuid == machine != "11111111-2222-3333-4444-555555555555"
+        assert parsed.name == "dev-old"
+        (old,) = media
+        assert old == "aaaaaaaa-2222-3333-4444-555555555555"
+        assert [m.uuid for m in parsed.all_media()] == [media[old]]
+        assert [a.medium for a in parsed.attachments] == [media[old]]
+
+    def test_vdi_uuids_rewritten(self, tmp_path: Path):
+        """A differencing VDI gets its new uuid and its parent's new uuid; qemu-img still reads both."""
+        if not qemu_tools_available():
+            pytest.skip("qemu-img is not installed (Debian package qemu-utils)")
+        from vbremote.testing._vdi import VDI
+
+        base = VDI.create(tmp_path / "base.vdi", 4 * MIB)
+        base.write(0, b"x" * 4096)
+        child = VDI.create_diff(tmp_path / "child.vdi", base)
+        child.write(MIB, b"y" * 4096)
+        media = {base.uuid: str(uuid_module.uuid4()), child.uuid: str(uuid_module.uuid4())}
+        assert set_vdi_uuids(tmp_path / "base.vdi", media)
+        assert set_vdi_uuids(tmp_path / "child.vdi", media)
+        assert vdi_uuids(tmp_path / "base.vdi") == (media[base.uuid], str(uuid_module.UUID(int=0)))
+        assert vdi_uuids(tmp_path / "child.vdi") == (media[child.uuid], media[base.uuid])
+        reopened = VDI.open(tmp_path / "child.vdi", parent=VDI.open(tmp_path / "base.vdi"))
+        assert reopened.read(0, 4096) == b"x" * 4096
+        assert reopened.read(MIB, 4096) == b"y" * 4096
+        subprocess.run(["qemu-img", "check", "-f", "vdi", str(tmp_path / "base.vdi")], check=True,
+                       capture_output=True)
+        (tmp_path / "plain").write_bytes(b"not an image" * 100)
+        assert not set_vdi_uuids(tmp_path / "plain", media)
+
+
+HOT = GuestWorkload(rate=60, write_size=64 * 1024, pattern="hot", seed=5)
+
+
+def take_recording(scene: Scene, mode: vbremote.SnapshotMode | str = "auto") -> tuple[vbremote.ArchiveInfo,
+                                                                                        dict[int, bytes]]:
+    """An archive, and what the guest had written to each disk at its instant (recorded during the run)."""
+    contents: dict[int, bytes] = {}
+
+    def record(event: vbremote.Progress) -> None:
+        if event.operation == "archive" and not contents:
+            transient = [s for s in scene.host.vm("dev").snapshots()
+                         if s.name.startswith(vbremote.TRANSIENT_PREFIX)]
+            (snapshot,) = transient
+            for port in (0, 1):
+                contents[port] = scene.sim.guest_content_at("dev", snapshot.uuid, port)
+
+    result = scene.snapshotter.take("dev", mode, progress=record)
+    assert contents, "the run reported no archive progress"
+    return result.archive, contents
+
+
+def wait_writes(scene: Scene, count: int) -> None:
+    deadline = time.monotonic() + 10
+    start = scene.sim.guest_writes("dev")
+    while scene.sim.guest_writes("dev") < start + count:
+        assert time.monotonic() < deadline, "the guest did not write"
+        time.sleep(0.01)
+
+
+class TestInPlace:
+    def test_online_archive_resumes_saved(self, scene: Scene):
+        """After the guest changed, an online archive restores in place: only changed blocks travel, the VM is
+        Saved with the instant's disks."""
+        scene.sim.start("dev", workload=HOT)
+        archive, instant = take_recording(scene)
+        assert archive.mode is vbremote.SnapshotMode.ONLINE
+        wait_writes(scene, 20)
+        restorer = vbremote.Restorer(scene.host, scene.repo)
+        plan = restorer.plan(archive, power_off=True)
+        assert plan.problems == ()
+        assert plan.target == scene.host.vm("dev").folder
+        total = sum(f.source.size for f in plan.files)
+        assert 0 < plan.bytes_to_fetch < total / 2, plan.table()
+        hashed_while_running: list[bool] = []
+
+        def while_hashing(event: vbremote.Progress) -> None:
+            # A guest still running while the plan compares its files would make the plan stale.
+            if event.operation == "hash" and not hashed_while_running:
+                running = scene.host.state("dev").is_running
+                hashed_while_running.append(running)
+                if running:
+                    wait_writes(scene, 10)
+
+        result = restorer.restore(archive, power_off=True, progress=while_hashing)
+        assert hashed_while_running == [False]
+        assert result.vm is not None
+        assert result.vm.state is vbremote.MachineState.SAVED
+        assert result.vm.uuid == archive.vm_uuid
+        # The guest wrote on until the restore powered it off: the restore's own plan, made then, differs.
+        assert 0 < result.stats.bytes_fetched < total / 2
+        for port, content in instant.items():
+            assert scene.sim.disk_content("dev", port) == content
+        scene.host.start("dev")
+        assert scene.host.state("dev") is vbremote.MachineState.RUNNING
+
+    def test_offline_archive_powered_off(self, scene: Scene):
+        """An offline archive restores a powered-off VM; the disks hold what they held when it was taken."""
+        before = {port: scene.sim.disk_content("dev", port) for port in (0, 1)}
+        archive = scene.take()
+        assert archive.mode is vbremote.SnapshotMode.OFFLINE
+        scene.sim.start("dev", workload=HOT)
+        wait_writes(scene, 20)
+        scene.sim.power_off("dev")
+        assert scene.sim.disk_content("dev", 0) != before[0]
+        result = vbremote.Restorer(scene.host, scene.repo).restore(archive)
+        assert result.vm is not None
+        assert result.vm.state is vbremote.MachineState.POWERED_OFF
+        for port, content in before.items():
+            assert scene.sim.disk_content("dev", port) == content
+
+    def test_stale_files_removed(self, scene71: Scene, tmp_path: Path):
+        """Files the old VM named and the archive lacks (a later snapshot's images and state) are removed and
+        listed; other files in the folder stay."""
+        scene = scene71
+        archive = scene.take()
+        scene.sim.start("dev", workload=HOT)
+        wait_writes(scene, 5)
+        scene.host.take_snapshot("dev", "later")
+        wait_writes(scene, 5)
+        scene.host.save_state("dev")
+        info = scene.host.vm("dev")
+        folder = info.folder
+        later = [s for s in info.snapshots() if s.name == "later"]
+        assert later
+        named: set[Path | None] = {m.location for a in info.attachments for m in a.chain}
+        named |= {info.state_file, info.nvram_file}
+        for snap in info.snapshots():
+            named |= {m.location for a in snap.attachments for m in a.chain} | {snap.state_file, snap.nvram_file}
+        keep = folder / "Logs" / "VBox.log"
+        keep.parent.mkdir(exist_ok=True)
+        keep.write_text("log")
+        mine = folder / "notes.txt"
+        mine.write_text("mine")
+        restored = {folder / f.path for f in archive.files}
+        expected = {p for p in named if p is not None and p.exists() and p.is_relative_to(folder)
+                    and p not in restored}
+        result = vbremote.Restorer(scene.host, scene.repo).restore(archive)
+        assert {p.suffix for p in expected} >= {".vdi", ".sav"}
+        assert set(result.removed) == expected
+        assert not any(p.exists() for p in result.removed)
+        assert keep.read_text() == "log"
+        assert mine.read_text() == "mine"
+        assert all(p.exists() for p in restored)
+        assert result.vm is not None
+        assert [s.name for s in result.vm.snapshots()] == []
+
+
+class TestElsewhere:
+    def test_another_host(self, scene: Scene, tmp_path: Path):
+        """Into a folder on another host (migration): the external disk lands inside the folder, the VM registers
+        there Saved and resumes."""
+        scene.sim.start("dev", workload=HOT)
+        archive, instant = take_recording(scene)
+        other = SimulatedVirtualBox(tmp_path / "other", version=scene.profile)
+        try:
+            host = vbremote.VirtualBoxHost.connect(manager=other.manager())
+            restorer = vbremote.Restorer(host, scene.repo)
+            plan = restorer.plan(archive)
+            assert plan.target == other.vms_folder / "dev"
+            result = restorer.restore(archive)
+            assert result.vm is not None
+            assert result.vm.state is vbremote.MachineState.SAVED
+            assert result.vm.folder == other.vms_folder / "dev"
+            for m in (m for a in result.vm.attachments for m in a.chain):
+                assert m.location.is_relative_to(result.vm.folder)
+            for port, content in instant.items():
+                assert other.disk_content("dev", port) == content
+            host.start("dev")
+            assert host.state("dev") is vbremote.MachineState.RUNNING
+        finally:
+            other.close()
+
+    def test_migrate_archive(self, scene71: Scene, tmp_path: Path):
+        """A migrate archive (the VM saved, then archived) registers Saved on the other host."""
+        scene71.sim.start("dev", workload=HOT)
+        archive = scene71.snapshotter.take("dev", vbremote.SnapshotMode.MIGRATE).archive
+        other = SimulatedVirtualBox(tmp_path / "other", version="7.1")
+        try:
+            result = vbremote.Restorer(vbremote.VirtualBoxHost.connect(manager=other.manager()),
+                                       scene71.repo).restore(archive)
+            assert result.vm is not None
+            assert result.vm.state is vbremote.MachineState.SAVED
+            for port in (0, 1):
+                assert other.disk_content("dev", port) == scene71.sim.disk_content("dev", port)
+        finally:
+            other.close()
+
+    def test_same_uuid_elsewhere_refused(self, scene71: Scene, tmp_path: Path):
+        """Into another folder while the VM is registered from its own: refused, and nothing is written."""
+        archive = scene71.take()
+        restorer = vbremote.Restorer(scene71.host, scene71.repo)
+        plan = restorer.plan(archive, tmp_path / "copy")
+        assert [p.code for p in plan.problems] == ["uuid-elsewhere"]
+        with pytest.raises(vbremote.RestorePreflightFailed, match="uuid-elsewhere") as caught:
+            restorer.restore(archive, tmp_path / "copy")
+        assert [p.code for p in caught.value.problems] == ["uuid-elsewhere"]
+        assert not (tmp_path / "copy").exists()
+
+    def test_as_new_beside(self, scene: Scene):
+        """As a new VM: registered beside the current one with new machine and disk uuids; the images check."""
+        if not qemu_tools_available():
+            pytest.skip("qemu-img is not installed (Debian package qemu-utils)")
+        scene.sim.start("dev", workload=HOT)
+        archive, instant = take_recording(scene)
+        restorer = vbremote.Restorer(scene.host, scene.repo)
+        result = restorer.restore(archive, as_new="dev-old")
+        new = result.vm
+        assert new is not None
+        current = scene.host.vm("dev")
+        assert new.name == "dev-old"
+        assert new.uuid != current.uuid
+        assert new.folder == scene.sim.vms_folder / "dev-old"
+        assert new.state is vbremote.MachineState.SAVED
+        old_media = {m.uuid for a in current.attachments for m in a.chain}
+        new_media = {m.uuid for a in new.attachments for m in a.chain}
+        assert new_media
+        assert not old_media & new_media
+        assert current.state is vbremote.MachineState.RUNNING
+        for port, content in instant.items():
+            assert scene.sim.disk_content("dev-old", port) == content
+        for medium in (m for a in new.attachments for m in a.chain):
+            assert vdi_uuids(medium.location) is not None
+            assert vdi_uuids(medium.location)[0] == medium.uuid
+            subprocess.run(["qemu-img", "check", "-f", "vdi", str(medium.location)], check=True,
+                           capture_output=True)
+
+    def test_as_new_reads_the_current_vm(self, scene71: Scene):
+        """As a new VM beside a powered-off current VM: its disks are read as seeds, so little is fetched."""
+        archive = scene71.take()
+        scene71.sim.start("dev", workload=HOT)
+        wait_writes(scene71, 10)
+        scene71.sim.power_off("dev")
+        result = vbremote.Restorer(scene71.host, scene71.repo).restore(archive, as_new="dev-old")
+        total = sum(f.size for f in archive.files)
+        assert result.stats.bytes_copied > total / 2
+        assert result.stats.bytes_fetched < total / 2
+        assert result.vm is not None
+        assert result.vm.state is vbremote.MachineState.POWERED_OFF
+
+
+class TestPreflight:
+    def test_running_refused(self, scene71: Scene):
+        """A running VM is a problem unless power_off=True; the refused restore changes nothing."""
+        archive = scene71.take()
+        scene71.sim.start("dev", workload=None)
+        restorer = vbremote.Restorer(scene71.host, scene71.repo)
+        assert [p.code for p in restorer.plan(archive).problems] == ["vm-running"]
+        assert restorer.plan(archive, power_off=True).problems == ()
+        folder = scene71.host.vm("dev").folder
+        before = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+        with pytest.raises(vbremote.RestorePreflightFailed) as caught:
+            restorer.restore(archive)
+        assert caught.value.problems[0].remedy
+        assert scene71.host.state("dev") is vbremote.MachineState.RUNNING
+        assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == before
+        result = restorer.restore(archive, power_off=True)
+        assert result.vm is not None
+        assert result.vm.state is vbremote.MachineState.POWERED_OFF
+
+    def test_version_mismatch(self, scene71: Scene, tmp_path: Path):
+        """A saved state of VirtualBox 7.1 is refused on 7.0; with discard_state it restores powered off."""
+        scene71.sim.start("dev", workload=HOT)
+        archive, instant = take_recording(scene71)
+        other = SimulatedVirtualBox(tmp_path / "other", version="7.0")
+        try:
+            host = vbremote.VirtualBoxHost.connect(manager=other.manager())
+            restorer = vbremote.Restorer(host, scene71.repo)
+            (problem,) = restorer.plan(archive).problems
+            assert problem.code == "vbox-version"
+            assert "discard_state=True" in problem.remedy
+            with pytest.raises(vbremote.RestorePreflightFailed):
+                restorer.restore(archive)
+            assert not (other.vms_folder / "dev").exists()
+            result = restorer.restore(archive, discard_state=True)
+            assert result.vm is not None
+            assert result.vm.state is vbremote.MachineState.POWERED_OFF
+            assert result.vm.state_file is None
+            for port, content in instant.items():
+                assert other.disk_content("dev", port) == content
+        finally:
+            other.close()
+
+    def test_cpu_vendor(self, scene71: Scene):
+        """A saved state taken on another CPU vendor is refused, with the way out; offline archives are not."""
+        scene71.sim.start("dev", workload=None)
+        archive = scene71.take()
+        restorer = vbremote.Restorer(scene71.host, scene71.repo, cpu_vendor="SomeOtherVendor")
+        problems = restorer.plan(archive, power_off=True).problems
+        assert [p.code for p in problems] == ["cpu-vendor"]
+        assert "discard_state=True" in problems[0].remedy
+        assert restorer.plan(archive, power_off=True, discard_state=True).problems == ()
+        result = restorer.restore(archive, power_off=True, discard_state=True, cpu_portability_level=2)
+        assert result.vm is not None
+        assert result.vm.state is vbremote.MachineState.POWERED_OFF
+        assert result.vm.cpu_portability_level == 2
+
+    def test_hostile_refused_before_any_write(self, scene71: Scene, tmp_path: Path):
+        """A vbremote archive whose settings name ../../etc/x is refused by plan and restore; nothing is written."""
+        archive = write_crafted(scene71.repo, tmp_path, settings_text(disk="../../etc/x"),
+                                extra={"dev.vdi": b"\1" * 4096})
+        restorer = vbremote.Restorer(scene71.host, scene71.repo)
+        target = tmp_path / "t" / "dev"
+        for call in (restorer.plan, restorer.restore):
+            with pytest.raises(vbremote.ArchiveInvalid, match="crafted"):
+                call(archive, target)
+        assert not (tmp_path / "t").exists()
+        assert scene71.host.vm("dev").state is vbremote.MachineState.POWERED_OFF
+
+
+class TestUnregisterFirst:
+    def test_failed_apply_leaves_no_vm(self, scene71: Scene):
+        """The old VM is unregistered before the first write: a restore that fails half-way leaves no VM
+        registered, and a re-run into the same folder completes."""
+        scene = scene71
+        scene.sim.start("dev", workload=HOT)
+        archive, instant = take_recording(scene)
+        wait_writes(scene, 20)
+        folder = scene.host.vm("dev").folder
+        restorer = vbremote.Restorer(scene.host, scene.repo)
+        registered_at_write: list[bool] = []
+
+        class Stop(Exception):
+            pass
+
+        def fail(event: vbremote.Progress) -> None:
+            if event.operation == "restore":
+                registered_at_write.append(any(vm.uuid == archive.vm_uuid for vm in scene.host.vms()))
+                if event.done > 0:
+                    raise Stop
+
+        with pytest.raises(Stop):
+            restorer.restore(archive, power_off=True, progress=fail)
+        assert registered_at_write
+        assert not any(registered_at_write)
+        assert not any(vm.uuid == archive.vm_uuid for vm in scene.host.vms())
+        result = restorer.restore(archive, folder)
+        assert result.vm is not None
+        assert result.vm.state is vbremote.MachineState.SAVED
+        for port, content in instant.items():
+            assert scene.sim.disk_content("dev", port) == content
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs (needs root and mount rights; skipped otherwise)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def rewritten(scene: Scene, archive: vbremote.ArchiveInfo, tmp_path: Path, **changes: object) -> vbremote.ArchiveInfo:
+    """The same files in a new archive whose metadata differs (e.g. taken on another host)."""
+    folder = tmp_path / f"extract-{archive.name}"
+    folder.mkdir()
+    scene.borg("extract", "--bypass-lock", f"{scene.transport.path}::{archive.name}", cwd=folder)
+    specs = [vbremote.FileSpec(folder / f.path, f.path, f.role, medium=f.medium, parent=f.parent)
+             for f in archive.files]
+    metadata = attrs.evolve(archive.metadata, **changes)
+    return scene.repo.write_archive(f"{archive.name}-moved", specs, metadata).archive
+
+
+class TestPreflightMore:
+    def test_no_space(self, scene71: Scene, small_fs: Path):
+        """A target too small for what the restore writes is refused before any write."""
+        archive = scene71.take()
+        other = SimulatedVirtualBox(scene71.tmp_path / "other", version="7.1")
+        try:
+            restorer = vbremote.Restorer(vbremote.VirtualBoxHost.connect(manager=other.manager()), scene71.repo)
+            codes = [p.code for p in restorer.plan(archive, small_fs / "dev").problems]
+            assert codes == ["no-space"]
+            with pytest.raises(vbremote.RestorePreflightFailed, match="no-space"):
+                restorer.restore(archive, small_fs / "dev")
+            assert list(small_fs.iterdir()) == []
+        finally:
+            other.close()
+
+    def test_cpu_portability_from_another_host(self, scene71: Scene, tmp_path: Path):
+        """A saved state from another host at portability level 0 needs cpu_portability_level= or discard_state."""
+        scene71.sim.start("dev", workload=None)
+        archive = rewritten(scene71, scene71.take(), tmp_path, host="another-host")
+        restorer = vbremote.Restorer(scene71.host, scene71.repo)
+        problems = restorer.plan(archive, power_off=True).problems
+        assert [p.code for p in problems] == ["cpu-portability"]
+        assert "cpu_portability_level=" in problems[0].remedy
+        assert restorer.plan(archive, power_off=True, cpu_portability_level=1).problems == ()
+        result = restorer.restore(archive, power_off=True, cpu_portability_level=1)
+        assert result.vm is not None
+        assert result.vm.state is vbremote.MachineState.SAVED
+        assert result.vm.cpu_portability_level == 1
+
+
+class TestOtherTools:
+    def test_borg_cli_archive_of_vm_folder(self, tmp_path: Path, borg_cli: BorgCLI, base_dir: Path):
+        """An archive the borg CLI made of a powered-off VM's folder (the PowerShell tool's way) restores onto
+        another host and registers PoweredOff with the folder's disk."""
+        sim = SimulatedVirtualBox(tmp_path / "vbox", version="7.1")
+        other = SimulatedVirtualBox(tmp_path / "other", version="7.1")
+        try:
+            sim.create_vm("plain", disk_size=8 * MIB)
+            content = sim.disk_content("plain")
+            folder = sim.vms_folder / "plain"
+            repo_path = tmp_path / "cli-repo"
+            borg_cli("init", "-e", "repokey-blake2", str(repo_path))
+            borg_cli("create", "-C", "lz4", f"{repo_path}::plain-2026.11.26-18.00.00-offline", ".", cwd=folder)
+            host = vbremote.VirtualBoxHost.connect(manager=other.manager())
+            with vbremote.Repository.open(vbremote.LocalTransport(repo_path), passphrase=PASSPHRASE,
+                                          base_dir=base_dir) as repository:
+                restorer = vbremote.Restorer(host, repository)
+                plan = restorer.plan("plain-2026.11.26-18.00.00-offline")
+                assert plan.source.foreign
+                assert plan.problems == ()
+                result = restorer.restore("plain-2026.11.26-18.00.00-offline")
+            assert result.vm is not None
+            assert result.vm.state is vbremote.MachineState.POWERED_OFF
+            assert result.vm.folder == other.vms_folder / "plain"
+            assert other.disk_content("plain") == content
+        finally:
+            sim.close()
+            other.close()
+
+
+class TestCheck:
+    def test_inaccessible_medium_not_left_registered(self, scene71: Scene):
+        """A restored VM that registers with a medium VirtualBox cannot open is unregistered again, with an error."""
+        archive = scene71.take()
+        folder = scene71.host.vm("dev").folder
+        victim = folder / "_external" / "dev-disk2.vdi"
+
+        def lose_disk(event: vbremote.Progress) -> None:
+            if event.operation == "restore" and event.done == event.total and victim.exists():
+                victim.unlink()
+
+        with pytest.raises(vbremote.RestoreError, match="inaccessible") as caught:
+            vbremote.Restorer(scene71.host, scene71.repo).restore(archive, verify="none", progress=lose_disk)
+        assert caught.value.archive == archive.name
+        assert not any(vm.uuid == archive.vm_uuid for vm in scene71.host.vms())
+
+
+class TestKilled:
+    def test_killed_restore_leaves_no_vm(self, tmp_path: Path, repo: vbremote.Repository, borg_cli: BorgCLI,
+                                         transport: vbremote.LocalTransport, base_dir: Path):
+        """SIGKILL of the restoring process while it writes: the VM is not registered; a re-run into the same
+        folder completes."""
+        scene = Scene(tmp_path, "7.1", repo, borg_cli, transport)
+        scene.sim.start("dev", workload=HOT)
+        archive, instant = take_recording(scene)
+        wait_writes(scene, 20)
+        scene.sim.power_off("dev")
+        folder = scene.host.vm("dev").folder
+        scene.close()
+        repo.close()
+        script = textwrap.dedent(f"""
+            import sys, time
+            from pathlib import Path
+            import vbremote
+            from vbremote.testing import SimulatedVirtualBox
+
+            def stall(event):
+                if event.operation == "restore" and event.done > 0:
+                    print("WRITING", flush=True)
+                    time.sleep(600)
+
+            sim = SimulatedVirtualBox({str(tmp_path / "vbox")!r}, version="7.1")
+            host = vbremote.VirtualBoxHost.connect(manager=sim.manager())
+            with vbremote.Repository.open(vbremote.LocalTransport({str(transport.path)!r}),
+                                          passphrase={PASSPHRASE!r}, base_dir={str(base_dir)!r}) as repo:
+                vbremote.Restorer(host, repo).restore({archive.name!r}, progress=stall)
+        """)
+        env = {**os.environ, "PYTHONPATH": str(Path(vbremote.__file__).parent.parent)}
+        child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 env=env, text=True, start_new_session=True)
+        try:
+            assert child.stdout is not None
+            line = child.stdout.readline()
+            assert line.strip() == "WRITING", child.stderr.read() if child.stderr else ""
+        finally:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
+        with SimulatedVirtualBox(tmp_path / "vbox", version="7.1") as sim:
+            host = vbremote.VirtualBoxHost.connect(manager=sim.manager())
+            assert not any(vm.uuid == archive.vm_uuid for vm in host.vms())
+            # The killed run's borg worker (a session of its own) lets go of the lock once it sees its parent gone.
+            with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir,
+                                          lock_wait=60) as again:
+                result = vbremote.Restorer(host, again).restore(archive.name, folder)
+            assert result.resumed
+            assert result.vm is not None
+            assert result.vm.state is vbremote.MachineState.SAVED
+            for port, content in instant.items():
+                assert sim.disk_content("dev", port) == content

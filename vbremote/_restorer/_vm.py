@@ -1,0 +1,494 @@
+"""The Restorer: a VM back from an archive, in place, into another folder or host, or as a new VM.
+
+Around the data path (plan, apply, journal, verify) it adds what concerns
+the VM:
+
+- **Preflight** (:meth:`Restorer.plan`): the findings that stop a restore,
+  each with what to do, before anything is written.
+- **Unregister first.** The old VM is unregistered before the first write, so
+  a half-restored VM is never registered and cannot be started (VirtualBox
+  keeps a registered machine's settings and media open, and would start it
+  from whatever the files hold). The settings file is written, atomically,
+  only once the data is verified, then registered and checked.
+- **Stale files.** An in-place restore removes the files that the old VM's
+  settings named (disks, differencing images, saved states, NVRAM files)
+  and the archive does not contain, and nothing else.
+- **A new VM** (``as_new``): new machine and medium uuids, written in the
+  settings and in every VDI header, and a new name, so an old snapshot opens
+  beside the current VM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import posixpath
+import re
+import socket
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import attrs
+from attrs import define, frozen
+
+from .._errors import (
+    ArchiveNotFound,
+    ConfigurationError,
+    RestoreError,
+    RestorePreflightFailed,
+    SettingsFileError,
+    VMNotFound,
+)
+from .._models import ArchiveInfo, FileRole, MachineState, Progress, SnapshotMode, VMInfo
+from .._settings import parse_settings, relocate
+from ._apply import ApplyStats, Verify, apply_plan
+from ._foreign import foreign_source
+from ._plan import PlanProblem, RestorePlan, make_plan
+from ._rewrite import new_identity, set_vdi_uuids, settings_with
+from ._source import RestoreSource, referenced_files, source_from_archive
+
+if TYPE_CHECKING:
+    from .._repository import Repository
+    from .._vbox import VirtualBoxHost
+
+__all__ = ["RestoreResult", "Restorer", "host_cpu_vendor"]
+
+log = logging.getLogger("vbremote.restore")
+
+_VERSION = re.compile(r"(\d+)\.(\d+)")
+_VM_NAME = re.compile(r"[^/\\\0]{1,200}")
+
+
+def host_cpu_vendor() -> str | None:
+    """This host's CPU vendor as the kernel reports it (``vendor_id``), or None where unknown."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.strip() in ("vendor_id", "CPU implementer"):
+                return value.strip() or None
+    return None
+
+
+def _major_minor(version: str | None) -> tuple[int, int] | None:
+    match = _VERSION.match(version or "")
+    return (int(match[1]), int(match[2])) if match else None
+
+
+@frozen
+class RestoreResult:
+    """What a restore did.
+
+    Attributes:
+        vm: The registered VM as VirtualBox reports it after the restore, or
+            ``None`` with ``register=False``.
+        stats: What the data path did (bytes fetched, copied, written, verified).
+        removed: Stale files removed from the target folder (absolute paths).
+        resumed: Whether an interrupted restore of the same archive was continued.
+        settings_file: The settings file written.
+    """
+
+    vm: VMInfo | None
+    stats: ApplyStats
+    removed: tuple[Path, ...]
+    resumed: bool
+    settings_file: Path
+
+
+@define(eq=False)
+class Restorer:
+    """Restores VMs from archives: incremental, resumable, verified.
+
+    Args:
+        host: The VirtualBox host to register the VM on.
+        repository: The open repository the archives are in.
+        cpu_vendor: This host's CPU vendor, compared with a saved state's
+            (default: read from ``/proc/cpuinfo``).
+    """
+
+    host: VirtualBoxHost
+    repository: Repository
+    cpu_vendor: str | None = attrs.field(factory=host_cpu_vendor)
+
+    # -- planning -----------------------------------------------------------------
+
+    def source(self, archive: ArchiveInfo | str, *, external: Mapping[str, str] | None = None) -> RestoreSource:
+        """What ``archive`` restores, checked before anything is written.
+
+        A vbremote archive is read from its metadata
+        (:func:`vbremote._restorer.source_from_archive`); an archive without
+        vbremote metadata (made with the borg CLI from a VM folder, e.g. by
+        the PowerShell tool) from its items and its settings file
+        (:func:`vbremote._restorer._foreign.foreign_source`).
+
+        Raises:
+            ArchiveNotFound: No archive of that name.
+            ArchiveInvalid: The archive is hostile or broken (its metadata
+                included: :class:`ArchiveMetadataError` is one); it names the archive.
+            ConfigurationError: ``external`` for an archive of another tool, or a bad mapping.
+        """
+        if isinstance(archive, ArchiveInfo):
+            return source_from_archive(self.repository, archive, external=external)
+        try:
+            info = self.repository.archive(archive)
+        except ArchiveNotFound:
+            contents = self.repository.chunk_lists(archive)  # ArchiveNotFound if there is none at all
+            if external:
+                raise ConfigurationError(f"archive {archive!r} was made by another tool: it has no _external/ files"
+                                         ) from None
+            return foreign_source(self.repository, archive, contents)
+        return source_from_archive(self.repository, info, external=external)
+
+    def plan(
+        self,
+        archive: ArchiveInfo | str,
+        target: str | os.PathLike[str] | None = None,
+        seeds: Sequence[str | os.PathLike[str]] = (),
+        *,
+        power_off: bool = False,
+        discard_state: bool = False,
+        cpu_portability_level: int | None = None,
+        as_new: str | None = None,
+        external: Mapping[str, str] | None = None,
+        progress: Callable[[Progress], None] | None = None,
+    ) -> RestorePlan:
+        """What restoring ``archive`` does, block by block, and what stops it; writes nothing.
+
+        Args:
+            archive: The archive (an :class:`ArchiveInfo` or its name).
+            target: The VM folder to restore into. ``None``: the folder of the
+                registered VM with the archive's uuid, or the host's default
+                machine folder plus the VM's name (``as_new``: plus the new
+                name) if there is none.
+            seeds: Further local files that may hold needed data (only read).
+            power_off: The restore will power a running VM off (no ``vm-running`` problem).
+            discard_state: Restore a saved-state archive ``PoweredOff`` (no
+                version or CPU problems).
+            cpu_portability_level: The level the restored VM gets (0 to 3).
+            as_new: Restore as a new VM of this name (new uuids), beside the current one.
+            external: Where ``_external/`` files go, relative to the target.
+            progress: Called while local files are hashed.
+
+        Returns:
+            The plan; its ``problems`` are what :meth:`restore` refuses on
+            (each with a ``code``, a ``message`` and a ``remedy``).
+
+        Raises:
+            ArchiveNotFound, ArchiveMetadataError, ArchiveInvalid: The archive
+                cannot be restored at all (hostile or damaged).
+            ConfigurationError: A bad argument.
+        """
+        source, folder, current = self._prepare(archive, target, as_new=as_new, external=external,
+                                                cpu_portability_level=cpu_portability_level)
+        _, outside = self._old_files(folder, source, current) if as_new is None else (set(), set())
+        plan = make_plan(self.repository, source, folder, seeds=[*seeds, *sorted(outside)], progress=progress)
+        problems = self._preflight(source, folder, power_off=power_off, discard_state=discard_state,
+                                   cpu_portability_level=cpu_portability_level, as_new=as_new)
+        return attrs.evolve(plan, problems=(*plan.problems, *problems))
+
+    def _prepare(
+        self,
+        archive: ArchiveInfo | str,
+        target: str | os.PathLike[str] | None,
+        *,
+        as_new: str | None,
+        external: Mapping[str, str] | None,
+        cpu_portability_level: int | None,
+    ) -> tuple[RestoreSource, Path, VMInfo | None]:
+        if as_new is not None and (not isinstance(as_new, str) or not _VM_NAME.fullmatch(as_new)
+                                   or as_new in (".", "..")):
+            raise ConfigurationError(f"as_new must be a VM name (no slashes), not {as_new!r}")
+        if cpu_portability_level is not None and (
+                not isinstance(cpu_portability_level, int) or not 0 <= cpu_portability_level <= 3):
+            raise ConfigurationError(f"the CPU portability level is 0 to 3, not {cpu_portability_level!r}")
+        source = self.source(archive, external=external)
+        current = self._registered(source.vm_uuid)
+        if target is not None:
+            folder = Path(os.path.abspath(target))
+        elif as_new is not None:
+            folder = self.host.default_machine_folder / as_new
+        elif current is not None:
+            folder = current.folder
+        else:
+            folder = self.host.default_machine_folder / source.vm_name
+        return source, folder, current
+
+    def _registered(self, uuid: str) -> VMInfo | None:
+        try:
+            return self.host.vm(uuid)
+        except VMNotFound:
+            return None
+
+    def _preflight(
+        self,
+        source: RestoreSource,
+        folder: Path,
+        *,
+        power_off: bool,
+        discard_state: bool,
+        cpu_portability_level: int | None,
+        as_new: str | None,
+    ) -> list[PlanProblem]:
+        problems: list[PlanProblem] = []
+        current = self._registered(source.vm_uuid)
+        if as_new is not None:
+            for vm in self.host.vms():
+                if vm.name == as_new:
+                    problems.append(PlanProblem(
+                        "name-taken", f"a VM named {as_new!r} is registered ({vm.uuid}, {vm.folder})",
+                        "choose another name for as_new"))
+                if vm.folder == folder:
+                    problems.append(PlanProblem(
+                        "target-in-use", f"{folder} is the folder of the registered VM {vm.name!r}",
+                        "restore as a new VM into another folder"))
+        elif current is not None and current.folder != folder:
+            problems.append(PlanProblem(
+                "uuid-elsewhere",
+                f"a VM with this archive's uuid {source.vm_uuid} ({current.name!r}) is registered from "
+                f"{current.folder}; a second VM with the same uuid cannot be registered from {folder}",
+                f"restore in place (target=None or {current.folder}), unregister that VM first, "
+                f"or restore as a new VM (as_new='name')"))
+        elif current is not None and not current.state.is_off and not power_off:
+            problems.append(PlanProblem(
+                "vm-running", f"the VM {current.name!r} is {current.state.value}",
+                "power it off (or save its state) first, or pass power_off=True"))
+        if as_new is None:
+            for vm in self.host.vms():
+                if vm.uuid != source.vm_uuid and vm.folder == folder:
+                    problems.append(PlanProblem(
+                        "target-in-use", f"{folder} is the folder of another registered VM, {vm.name!r}",
+                        "restore into another folder"))
+        if source.mode is not SnapshotMode.OFFLINE and not discard_state:
+            problems.extend(self._saved_state_problems(source, cpu_portability_level))
+        return problems
+
+    def _saved_state_problems(self, source: RestoreSource, cpu_portability_level: int | None) -> list[PlanProblem]:
+        problems: list[PlanProblem] = []
+        here = _major_minor(self.host.version)
+        there = _major_minor(source.vbox_version)
+        # An archive of another tool records no version (nor CPU): nothing to
+        # compare, and VirtualBox refuses to load a saved state it cannot
+        # (the VM then stays Saved and its state can be discarded).
+        if there is not None and here != there:
+            problems.append(PlanProblem(
+                "vbox-version",
+                f"the saved state was written by VirtualBox {source.vbox_version}; this host runs "
+                f"{self.host.version}, and a saved state only loads in the same major.minor release",
+                f"pass discard_state=True to restore it powered off, or restore on a host with VirtualBox "
+                f"{there[0]}.{there[1]}"))
+        if source.cpu_vendor and self.cpu_vendor and source.cpu_vendor != self.cpu_vendor:
+            problems.append(PlanProblem(
+                "cpu-vendor",
+                f"the saved state was taken on a {source.cpu_vendor} CPU; this host's is {self.cpu_vendor}, and a "
+                "guest cannot resume on another vendor's CPU",
+                "pass discard_state=True to restore it powered off (and cpu_portability_level= to set the level "
+                "the VM boots with)"))
+        elif (source.cpu_portability or 0) == 0 and cpu_portability_level is None and source.cpu_vendor \
+                and self._other_host(source):
+            problems.append(PlanProblem(
+                "cpu-portability",
+                "the saved state was taken on another host with CPU portability level 0 (every host CPU feature "
+                "visible to the guest); it resumes only where the CPU has the same features",
+                "pass cpu_portability_level= (0 to 3) to accept and set the level, or discard_state=True to "
+                "restore it powered off"))
+        return problems
+
+    def _other_host(self, source: RestoreSource) -> bool:
+        try:
+            info = self.repository.archive(source.archive)
+        except Exception:  # a foreign archive records no host
+            return False
+        return info.metadata.host is not None and info.metadata.host != socket.gethostname()
+
+    # -- restoring ----------------------------------------------------------------
+
+    def restore(
+        self,
+        archive: ArchiveInfo | str,
+        target: str | os.PathLike[str] | None = None,
+        *,
+        power_off: bool = False,
+        register: bool = True,
+        verify: Verify = "written",
+        seeds: Sequence[str | os.PathLike[str]] = (),
+        discard_state: bool = False,
+        cpu_portability_level: int | None = None,
+        as_new: str | None = None,
+        external: Mapping[str, str] | None = None,
+        progress: Callable[[Progress], None] | None = None,
+    ) -> RestoreResult:
+        """Restore ``archive`` into ``target`` and register the VM.
+
+        The order: preflight (nothing written); power off if asked (before
+        the plan, which compares the VM's files); plan (the ``no-space``
+        check); unregister the VM being replaced; write the data (resumable:
+        run again after an interruption and it continues); write the
+        settings file; register and check the VM; remove the stale files.
+
+        A restore as a new VM reads the current VM's files as seeds when it
+        is not running (its disks hold most of the data of any of its archives).
+
+        Args:
+            archive, target, seeds, power_off, discard_state, cpu_portability_level, as_new, external:
+                As for :meth:`plan`.
+            register: Register the VM (``False``: only write the files).
+            verify: ``"written"``, ``"full"`` or ``"none"`` (see :func:`apply_plan`).
+            progress: Called with :class:`Progress` events while hashing and writing.
+
+        Returns:
+            The registered VM, the data path's stats, the stale files removed.
+
+        Raises:
+            RestorePreflightFailed: The plan has problems (listed on the error); nothing was written.
+            IntegrityError: A chunk failed verification; the VM is not registered.
+            TargetSpaceError: The target is full; run again once space is freed.
+            RestoreError: The restored VM did not register as expected, or writing failed.
+            ArchiveNotFound, ArchiveMetadataError, ArchiveInvalid, ConfigurationError: As for :meth:`plan`.
+        """
+        source, folder, current = self._prepare(archive, target, as_new=as_new, external=external,
+                                                cpu_portability_level=cpu_portability_level)
+        problems = self._preflight(source, folder, power_off=power_off, discard_state=discard_state,
+                                   cpu_portability_level=cpu_portability_level, as_new=as_new)
+        if problems:
+            raise _refused(source, folder, problems)
+        in_place = as_new is None
+        if in_place and current is not None and current.state.is_running and power_off:
+            # Before the plan: a running guest changes the very blocks the plan compares.
+            log.info("%s: powering off for the restore", current.name)
+            self.host.power_off(current)
+        if in_place:
+            old_files, outside = self._old_files(folder, source, current)
+            # The old VM's files outside the folder (disks it kept elsewhere) hold
+            # most of the data of their archived copies: read them, never write them.
+            local_seeds = outside
+        else:
+            old_files = set()
+            mine = current if current is not None and current.state.is_off else None
+            inside, outside = self._old_files(mine.folder, source, mine) if mine is not None else (set(), set())
+            local_seeds = inside | outside
+        plan = make_plan(self.repository, source, folder, seeds=[*seeds, *sorted(local_seeds)], progress=progress)
+        if plan.problems:
+            raise _refused(source, folder, plan.problems)
+        if in_place and current is not None:
+            log.info("%s: unregistering before the restore writes", current.name)
+            self.host.unregister(current)
+        folder.mkdir(parents=True, exist_ok=True)
+        stats = apply_plan(self.repository, plan, verify=verify, progress=progress)
+        settings = settings_with(source.settings, drop_state=discard_state,
+                                 cpu_portability_level=cpu_portability_level)
+        settings_path = folder / source.settings_path
+        if as_new is not None:
+            settings, _, media = new_identity(settings, name=as_new)
+            for f in source.files:
+                if f.role is FileRole.DISK:
+                    set_vdi_uuids(folder / f.target_path, media)
+            settings_path = folder / f"{as_new}.vbox"
+        try:
+            # A final guard: every path stays inside the folder the file is written to.
+            settings = relocate(settings, old_folder=str(folder))
+        except SettingsFileError as exc:
+            raise RestoreError(f"archive {source.archive!r}: {exc}", archive=source.archive) from exc
+        _write_atomically(settings_path, settings)
+        info = None
+        if register:
+            info = self.host.register(settings_path)
+            self._check(info, source, settings, discard_state=discard_state)
+        written = {folder / f.target_path for f in source.files} | {settings_path}
+        removed = _remove_stale(folder, old_files - written)
+        log.info("%s: restored from %s into %s (%d bytes fetched, %d stale files removed)", source.vm_name,
+                 source.archive, folder, stats.bytes_fetched, len(removed))
+        return RestoreResult(vm=info, stats=stats, removed=removed, resumed=stats.resumed,
+                             settings_file=settings_path)
+
+    def _old_files(self, folder: Path, source: RestoreSource, current: VMInfo | None) -> tuple[set[Path], set[Path]]:
+        """The data files the old VM's settings name: those inside ``folder``, and those outside it.
+
+        The old settings are the registered VM's file, or (the VM was
+        unregistered by an interrupted restore) the settings file in the target folder.
+        """
+        candidates = [current.settings_file] if current is not None else []
+        candidates.append(folder / source.settings_path)
+        for path in candidates:
+            try:
+                settings = parse_settings(path.read_bytes())
+            except (OSError, SettingsFileError):
+                continue
+            if settings.uuid != source.vm_uuid:
+                continue
+            inside: set[Path] = set()
+            outside: set[Path] = set()
+            for written, _role, _what in referenced_files(settings):
+                absolute = Path(os.path.normpath(path.parent / written))
+                if absolute.is_relative_to(folder) and absolute != folder:
+                    inside.add(absolute)
+                elif absolute.is_file():
+                    outside.add(absolute)
+            return inside, outside
+        return set(), set()
+
+    def _check(self, info: VMInfo, source: RestoreSource, settings: bytes, *, discard_state: bool) -> None:
+        """The registered VM is what the archive holds; otherwise unregister it again and raise."""
+        problems: list[str] = []
+        saved = source.mode is not SnapshotMode.OFFLINE and not discard_state
+        expected = MachineState.SAVED if saved else MachineState.POWERED_OFF
+        if info.state is not expected:
+            problems.append(f"it is {info.state.value}, not {expected.value}")
+        media = [m for a in info.attachments for m in a.chain]
+        if info.snapshot_tree is not None:
+            media += [m for s in info.snapshot_tree.walk() for a in s.attachments for m in a.chain]
+        problems += [f"medium {m.location} is inaccessible: {m.access_error}" for m in media if not m.accessible]
+        wanted = {node.uuid for node in parse_settings(settings).snapshots()}
+        there = {s.uuid for s in info.snapshot_tree.walk()} if info.snapshot_tree is not None else set()
+        if wanted != there:
+            problems.append(f"its snapshots are {sorted(there)}, not {sorted(wanted)}")
+        if problems:
+            with contextlib.suppress(Exception):
+                self.host.unregister(info)
+            raise RestoreError(
+                f"archive {source.archive!r}: the restored VM {info.name!r} did not register as archived: "
+                + "; ".join(problems) + "; it was unregistered again", archive=source.archive)
+
+
+def _refused(source: RestoreSource, folder: Path, problems: Sequence[PlanProblem]) -> RestorePreflightFailed:
+    listed = "; ".join(f"{p.code}: {p.message} ({p.remedy})" for p in problems)
+    return RestorePreflightFailed(f"archive {source.archive!r} cannot be restored into {folder}: {listed}",
+                                  archive=source.archive, problems=tuple(problems))
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write, fsync, rename over, fsync the folder: the file is the old one or the new one, whole."""
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def _remove_stale(folder: Path, stale: Iterable[Path]) -> tuple[Path, ...]:
+    removed: list[Path] = []
+    for path in sorted(stale):
+        if path.is_symlink() or not path.is_file():
+            continue
+        if posixpath.commonpath([str(folder), str(path)]) != str(folder):
+            continue
+        try:
+            path.unlink()
+        except OSError as exc:
+            log.warning("stale file %s could not be removed: %s", path, exc)
+            continue
+        removed.append(path)
+    return tuple(removed)
+
