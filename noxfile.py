@@ -59,4 +59,5 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_repository.py", *session.posargs)
     session.run("python", "benchmarks/bench_prune.py")
     session.run("python", "benchmarks/bench_fetch.py")
+    session.run("python", "benchmarks/bench_snapshot.py")
     session.run("python", "benchmarks/bench_restore.py")
