@@ -59,7 +59,9 @@ def demo(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Benchmarks against the borg CLI on the same data (ratios, not timed tests)."""
-    session.install("-e", ".")
+    session.install("-e", ".[bench]")
     session.run("python", "benchmarks/bench_repository.py", *session.posargs)
     session.run("python", "benchmarks/bench_prune.py")
     session.run("python", "benchmarks/bench_fetch.py")
+    session.run("python", "benchmarks/bench_snapshot.py")
+    session.run("python", "benchmarks/bench_restore.py")

@@ -12,7 +12,7 @@ import vbremote
 import vbremote.testing
 
 EXPECTED = {
-    "DEFAULT_BLOCK_SIZE", "DEFAULT_ENCRYPTION", "DEFAULT_READ_AHEAD", "ENCRYPTION_MODES",
+    "DEFAULT_BLOCK_SIZE", "DEFAULT_CHECKPOINT_INTERVAL", "DEFAULT_ENCRYPTION", "DEFAULT_READ_AHEAD", "ENCRYPTION_MODES",
     "ArchiveContents", "ArchiveInvalid", "ItemKind", "StoredItem",
     "AccessDenied", "ArchiveExists", "ArchiveFile", "ArchiveInfo", "ArchiveMetadataError", "ArchiveNotFound",
     "BorgError",

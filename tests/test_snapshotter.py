@@ -394,6 +394,9 @@ class TestTransientSnapshot:
             scene71.snapshotter.take("dev", progress=on_first("archive", stop))
         assert scene71.host.vm("dev").snapshots() == ()
         assert scene71.borg_archives() == []
+        # The repository stays usable: the next run commits.
+        result = scene71.snapshotter.take("dev")
+        assert scene71.borg_archives() == [result.archive.name]
 
     def test_interrupt_during_the_archive(self, scene71: Scene):
         """Ctrl-C while the files are read: the snapshot is deleted, nothing committed, the guest runs on."""

@@ -73,6 +73,7 @@ from ._models import (
 from ._pruner import PROTECTED_LABEL, Guards, PlanEntry, PrunePlan, Pruner, PruneResult
 from ._repository import (
     DEFAULT_BLOCK_SIZE,
+    DEFAULT_CHECKPOINT_INTERVAL,
     DEFAULT_ENCRYPTION,
     DEFAULT_READ_AHEAD,
     ENCRYPTION_MODES,
@@ -128,6 +129,7 @@ __all__ = [
     "ConfigurationError",
     "ConnectionFailed",
     "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_CHECKPOINT_INTERVAL",
     "DEFAULT_ENCRYPTION",
     "DEFAULT_NAME_TEMPLATE",
     "DEFAULT_READ_AHEAD",

@@ -176,9 +176,8 @@ class Snapshotter:
                 (``done``/``total`` in snapshots), ``snapshot``, ``archive``
                 (``path``, ``done``/``total`` in bytes of that file) and
                 ``merge`` (``done``/``total`` in percent). Raising from it
-                cancels the run: the transient snapshot is deleted, no
-                archive is committed, and the repository is closed if the
-                archive had started.
+                cancels the run: the transient snapshot is deleted and no
+                archive is committed (the repository stays usable).
 
         Returns:
             The archive, the mode used, the costs and the leftovers removed.
