@@ -131,7 +131,7 @@ def test_any_history_matches_a_flat_model(ops):
 @pytest.mark.qemu
 class TestGuestWrite:
     def test_writes_into_a_folder_with_spaces(self, tmp_path: Path) -> None:
-        """guest_write works where VirtualBox keeps VMs ("VirtualBox VMs/my vm"): qemu-io splits its command at spaces."""
+        """guest_write works where VirtualBox keeps VMs ("VirtualBox VMs/my vm"), though qemu-io splits at spaces."""
         if not vbremote.testing.qemu_tools_available():
             pytest.skip("qemu-img/qemu-io are not installed (Debian package qemu-utils)")
         folder = tmp_path / "VirtualBox VMs" / "my vm"
