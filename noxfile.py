@@ -32,7 +32,9 @@ def typecheck(session: nox.Session) -> None:
     # The package imports borg only in its worker process, so type checking
     # does not need borg built.
     session.install("--no-deps", "-e", ".")
-    session.install("attrs>=23.1", "defusedxml>=0.7.1", "types-defusedxml", "mypy>=1.10")
+    session.install(
+        "attrs>=23.1", "defusedxml>=0.7.1", "types-defusedxml", "click>=8.1", "rich>=13", "mypy>=1.10"
+    )
     session.run("mypy")
     session.run("mypy", "--strict", "tests/typing")
 
@@ -41,7 +43,9 @@ def typecheck(session: nox.Session) -> None:
 def docs(session: nox.Session) -> None:
     """Sphinx, warnings as errors."""
     session.install("--no-deps", "-e", ".")
-    session.install("attrs>=23.1", "defusedxml>=0.7.1", "sphinx>=7", "myst-parser>=2")
+    session.install(
+        "attrs>=23.1", "defusedxml>=0.7.1", "click>=8.1", "rich>=13", "sphinx>=7", "myst-parser>=2", "sphinx-click>=5"
+    )
     session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
 
 
@@ -55,7 +59,9 @@ def demo(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Benchmarks against the borg CLI on the same data (ratios, not timed tests)."""
-    session.install("-e", ".")
+    session.install("-e", ".[bench]")
     session.run("python", "benchmarks/bench_repository.py", *session.posargs)
     session.run("python", "benchmarks/bench_prune.py")
     session.run("python", "benchmarks/bench_fetch.py")
+    session.run("python", "benchmarks/bench_snapshot.py")
+    session.run("python", "benchmarks/bench_restore.py")

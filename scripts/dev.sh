@@ -6,7 +6,8 @@
 #   bash scripts/dev.sh -s bench # any nox arguments
 #
 # It installs only what is missing: Debian packages (the libraries borg is
-# built against, sshd, qemu-img) through apt-get, which needs root; nox in a
+# built against, sshd, qemu-img; iproute2 for the network tests; rsync and FUSE
+# for the restore benchmark) through apt-get, which needs root; nox in a
 # virtual environment in .venv/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,7 @@ PYTHON=${PYTHON:-python3}
 packages=(
   gcc pkg-config libacl1-dev liblz4-dev libzstd-dev libxxhash-dev libssl-dev
   openssh-server openssh-client qemu-utils
+  iproute2 rsync fuse3 libfuse3-dev
 )
 missing=()
 for pkg in "${packages[@]}"; do

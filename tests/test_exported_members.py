@@ -12,11 +12,11 @@ import vbremote
 import vbremote.testing
 
 EXPECTED = {
-    "DEFAULT_BLOCK_SIZE", "DEFAULT_ENCRYPTION", "DEFAULT_READ_AHEAD", "ENCRYPTION_MODES",
+    "DEFAULT_BLOCK_SIZE", "DEFAULT_CHECKPOINT_INTERVAL", "DEFAULT_ENCRYPTION", "DEFAULT_READ_AHEAD", "ENCRYPTION_MODES",
     "ArchiveContents", "ArchiveInvalid", "ItemKind", "StoredItem",
     "AccessDenied", "ArchiveExists", "ArchiveFile", "ArchiveInfo", "ArchiveMetadataError", "ArchiveNotFound",
     "BorgError",
-    "CheckResult", "ChunkRef", "Chunking", "CommandTransport", "CompactResult", "ConfigurationError",
+    "CheckResult", "ChunkRef", "Chunking", "CommandTransport", "CompactResult", "ConfigFileError", "ConfigurationError",
     "ConnectionFailed", "DeleteResult", "FileChunks", "FileNotInArchive", "FileRole", "FileSpec",
     "IntegrityError", "LocalTransport", "Passphrase", "PassphraseError", "PassphraseMissing",
     "PassphraseWrong", "Progress", "Repository", "RepositoryError", "RepositoryExists",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -16,11 +17,14 @@ from pathlib import Path
 
 import pytest
 from helpers import PASSPHRASE, metadata
+from hypothesis import given
+from hypothesis import strategies as st
 from test_repository import corrupt_one_chunk
 
 import vbremote
 from vbremote._restorer import JOURNAL_NAME, RestoreSource, SourceFile, apply_plan, make_plan
 from vbremote._restorer import _apply as apply_module
+from vbremote._restorer._journal import coalesce, intervals_cover, subtract
 from vbremote.testing import MIB, guest_write, make_vdi, qemu_tools_available
 
 pytestmark = pytest.mark.filterwarnings("error")
@@ -247,6 +251,20 @@ class TestApply:
         assert (target / "b.bin").read_bytes() == b
         assert plan.files[0].blocks_fetched == 0
 
+    def test_symlink_in_target_is_refused(self, repo, vdi_folder, tmp_path):
+        """A symlink at a file's place in the target: RestoreError before any write; its target is untouched."""
+        info = archive_folder(repo, vdi_folder, "a")
+        outside = tmp_path / "outside.bin"
+        outside.write_bytes(b"keep")
+        target = tmp_path / "t"
+        target.mkdir()
+        (target / "state.sav").symlink_to(outside)
+        with pytest.raises(vbremote.RestoreError) as caught:
+            make_plan(repo, restore_source(repo, info), target)
+        assert caught.value.path == "state.sav"
+        assert outside.read_bytes() == b"keep"
+        assert sorted(p.name for p in target.iterdir()) == ["state.sav"]
+
     def test_another_archive_starts_a_new_plan(self, repo, vdi_folder, tmp_path):
         """A journal of another archive is not trusted: its done blocks are compared, not taken as done."""
         first = archive_folder(repo, vdi_folder, "a")
@@ -286,7 +304,7 @@ CHILD = textwrap.dedent('''
     _apply.JOURNAL_EVERY_BYTES = 2 * 1024 * 1024  # many journal updates, many places to be killed between
     repo_path, base_dir, passphrase, archive, target = sys.argv[1:6]
     with vbremote.Repository.open(
-        vbremote.LocalTransport(repo_path), passphrase=passphrase, base_dir=Path(base_dir), lock_wait=30
+        vbremote.LocalTransport(repo_path), passphrase=passphrase, base_dir=Path(base_dir), lock_wait=30, read_only=True
     ) as repo:
         info = repo.archive(archive)
         contents = repo.chunk_lists(info)
@@ -356,18 +374,16 @@ class TestKillAndResume:
                 kills += 1
                 recorded = max(recorded, journal_is_true(target, expected))
                 continue
-            # Finished before the kill: the folder is complete; start over from an old local copy.
+            # Finished before the kill: the folder is complete; start over, into an empty folder.
             assert files_of(target, NAMES) == expected
             assert not (target / JOURNAL_NAME).exists()
             shutil.rmtree(target)
-            shutil.copytree(vdi_folder, target)
-            change_guest(target / "disk.vdi", 0.25, seed=kills)
         assert recorded > 0  # some kill fell after a journal update
         run_child(script, args, None)
         assert files_of(target, NAMES) == files_of(extract(borg_cli, repo, transport, "a", tmp_path / "x"), NAMES)
 
     def test_resume_fetches_only_what_is_left(self, repo, vdi_folder, tmp_path, monkeypatch):
-        """Interrupted halfway, the resumed restore trusts the journal and fetches only the rest."""
+        """Interrupted halfway, the resumed restore trusts the journal and fetches only what is not written."""
         info = archive_folder(repo, vdi_folder, "a")
         source = restore_source(repo, info)
         target = tmp_path / "t"
@@ -382,7 +398,9 @@ class TestKillAndResume:
         assert sum(f.blocks_done for f in resumed.files) > 0
         stats = apply_plan(repo, resumed)
         assert stats.resumed
-        assert counter.bytes <= plan.bytes_to_fetch * 1.05
+        # Fetched twice at most: the chunks in flight when it stopped (queued for the writer, in hand).
+        in_flight = (apply_module._WRITES_IN_FLIGHT + 2) * max(c.size for f in source.files for c in f.chunks)
+        assert counter.bytes <= plan.bytes_to_fetch + in_flight
         assert counter.bytes - first == resumed.bytes_to_fetch
         assert files_of(target, NAMES) == files_of(vdi_folder, NAMES)
 
@@ -412,28 +430,34 @@ class TestVerify:
         assert done is not None
         assert not any(a < chunk.offset + chunk.size and chunk.offset < b for a, b in done.done)
 
-    def test_read_back_mismatch_raises_and_is_not_recorded(self, repo, vdi_folder, tmp_path, monkeypatch):
+    def test_read_back_mismatch_raises_and_is_not_recorded(self, repo, vdi_folder, tmp_path):
         """A written block that reads back wrong: IntegrityError with file and offset, and not recorded as done."""
         info = archive_folder(repo, vdi_folder, "a")
         target = tmp_path / "t"
         plan = make_plan(repo, restore_source(repo, info), target)
         victim = next(a.chunk for a in plan.files[1].actions if a.kind == "fetch")
-        sizes = apply_module._Applier.sizes
+        expected = (vdi_folder / "state.sav").read_bytes()[victim.offset + 5]
+        rotted = []
 
-        def rot(self: apply_module._Applier) -> None:
-            sizes(self)
-            fd = self.fds["state.sav"]
-            byte = os.pread(fd, 1, victim.offset + 5)
-            os.pwrite(fd, bytes([byte[0] ^ 1]), victim.offset + 5)
+        def rot(event: vbremote.Progress) -> None:
+            # Bit rot right after the victim block was written, before it is made durable and read back.
+            path = target / "state.sav"
+            if rotted or not path.exists() or path.stat().st_size <= victim.offset + 5:
+                return
+            with path.open("r+b") as f:
+                f.seek(victim.offset + 5)
+                if f.read(1)[0] == expected:
+                    f.seek(victim.offset + 5)
+                    f.write(bytes([expected ^ 1]))
+                    rotted.append(True)
 
-        monkeypatch.setattr(apply_module._Applier, "sizes", rot)
         with pytest.raises(vbremote.IntegrityError) as caught:
-            apply_plan(repo, plan)
+            apply_plan(repo, plan, progress=rot)
+        assert rotted
         assert (caught.value.path, caught.value.offset) == ("state.sav", victim.offset)
         state = vbremote.RestoreState.load(target)
         assert state is not None
         assert journal_is_true(target, files_of(vdi_folder, NAMES)) > 0
-        monkeypatch.undo()
         again = make_plan(repo, restore_source(repo, info), target)
         assert again.files[1].blocks_fetched + again.files[1].blocks_copied == 1
         apply_plan(repo, again)
@@ -476,3 +500,66 @@ class TestDiskFull:
         assert resumed.bytes_to_fetch < plan.bytes_to_fetch  # what was written before is reused
         apply_plan(repo, resumed)
         assert files_of(target, NAMES) == expected
+
+
+class TestVerifyFull:
+    def test_full_reads_back_reused_blocks_too(self, repo, vdi_folder, tmp_path):
+        """verify="full" also checks blocks the plan reused; "written" does not read them."""
+        info = archive_folder(repo, vdi_folder, "a")
+        target = tmp_path / "t"
+        shutil.copytree(vdi_folder, target)
+        source = restore_source(repo, info)
+        plan = make_plan(repo, source, target)
+        reused = next(a.chunk for a in plan.files[0].actions if a.kind == "reuse" and a.chunk.offset > 0)
+        with (target / "disk.vdi").open("r+b") as f:  # changed after the plan was made
+            f.seek(reused.offset)
+            f.write(b"changed")
+        assert apply_plan(repo, plan, verify="written").bytes_verified == 0
+        with pytest.raises(vbremote.IntegrityError) as caught:
+            apply_plan(repo, plan, verify="full")
+        assert (caught.value.path, caught.value.offset) == ("disk.vdi", reused.offset)
+
+
+class TestJournalFile:
+    def test_round_trip_and_atomic_name(self, tmp_path):
+        """A saved journal loads back equal; no temporary file is left beside it."""
+        state = vbremote.RestoreState(
+            archive_id="ab" * 32, archive="a", fingerprint="f",
+            files=[vbremote.RestoreFileState("disk.vdi", 10 * MIB, [(MIB, 2 * MIB), (0, MIB), (5 * MIB, 6 * MIB)])],
+        )
+        state.save(tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [JOURNAL_NAME]
+        loaded = vbremote.RestoreState.load(tmp_path)
+        assert loaded == state
+        assert loaded.files[0].done == ((0, 2 * MIB), (5 * MIB, 6 * MIB))
+        assert loaded.done_bytes == 3 * MIB
+
+    @pytest.mark.parametrize("text", ["", "{", "[]", '{"version": 99}', '{"version": 1, "files": [{"path": 1}]}',
+                                      '{"version":1,"archive_id":"a","archive":"a","fingerprint":"f",'
+                                      '"files":[{"path":"d","size":1,"done":[[5,2]]}]}'])
+    def test_malformed_journal_is_ignored(self, repo, vdi_folder, tmp_path, text):
+        """A journal that does not parse is ignored: the plan compares everything and trusts nothing."""
+        (vdi_folder / JOURNAL_NAME).write_text(text)
+        assert vbremote.RestoreState.load(vdi_folder) is None
+        info = archive_folder(repo, vdi_folder, "a")
+        plan = make_plan(repo, restore_source(repo, info), vdi_folder)
+        assert not plan.resumed
+        assert plan.bytes_to_write == 0
+
+
+class TestIntervals:
+    @given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 20)), max_size=8),
+           st.integers(0, 70), st.integers(1, 20), st.integers(0, 70), st.integers(0, 20))
+    def test_intervals_match_a_set_model(self, pairs, offset, size, cut_start, cut_size):
+        """coalesce, intervals_cover and subtract agree with the same ranges as sets of positions."""
+        intervals = [(a, a + n) for a, n in pairs]
+        model = {i for a, b in intervals for i in range(a, b)}
+        merged = coalesce(intervals)
+        assert {i for a, b in merged for i in range(a, b)} == model
+        assert all(b < c for (_, b), (c, _) in itertools.pairwise(merged))  # sorted, disjoint, not touching
+        assert intervals_cover(merged, offset, size) == all(i in model for i in range(offset, offset + size))
+        for a, b in merged:  # the edges: each interval covers itself, and not one position more
+            assert intervals_cover(merged, a, b - a)
+            assert not intervals_cover(merged, a, b - a + 1)
+        cut = subtract(merged, cut_start, cut_start + cut_size)
+        assert {i for a, b in cut for i in range(a, b)} == model - set(range(cut_start, cut_start + cut_size))

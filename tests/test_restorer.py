@@ -443,7 +443,11 @@ class TestElsewhere:
         scene71.sim.start("dev", workload=HOT)
         wait_writes(scene71, 10)
         scene71.sim.power_off("dev")
-        result = vbremote.Restorer(scene71.host, scene71.repo).restore(archive, as_new="dev-old")
+        restorer = vbremote.Restorer(scene71.host, scene71.repo)
+        plan = restorer.plan(archive, as_new="dev-old")
+        result = restorer.restore(archive, as_new="dev-old")
+        # The plan reads the same seeds as the restore, so it says what will travel.
+        assert plan.bytes_to_fetch == result.stats.bytes_fetched
         total = sum(f.size for f in archive.files)
         assert result.stats.bytes_copied > total / 2
         assert result.stats.bytes_fetched < total / 2

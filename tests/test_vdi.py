@@ -126,3 +126,21 @@ def test_any_history_matches_a_flat_model(ops):
             chain.pop().merge_into_parent()
         assert chain[0].read(0, SIZE) == bytes(model)
         assert raw_from_qemu(tmp / "base.vdi", tmp) == bytes(model)
+
+
+@pytest.mark.qemu
+class TestGuestWrite:
+    def test_writes_into_a_folder_with_spaces(self, tmp_path: Path) -> None:
+        """guest_write works where VirtualBox keeps VMs ("VirtualBox VMs/my vm"), though qemu-io splits at spaces."""
+        if not vbremote.testing.qemu_tools_available():
+            pytest.skip("qemu-img/qemu-io are not installed (Debian package qemu-utils)")
+        folder = tmp_path / "VirtualBox VMs" / "my vm"
+        folder.mkdir(parents=True)
+        image = folder / "disk one.vdi"
+        vbremote.testing.make_vdi(image, 4 * vbremote.testing.MIB, seed=1)
+        vbremote.testing.guest_write(image, vbremote.testing.MIB, b"x" * 65536)
+        raw = tmp_path / "raw"
+        subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
+        data = raw.read_bytes()
+        assert data[vbremote.testing.MIB : vbremote.testing.MIB + 65536] == b"x" * 65536
+        assert sorted(p.name for p in folder.iterdir()) == ["disk one.vdi"]

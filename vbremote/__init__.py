@@ -12,6 +12,7 @@ from ._errors import (
     ArchiveMetadataError,
     ArchiveNotFound,
     BorgError,
+    ConfigFileError,
     ConfigurationError,
     ConnectionFailed,
     FileNotInArchive,
@@ -72,6 +73,7 @@ from ._models import (
 from ._pruner import PROTECTED_LABEL, Guards, PlanEntry, PrunePlan, Pruner, PruneResult
 from ._repository import (
     DEFAULT_BLOCK_SIZE,
+    DEFAULT_CHECKPOINT_INTERVAL,
     DEFAULT_ENCRYPTION,
     DEFAULT_READ_AHEAD,
     ENCRYPTION_MODES,
@@ -123,9 +125,11 @@ __all__ = [
     "Chunking",
     "CommandTransport",
     "CompactResult",
+    "ConfigFileError",
     "ConfigurationError",
     "ConnectionFailed",
     "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_CHECKPOINT_INTERVAL",
     "DEFAULT_ENCRYPTION",
     "DEFAULT_NAME_TEMPLATE",
     "DEFAULT_READ_AHEAD",

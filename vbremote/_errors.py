@@ -6,6 +6,7 @@ adapter boundary and raised ``from`` the original, so callers catch one tree::
 
     VBRemoteError
     ├── ConfigurationError (also ValueError)       bad arguments, invalid options
+    │   └── ConfigFileError                        the command's config file: names the file and the key
     ├── RepositoryError                            anything about a borg repository
     │   ├── RepositoryNotFound
     │   ├── RepositoryExists
@@ -58,6 +59,7 @@ __all__ = [
     "ArchiveMetadataError",
     "ArchiveNotFound",
     "BorgError",
+    "ConfigFileError",
     "ConfigurationError",
     "ConnectionFailed",
     "FileNotInArchive",
@@ -99,6 +101,21 @@ class VBRemoteError(Exception):
 
 class ConfigurationError(VBRemoteError, ValueError):
     """An argument or option is invalid; nothing was changed."""
+
+
+class ConfigFileError(ConfigurationError):
+    """The ``vbremote`` command's config file is unreadable or has a bad value.
+
+    Attributes:
+        file: The config file's path.
+        key: The dotted key at fault (e.g. ``repositories.main.path``); empty
+            when the file as a whole is at fault (missing, not TOML).
+    """
+
+    def __init__(self, message: str, *, file: str = "", key: str = "") -> None:
+        super().__init__(message)
+        self.file = file
+        self.key = key
 
 
 class RepositoryError(VBRemoteError):

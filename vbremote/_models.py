@@ -844,6 +844,10 @@ class WriteResult:
         chunks_new: Chunks that were sent to the repository.
         chunks_zero: All-zero chunks (neither hashed nor compressed).
         seconds: Wall time of the write.
+        checkpoints: Checkpoint archives the write committed on its way (all
+            gone now that the archive is committed).
+        checkpoints_removed: Checkpoint archives of earlier, unfinished writes
+            of the same VM that this write's commit deleted.
     """
 
     archive: ArchiveInfo
@@ -854,6 +858,8 @@ class WriteResult:
     chunks_new: int
     chunks_zero: int
     seconds: float
+    checkpoints: int = 0
+    checkpoints_removed: tuple[str, ...] = ()
 
 
 @frozen

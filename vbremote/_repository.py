@@ -7,6 +7,7 @@ import importlib
 import logging
 import os
 import pickle
+import re
 import stat
 import time
 import uuid as uuid_module
@@ -55,6 +56,7 @@ from ._transports import Transport
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_CHECKPOINT_INTERVAL",
     "DEFAULT_ENCRYPTION",
     "DEFAULT_READ_AHEAD",
     "ENCRYPTION_MODES",
@@ -88,6 +90,15 @@ DEFAULT_ENCRYPTION = "repokey"
 #: Chosen by measurement (docs/repositories.md): VDI allocates 1 MiB blocks,
 #: so 1 MiB chunks send what a guest changed and no more.
 DEFAULT_BLOCK_SIZE = 1 << 20
+
+#: Seconds between checkpoint archives of a long :meth:`Repository.write_archive`
+#: (borg's own ``create --checkpoint-interval`` default is 1800): a write that
+#: dies loses at most this much sending; the next write of the same VM sends
+#: only what the last checkpoint did not hold.
+DEFAULT_CHECKPOINT_INTERVAL = 300.0
+
+# borg's names for checkpoint archives (borg/archive.py Archive.__init__, 1.4.5).
+_CHECKPOINT_NAME = re.compile(r"\.checkpoint(\.\d+)?\Z")
 
 #: What :meth:`Repository.fetch` does when a chunk fails verification.
 FetchErrors = Literal["raise", "report"]
@@ -434,14 +445,17 @@ class Repository:
         ]
 
     def _listing(
-        self,
+        self, *, checkpoints: bool = False
     ) -> list[tuple[tuple[str, str, datetime], tuple[SnapshotMetadata, tuple[ArchiveFile, ...]] | _Unreadable]]:
-        """Every archive that claims to be vbremote's, oldest first, decoded or refused."""
-        listing = self._worker.call("archives")
+        """Every archive that claims to be vbremote's, oldest first, decoded or refused.
+
+        Checkpoint archives are never listed, unless ``checkpoints``: then only they are.
+        """
+        listing = self._worker.call("archives", checkpoints=checkpoints)
         missing = frozenset(archive_id for _, archive_id, _, comment in listing
                             if comment is None and archive_id not in self._metadata)
         if missing:  # the worker thinks we have them; ask again rather than skip them
-            listing = self._worker.call("archives", resend=missing)
+            listing = self._worker.call("archives", resend=missing, checkpoints=checkpoints)
         rows: list[
             tuple[tuple[str, str, datetime], tuple[SnapshotMetadata, tuple[ArchiveFile, ...]] | _Unreadable]
         ] = []
@@ -497,6 +511,7 @@ class Repository:
         timestamp: datetime | None = None,
         block_size: int | None = None,
         progress: Callable[[Progress], None] | None = None,
+        checkpoint_interval: float | None = DEFAULT_CHECKPOINT_INTERVAL,
     ) -> WriteResult:
         """Store files in a new archive.
 
@@ -517,6 +532,20 @@ class Repository:
                 committed, your exception is re-raised, and the repository
                 stays open and usable. No callback runs once the archive is
                 being committed.
+            checkpoint_interval: Seconds between checkpoint archives, or
+                ``None`` for none. A checkpoint archive (``<name>.checkpoint``,
+                as ``borg create --checkpoint-interval`` makes them) commits
+                what was sent so far; if the write dies (killed, connection
+                lost, an error) the checkpoint stays, and the next write of
+                the same VM finds its chunks in the repository and sends only
+                the rest. Checkpoints are never listed by :meth:`archives`
+                (nor by ``borg list``), so neither pruning nor restoring ever
+                sees them. The write's own checkpoints, and those left by
+                earlier writes of the same VM (same ``metadata.vm_uuid``), are
+                deleted in the commit of the archive. A write cancelled from
+                ``progress`` leaves its checkpoint too, like a Ctrl-C of
+                ``borg create``: no archive, but its chunks for the next write.
+                Each checkpoint emits a ``"checkpoint"`` :class:`Progress`.
 
         Returns:
             What was written and what it cost.
@@ -532,6 +561,13 @@ class Repository:
         self._refuse_if_read_only("write_archive")
         if not name or "/" in name or name != name.strip():
             raise ConfigurationError(f"invalid archive name {name!r}")
+        if _CHECKPOINT_NAME.search(name):
+            raise ConfigurationError(f"invalid archive name {name!r}: borg takes names ending so for checkpoints")
+        if checkpoint_interval is not None and not (
+            isinstance(checkpoint_interval, int | float) and 0 < checkpoint_interval < float("inf")
+        ):
+            raise ConfigurationError(f"checkpoint_interval must be a positive number of seconds or None,"
+                                     f" not {checkpoint_interval!r}")
         if not files:
             raise ConfigurationError("an archive needs at least one file")
         seen: set[str] = set()
@@ -556,6 +592,11 @@ class Repository:
             )
         comment = encode_comment(metadata, records)
         started = time.monotonic()
+        supersede = tuple(
+            checkpoint
+            for (checkpoint, _, _), decoded in self._listing(checkpoints=True)
+            if not isinstance(decoded, _Unreadable) and decoded[0].vm_uuid == metadata.vm_uuid
+        )
         result = self._worker.call(
             "write",
             progress=_progress_adapter(progress),
@@ -563,6 +604,8 @@ class Repository:
             files=specs,
             comment=comment,
             timestamp=timestamp,
+            checkpoint_interval=checkpoint_interval,
+            supersede=supersede,
         )
         # The worker stored each file at exactly the size recorded above, or refused.
         self._metadata[result["id"]] = (metadata, tuple(records))
@@ -576,6 +619,8 @@ class Repository:
             chunks_new=result["chunks_new"],
             chunks_zero=result["zero"],
             seconds=time.monotonic() - started,
+            checkpoints=result["checkpoints"],
+            checkpoints_removed=tuple(result["superseded"]),
         )
 
     def set_labels(self, archive: str | ArchiveInfo, labels: Iterable[str]) -> ArchiveInfo:

@@ -4,7 +4,9 @@ It needs no VirtualBox and no server: the repository lives in a temporary
 folder, and the VM is a VM-like folder with a real VDI disk made by qemu-img.
 It shows the repository layer end to end: create a repository, store the VM
 folder, let the "guest" change 2 % of its disk, store it again, show what
-the second archive really cost, and prune by borg's retention rules.
+the second archive really cost, and prune by borg's retention rules. Then the
+Snapshotter on a simulated VirtualBox host: a VM whose guest keeps writing
+gets two online snapshots, with what each cost.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import (
+    DEFAULT_NAME_TEMPLATE,
     FileRole,
     FileSpec,
     KeepRules,
@@ -28,9 +31,12 @@ from . import (
     Repository,
     SnapshotMetadata,
     SnapshotMode,
+    SnapshotResult,
+    Snapshotter,
+    VirtualBoxHost,
     WriteResult,
 )
-from .testing import MIB, guest_write, make_vdi
+from .testing import MIB, GuestWorkload, SimulatedVirtualBox, Timing, guest_write, make_vdi
 
 _SETTINGS = """<?xml version="1.0"?>
 <VirtualBox xmlns="http://www.virtualbox.org/" version="1.19-linux">
@@ -165,8 +171,54 @@ def run(workdir: Path, disk_mib: int) -> None:
             f"   pruned {', '.join(pruned.deleted) or 'nothing'}; compaction freed {_size(pruned.freed_bytes or 0)}"
             " (borg rewrites a segment once 10 % of it is unused)"
         )
+        snapshots(workdir, repo, max(8, disk_mib // 4))
     print("\nThese are ordinary borg archives; the borg CLI reads them (with --keep DIR the folder stays):")
     print(f"  BORG_BASE_DIR={base} BORG_PASSPHRASE='{passphrase}' borg list {transport.location}")
+
+
+def _show_snapshot(result: SnapshotResult, writes_before: int, writes_after: int) -> None:
+    stats = result.stats
+    print(f"   archive {result.archive.name} ({result.mode.value}; the VM is {result.vm_state.value})")
+    print(
+        f"   read {_size(stats.bytes_read)}, sent {stats.chunks_new} new chunks: {_size(stats.bytes_new)} of data,"
+        f" {_size(stats.bytes_stored)} stored; {stats.chunks} chunks, {stats.chunks_zero} all-zero"
+    )
+    print(
+        f"   snapshot {stats.seconds_snapshot:.2f} s, archive {stats.seconds_archive:.2f} s, merge"
+        f" {stats.seconds_merge:.2f} s; the transient snapshot existed {stats.seconds_transient:.2f} s"
+    )
+    print(f"   the guest kept writing: {writes_after - writes_before} writes during the run")
+
+
+def snapshots(workdir: Path, repo: Repository, disk_mib: int) -> None:
+    """Two online snapshots of a simulated VM whose guest keeps writing."""
+    name = "guest-vm"
+    with SimulatedVirtualBox(workdir / "virtualbox", version="7.1", timing=Timing(unlock_delay=0.05)) as sim:
+        sim.create_vm(name, disk_size=disk_mib * MIB, firmware="EFI", seed=5)
+        workload = GuestWorkload(rate=200, write_size=64 * 1024, pattern="hot", seed=6)
+        sim.start(name, workload=workload)
+        host = VirtualBoxHost.connect(manager=sim.manager())
+        print(
+            f"\n7. A simulated VirtualBox {host.version} host; VM {name!r} (EFI, a {disk_mib} MiB disk) is running,"
+            f" its guest writing {workload.write_size // 1024} KiB {workload.rate:.0f} times a second."
+        )
+        snapshotter = Snapshotter(host, repo, state_dir=workdir / "state")
+        print(f"   Snapshotter.take({name!r}) names archives {DEFAULT_NAME_TEMPLATE!r}.")
+        taken = []
+        for number in (1, 2):
+            if number == 2:
+                before = sim.guest_writes(name)
+                time.sleep(1.0)
+                print(f"   ... the guest wrote {sim.guest_writes(name) - before} more times ...")
+            print(f"{7 + number}. Online snapshot {number}:")
+            before = sim.guest_writes(name)
+            result = snapshotter.take(name, labels={"demo"})
+            _show_snapshot(result, before, sim.guest_writes(name))
+            taken.append(result)
+        print(f"10. The archives of {name!r} (a snapshot's transient VirtualBox snapshot is gone):")
+        for info in repo.archives(vm=name):
+            print(f"   {info.name:<44} {info.time:%Y-%m-%d %H:%M:%S}  {info.mode.value:<7} {len(info.files)} files")
+        print(f"    VirtualBox snapshots of the VM now: {len(host.vm(name).snapshots())}")
 
 
 def main(argv: list[str] | None = None) -> int:

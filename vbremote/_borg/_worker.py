@@ -21,9 +21,11 @@ import json
 import logging
 import os
 import queue
+import re
 import stat
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -41,6 +43,11 @@ ZERO = bytes(4 << 20)
 # vbremote's default disk block size, kept in the manifest's config (borg keeps
 # unknown keys there when it rewrites the manifest). Keys there are bytes.
 _BLOCK_SIZE_KEY = b"vbremote_block_size"
+
+# The names borg gives checkpoint archives: ``<name>.checkpoint`` and
+# ``<name>.checkpoint.N`` (borg/archive.py Archive.__init__; the same pattern
+# borg prune uses to tell them apart, borg/archiver.py do_prune, 1.4.5).
+_CHECKPOINT = re.compile(r"\.checkpoint(\.\d+)?\Z")
 
 # The archive-metadata cache file (see Worker._comment_cache).
 _COMMENT_CACHE_FORMAT = 2
@@ -383,15 +390,23 @@ class Worker:
 
     # -- reading ----------------------------------------------------------
 
-    def op_archives(self, resend: frozenset[str] = frozenset()) -> list[tuple[str, str, datetime, str | None]]:
+    def op_archives(
+        self, resend: frozenset[str] = frozenset(), checkpoints: bool = False
+    ) -> list[tuple[str, str, datetime, str | None]]:
         """Every archive as (name, id, time, comment): the comment only the first
-        time an archive is listed on this connection (or when its id is in ``resend``)."""
+        time an archive is listed on this connection (or when its id is in ``resend``).
+
+        Checkpoint archives (named as borg names them, see ``_Checkpoints``)
+        are left out, as ``borg list`` leaves them out; ``checkpoints=True``
+        lists only them.
+        """
         from borg.item import ArchiveItem
 
         if self.listing is None:
             # Parsing every archive's time is the costly part of a listing.
             self.listing = list(self.manifest.archives.list(sort_by=("ts",)))
-        infos = self.listing
+        everything = self.listing
+        infos = [info for info in everything if bool(_CHECKPOINT.search(info.name)) == checkpoints]
         wanted = [info.id for info in infos if info.id not in self.sent or info.id.hex() in resend]
         comments: dict[bytes, str] = {}
         known = self._comment_cache() if wanted else {}
@@ -405,7 +420,7 @@ class Worker:
             archive, _, _ = self.key.unpack_and_verify_archive(data, force_tam_not_required=True)
             comments[archive_id] = ArchiveItem(internal_dict=archive).get("comment", "")
         if fetch:
-            self._save_comment_cache(comments, {info.id.hex() for info in infos})
+            self._save_comment_cache(comments, {info.id.hex() for info in everything})
         self.sent.update(wanted)
         return [
             (info.name, info.id.hex(), info.ts.replace(tzinfo=UTC) if info.ts.tzinfo is None else info.ts,
@@ -692,8 +707,11 @@ class Worker:
 
     def op_write(
         self, name: str, files: list[dict[str, Any]], comment: str, timestamp: datetime | None,
+        checkpoint_interval: float | None = None, supersede: tuple[str, ...] = (),
     ) -> dict[str, Any]:
-        from borg.archive import Archive, cached_hash
+        """Write one archive; commit a checkpoint archive every ``checkpoint_interval``
+        seconds of writing; with the archive, delete the checkpoint archives ``supersede``."""
+        from borg.archive import Archive, Statistics, cached_hash
         from borg.chunker import get_chunker
         from borg.constants import CHUNKER_PARAMS
 
@@ -710,6 +728,7 @@ class Worker:
                 chunker_params=archive_chunker, noatime=True, noflags=True, noacls=True, noxattrs=True,
             )
             stats = archive.stats
+            checkpoints = _Checkpoints(self, archive, cache, checkpoint_interval, comment, _naive_utc(timestamp))
 
             def add(chunk_id: bytes, data: Any, zero: bool) -> Any:
                 before = stats.csize
@@ -734,11 +753,12 @@ class Worker:
                         # The metadata records the size the caller saw.
                         raise _Refused("changed", f"{spec['path']}: file changed size before it was read")
                     item = _item(spec["path"], st)
-                    entries = []
+                    entries: list[Any] = []
+                    checkpoints.start_file(item, entries, counts, total)
                     if spec["chunking"][0] == "fixed":
                         params = (spec["chunking"][1], spec["chunking"][2])
-                        entries = self._store_blocks(
-                            fd, st.st_size, params, spec["path"], cache, stats, counts, total
+                        self._store_blocks(
+                            fd, st.st_size, params, spec["path"], cache, stats, counts, total, entries, checkpoints
                         )
                     else:
                         chunker = get_chunker(*CHUNKER_PARAMS, seed=self.key.chunk_seed)
@@ -747,25 +767,37 @@ class Worker:
                             zero = chunk.meta["allocation"] != 0
                             entries.append(add(chunk_id, data, zero))
                             counts["read"] += len(data)
+                            if checkpoints.due():
+                                checkpoints.write()
                         self._progress("write", spec["path"], counts["read"], total)
                     if sum(e.size for e in entries) != st.st_size:
                         raise _Refused("changed", f"{spec['path']}: file changed size while it was read")
+                    checkpoints.finish_file(stats)
                     item.chunks = entries
                     item.get_size(memorize=True)
                     stats.nfiles += 1
                     archive.add_item(item, show_progress=False)
+            # Earlier checkpoints (of crashed runs) go with the commit of the
+            # archive that holds what they held; this write's own are already
+            # out of the manifest it will write (borg's Archive.write_checkpoint).
+            for old in supersede:
+                if _CHECKPOINT.search(old) and old in self.manifest.archives:
+                    self._archive(old, cache).delete(Statistics(), forced=False)
             self.commit_point()
             archive.save(comment=comment, timestamp=_naive_utc(timestamp))
             info = self.manifest.archives[name]
             self.sent.add(info.id)  # the parent knows what it wrote
         counts_out: dict[str, Any] = dict(counts)
-        counts_out.update(id=info.id.hex(), time=info.ts.replace(tzinfo=UTC))
+        counts_out.update(
+            id=info.id.hex(), time=info.ts.replace(tzinfo=UTC), checkpoints=checkpoints.written,
+            superseded=[old for old in supersede if old not in self.manifest.archives],
+        )
         return counts_out
 
     def _store_blocks(
         self, fd: int, size: int, params: tuple[int, int], path: str, cache: Any, stats: Any,
-        counts: dict[str, int], total: int,
-    ) -> list[Any]:
+        counts: dict[str, int], total: int, entries: list[Any], checkpoints: _Checkpoints,
+    ) -> None:
         """Store a file's fixed blocks through a read/hash -> compress/encrypt -> store pipeline.
 
         Threads read and hash blocks ahead (hashing releases the GIL). One
@@ -779,6 +811,11 @@ class Worker:
         The read-ahead limit is shared: half for blocks being read and
         hashed, half for new blocks waiting here (plaintext and ciphertext,
         counted as twice the block); known blocks drop their data at once.
+
+        The file's chunk list entries are appended to ``entries`` as blocks
+        are stored. When a checkpoint is due, the blocks in flight are stored
+        first (so nothing else uses the key while the checkpoint encrypts its
+        metadata), then the checkpoint is committed.
         """
         from borg.item import ChunkListEntry
 
@@ -788,7 +825,6 @@ class Worker:
         held = 0
         in_flight: set[bytes] = set()
         queue: collections.deque[tuple[_Block, concurrent.futures.Future[bytes] | None]] = collections.deque()
-        entries: list[Any] = []
 
         def encrypt(block: _Block) -> bytes:
             return bytes(key.encrypt(block.data if block.data is not None else ZERO[: block.size]))
@@ -831,6 +867,10 @@ class Worker:
                     queue.append((block, self.encrypt_pool.submit(encrypt, block)))
                 while queue and _ready(queue[0][1]):
                     finish()
+                if checkpoints.due():
+                    while queue:
+                        finish()
+                    checkpoints.write()
             while queue:
                 finish()
         finally:
@@ -841,7 +881,6 @@ class Worker:
             # A block still being encrypted (after an error) must be done
             # before anything else may use the key.
             concurrent.futures.wait([f for _, f in queue if f is not None and not f.cancelled()])
-        return entries
 
     def _progress(self, operation: str, path: str, done: int, total: int) -> None:
         # Between blocks: the place where a cancelled operation stops.
@@ -911,6 +950,89 @@ class Worker:
             ))
         return ok, list(self.handler.errors)
 
+
+
+class _Checkpoints:
+    """The checkpoint archives of one write, made as ``borg create --checkpoint-interval`` makes them.
+
+    borg 1.4.5 (borg/archive.py: ``ChunksProcessor.maybe_checkpoint``,
+    ``write_part_file``, ``Archive.write_checkpoint``): when the interval has
+    passed, the chunks of the current file stored since its last part go into
+    a part item (path ``<path>.borg_part_N``, ``part = N``, hidden from
+    extraction and from vbremote's readers), and the archive as it stands is
+    committed under the checkpoint name (``<name>.checkpoint``, or
+    ``.checkpoint.N`` when that is taken). The checkpoint is then dropped from
+    the manifest in memory and its metadata chunk released, so the next
+    checkpoint (same name) replaces it and the final archive's commit removes
+    it. A file that got parts gets a last part for its remaining chunks, and
+    its whole item then references every chunk once more, so the archive's
+    reference counts stay those of its items (parts included).
+
+    What a checkpoint commits stays in the repository when the writer dies:
+    the next write finds those chunks in the chunk index and does not send
+    them again. The checkpoint carries the archive's comment, so the next
+    write of the same VM knows which checkpoints its archive supersedes.
+    """
+
+    def __init__(
+        self, worker: Worker, archive: Any, cache: Any, interval: float | None, comment: str,
+        timestamp: datetime | None,
+    ) -> None:
+        self.worker = worker
+        self.archive = archive
+        self.cache = cache
+        self.interval = interval
+        self.comment = comment
+        self.timestamp = timestamp
+        self.last = time.monotonic()
+        self.written = 0
+        self.item: Any = None
+        self.entries: list[Any] = []
+        self.counts: dict[str, int] = {}
+        self.total = 0
+        self.from_chunk = 0
+        self.part = 1
+
+    def start_file(self, item: Any, entries: list[Any], counts: dict[str, int], total: int) -> None:
+        self.item, self.entries, self.counts, self.total = item, entries, counts, total
+        self.from_chunk, self.part = 0, 1
+
+    def due(self) -> bool:
+        return self.interval is not None and time.monotonic() - self.last > self.interval
+
+    def write(self) -> None:
+        """Commit a checkpoint of everything stored so far (no blocks may be in flight)."""
+        from borg.item import Item
+
+        part = Item(internal_dict=self.item.as_dict())
+        part.chunks = self.entries[self.from_chunk :]
+        part.get_size(memorize=True, from_chunks=True)
+        part.path += f".borg_part_{self.part}"
+        part.part = self.part
+        self.from_chunk = len(self.entries)
+        self.part += 1
+        archive = self.archive
+        archive.add_item(part, show_progress=False)
+        archive.save(archive.checkpoint_name, comment=self.comment, timestamp=self.timestamp)
+        del archive.manifest.archives[archive.checkpoint_name]
+        self.cache.chunk_decref(archive.id, archive.meta_stats)
+        self.worker.listing = None
+        self.written += 1
+        self.last = time.monotonic()
+        logging.getLogger("vbremote.borg.worker").info(
+            "checkpoint %s committed at %d bytes", archive.checkpoint_name, self.counts["read"]
+        )
+        self.worker._progress("checkpoint", str(self.item.path), self.counts["read"], self.total)
+
+    def finish_file(self, stats: Any) -> None:
+        """After a file's last chunk: its last part, and the whole file's extra references."""
+        if self.part == 1:
+            return
+        if self.entries[self.from_chunk :]:
+            self.write()
+        for entry in self.entries:
+            self.cache.chunk_incref(entry.id, stats, size=entry.size, part=True)
+        stats.nfiles_parts += self.part - 1
 
 
 def _peak_rss() -> int:

@@ -22,21 +22,24 @@ The order is what makes it safe to kill at any instant:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import errno
 import os
 import stat
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from queue import Queue
 from typing import TYPE_CHECKING, Literal
 
 from attrs import frozen
 
 from .._errors import ConfigurationError, IntegrityError, RestoreError, TargetSpaceError
-from .._models import Progress
+from .._models import ChunkRef, Progress
 from ._journal import RestoreFileState, RestoreState, coalesce, remove_journal, subtract
 from ._plan import BlockAction, RestorePlan, distinct_fetches, target_file
 
@@ -54,6 +57,7 @@ JOURNAL_EVERY_SECONDS = 2.0
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _ZEROS = bytes(1024 * 1024)
+_WRITES_IN_FLIGHT = 2  # fetched chunks waiting for the writer thread, at most
 
 Verify = Literal["written", "full", "none"]
 
@@ -113,11 +117,15 @@ class _Applier:
         self.target = plan.target
         self.fds: dict[str, int] = {}
         self.done: dict[str, tuple[tuple[int, int], ...]] = {}
-        self.pending: list[tuple[str, int, int]] = []
+        self.pending: list[tuple[str, ChunkRef]] = []
         self.pending_bytes = 0
         self.dirty: set[str] = set()
         self.last_flush = time.monotonic()
-        self.written: dict[str, list[tuple[int, int]]] = {f.source.target_path: [] for f in plan.files}
+        self.verifying = False
+        self.syncer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vbremote-sync")
+        self.syncing: concurrent.futures.Future[None] | None = None
+        self.verifier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vbremote-verify")
+        self.checks: list[tuple[str, list[ChunkRef], concurrent.futures.Future[list[ChunkRef]]]] = []
         self.source_fds: dict[str, int] = {}
         self.bytes_fetched = self.bytes_copied = self.bytes_written = self.bytes_zero = self.chunks_fetched = 0
         self.punch = _Punch()
@@ -141,31 +149,59 @@ class _Applier:
             ),
         )
 
-    def record(self, path: str, offset: int, size: int) -> None:
-        self.pending.append((path, offset, offset + size))
-        self.pending_bytes += size
+    def record(self, path: str, chunk: ChunkRef) -> None:
+        """Note a block as written; it is recorded in the journal once it is durable."""
+        self.pending.append((path, chunk))
+        self.pending_bytes += chunk.size
         self.dirty.add(path)
-        self.written[path].append((offset, offset + size))
         if self.pending_bytes >= JOURNAL_EVERY_BYTES or time.monotonic() - self.last_flush >= JOURNAL_EVERY_SECONDS:
-            self.flush()
+            # fsync and the journal update run in a thread of their own while the next blocks are
+            # written; one batch at a time, so the data not yet durable stays about one batch.
+            self.wait_sync()
+            batch, dirty = self.take_batch()
+            self.syncing = self.syncer.submit(self.sync, batch, dirty)
+
+    def take_batch(self) -> tuple[list[tuple[str, ChunkRef]], set[str]]:
+        batch, dirty = self.pending, self.dirty
+        self.pending, self.dirty, self.pending_bytes = [], set(), 0
+        self.last_flush = time.monotonic()
+        return batch, dirty
+
+    def wait_sync(self) -> None:
+        """Wait for the batch being made durable (its error is raised here)."""
+        if self.syncing is not None:
+            syncing, self.syncing = self.syncing, None
+            syncing.result()
 
     def flush(self) -> None:
-        """Make the pending blocks durable, then record them."""
-        for path in sorted(self.dirty):
+        """Make every block written so far durable, then record it."""
+        self.wait_sync()
+        self.sync(*self.take_batch())
+
+    def sync(self, batch: list[tuple[str, ChunkRef]], dirty: set[str]) -> None:
+        """fsync the files of a batch, then record its blocks in the journal (and have them read back)."""
+        for path in sorted(dirty):
             os.fsync(self.fds[path])
-        self.dirty.clear()
-        if self.pending:
-            by_path: dict[str, list[tuple[int, int]]] = {}
-            for path, start, end in self.pending:
-                by_path.setdefault(path, []).append((start, end))
-            for path, ranges in by_path.items():
-                self.done[path] = coalesce([*self.done[path], *ranges])
-            self.pending.clear()
-            self.pending_bytes = 0
-            self.state().save(self.target)
-        self.last_flush = time.monotonic()
+        if not batch:
+            return
+        by_path: dict[str, list[ChunkRef]] = {}
+        for path, chunk in batch:
+            by_path.setdefault(path, []).append(chunk)
+        for path, chunks in by_path.items():
+            self.done[path] = coalesce([*self.done[path], *((c.offset, c.offset + c.size) for c in chunks)])
+        self.state().save(self.target)
+        if self.verifying:
+            # Read back what is now durable while the next blocks are fetched and written.
+            for path, chunks in by_path.items():
+                self.checks.append((path, chunks, self.verifier.submit(self.check, path, chunks)))
+
+    def check(self, path: str, chunks: list[ChunkRef]) -> list[ChunkRef]:
+        """The chunks among ``chunks`` whose data in the target file does not have their id."""
+        ids = self.repository.local_ids(self.target / path, chunks)
+        return [c for c, got in zip(chunks, ids, strict=True) if got != c.id]
 
     def emit(self, path: str) -> None:
+        # Called after a block is written and before it is recorded: a callback that raises leaves it unrecorded.
         if self.progress is not None:
             self.progress(Progress("restore", path, self.bytes_written + self.bytes_zero, self.total))
 
@@ -187,6 +223,8 @@ class _Applier:
             self.fds[rel] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
     def close(self) -> None:
+        self.syncer.shutdown(wait=True, cancel_futures=True)
+        self.verifier.shutdown(wait=True, cancel_futures=True)
         for fd in [*self.fds.values(), *self.source_fds.values()]:
             os.close(fd)
         self.fds.clear()
@@ -221,8 +259,8 @@ class _Applier:
             self.write(path, data, action.chunk.offset)
             self.bytes_copied += len(data)
             self.bytes_written += len(data)
-            self.record(path, action.chunk.offset, action.chunk.size)
             self.emit(path)
+            self.record(path, action.chunk)
         return failed
 
     def zeros(self) -> None:
@@ -234,7 +272,7 @@ class _Applier:
                     continue
                 self.punch(self.fds[path], action.chunk.offset, min(action.chunk.size, size - action.chunk.offset))
                 self.bytes_zero += action.chunk.size
-                self.record(path, action.chunk.offset, action.chunk.size)
+                self.record(path, action.chunk)
 
     def fetch(self, places: dict[bytes, list[tuple[str, BlockAction]]], stream_ids: list[bytes]) -> None:
         if not stream_ids:
@@ -243,30 +281,61 @@ class _Applier:
             self.fetch_from(chunks, places)
 
     def fetch_from(self, chunks: ChunkStream, places: dict[bytes, list[tuple[str, BlockAction]]]) -> None:
-        for chunk in chunks:
-            where = places[chunk.id]
-            first_path, first = where[0]
-            if chunk.error is not None:
-                self.flush()
-                raise IntegrityError(
-                    f"{first_path} at offset {first.chunk.offset}: {chunk.error}",
-                    location=chunk.error.location, chunk_id=chunk.id.hex(), path=first_path, offset=first.chunk.offset,
-                ) from chunk.error
-            data = chunk.data
-            # borg checked the id when it decrypted; the check here also covers the way back from the worker.
-            if len(data) != first.chunk.size or self.repository.chunk_id(data) != chunk.id:
-                self.flush()
-                raise IntegrityError(
-                    f"{first_path} at offset {first.chunk.offset}: chunk {chunk.id.hex()} does not match its id",
-                    chunk_id=chunk.id.hex(), path=first_path, offset=first.chunk.offset,
-                )
-            self.bytes_fetched += len(data)
-            self.chunks_fetched += 1
-            for path, action in where:
-                self.write(path, data, action.chunk.offset)
-                self.bytes_written += len(data)
-                self.record(path, action.chunk.offset, action.chunk.size)
-            self.emit(first_path)
+        """Write the stream's chunks at every offset that needs them.
+
+        The writes run in a thread of their own, a few chunks behind, so that
+        reading the next chunk from the worker overlaps with writing this one.
+        """
+        queue: Queue[tuple[bytes, list[tuple[str, BlockAction]]] | None] = Queue(maxsize=_WRITES_IN_FLIGHT)
+        failed: list[BaseException] = []
+
+        def writer() -> None:
+            while (item := queue.get()) is not None:
+                if failed:
+                    continue  # drain, so the reader never blocks on a full queue
+                data, where = item
+                try:
+                    for path, action in where:
+                        self.write(path, data, action.chunk.offset)
+                        self.bytes_written += len(data)
+                    self.emit(where[0][0])
+                    for path, action in where:
+                        self.record(path, action.chunk)
+                except BaseException as exc:  # re-raised in the reading thread
+                    failed.append(exc)
+
+        thread = threading.Thread(target=writer, name="vbremote-write", daemon=True)
+        thread.start()
+        try:
+            for chunk in chunks:
+                if failed:
+                    break
+                where = places[chunk.id]
+                first_path, first = where[0]
+                if chunk.error is not None:
+                    raise IntegrityError(
+                        f"{first_path} at offset {first.chunk.offset}: {chunk.error}",
+                        location=chunk.error.location, chunk_id=chunk.id.hex(), path=first_path,
+                        offset=first.chunk.offset,
+                    ) from chunk.error
+                data = chunk.data
+                # borg authenticated the chunk and checked its id when it decrypted it, in the worker;
+                # hashing it again here would cost a second pass over every fetched byte, so only the
+                # size is checked. The read-back verification hashes what reached the disk.
+                if len(data) != first.chunk.size:
+                    raise IntegrityError(
+                        f"{first_path} at offset {first.chunk.offset}: chunk {chunk.id.hex()} has {len(data)} "
+                        f"bytes, not {first.chunk.size}",
+                        chunk_id=chunk.id.hex(), path=first_path, offset=first.chunk.offset,
+                    )
+                self.bytes_fetched += len(data)
+                self.chunks_fetched += 1
+                queue.put((data, where))
+        finally:
+            queue.put(None)
+            thread.join()
+        if failed:
+            raise failed[0]
 
     def sizes(self) -> None:
         for f in self.plan.files:
@@ -276,29 +345,36 @@ class _Applier:
             os.fsync(fd)
 
     def verify(self, mode: Verify) -> int:
-        checked = 0
+        """Finish the read-back: wait for the checks made while writing, then check the rest the mode asks for."""
+        checked: dict[str, set[int]] = {f.source.target_path: set() for f in self.plan.files}
+        bad: list[tuple[str, ChunkRef]] = []
+        total = 0
+        for path, chunks, future in self.checks:
+            bad.extend((path, c) for c in future.result())
+            checked[path].update(c.offset for c in chunks)
+            total += sum(c.size for c in chunks)
         for f in self.plan.files:
             path = f.source.target_path
-            if mode == "full":
-                refs = list(f.source.chunks)
-            else:
-                ranges = coalesce([*self.written[path], *self.previously_done(path)])
-                refs = [a.chunk for a in f.actions if _overlaps(ranges, a.chunk.offset, a.chunk.offset + a.chunk.size)]
-            if not refs:
-                continue
-            ids = self.repository.local_ids(self.target / path, refs)
-            checked += sum(r.size for r in refs)
-            bad = [r for r, got in zip(refs, ids, strict=True) if got != r.id]
-            if bad:
-                for r in bad:
-                    self.done[path] = subtract(self.done[path], r.offset, r.offset + r.size)
-                self.state().save(self.target)
-                raise IntegrityError(
-                    f"{path} at offset {bad[0].offset}: the data read back does not match the archive's chunk "
-                    f"{bad[0].id.hex()} ({len(bad)} block(s) wrong)",
-                    chunk_id=bad[0].id.hex(), path=path, offset=bad[0].offset,
-                )
-        return checked
+            earlier = self.previously_done(path)
+            rest = [
+                c for c in f.source.chunks
+                if c.offset not in checked[path]
+                and (mode == "full" or _overlaps(earlier, c.offset, c.offset + c.size))
+            ]
+            if rest:
+                bad.extend((path, c) for c in self.check(path, rest))
+                total += sum(c.size for c in rest)
+        if bad:
+            for path, c in bad:
+                self.done[path] = subtract(self.done[path], c.offset, c.offset + c.size)
+            self.state().save(self.target)
+            path, first = bad[0]
+            raise IntegrityError(
+                f"{path} at offset {first.offset}: the data read back does not match the archive's chunk "
+                f"{first.id.hex()} ({len(bad)} block(s) wrong)",
+                chunk_id=first.id.hex(), path=path, offset=first.offset,
+            )
+        return total
 
     def previously_done(self, path: str) -> tuple[tuple[int, int], ...]:
         """What an interrupted run of this plan recorded (written then, verified now)."""
@@ -382,6 +458,7 @@ def apply_plan(
         raise ConfigurationError(f"verify must be 'written', 'full' or 'none', not {verify!r}")
     started = time.monotonic()
     applier = _Applier(repository, plan, progress)
+    applier.verifying = verify != "none"
     archive = plan.source.archive
     try:
         applier.open_files()
@@ -410,6 +487,9 @@ def apply_plan(
         applier.sizes()
         verified = 0 if verify == "none" else applier.verify(verify)
         remove_journal(plan.target)
+    except IntegrityError:
+        _flush_quietly(applier)  # the good blocks written before the bad one stay recorded
+        raise
     except OSError as exc:
         _flush_quietly(applier)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -435,5 +515,7 @@ def apply_plan(
 
 def _flush_quietly(applier: _Applier) -> None:
     """Record what can still be made durable after a failure; keep the old journal if that fails too."""
+    with contextlib.suppress(OSError):
+        applier.wait_sync()  # a batch that failed is simply not recorded
     with contextlib.suppress(OSError):
         applier.flush()

@@ -323,7 +323,9 @@ def make_plan(
             for c, local in zip(f.chunks, local_ids[f.target_path], strict=True):
                 if local is not None and local in needed:
                     index.setdefault(local, (os.fspath(paths[f.target_path]), c.offset))
-        grid = sorted({(c.offset, c.size) for f in source.files for c in f.chunks})
+        # Only ranges of a size some needed chunk has can hold it.
+        sizes = {c.size for f in source.files for c in f.chunks if c.id in needed}
+        grid = sorted({(c.offset, c.size) for f in source.files for c in f.chunks if c.size in sizes})
         candidates: list[Path] = []
         for f in source.files:
             # Parts of a target file that were not hashed at the boundaries of its own archive file.

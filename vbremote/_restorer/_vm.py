@@ -182,8 +182,8 @@ class Restorer:
         """
         source, folder, current = self._prepare(archive, target, as_new=as_new, external=external,
                                                 cpu_portability_level=cpu_portability_level)
-        _, outside = self._old_files(folder, source, current) if as_new is None else (set(), set())
-        plan = make_plan(self.repository, source, folder, seeds=[*seeds, *sorted(outside)], progress=progress)
+        _, local_seeds = self._local_files(folder, source, current, as_new=as_new)
+        plan = make_plan(self.repository, source, folder, seeds=[*seeds, *sorted(local_seeds)], progress=progress)
         problems = self._preflight(source, folder, power_off=power_off, discard_state=discard_state,
                                    cpu_portability_level=cpu_portability_level, as_new=as_new)
         return attrs.evolve(plan, problems=(*plan.problems, *problems))
@@ -358,16 +358,7 @@ class Restorer:
             # Before the plan: a running guest changes the very blocks the plan compares.
             log.info("%s: powering off for the restore", current.name)
             self.host.power_off(current)
-        if in_place:
-            old_files, outside = self._old_files(folder, source, current)
-            # The old VM's files outside the folder (disks it kept elsewhere) hold
-            # most of the data of their archived copies: read them, never write them.
-            local_seeds = outside
-        else:
-            old_files = set()
-            mine = current if current is not None and current.state.is_off else None
-            inside, outside = self._old_files(mine.folder, source, mine) if mine is not None else (set(), set())
-            local_seeds = inside | outside
+        old_files, local_seeds = self._local_files(folder, source, current, as_new=as_new)
         plan = make_plan(self.repository, source, folder, seeds=[*seeds, *sorted(local_seeds)], progress=progress)
         if plan.problems:
             raise _refused(source, folder, plan.problems)
@@ -401,6 +392,21 @@ class Restorer:
                  source.archive, folder, stats.bytes_fetched, len(removed))
         return RestoreResult(vm=info, stats=stats, removed=removed, resumed=stats.resumed,
                              settings_file=settings_path)
+
+    def _local_files(
+        self, folder: Path, source: RestoreSource, current: VMInfo | None, *, as_new: str | None
+    ) -> tuple[set[Path], set[Path]]:
+        """The old VM's files an in-place restore replaces, and the local files to read as seeds.
+
+        In place, the old VM's files outside the folder (disks it kept elsewhere)
+        hold most of the data of their archived copies; as a new VM, all the
+        current VM's files do (when it is off). They are read, never written.
+        """
+        if as_new is None:
+            return self._old_files(folder, source, current)
+        mine = current if current is not None and current.state.is_off else None
+        inside, outside = self._old_files(mine.folder, source, mine) if mine is not None else (set(), set())
+        return set(), inside | outside
 
     def _old_files(self, folder: Path, source: RestoreSource, current: VMInfo | None) -> tuple[set[Path], set[Path]]:
         """The data files the old VM's settings name: those inside ``folder``, and those outside it.

@@ -26,11 +26,11 @@ def qemu_tools_available() -> bool:
     return shutil.which("qemu-img") is not None and shutil.which("qemu-io") is not None
 
 
-def _qemu(*argv: str) -> None:
+def _qemu(*argv: str, cwd: Path | None = None) -> None:
     tool = argv[0]
     if shutil.which(tool) is None:
         raise ConfigurationError(f"{tool} is not installed (Debian package qemu-utils)")
-    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    result = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=cwd)
     if result.returncode != 0:
         raise ConfigurationError(f"{' '.join(argv)} failed: {result.stderr.strip()}")
 
@@ -99,13 +99,17 @@ def guest_write(path: str | os.PathLike[str], offset: int, data: bytes, *, image
 
     Uses ``qemu-io``, so a VDI allocates new blocks exactly as a running VM's would.
     """
-    pattern_file = Path(path).with_name(Path(path).name + ".write")
+    image = Path(path).resolve()
+    # qemu-io writes a file's bytes with "write -s FILE offset length", and splits
+    # that command at spaces without quoting: the pattern file is named relative to
+    # the image's folder (which may well have spaces, like "VirtualBox VMs").
+    pattern_file = image.with_name(f".vbremote-guest-write-{os.getpid()}")
     try:
-        # qemu-io writes a file's bytes with "write -s FILE offset length".
         pattern_file.write_bytes(data)
         _qemu(
             "qemu-io", "-f", image_format, "-c",
-            f"write -s {os.fspath(pattern_file)} {offset} {len(data)}", os.fspath(path),
+            f"write -s {pattern_file.name} {offset} {len(data)}", os.fspath(image),
+            cwd=image.parent,
         )
     finally:
         pattern_file.unlink(missing_ok=True)
