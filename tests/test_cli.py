@@ -185,6 +185,13 @@ class TestListing:
         assert doc["archives"][1]["labels"] == ["nightly"]
         assert "alpha-2" in ready("archives").stdout
 
+    def test_names_whole_when_piped(self, ready):
+        """Piped without COLUMNS, archive names are printed whole (they are what info and restore take)."""
+        long_name = "alpha-" + "x" * 120
+        ready.add_archive(long_name, "alpha", ready.uuids["alpha"], datetime.now(UTC))
+        del ready.env["COLUMNS"]
+        assert long_name in ready("archives").stdout.split()
+
     def test_json_after_subcommand(self, ready):
         """--json works after the subcommand too."""
         done = ready("archives", "--json")
