@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import importlib.util
 import json
 import os
 import re
@@ -233,6 +234,19 @@ class TestRepositories:
 
 
 class TestErrors:
+    def test_no_config_file_is_named(self, cli):
+        """Without a config file, an unreachable VirtualBox is reported with where the config was looked for."""
+        if importlib.util.find_spec("vboxapi") is not None:
+            pytest.skip("real VirtualBox is installed here: vms would list its VMs")
+        done = subprocess.run(
+            [sys.executable, "-m", "vbremote", "vms"], env=cli.env, cwd=cli.tmp, capture_output=True, text=True,
+            stdin=subprocess.DEVNULL, timeout=120, check=False,
+        )
+        assert done.returncode == 4
+        line = one_line_error(done)
+        assert "no config file was found at" in line
+        assert str(cli.tmp / "xdg" / "vbremote" / "config.toml") in line
+
     def test_unknown_archive(self, ready):
         """A missing archive is one line on stderr, exit code 3, nothing on stdout."""
         done = ready("info", "nope")

@@ -29,7 +29,7 @@ from rich.progress import Progress as RichProgress
 from rich.text import Text
 
 from .. import _errors as errors
-from .._config import Config, RepositoryConfig, load_config
+from .._config import Config, RepositoryConfig, default_config_path, load_config
 from .._models import Progress
 from .._repository import Repository
 from .._vbox import VirtualBoxHost
@@ -139,7 +139,17 @@ class App:
                 self._cleanups.callback(simulator.close)
                 self._host = VirtualBoxHost.connect(manager=simulator.manager())
             else:
-                self._host = VirtualBoxHost.connect()
+                try:
+                    self._host = VirtualBoxHost.connect()
+                except errors.VirtualBoxUnavailable as exc:
+                    if self.config.file is not None:
+                        raise
+                    # No config file at all: say so, since a user who put it in the wrong
+                    # place would otherwise be told to install VirtualBox.
+                    raise errors.VirtualBoxUnavailable(
+                        f"{exc} (no config file was found at {default_config_path()}, so the installed"
+                        " VirtualBox is used; give --config, or select the simulated one in [virtualbox])"
+                    ) from exc
         return self._host
 
     @property
