@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import importlib.util
 import json
 import os
 import re
@@ -185,6 +186,13 @@ class TestListing:
         assert doc["archives"][1]["labels"] == ["nightly"]
         assert "alpha-2" in ready("archives").stdout
 
+    def test_names_whole_when_piped(self, ready):
+        """Piped without COLUMNS, archive names are printed whole (they are what info and restore take)."""
+        long_name = "alpha-" + "x" * 120
+        ready.add_archive(long_name, "alpha", ready.uuids["alpha"], datetime.now(UTC))
+        del ready.env["COLUMNS"]
+        assert long_name in ready("archives").stdout.split()
+
     def test_json_after_subcommand(self, ready):
         """--json works after the subcommand too."""
         done = ready("archives", "--json")
@@ -226,6 +234,19 @@ class TestRepositories:
 
 
 class TestErrors:
+    def test_no_config_file_is_named(self, cli):
+        """Without a config file, an unreachable VirtualBox is reported with where the config was looked for."""
+        if importlib.util.find_spec("vboxapi") is not None:
+            pytest.skip("real VirtualBox is installed here: vms would list its VMs")
+        done = subprocess.run(
+            [sys.executable, "-m", "vbremote", "vms"], env=cli.env, cwd=cli.tmp, capture_output=True, text=True,
+            stdin=subprocess.DEVNULL, timeout=120, check=False,
+        )
+        assert done.returncode == 4
+        line = one_line_error(done)
+        assert "no config file was found at" in line
+        assert str(cli.tmp / "xdg" / "vbremote" / "config.toml") in line
+
     def test_unknown_archive(self, ready):
         """A missing archive is one line on stderr, exit code 3, nothing on stdout."""
         done = ready("info", "nope")

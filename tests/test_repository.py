@@ -58,9 +58,9 @@ class TestOpen:
         assert repo.archives() == []
 
     def test_wrong_passphrase(self, repo, transport, base_dir):
-        """A wrong passphrase raises PassphraseWrong."""
+        """A wrong passphrase raises PassphraseWrong, saying which repository's key it did not unlock."""
         repo.close()
-        with pytest.raises(vbremote.PassphraseWrong):
+        with pytest.raises(vbremote.PassphraseWrong, match="does not unlock the key of the repository at"):
             vbremote.Repository.open(transport, passphrase="wrong", base_dir=base_dir)
 
     def test_missing_passphrase(self, repo, transport, base_dir, monkeypatch):

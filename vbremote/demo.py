@@ -117,7 +117,7 @@ def vm_files(folder: Path, name: str) -> list[FileSpec]:
     ]
 
 
-def run(workdir: Path, disk_mib: int) -> None:
+def run(workdir: Path, disk_mib: int, *, kept: bool = False) -> None:
     name = "demo-vm"
     print(f"vbremote demo in {workdir}\n")
     folder, vm_uuid = make_vm_folder(workdir / name, name, disk_mib * MIB)
@@ -172,8 +172,13 @@ def run(workdir: Path, disk_mib: int) -> None:
             " (borg rewrites a segment once 10 % of it is unused)"
         )
         snapshots(workdir, repo, max(8, disk_mib // 4))
-    print("\nThese are ordinary borg archives; the borg CLI reads them (with --keep DIR the folder stays):")
-    print(f"  BORG_BASE_DIR={base} BORG_PASSPHRASE='{passphrase}' borg list {transport.location}")
+    if kept:
+        print("\nThese are ordinary borg archives; the borg CLI (installed with vbremote) lists them:")
+        print(f"  BORG_BASE_DIR={base} BORG_PASSPHRASE='{passphrase}' borg list {transport.location}")
+    else:
+        print("\nThese are ordinary borg archives, which the borg CLI reads too; the folder is removed now.")
+        print("To keep it and list them with borg: python -m vbremote.demo --keep DIR (or vbremote demo --keep DIR,")
+        print("or bash scripts/dev.sh demo --keep DIR).")
 
 
 def _show_snapshot(result: SnapshotResult, writes_before: int, writes_after: int) -> None:
@@ -228,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.keep is not None:
         args.keep.mkdir(parents=True)
-        run(args.keep, args.disk_mib)
+        run(args.keep, args.disk_mib, kept=True)
     else:
         with tempfile.TemporaryDirectory(prefix="vbremote-demo-") as workdir:
             run(Path(workdir), args.disk_mib)

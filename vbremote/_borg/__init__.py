@@ -299,6 +299,13 @@ class BorgWorker:
             return _errors.FileNotInArchive(
                 message, location=self.location, archive=context.get("archive", ""), path=context.get("path", "")
             )
+        if cls is _errors.PassphraseWrong:
+            # borg's own text names its environment variables, which the caller may never have set.
+            return _errors.PassphraseWrong(
+                f"the passphrase does not unlock the key of the repository at {self.location}"
+                " (the one given as passphrase=, or from BORG_PASSPHRASE, BORG_PASSCOMMAND or BORG_PASSPHRASE_FD)",
+                location=self.location,
+            )
         if cls is not None:
             return cls(message, location=self.location)
         return _errors.BorgError(message, location=self.location, borg_class=context.get("borg_class", ""))

@@ -29,7 +29,7 @@ from rich.progress import Progress as RichProgress
 from rich.text import Text
 
 from .. import _errors as errors
-from .._config import Config, RepositoryConfig, load_config
+from .._config import Config, RepositoryConfig, default_config_path, load_config
 from .._models import Progress
 from .._repository import Repository
 from .._vbox import VirtualBoxHost
@@ -97,7 +97,7 @@ class App:
     _config: Config | None = field(default=None, init=False)
     _cleanups: contextlib.ExitStack = field(factory=contextlib.ExitStack, init=False)
     _host: VirtualBoxHost | None = field(default=None, init=False)
-    stdout: Console = field(factory=lambda: Console(soft_wrap=True, highlight=False), init=False)
+    stdout: Console = field(factory=lambda: _stdout_console(), init=False)
     stderr: Console = field(factory=lambda: Console(stderr=True, soft_wrap=True, highlight=False), init=False)
 
     # -- config, repository, VirtualBox ------------------------------------------
@@ -139,7 +139,17 @@ class App:
                 self._cleanups.callback(simulator.close)
                 self._host = VirtualBoxHost.connect(manager=simulator.manager())
             else:
-                self._host = VirtualBoxHost.connect()
+                try:
+                    self._host = VirtualBoxHost.connect()
+                except errors.VirtualBoxUnavailable as exc:
+                    if self.config.file is not None:
+                        raise
+                    # No config file at all: say so, since a user who put it in the wrong
+                    # place would otherwise be told to install VirtualBox.
+                    raise errors.VirtualBoxUnavailable(
+                        f"{exc} (no config file was found at {default_config_path()}, so the installed"
+                        " VirtualBox is used; give --config, or select the simulated one in [virtualbox])"
+                    ) from exc
         return self._host
 
     @property
@@ -283,3 +293,15 @@ def report_error(exc: BaseException, *, code: int, as_json: bool, verbosity: int
         document = {"error": {"type": type(exc).__name__, "message": message, "exit_code": code}}
         sys.stdout.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
         sys.stdout.flush()
+
+
+def _stdout_console() -> Console:
+    """The console for results: at a terminal its width; piped, as wide as a table needs.
+
+    Archive names are what a user passes back to ``info`` and ``restore``, so a
+    pipe must never get them cut to 80 columns (rich's default off a terminal).
+    """
+    console = Console(soft_wrap=True, highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(soft_wrap=True, highlight=False, width=1000)
+    return console

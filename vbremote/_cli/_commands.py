@@ -62,7 +62,7 @@ def _monitored(app: App, command: str, **details: Any) -> Iterator[Run]:
     "--config",
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="The config file (default: $XDG_CONFIG_HOME/vbremote/config.toml).",
+    help="The config file (default: $XDG_CONFIG_HOME/vbremote/config.toml, or ~/.config/vbremote/config.toml).",
 )
 @click.option("--repo", "repo_name", metavar="NAME", help="The repository to use (default: the config's default).")
 @click.option("--json", "as_json", is_flag=True, help="Write one JSON document to stdout and nothing else.")
