@@ -42,6 +42,7 @@ from .._errors import (
     SettingsFileError,
     VMNotFound,
 )
+from .._hostinfo import cpu_vendor
 from .._models import ArchiveInfo, FileRole, MachineState, Progress, SnapshotMode, VMInfo
 from .._settings import parse_settings, relocate
 from ._apply import ApplyStats, Verify, apply_plan
@@ -54,22 +55,12 @@ if TYPE_CHECKING:
     from .._repository import Repository
     from .._vbox import VirtualBoxHost
 
-__all__ = ["RestoreResult", "Restorer", "host_cpu_vendor"]
+__all__ = ["RestoreResult", "Restorer"]
 
 log = logging.getLogger("vbremote.restore")
 
 _VERSION = re.compile(r"(\d+)\.(\d+)")
 _VM_NAME = re.compile(r"[^/\\\0]{1,200}")
-
-
-def host_cpu_vendor() -> str | None:
-    """This host's CPU vendor as the kernel reports it (``vendor_id``), or None where unknown."""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key.strip() in ("vendor_id", "CPU implementer"):
-                return value.strip() or None
-    return None
 
 
 def _major_minor(version: str | None) -> tuple[int, int] | None:
@@ -110,7 +101,7 @@ class Restorer:
 
     host: VirtualBoxHost
     repository: Repository
-    cpu_vendor: str | None = attrs.field(factory=host_cpu_vendor)
+    cpu_vendor: str | None = attrs.field(factory=cpu_vendor)
 
     # -- planning -----------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from .._errors import (
     TransientSnapshotLeft,
     VBRemoteError,
 )
+from .._hostinfo import cpu_vendor
 from .._models import (
     FileRole,
     FileSpec,
@@ -106,15 +107,6 @@ def _check_template(template: str) -> str:
 
 def _state_dir(value: str | os.PathLike[str] | None) -> Path:
     return default_state_dir() if value is None else Path(value)
-
-
-def _cpu_vendor() -> str | None:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key.strip() in ("vendor_id", "CPU implementer"):
-                return value.strip() or None
-    return None
 
 
 @define(eq=False)
@@ -353,7 +345,7 @@ class Snapshotter:
             mode=mode,
             vbox_version=self.host.version,
             host=socket.gethostname(),
-            cpu_vendor=_cpu_vendor(),
+            cpu_vendor=cpu_vendor(),
             cpu_portability=info.cpu_portability_level,
             labels=labels,
             taken=snapshot.taken,
