@@ -32,3 +32,21 @@ def test_restore_in_place_example():
     """docs/restores.md: a snapshot on the simulator, the guest changes, the restore in place fetches less."""
     code = example("restores.md", "restore-in-place")
     exec(compile(code, "docs/restores.md", "exec"), {})
+
+
+def run(page: str, name: str) -> dict[str, object]:
+    """Run one example as printed and return its globals."""
+    namespace: dict[str, object] = {}
+    exec(compile(example(page, name), f"docs/{page}", "exec"), namespace)
+    return namespace
+
+
+class TestRepositoryExamples:
+    def test_open_and_list(self):
+        """docs/repositories.md: an SSH transport's location without connecting; an encrypted repository opened."""
+        namespace = run("repositories.md", "open-and-list")
+        assert namespace["remote"].location == "ssh://borg@backup.example.org/srv/borg/vms"
+
+    def test_fetch(self):
+        """docs/repositories.md: a stored disk's chunks fetched as one stream rebuild the disk byte for byte."""
+        run("repositories.md", "fetch")
