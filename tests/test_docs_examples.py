@@ -50,3 +50,32 @@ class TestRepositoryExamples:
     def test_fetch(self):
         """docs/repositories.md: a stored disk's chunks fetched as one stream rebuild the disk byte for byte."""
         run("repositories.md", "fetch")
+
+
+class TestRetentionExamples:
+    def test_prune(self):
+        """docs/retention.md: a policy planned and applied to a VM's archives deletes the one it does not keep."""
+        run("retention.md", "prune")
+
+    def test_compose(self):
+        """docs/retention.md: two policies combine with | into one policy."""
+        import vbremote
+
+        assert isinstance(run("retention.md", "compose")["policy"], vbremote.RetentionPolicy)
+
+    def test_own_policy(self):
+        """docs/retention.md: subclasses of RetentionPolicy combine with the built-in rules."""
+        import vbremote
+
+        assert isinstance(run("retention.md", "own-policy")["policy"], vbremote.RetentionPolicy)
+
+
+class TestRestoreExamples:
+    def test_plan_and_restore(self):
+        """docs/restores.md: the plan names a running VM as a problem; the restore powers it off."""
+        namespace = run("restores.md", "plan-and-restore")
+        assert [p.code for p in namespace["plan"].problems] == ["vm-running"]
+
+    def test_seeds(self):
+        """docs/restores.md: a seed file's blocks are copied instead of fetched."""
+        run("restores.md", "seeds")
