@@ -79,3 +79,21 @@ class TestRestoreExamples:
     def test_seeds(self):
         """docs/restores.md: a seed file's blocks are copied instead of fetched."""
         run("restores.md", "seeds")
+
+
+class TestSnapshotExamples:
+    def test_take(self):
+        """docs/snapshots.md: a snapshot of a simulated VM into an archive that carries its labels."""
+        run("snapshots.md", "take")
+
+
+class TestTestingExamples:
+    def test_simulator(self):
+        """docs/testing.md: an injected fault makes the simulator's next snapshot deletion fail."""
+        run("testing.md", "simulator")
+
+
+class TestTransportExamples:
+    def test_check_transport(self):
+        """docs/transports.md: check_transport passes for a transport that reaches borg serve."""
+        run("transports.md", "check-transport")
