@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
+
+import vbremote
+from vbremote.testing import MIB, SimulatedVirtualBox
 
 DOCS = Path(__file__).parent.parent / "docs"
 
@@ -59,14 +63,10 @@ class TestRetentionExamples:
 
     def test_compose(self):
         """docs/retention.md: two policies combine with | into one policy."""
-        import vbremote
-
         assert isinstance(run("retention.md", "compose")["policy"], vbremote.RetentionPolicy)
 
     def test_own_policy(self):
         """docs/retention.md: subclasses of RetentionPolicy combine with the built-in rules."""
-        import vbremote
-
         assert isinstance(run("retention.md", "own-policy")["policy"], vbremote.RetentionPolicy)
 
 
@@ -97,3 +97,21 @@ class TestTransportExamples:
     def test_check_transport(self):
         """docs/transports.md: check_transport passes for a transport that reaches borg serve."""
         run("transports.md", "check-transport")
+
+
+class TestVirtualBoxExamples:
+    def test_connect_forms(self):
+        """docs/virtualbox.md: the three ways to connect name real members; the manager form runs on the simulator."""
+        code = example("virtualbox.md", "connect")
+        compile(code, "docs/virtualbox.md", "exec")  # the other two forms need a real VirtualBox
+        names = set(re.findall(r"vbremote\.VirtualBoxHost\.(\w+)", code))
+        assert names == {"connect", "from_pyvbox"}
+        assert all(hasattr(vbremote.VirtualBoxHost, name) for name in names)
+        manager_form = next(line for line in code.splitlines() if "manager=mgr" in line)
+        with SimulatedVirtualBox(tempfile.mkdtemp()) as sim:
+            sim.create_vm("dev", disk_size=MIB)
+            namespace: dict[str, object] = {"vbremote": vbremote, "mgr": sim.manager()}
+            exec(compile(manager_form.strip(), "docs/virtualbox.md", "exec"), namespace)
+            host = namespace["host"]
+            assert isinstance(host, vbremote.VirtualBoxHost)
+            assert host.state("dev").is_running is False
