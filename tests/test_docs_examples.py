@@ -55,6 +55,10 @@ class TestRepositoryExamples:
         """docs/repositories.md: a stored disk's chunks fetched as one stream rebuild the disk byte for byte."""
         run("repositories.md", "fetch")
 
+    def test_block_compare(self):
+        """docs/repositories.md: an unchanged disk compared block by block with its archive needs nothing fetched."""
+        run("repositories.md", "block-compare")
+
 
 class TestRetentionExamples:
     def test_prune(self):
