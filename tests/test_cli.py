@@ -645,6 +645,9 @@ class TestDemo:
         )
         assert done.returncode == 0, done.stderr
         assert "pruned" in done.stdout
+        # The restore steps: a restore interrupted on purpose resumes from its journal; the VM comes back Saved.
+        assert "it resumed (True) from the journal" in done.stdout
+        assert "The VM is Saved" in done.stdout
         assert (tmp_path / "demo" / "repository").is_dir()
 
     def test_demo_has_no_json(self, tmp_path):

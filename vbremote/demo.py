@@ -6,7 +6,9 @@ It shows the repository layer end to end: create a repository, store the VM
 folder, let the "guest" change 2 % of its disk, store it again, show what
 the second archive really cost, and prune by borg's retention rules. Then the
 Snapshotter on a simulated VirtualBox host: a VM whose guest keeps writing
-gets two online snapshots, with what each cost.
+gets two online snapshots, with what each cost; and the Restorer brings the
+newest back in place after the guest changed its disk: the plan, a restore
+interrupted half-way on purpose, and the re-run that resumes from its journal.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from . import (
     Progress,
     Pruner,
     Repository,
+    Restorer,
     SnapshotMetadata,
     SnapshotMode,
     SnapshotResult,
@@ -224,6 +227,46 @@ def snapshots(workdir: Path, repo: Repository, disk_mib: int) -> None:
         for info in repo.archives(vm=name):
             print(f"   {info.name:<44} {info.time:%Y-%m-%d %H:%M:%S}  {info.mode.value:<7} {len(info.files)} files")
         print(f"    VirtualBox snapshots of the VM now: {len(host.vm(name).snapshots())}")
+        restore(host, repo, name, taken[-1])
+
+
+class _StopHalfway(Exception):
+    """Raised from the demo's progress callback to interrupt a restore on purpose."""
+
+
+def restore(host: VirtualBoxHost, repo: Repository, name: str, snapshot: SnapshotResult) -> None:
+    """Back to the newest snapshot in place: the plan, a restore interrupted half-way, and its resumption."""
+    host.power_off(name)
+    restorer = Restorer(host, repo)
+    plan = restorer.plan(snapshot.archive)
+    print("11. The VM is powered off; the guest wrote on after snapshot 2. Back to snapshot 2 in place; the plan"
+          " (nothing is written yet):")
+    for line in plan.table().splitlines():
+        print(f"    {line}")
+    folder = host.vm(name).folder
+
+    def stop_halfway(event: Progress) -> None:
+        if event.operation == "restore" and event.total and event.done >= event.total // 2:
+            raise _StopHalfway
+
+    try:
+        restorer.restore(snapshot.archive, progress=stop_halfway)
+    except _StopHalfway:
+        registered = name in [vm.name for vm in host.vms()]
+        print(
+            "12. That restore was interrupted half-way on purpose."
+            + (" The VM was unregistered before the first write, so it cannot start half-restored."
+               if not registered else "")
+        )
+    result = restorer.restore(snapshot.archive, target=folder)
+    stats = result.stats
+    assert result.vm is not None
+    print(
+        f"13. Run again: it resumed ({result.resumed}) from the journal; fetched {_size(stats.bytes_fetched)},"
+        f" copied {_size(stats.bytes_copied)} from local data, wrote {_size(stats.bytes_written)},"
+        f" verified {_size(stats.bytes_verified)}. The VM is {result.vm.state.value}: it resumes where snapshot 2"
+        " left it."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
