@@ -119,3 +119,14 @@ class TestVirtualBoxExamples:
             host = namespace["host"]
             assert isinstance(host, vbremote.VirtualBoxHost)
             assert host.state("dev").is_running is False
+
+
+class TestEveryExampleRuns:
+    def test_every_python_block_is_a_tested_example(self):
+        """Every python block of the docs carries an example marker that a test of this module runs."""
+        source = Path(__file__).read_text()
+        for page in sorted(DOCS.glob("**/*.md")):
+            text = page.read_text()
+            assert text.count("```python") == len(re.findall(r"<!-- example: [\w-]+ -->\n```python", text)), page
+            for name in re.findall(r"<!-- example: ([\w-]+) -->\n```python", text):
+                assert f'"{page.name}", "{name}"' in source, (page.name, name)
