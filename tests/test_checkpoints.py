@@ -164,7 +164,7 @@ class TestCheckpointsDuringAWrite:
 
         repo = vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir)
         with pytest.raises(KeyboardInterrupt):
-            repo.write_archive("a", [spec], metadata(vm_uuid=VM_UUID), progress=cancel, checkpoint_interval=0.05)
+            repo.write_archive("a", [spec], metadata(vm_uuid=VM_UUID), progress=cancel, checkpoint_interval=0.001)
         repo.close()
         assert borg_names(borg_cli, transport.path, checkpoints=False) == []
         assert borg_names(borg_cli, transport.path, checkpoints=True) == ["a.checkpoint"]
@@ -190,7 +190,7 @@ class TestCheckpointsDuringAWrite:
 
         repo = vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir)
         with pytest.raises(KeyboardInterrupt):
-            repo.write_archive("other", [spec], metadata(vm_uuid=VM_UUID), progress=cancel, checkpoint_interval=0.05)
+            repo.write_archive("other", [spec], metadata(vm_uuid=VM_UUID), progress=cancel, checkpoint_interval=0.001)
         repo.close()
         with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir, lock_wait=5) as again:
             result = again.write_archive("mine", [spec], metadata(), checkpoint_interval=None)
@@ -213,7 +213,7 @@ class TestRetention:
         repo.write_archive("new", [spec], metadata(vm_uuid=VM_UUID), checkpoint_interval=None)
         spec, _ = disk(tmp_path, 48, seed=20)  # new data: a write long enough for a checkpoint
         with pytest.raises(KeyboardInterrupt):
-            repo.write_archive("newest", [spec], metadata(vm_uuid=VM_UUID), progress=cancel, checkpoint_interval=0.05)
+            repo.write_archive("newest", [spec], metadata(vm_uuid=VM_UUID), progress=cancel, checkpoint_interval=0.001)
         repo.close()
         with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir, lock_wait=5) as again:
             pruner = vbremote.Pruner(again, vbremote.KeepRules(last=1))
