@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,17 @@ def vm_specs(folder: Path) -> list[vbremote.FileSpec]:
         vbremote.FileSpec(folder / "vm.vdi", "vm.vdi", vbremote.FileRole.DISK),
         vbremote.FileSpec(folder / "vm.nvram", "vm.nvram", vbremote.FileRole.NVRAM),
     ]
+
+
+@contextmanager
+def tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A small tmpfs mounted on ``folder`` (e.g. ``size="20m"``) for disk-full tests; skips without mount rights."""
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import PASSPHRASE, metadata
+from helpers import PASSPHRASE, metadata, tmpfs
 from hypothesis import given
 from hypothesis import strategies as st
 from test_repository import corrupt_one_chunk
@@ -467,16 +467,8 @@ class TestVerify:
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 20 MiB tmpfs (needs root and mount rights; skipped otherwise)."""
-    folder = tmp_path / "small"
-    folder.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(folder)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "small", "20m") as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 class TestDiskFull:

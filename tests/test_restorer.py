@@ -20,7 +20,7 @@ from pathlib import Path
 
 import attrs
 import pytest
-from helpers import PASSPHRASE, BorgCLI
+from helpers import PASSPHRASE, BorgCLI, tmpfs
 
 import vbremote
 from vbremote._restorer._rewrite import new_identity, set_vdi_uuids, settings_with, vdi_uuids
@@ -560,16 +560,8 @@ class TestUnregisterFirst:
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs (needs root and mount rights; skipped otherwise)."""
-    folder = tmp_path / "small"
-    folder.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "small", "4m") as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def rewritten(scene: Scene, archive: vbremote.ArchiveInfo, tmp_path: Path, **changes: object) -> vbremote.ArchiveInfo:
