@@ -124,25 +124,6 @@ class TestArchiveValidation:
         assert os.path.normpath(accepted) == accepted
 
 
-class TestDocsExample:
-    def test_block_compare_example(self, repo, transport, base_dir, tmp_path, monkeypatch):
-        """docs/repositories.md: the comparison example finds the one changed block and skips zero blocks."""
-        text = (Path(__file__).parent.parent / "docs" / "repositories.md").read_text()
-        code = text.split("<!-- example: block-compare -->\n```python\n")[1].split("```")[0]
-        image = _disk(repo, tmp_path, 7, seed=9)  # blocks 2 and 5 are zero
-        repo.close()
-        folder = tmp_path / "restore"
-        folder.mkdir()
-        local = bytearray(image.read_bytes()[: 6 * MIB])  # the last block is missing locally
-        local[MIB + 5] ^= 0xFF
-        (folder / "disk.img").write_bytes(bytes(local))
-        monkeypatch.setenv("BORG_BASE_DIR", str(base_dir))
-        scope = {"vbremote": vbremote, "transport": transport, "secret": PASSPHRASE, "archive": "a",
-                 "folder": folder}
-        exec(compile(code, "docs/repositories.md", "exec"), scope)
-        assert [ref.offset for ref in scope["to_fetch"]["disk.img"]] == [MIB, 6 * MIB]
-
-
 class TestIdHash:
     @pytest.mark.parametrize("encryption", vbremote.ENCRYPTION_MODES)
     def test_ids_here_equal_the_workers(self, tmp_path, base_dir, encryption):
