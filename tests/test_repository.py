@@ -296,7 +296,7 @@ class TestWrite:
         spec = write_disk(tmp_path, disk_content(64, seed=2))
 
         def cancel(event: vbremote.Progress) -> None:
-            if event.done >= 8 * MIB:
+            if event.done > 0:  # the first event: after the first block, mid-write
                 raise KeyboardInterrupt
 
         repo = vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir)
@@ -320,7 +320,7 @@ class TestWrite:
         spec.source.write_bytes(disk_content(64, seed=4))
 
         def crash(event: vbremote.Progress) -> None:
-            if event.done >= 8 * MIB:
+            if event.done > 0:  # the first event: after the first block, mid-write
                 os.kill(repo._worker._process.pid, 9)
 
         with pytest.raises(vbremote.RepositoryError, match="ended unexpectedly"):
