@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -200,6 +201,39 @@ class TestWrite:
         result = repo.write_archive("zeros", [spec], metadata())
         assert result.chunks_zero == 5
         assert result.chunks_new == 2  # one zero chunk and the tail
+
+    def test_repeated_blocks_stored_once(self, repo, transport, borg_cli, tmp_path):
+        """Blocks repeated within one file, next to each other or not, are stored once and read back whole."""
+        rng = random.Random(11)
+        distinct = [rng.randbytes(MIB) for _ in range(3)]
+        content = b"".join(distinct[0] if i % 4 else distinct[(i // 4) % 3] for i in range(48))
+        spec = write_disk(tmp_path, content)
+        result = repo.write_archive("repeats", [spec], metadata())
+        assert (result.chunks, result.chunks_new, result.bytes_new) == (48, 3, 3 * MIB)
+        repo.close()
+        borg_cli("check", "--verify-data", str(transport.path))
+        out = tmp_path / "out"
+        out.mkdir()
+        borg_cli("extract", f"{transport.path}::repeats", cwd=out)
+        assert (out / "disk.img").read_bytes() == content
+
+    def test_repeat_read_before_its_first_block(self, repo, tmp_path):
+        """A block whose repeat was read first (threads race) is still stored with its own data."""
+        for attempt in range(8):
+            block = os.urandom(MIB)
+            spec = write_disk(tmp_path, block * 2)
+            # The first copy leaves the page cache, so the second one is likely read and hashed first.
+            fd = os.open(spec.source, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, MIB, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            result = repo.write_archive(f"a{attempt}", [spec], metadata())
+            assert (result.chunks, result.chunks_new) == (2, 1)
+            ids = [chunk.id for chunk in repo.chunk_list(f"a{attempt}", "disk.img").chunks]
+            assert [data for _, data in repo.fetch_chunks(ids)] == [block, block]
+        assert repo.check(verify_data=True).ok
 
     def test_incremental_sends_only_changes(self, repo, tmp_path):
         """A second archive after a small change sends only the changed blocks."""

@@ -689,14 +689,14 @@ class Worker:
         CPUs: memory, not threads, is what a large host would run out of.
 
         The caller decides again, in file order, which blocks are new: a block
-        can be compressed for nothing (an earlier block with the same content
-        was still in flight), or come without data although it is new (see
-        ``_compress_again``).
+        comes without data although it is new when a later block with the
+        same content was read first (see ``_compress_again``).
         """
         id_hash = self.key.id_hash
         zero_ids: dict[int, bytes] = {}
         meter = self.read_ahead_meter
         buffers = threading.local()
+        claims: dict[bytes, int] = {}
 
         def job(offset: int, length: int) -> _Block:
             buffer: bytearray | None = getattr(buffers, "buffer", None)
@@ -713,7 +713,9 @@ class Worker:
             else:
                 block_id = id_hash(view)
             data = None
-            if block_id not in chunks:
+            # The first block of its content to get here compresses it; a
+            # repeat of it in flight does not (the caller refers to the first).
+            if block_id not in chunks and claims.setdefault(block_id, offset) == offset:
                 data = compression.zeros(length) if zero else compression.compress(view)
             return _Block(offset, length, block_id, data, zero)
 
@@ -746,11 +748,13 @@ class Worker:
             concurrent.futures.wait([future for future, _ in pending])
 
     def _compress_again(self, fd: int, block: _Block, path: str, compression: _Compression) -> bytes:
-        """The compressed data of a block that was read as known, and that the chunk index no longer has.
+        """The compressed data of a new block that came without it.
 
-        Only a checkpoint removes an entry from the index (the metadata of its
-        own archive), so this is all but never needed; the data is read again
-        and must still have the block's id.
+        That happens when a later block with the same content was read first
+        (threads race) and so compressed it instead, or, all but never, when
+        the chunk index had the block when it was read and no longer has it
+        (a checkpoint removes the metadata chunk of its own archive). The data
+        is read again and must still have the block's id.
         """
         data = os.pread(fd, block.size, block.offset)
         if len(data) != block.size or self.key.id_hash(data) != block.id:
