@@ -769,6 +769,67 @@ class TestSnapshotFiles:
             sim.guest_content_at("dev", "no-such-snapshot")
 
 
+class TestInstants:
+    """guest_content_at: the guest's content at each snapshot instant, kept copy-on-write by the simulator."""
+
+    @staticmethod
+    def frozen(host: vbremote.VirtualBoxHost, vm: str, snapshot: str, port: int) -> Path:
+        disk = next(a for a in host.vm(vm).snapshot(snapshot).attachments if a.port == port)
+        return disk.chain[-1].location
+
+    def test_nested_instants_stay_exact_while_the_guest_overwrites(self, sim71: SimulatedVirtualBox):
+        """Three nested instants, the guest overwriting the same granules between and after them: each stays exact."""
+        sim71.create_vm("two", disk_size=8 * MIB, disks=2)
+        host = host_of(sim71)
+        sim71.start("two", workload=GuestWorkload(rate=1000, pattern="hot", seed=5))
+        taken = []
+        for name in ("one", "two", "three"):
+            taken.append(host.take_snapshot("two", name).uuid)
+            time.sleep(0.25)
+        instants = sim71.machine("two").instants
+        saved = [set(instants[uuid][("SATA", 0, 0)].saved) for uuid in taken]
+        assert saved[0] & saved[1] & saved[2]  # the same granules overwritten after each instant
+        for port in (0, 1):
+            contents = [sim71.guest_content_at("two", uuid, port) for uuid in taken]
+            for uuid, content in zip(taken, contents, strict=True):
+                assert content == sim71.read_image(self.frozen(host, "two", uuid, port))
+            assert len(set(contents)) == 3
+
+    def test_a_deleted_snapshot_frees_its_instant(self, sim71: SimulatedVirtualBox):
+        """Deleting a snapshot drops its instant and saved granules; the other instants stay exact."""
+        host = host_of(sim71)
+        sim71.start("dev", workload=GuestWorkload(rate=1000, pattern="hot", seed=6))
+        first = host.take_snapshot("dev", "one")
+        time.sleep(0.2)
+        second = host.take_snapshot("dev", "two")
+        time.sleep(0.2)
+        host.delete_snapshot("dev", first.uuid)
+        with pytest.raises(vbremote.ConfigurationError, match="no snapshot"):
+            sim71.guest_content_at("dev", first.uuid)
+        assert list(sim71.machine("dev").instants) == [second.uuid]
+        time.sleep(0.1)
+        assert sim71.guest_content_at("dev", second.uuid) == sim71.read_image(self.frozen(host, "dev", second.uuid, 0))
+        host.delete_snapshot("dev", second.uuid)
+        assert sim71.machine("dev").instants == {}
+
+    def test_instants_survive_a_restore(self, sim71: SimulatedVirtualBox):
+        """After a restore and new guest writes, every instant still reads as its frozen image."""
+        host = host_of(sim71)
+        sim71.start("dev", workload=GuestWorkload(rate=1000, pattern="hot", seed=7))
+        first = host.take_snapshot("dev", "one")
+        time.sleep(0.2)
+        second = host.take_snapshot("dev", "two")
+        time.sleep(0.2)
+        host.power_off("dev")
+        host.restore_snapshot("dev", first.uuid)
+        sim71.start("dev", workload=GuestWorkload(rate=1000, pattern="hot", seed=8))
+        time.sleep(0.2)
+        assert sim71.guest_writes("dev") > 0
+        for snapshot in (first, second):
+            frozen = self.frozen(host, "dev", snapshot.uuid, 0)
+            assert sim71.guest_content_at("dev", snapshot.uuid) == sim71.read_image(frozen)
+
+
 class TestDeleting:
     """Deleting a snapshot (SnapshotImpl.cpp: i_deleteSnapshot, i_deleteSnapshotHandler and its merge preparation)."""
 

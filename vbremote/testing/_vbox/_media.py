@@ -1,5 +1,11 @@
 """Disks: VDI images and their differencing chains, saved-state files, the guest-content model, merges.
 
+The guest-content model is what the guest wrote, per disk (``expected``),
+and what it had written at each snapshot's instant (``instants``), kept
+copy-on-write: taking a snapshot copies nothing, a guest write first saves
+the old content of the granules it overwrites for the instants that have
+not saved them yet.
+
 Everything here that touches a machine's images runs under its disk lock
 (see :mod:`._locks`); :func:`merge` takes the locks itself.
 """
@@ -16,26 +22,34 @@ from ..._errors import ConfigurationError
 from .._images import MIB, mixed_content
 from .._vdi import VDI, VDI_BLOCK_SIZE
 from ._locks import Locks
-from ._model import Slot, _Attachment, _Machine, _Medium
+from ._model import Slot, _Attachment, _Instant, _Machine, _Medium
 from ._operations import Operation
 
 __all__ = [
+    "GRANULE",
     "check_media",
     "check_medium",
     "content",
+    "content_at",
+    "detach_instants",
     "drop_medium",
     "expected",
+    "guest_write",
     "image",
     "inaccessible_disk",
     "merge",
     "merge_forward",
     "new_diff",
+    "record_instant",
     "slot",
     "state_file_in_snapshots",
     "write_sav",
 ]
 
 _SAV_MAGIC = b"\x7fVirtualBox SavedState V2.0\n"
+
+#: The unit of the instants' copy-on-write: a guest write saves the old content of the granules it touches.
+GRANULE = 64 * 1024
 
 
 def check_medium(medium: _Medium) -> None:
@@ -132,6 +146,66 @@ def expected(machine: _Machine, where: Slot) -> bytearray:
         disk = image(machine, attachment.medium)
         machine.expected[where] = bytearray(disk.read(0, disk.size))
     return machine.expected[where]
+
+
+def guest_write(machine: _Machine, where: Slot, offset: int, data: bytes) -> None:
+    """Record a guest write in the expected content, saving first what instants still need of it."""
+    model = expected(machine, where)
+    _save_old(machine, where, offset // GRANULE, -(-(offset + len(data)) // GRANULE))
+    model[offset : offset + len(data)] = data
+
+
+def record_instant(machine: _Machine, snapshot_uuid: str) -> None:
+    """Mark a snapshot's instant on every current hard disk: nothing is copied until the guest overwrites."""
+    disks = {}
+    for attachment in machine.hard_disks():
+        where = (attachment.controller, attachment.port, attachment.device)
+        disks[where] = _Instant(len(expected(machine, where)))
+    machine.instants[snapshot_uuid] = disks
+
+
+def detach_instants(machine: _Machine) -> None:
+    """Give every instant its own copy before the expected content is dropped (a restored snapshot)."""
+    # An instant that is not detached has its disks' expected content (record_instant read it).
+    for where in {where for disks in machine.instants.values() for where in disks}:
+        _save_old(machine, where, 0, -(-len(machine.expected[where]) // GRANULE))
+    for disks in machine.instants.values():
+        for instant in disks.values():
+            instant.detached = True
+
+
+def content_at(machine: _Machine, instant: _Instant, where: Slot) -> bytes:
+    """The content of the disk at ``where`` at ``instant``: today's, with the granules overwritten since put back."""
+    if instant.detached:
+        return b"".join(instant.saved[granule] for granule in range(-(-instant.size // GRANULE)))
+    pieces: list[bytes | memoryview] = []
+    done = 0
+    with memoryview(machine.expected[where]) as current:
+        for granule in sorted(instant.saved):
+            start = granule * GRANULE
+            pieces += [current[done:start], instant.saved[granule]]
+            done = start + len(instant.saved[granule])
+        pieces.append(current[done:])
+        try:
+            return b"".join(pieces)  # the one copy
+        finally:
+            for piece in pieces:
+                if isinstance(piece, memoryview):
+                    piece.release()
+
+
+def _save_old(machine: _Machine, where: Slot, first: int, end: int) -> None:
+    """Save granules ``[first, end)`` of ``where`` for every instant that has not saved them yet."""
+    waiting = [disks[where] for disks in machine.instants.values() if where in disks and not disks[where].detached]
+    if not waiting:
+        return
+    model = machine.expected[where]
+    for granule in range(first, end):
+        lacking = [instant for instant in waiting if granule not in instant.saved]
+        if lacking:
+            old = bytes(model[granule * GRANULE : (granule + 1) * GRANULE])  # one copy, shared by the instants
+            for instant in lacking:
+                instant.saved[granule] = old
 
 
 def slot(machine: _Machine, where: Slot) -> _Attachment:

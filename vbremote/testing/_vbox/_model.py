@@ -176,6 +176,22 @@ class _Session:
 
 
 @define(eq=False)
+class _Instant:
+    """What the guest had written to one disk at a snapshot's instant, kept copy-on-write.
+
+    Taking the snapshot copies nothing. Until the guest overwrites a granule
+    (``GRANULE`` bytes, see :mod:`._media`), the granule's content at the
+    instant is the machine's ``expected`` content; before the first overwrite
+    its old content goes to ``saved``. ``detached``: every granule is saved,
+    the current content is no longer this instant's base (after a restore).
+    """
+
+    size: int
+    saved: dict[int, bytes] = field(factory=dict)
+    detached: bool = False
+
+
+@define(eq=False)
 class _Guest:
     workload: GuestWorkload
     thread: threading.Thread | None = None
@@ -218,9 +234,10 @@ class _Machine:
     expected: dict[Slot, bytearray] = field(factory=dict)
     images: dict[str, VDI] = field(factory=dict)
     merging: dict[str, set[int]] = field(factory=dict)
-    # The guest's content per disk at each snapshot's instant (snapshots taken by this host).
-    instants: dict[str, dict[Slot, bytes]] = field(factory=dict)
-    # Guards images, expected and merging; taken only as _locks.Locks says.
+    # The guest's content per disk at each snapshot's instant (snapshots taken by this host
+    # and not deleted), copy-on-write over ``expected``.
+    instants: dict[str, dict[Slot, _Instant]] = field(factory=dict)
+    # Guards images, expected, instants and merging; taken only as _locks.Locks says.
     disk_lock: threading.RLock = field(factory=threading.RLock)
 
     @property

@@ -470,14 +470,14 @@ class World:
             ConfigurationError: No such VM or disk, or a snapshot this host did not take.
         """
         machine = self.machine(vm)
-        with self.lock:
-            instant = machine.instants.get(_bare(snapshot))
-        if instant is None:
-            raise ConfigurationError(f"{vm} has no snapshot {snapshot!r} taken by this host")
-        try:
-            return instant[("SATA", disk, 0)]
-        except KeyError:
-            raise ConfigurationError(f"{vm} had no disk at SATA port {disk} at snapshot {snapshot!r}") from None
+        with self.locks.disk(machine):
+            disks = machine.instants.get(_bare(snapshot))
+            if disks is None:
+                raise ConfigurationError(f"{vm} has no snapshot {snapshot!r} taken by this host")
+            where = ("SATA", disk, 0)
+            if where not in disks:
+                raise ConfigurationError(f"{vm} had no disk at SATA port {disk} at snapshot {snapshot!r}")
+            return _media.content_at(machine, disks[where], where)
 
     def take_snapshot(self, machine: _Machine, name: str, description: str, pause: bool) -> tuple[Operation, str]:
         with self.lock:
@@ -526,8 +526,8 @@ class World:
                     elif before in ("Saved", "AbortedSaved"):
                         # An offline snapshot of a saved machine uses its state file, no copy.
                         state_file = machine.state_file
-                    instant = {(a.controller, a.port, a.device): bytes(_media.expected(machine, (a.controller,
-                               a.port, a.device))) for a in machine.hard_disks()}
+                    # The guest's content at the instant: a marker; the guest's overwrites save the old content.
+                    _media.record_instant(machine, snapshot_uuid)
                     frozen_attachments = [a.copy() for a in machine.attachments]
                     for attachment in machine.hard_disks():
                         assert attachment.medium is not None
@@ -543,7 +543,6 @@ class World:
                     snapshot = _Snapshot(snapshot_uuid, name, description, int(time.time() * 1000), state_file,
                                          frozen_attachments, machine.current, nvram=nvram)
                     machine.snapshots[snapshot_uuid] = snapshot
-                    machine.instants[snapshot_uuid] = instant
                     if machine.current is None:
                         machine.root = snapshot_uuid
                     else:
@@ -554,6 +553,7 @@ class World:
             except BaseException:
                 with self.locks.disk_then_host(machine):
                     if snapshot_uuid not in machine.snapshots:
+                        machine.instants.pop(snapshot_uuid, None)
                         for attachment, medium in previous:
                             attachment.medium = medium
                         for uuid in created:
@@ -641,7 +641,7 @@ class World:
                     else:
                         with self.locks.disk_then_host(machine):
                             _media.drop_medium(machine, source)
-                with self.lock:
+                with self.locks.disk_then_host(machine):
                     if snapshot.nvram:
                         machine.path(snapshot.nvram).unlink(missing_ok=True)
                     self._remove_snapshot(machine, snapshot)
@@ -721,6 +721,7 @@ class World:
         if machine.current == snapshot.uuid:
             machine.current = snapshot.parent
         del machine.snapshots[snapshot.uuid]
+        # Nobody can ask for a deleted snapshot's instant: its saved granules go.
         machine.instants.pop(snapshot.uuid, None)
 
     def restore_snapshot(self, machine: _Machine, snapshot: _Snapshot) -> Operation:
@@ -765,6 +766,7 @@ class World:
                     if machine.firmware == "EFI" or machine.path(target).is_file():
                         machine.nvram = target
                 machine.current = snapshot.uuid
+                _media.detach_instants(machine)  # the instants no longer rest on the expected content
                 machine.expected = {}  # the guest's disks are the snapshot's now
                 self.set_state(machine, "Saved" if snapshot.state_file else "PoweredOff")
                 stamp = dt.datetime.fromtimestamp(snapshot.time_ms / 1000, dt.UTC)
