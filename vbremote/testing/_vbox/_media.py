@@ -1,7 +1,8 @@
 """Disks: VDI images and their differencing chains, saved-state files, the guest-content model, merges.
 
-The guest-content model is what the guest wrote, per disk (``expected``),
-and what it had written at each snapshot's instant (``instants``), kept
+The guest-content model is what the guest wrote, per disk (``expected``, in
+a temporary file), and what it had written at each snapshot's instant
+(``instants``), kept
 copy-on-write: taking a snapshot copies nothing, a guest write first saves
 the old content of the granules it overwrites for the instants that have
 not saved them yet.
@@ -22,7 +23,7 @@ from ..._errors import ConfigurationError
 from .._images import MIB, mixed_content
 from .._vdi import VDI, VDI_BLOCK_SIZE
 from ._locks import Locks
-from ._model import Slot, _Attachment, _Instant, _Machine, _Medium
+from ._model import Slot, _Attachment, _Content, _Instant, _Machine, _Medium
 from ._operations import Operation
 
 __all__ = [
@@ -138,13 +139,18 @@ def state_file_in_snapshots(machine: _Machine, relative: str) -> bool:
     return any(s.state_file == relative for s in machine.snapshots.values())
 
 
-def expected(machine: _Machine, where: Slot) -> bytearray:
+def expected(machine: _Machine, where: Slot) -> _Content:
     """What the guest wrote to the disk at ``where`` (read from the image on first use)."""
     if where not in machine.expected:
         attachment = slot(machine, where)
         assert attachment.medium is not None
         disk = image(machine, attachment.medium)
-        machine.expected[where] = bytearray(disk.read(0, disk.size))
+        model = _Content(disk.size)
+        for index in range(disk.size // VDI_BLOCK_SIZE):
+            block = disk.read_block(index)
+            if block.count(0) != len(block):
+                model.write(index * VDI_BLOCK_SIZE, block)
+        machine.expected[where] = model
     return machine.expected[where]
 
 
@@ -152,7 +158,7 @@ def guest_write(machine: _Machine, where: Slot, offset: int, data: bytes) -> Non
     """Record a guest write in the expected content, saving first what instants still need of it."""
     model = expected(machine, where)
     _save_old(machine, where, offset // GRANULE, -(-(offset + len(data)) // GRANULE))
-    model[offset : offset + len(data)] = data
+    model.write(offset, data)
 
 
 def record_instant(machine: _Machine, snapshot_uuid: str) -> None:
@@ -178,20 +184,15 @@ def content_at(machine: _Machine, instant: _Instant, where: Slot) -> bytes:
     """The content of the disk at ``where`` at ``instant``: today's, with the granules overwritten since put back."""
     if instant.detached:
         return b"".join(instant.saved[granule] for granule in range(-(-instant.size // GRANULE)))
-    pieces: list[bytes | memoryview] = []
+    current = machine.expected[where]
+    pieces = []
     done = 0
-    with memoryview(machine.expected[where]) as current:
-        for granule in sorted(instant.saved):
-            start = granule * GRANULE
-            pieces += [current[done:start], instant.saved[granule]]
-            done = start + len(instant.saved[granule])
-        pieces.append(current[done:])
-        try:
-            return b"".join(pieces)  # the one copy
-        finally:
-            for piece in pieces:
-                if isinstance(piece, memoryview):
-                    piece.release()
+    for granule in sorted(instant.saved):
+        start = granule * GRANULE
+        pieces += [current.read(done, start - done), instant.saved[granule]]
+        done = start + len(instant.saved[granule])
+    pieces.append(current.read(done, instant.size - done))
+    return b"".join(pieces)
 
 
 def _save_old(machine: _Machine, where: Slot, first: int, end: int) -> None:
@@ -203,7 +204,7 @@ def _save_old(machine: _Machine, where: Slot, first: int, end: int) -> None:
     for granule in range(first, end):
         lacking = [instant for instant in waiting if granule not in instant.saved]
         if lacking:
-            old = bytes(model[granule * GRANULE : (granule + 1) * GRANULE])  # one copy, shared by the instants
+            old = model.read(granule * GRANULE, GRANULE)  # one copy, shared by the instants
             for instant in lacking:
                 instant.saved[granule] = old
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import os
+import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
 from attrs import define, field, frozen
@@ -175,6 +178,49 @@ class _Session:
     console: bool = False
 
 
+class _Content:
+    """A disk's content as the guest wrote it, kept in an unlinked temporary file, not in memory.
+
+    Starts as zeros (a sparse file); closed when the object goes.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        fd, name = tempfile.mkstemp(prefix="vbox-sim-guest-")
+        os.unlink(name)
+        os.ftruncate(fd, size)
+        self._fd = fd
+        self._closer = weakref.finalize(self, os.close, fd)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset + length)``."""
+        pieces = []
+        while length > 0:
+            piece = os.pread(self._fd, min(length, 1 << 30), offset)
+            if not piece:
+                raise EOFError(f"guest content ends at {offset}")
+            pieces.append(piece)
+            offset += len(piece)
+            length -= len(piece)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Overwrite bytes from ``offset`` on."""
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self._fd, view, offset)
+            offset += written
+            view = view[written:]
+
+    def close(self) -> None:
+        """Close the file (reads and writes then fail)."""
+        self._closer()
+        self._fd = -1
+
+
 @define(eq=False)
 class _Instant:
     """What the guest had written to one disk at a snapshot's instant, kept copy-on-write.
@@ -231,7 +277,7 @@ class _Machine:
     guest: _Guest | None = None
     # Guest content as the guest wrote it, per attachment slot: the model that
     # the disk images must always read back as.
-    expected: dict[Slot, bytearray] = field(factory=dict)
+    expected: dict[Slot, _Content] = field(factory=dict)
     images: dict[str, VDI] = field(factory=dict)
     merging: dict[str, set[int]] = field(factory=dict)
     # The guest's content per disk at each snapshot's instant (snapshots taken by this host

@@ -46,6 +46,7 @@ from ._model import (
     SimulatedVBoxError,
     Timing,
     _Attachment,
+    _Content,
     _Machine,
     _Medium,
     _Session,
@@ -168,11 +169,11 @@ class World:
                     where.mkdir(parents=True, exist_ok=True)
                 path = where / (f"{name}.vdi" if port == 0 else f"{name}-disk{port + 1}.vdi")
                 image = VDI.create(path, disk_size)
-                expected = bytearray(disk_size)
+                expected = _Content(disk_size)
                 for index, block in enumerate(_media.content(content, disk_size, rng.randrange(1 << 30))):
                     if block.count(0) != len(block):
                         image.write(index * MIB, block)
-                        expected[index * MIB : (index + 1) * MIB] = block
+                        expected.write(index * MIB, block)
                 machine.media[image.uuid] = _Medium(image.uuid, path, None, disk_size)
                 machine.attachments.append(_Attachment("SATA", port, 0, "HardDisk", image.uuid))
                 machine.expected[("SATA", port, 0)] = expected
@@ -237,7 +238,8 @@ class World:
         """What the guest wrote: the content the disk must read back as (SATA port ``disk``)."""
         machine = self.machine(vm)
         with self.locks.disk(machine):
-            return bytes(_media.expected(machine, ("SATA", disk, 0)))
+            model = _media.expected(machine, ("SATA", disk, 0))
+            return model.read(0, model.size)
 
     def disk_content(self, vm: str, disk: int = 0) -> bytes:
         """The disk's content as the VM sees it now: read through its current differencing chain."""
@@ -767,6 +769,8 @@ class World:
                         machine.nvram = target
                 machine.current = snapshot.uuid
                 _media.detach_instants(machine)  # the instants no longer rest on the expected content
+                for model in machine.expected.values():
+                    model.close()
                 machine.expected = {}  # the guest's disks are the snapshot's now
                 self.set_state(machine, "Saved" if snapshot.state_file else "PoweredOff")
                 stamp = dt.datetime.fromtimestamp(snapshot.time_ms / 1000, dt.UTC)
