@@ -777,6 +777,26 @@ class TestInstants:
         disk = next(a for a in host.vm(vm).snapshot(snapshot).attachments if a.port == port)
         return disk.chain[-1].location
 
+    def test_taking_a_snapshot_copies_nothing(self, sim71: SimulatedVirtualBox):
+        """An instant starts with nothing saved; only granules the guest overwrites are saved, and it stays exact."""
+        from vbremote.testing._vbox import _media
+
+        host = host_of(sim71)
+        snapshot = host.take_snapshot("dev", "s")
+        instant = sim71.machine("dev").instants[snapshot.uuid][("SATA", 0, 0)]
+        assert instant.saved == {}
+        before = sim71.guest_content("dev")
+        # Sequential 64 KiB writes from the disk's second 64 KiB on.
+        sim71.start("dev", workload=GuestWorkload(rate=1000, write_size=64 * 1024, pattern="sequential"))
+        deadline = time.monotonic() + 10
+        while sim71.guest_writes("dev") < 8 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        host.power_off("dev")
+        written = sim71.guest_writes("dev")
+        assert 8 <= written < 8 * MIB // (64 * 1024)
+        assert set(instant.saved) == {k * 64 * 1024 // _media.GRANULE for k in range(1, written + 1)}
+        assert sim71.guest_content_at("dev", snapshot.uuid) == before
+
     def test_nested_instants_stay_exact_while_the_guest_overwrites(self, sim71: SimulatedVirtualBox):
         """Three nested instants, the guest overwriting the same granules between and after them: each stays exact."""
         sim71.create_vm("two", disk_size=8 * MIB, disks=2)
