@@ -466,10 +466,13 @@ class World:
         """What the guest had written to a disk (SATA port ``disk``) at a snapshot's instant.
 
         Recorded when this host took the snapshot: what the snapshot's frozen
-        images must read back as.
+        images must read back as. The record is copy-on-write: taking the
+        snapshot copies nothing, and the guest's later writes keep the old
+        content of what they overwrite, until the snapshot is deleted.
 
         Raises:
-            ConfigurationError: No such VM or disk, or a snapshot this host did not take.
+            ConfigurationError: No such VM or disk, or a snapshot this host did not
+                take or has deleted since.
         """
         machine = self.machine(vm)
         with self.locks.disk(machine):
