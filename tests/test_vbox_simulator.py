@@ -806,8 +806,9 @@ class TestInstants:
         for name in ("one", "two", "three"):
             taken.append(host.take_snapshot("two", name).uuid)
             time.sleep(0.25)
-        instants = sim71.machine("two").instants
-        saved = [set(instants[uuid][("SATA", 0, 0)].saved) for uuid in taken]
+        machine = sim71.machine("two")
+        with sim71.locks.disk(machine):
+            saved = [set(machine.instants[uuid][("SATA", 0, 0)].saved) for uuid in taken]
         assert saved[0] & saved[1] & saved[2]  # the same granules overwritten after each instant
         for port in (0, 1):
             contents = [sim71.guest_content_at("two", uuid, port) for uuid in taken]
@@ -816,21 +817,29 @@ class TestInstants:
             assert len(set(contents)) == 3
 
     def test_a_deleted_snapshot_frees_its_instant(self, sim71: SimulatedVirtualBox):
-        """Deleting a snapshot drops its instant and saved granules; the other instants stay exact."""
+        """Deleting a snapshot drops its instant and the old granules only it kept; the other instants stay exact."""
         host = host_of(sim71)
         sim71.start("dev", workload=GuestWorkload(rate=1000, pattern="hot", seed=6))
         first = host.take_snapshot("dev", "one")
         time.sleep(0.2)
         second = host.take_snapshot("dev", "two")
         time.sleep(0.2)
+        machine = sim71.machine("dev")
+        with sim71.locks.disk(machine):
+            only_first = set(machine.instants[first.uuid][("SATA", 0, 0)].saved.values()) - set(
+                machine.instants[second.uuid][("SATA", 0, 0)].saved.values())
+        assert only_first  # granules the guest overwrote between the two snapshots
         host.delete_snapshot("dev", first.uuid)
         with pytest.raises(vbremote.ConfigurationError, match="no snapshot"):
             sim71.guest_content_at("dev", first.uuid)
-        assert list(sim71.machine("dev").instants) == [second.uuid]
+        assert list(machine.instants) == [second.uuid]
         time.sleep(0.1)
+        with sim71.locks.disk(machine):
+            assert machine.old_granules.live == len(set(machine.instants[second.uuid][("SATA", 0, 0)].saved.values()))
         assert sim71.guest_content_at("dev", second.uuid) == sim71.read_image(self.frozen(host, "dev", second.uuid, 0))
         host.delete_snapshot("dev", second.uuid)
-        assert sim71.machine("dev").instants == {}
+        assert machine.instants == {}
+        assert machine.old_granules.live == 0
 
     def test_instants_survive_a_restore(self, sim71: SimulatedVirtualBox):
         """After a restore and new guest writes, every instant still reads as its frozen image."""

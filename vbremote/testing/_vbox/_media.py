@@ -2,10 +2,9 @@
 
 The guest-content model is what the guest wrote, per disk (``expected``, in
 a temporary file), and what it had written at each snapshot's instant
-(``instants``), kept
-copy-on-write: taking a snapshot copies nothing, a guest write first saves
-the old content of the granules it overwrites for the instants that have
-not saved them yet.
+(``instants``), kept copy-on-write: taking a snapshot copies nothing, a
+guest write first keeps the old content of the granules it overwrites (in a
+temporary file too) for the instants that have not kept them yet.
 
 Everything here that touches a machine's images runs under its disk lock
 (see :mod:`._locks`); :func:`merge` takes the locks itself.
@@ -23,7 +22,7 @@ from ..._errors import ConfigurationError
 from .._images import MIB, mixed_content
 from .._vdi import VDI, VDI_BLOCK_SIZE
 from ._locks import Locks
-from ._model import Slot, _Attachment, _Content, _Instant, _Machine, _Medium
+from ._model import GRANULE, Slot, _Attachment, _Content, _Instant, _Machine, _Medium
 from ._operations import Operation
 
 __all__ = [
@@ -35,6 +34,7 @@ __all__ = [
     "detach_instants",
     "drop_medium",
     "expected",
+    "forget_instant",
     "guest_write",
     "image",
     "inaccessible_disk",
@@ -48,9 +48,6 @@ __all__ = [
 ]
 
 _SAV_MAGIC = b"\x7fVirtualBox SavedState V2.0\n"
-
-#: The unit of the instants' copy-on-write: a guest write saves the old content of the granules it touches.
-GRANULE = 64 * 1024
 
 
 def check_medium(medium: _Medium) -> None:
@@ -180,17 +177,25 @@ def detach_instants(machine: _Machine) -> None:
             instant.detached = True
 
 
+def forget_instant(machine: _Machine, snapshot_uuid: str) -> None:
+    """Drop a snapshot's instant; the old granules only it needed go."""
+    for instant in machine.instants.pop(snapshot_uuid, {}).values():
+        for slot in instant.saved.values():
+            machine.old_granules.release(slot)
+
+
 def content_at(machine: _Machine, instant: _Instant, where: Slot) -> bytes:
     """The content of the disk at ``where`` at ``instant``: today's, with the granules overwritten since put back."""
+    kept = machine.old_granules
     if instant.detached:
-        return b"".join(instant.saved[granule] for granule in range(-(-instant.size // GRANULE)))
+        return b"".join(kept.read(instant.saved[granule]) for granule in range(-(-instant.size // GRANULE)))
     current = machine.expected[where]
     pieces = []
     done = 0
     for granule in sorted(instant.saved):
         start = granule * GRANULE
-        pieces += [current.read(done, start - done), instant.saved[granule]]
-        done = start + len(instant.saved[granule])
+        pieces += [current.read(done, start - done), kept.read(instant.saved[granule])]
+        done = start + GRANULE
     pieces.append(current.read(done, instant.size - done))
     return b"".join(pieces)
 
@@ -204,9 +209,9 @@ def _save_old(machine: _Machine, where: Slot, first: int, end: int) -> None:
     for granule in range(first, end):
         lacking = [instant for instant in waiting if granule not in instant.saved]
         if lacking:
-            old = model.read(granule * GRANULE, GRANULE)  # one copy, shared by the instants
+            slot = machine.old_granules.keep(model.read(granule * GRANULE, GRANULE), len(lacking))  # one copy
             for instant in lacking:
-                instant.saved[granule] = old
+                instant.saved[granule] = slot
 
 
 def slot(machine: _Machine, where: Slot) -> _Attachment:

@@ -178,6 +178,10 @@ class _Session:
     console: bool = False
 
 
+#: The unit of the instants' copy-on-write: a guest write keeps the old content of the granules it touches.
+GRANULE = 64 * 1024
+
+
 class _Content:
     """A disk's content as the guest wrote it, kept in an unlinked temporary file, not in memory.
 
@@ -221,19 +225,63 @@ class _Content:
         self._fd = -1
 
 
+class _OldGranules:
+    """Old granules that snapshot instants still need, in an unlinked temporary file, not in memory.
+
+    Each kept granule has a slot in the file and a count of the instants that
+    use it; a slot nobody uses any more is reused.
+    """
+
+    def __init__(self) -> None:
+        self._file: _Content | None = None
+        self._users: dict[int, int] = {}
+        self._free: list[int] = []
+        self._slots = 0
+
+    @property
+    def live(self) -> int:
+        """How many slots instants use."""
+        return len(self._users)
+
+    def keep(self, data: bytes, users: int) -> int:
+        """Keep one granule's old content for ``users`` instants; returns its slot."""
+        if self._file is None:
+            self._file = _Content(0)
+        if self._free:
+            slot = self._free.pop()
+        else:
+            slot, self._slots = self._slots, self._slots + 1
+        self._file.write(slot * GRANULE, data)
+        self._users[slot] = users
+        return slot
+
+    def read(self, slot: int) -> bytes:
+        """The granule kept in ``slot``."""
+        assert self._file is not None
+        return self._file.read(slot * GRANULE, GRANULE)
+
+    def release(self, slot: int) -> None:
+        """One instant no longer needs ``slot``."""
+        self._users[slot] -= 1
+        if not self._users[slot]:
+            del self._users[slot]
+            self._free.append(slot)
+
+
 @define(eq=False)
 class _Instant:
     """What the guest had written to one disk at a snapshot's instant, kept copy-on-write.
 
     Taking the snapshot copies nothing. Until the guest overwrites a granule
-    (``GRANULE`` bytes, see :mod:`._media`), the granule's content at the
-    instant is the machine's ``expected`` content; before the first overwrite
-    its old content goes to ``saved``. ``detached``: every granule is saved,
-    the current content is no longer this instant's base (after a restore).
+    (``GRANULE`` bytes), the granule's content at the instant is the
+    machine's ``expected`` content; before the first overwrite its old
+    content is kept (``saved``: granule -> slot in the machine's
+    ``old_granules``). ``detached``: every granule is kept, the current
+    content is no longer this instant's base (after a restore).
     """
 
     size: int
-    saved: dict[int, bytes] = field(factory=dict)
+    saved: dict[int, int] = field(factory=dict)
     detached: bool = False
 
 
@@ -283,6 +331,7 @@ class _Machine:
     # The guest's content per disk at each snapshot's instant (snapshots taken by this host
     # and not deleted), copy-on-write over ``expected``.
     instants: dict[str, dict[Slot, _Instant]] = field(factory=dict)
+    old_granules: _OldGranules = field(factory=_OldGranules)
     # Guards images, expected, instants and merging; taken only as _locks.Locks says.
     disk_lock: threading.RLock = field(factory=threading.RLock)
 

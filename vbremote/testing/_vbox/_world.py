@@ -558,7 +558,7 @@ class World:
             except BaseException:
                 with self.locks.disk_then_host(machine):
                     if snapshot_uuid not in machine.snapshots:
-                        machine.instants.pop(snapshot_uuid, None)
+                        _media.forget_instant(machine, snapshot_uuid)
                         for attachment, medium in previous:
                             attachment.medium = medium
                         for uuid in created:
@@ -726,8 +726,8 @@ class World:
         if machine.current == snapshot.uuid:
             machine.current = snapshot.parent
         del machine.snapshots[snapshot.uuid]
-        # Nobody can ask for a deleted snapshot's instant: its saved granules go.
-        machine.instants.pop(snapshot.uuid, None)
+        # Nobody can ask for a deleted snapshot's instant: the old granules only it needed go.
+        _media.forget_instant(machine, snapshot.uuid)
 
     def restore_snapshot(self, machine: _Machine, snapshot: _Snapshot) -> Operation:
         with self.lock:
