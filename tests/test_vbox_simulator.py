@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import time
+import tracemalloc
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from vbremote.testing import (
     SimulatedVBoxError,
     SimulatedVirtualBox,
     Timing,
+    mixed_content,
 )
 
 qemu = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed (qemu-utils)")
@@ -535,6 +538,22 @@ class TestFilesAndGuest:
             assert vm.state is vbremote.MachineState.ABORTED
             assert vm.current_snapshot == snapshot.uuid
             assert vm.disks == host.vm("dev").disks
+
+    def test_mixed_content_is_fixed_per_seed_and_small_in_memory(self):
+        """mixed_content gives the same blocks for a seed as ever, repeats included, holding no earlier blocks."""
+        digest = hashlib.sha256()
+        blocks = set()
+        tracemalloc.start()
+        try:
+            for block in mixed_content(12 * MIB, seed=15):
+                digest.update(block)
+                blocks.add(hashlib.sha256(block).digest())
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert digest.hexdigest() == "0291d9fe67611019f287bf3d6d52fbdf0f385ee6d00f923c40a683e52823d0f4"
+        assert len(blocks) == 9  # zeros, and 11 non-zero blocks of which 8 differ: repeats
+        assert peak < 5 * MIB  # the 8 MiB of earlier blocks are not kept
 
     def test_frozen_instant_of_a_live_transient_snapshot(self, sim71: SimulatedVirtualBox):
         """freeze_instant on the simulator's file after a live snapshot: Saved, at the frozen media."""
