@@ -861,7 +861,7 @@ class TestInstants:
         assert machine.old_granules.live == 0
 
     def test_instants_survive_a_restore(self, sim71: SimulatedVirtualBox):
-        """After a restore and new guest writes, every instant still reads as its frozen image."""
+        """After restores and new guest writes, every instant still reads as its frozen image."""
         host = host_of(sim71)
         sim71.start("dev", workload=GuestWorkload(rate=1000, pattern="hot", seed=7))
         first = host.take_snapshot("dev", "one")
@@ -876,6 +876,12 @@ class TestInstants:
         for snapshot in (first, second):
             frozen = self.frozen(host, "dev", snapshot.uuid, 0)
             assert sim71.guest_content_at("dev", snapshot.uuid) == sim71.read_image(frozen)
+        host.power_off("dev")
+        host.restore_snapshot("dev", second.uuid)
+        host.restore_snapshot("dev", first.uuid)  # nothing read or written between the two restores
+        assert sim71.guest_content("dev") == sim71.guest_content_at("dev", first.uuid)
+        host.restore_snapshot("dev", second.uuid)
+        assert sim71.guest_content("dev") == sim71.guest_content_at("dev", second.uuid)
 
 
 class TestDeleting:

@@ -169,8 +169,9 @@ def record_instant(machine: _Machine, snapshot_uuid: str) -> None:
 
 def detach_instants(machine: _Machine) -> None:
     """Give every instant its own copy before the expected content is dropped (a restored snapshot)."""
-    # An instant that is not detached has its disks' expected content (record_instant read it).
-    for where in {where for disks in machine.instants.values() for where in disks}:
+    # An instant not detached yet has its disk's expected content (record_instant read it).
+    attached = {where for disks in machine.instants.values() for where, i in disks.items() if not i.detached}
+    for where in attached:
         _save_old(machine, where, 0, -(-len(machine.expected[where]) // GRANULE))
     for disks in machine.instants.values():
         for instant in disks.values():
