@@ -274,6 +274,16 @@ class TestWrite:
         assert events[-1].done == events[-1].total == 4 * MIB
         assert all(e.operation == "write" for e in events)
 
+    def test_progress_a_few_times_a_second(self, repo, tmp_path):
+        """A file gets an event at its first block, at its end, and in between at most one every 0.1 s."""
+        events: list[vbremote.Progress] = []
+        started = time.monotonic()
+        repo.write_archive("p", [write_disk(tmp_path, disk_content(64, seed=8))], metadata(), progress=events.append)
+        elapsed = time.monotonic() - started
+        assert events[0].done == MIB
+        assert events[-1].done == events[-1].total == 64 * MIB
+        assert len(events) <= 2 + elapsed / 0.1 + 1
+
     def test_name_taken(self, repo, tmp_path):
         """Writing an existing name raises ArchiveExists and keeps the first archive."""
         spec = write_disk(tmp_path, b"one")
