@@ -678,6 +678,35 @@ class TestDisasterRecovery:
             assert host.state("dev") is vbremote.MachineState.POWERED_OFF
 
 
+class TestCheckpoints:
+    def test_checkpoints_during_a_take_leave_only_the_archive(self, scene71: Scene):
+        """A short checkpoint interval commits checkpoints during the take; afterwards borg lists only the archive."""
+        scene71.sim.start("dev", workload=HOT)
+        snapshotter = vbremote.Snapshotter(scene71.host, scene71.repo, state_dir=scene71.tmp_path / "state",
+                                           checkpoint_interval=0.05)
+        events: list[vbremote.Progress] = []
+        result = snapshotter.take("dev", progress=events.append)
+        checkpoints = [e for e in events if e.operation == "checkpoint"]
+        assert checkpoints, "no checkpoint was written"
+        sizes = {f.path: f.size for f in result.archive.files}
+        for event in checkpoints:
+            assert event.total == sizes[event.path]
+            assert 0 < event.done <= event.total
+        listed = json.loads(scene71.borg("list", "--bypass-lock", "--json", "--consider-checkpoints",
+                                         str(scene71.transport.path)))
+        assert [a["name"] for a in listed["archives"]] == [result.archive.name]
+        assert [a.name for a in scene71.repo.archives()] == [result.archive.name]
+
+    def test_bad_interval_refused(self, scene71: Scene):
+        """A checkpoint interval that is not a positive number of seconds (or None) is a ConfigurationError."""
+        for bad in (0, -1.0, float("inf"), True, "60"):
+            with pytest.raises(vbremote.ConfigurationError, match="checkpoint_interval"):
+                vbremote.Snapshotter(scene71.host, scene71.repo, checkpoint_interval=bad)  # type: ignore[arg-type]
+        assert vbremote.Snapshotter(scene71.host, scene71.repo, checkpoint_interval=None).checkpoint_interval is None
+        assert (vbremote.Snapshotter(scene71.host, scene71.repo).checkpoint_interval
+                == vbremote.DEFAULT_CHECKPOINT_INTERVAL)
+
+
 class TestProgressAndLogs:
     def test_phases_in_order(self, scene71: Scene, caplog: pytest.LogCaptureFixture):
         """Progress events come in phase order, archive events per file in bytes; the run logs to vbremote.snapshot."""
