@@ -26,7 +26,8 @@ import vbremote
 from vbremote._models import decode_comment
 from vbremote.testing import MIB, VIRTUALBOX_PROFILES, Fault, GuestWorkload, SimulatedVirtualBox, Timing
 
-# Cheap enough to run on two profiles: the oldest and a current one.
+# The modes run on two profiles (the oldest and a current one); refusals,
+# failures and the consistency under writes on every profile.
 PROFILES = ["6.1", "7.1"]
 HOT = GuestWorkload(rate=400, write_size=64 * 1024, pattern="hot", seed=3)
 
@@ -78,6 +79,14 @@ class Scene:
 @pytest.fixture(params=PROFILES)
 def scene(request: pytest.FixtureRequest, tmp_path: Path, repo: vbremote.Repository, borg_cli: BorgCLI,
           transport: vbremote.LocalTransport) -> Iterator[Scene]:
+    made = Scene(tmp_path, request.param, repo, borg_cli, transport)
+    yield made
+    made.close()
+
+
+@pytest.fixture(params=VIRTUALBOX_PROFILES)
+def every_scene(request: pytest.FixtureRequest, tmp_path: Path, repo: vbremote.Repository, borg_cli: BorgCLI,
+                transport: vbremote.LocalTransport) -> Iterator[Scene]:
     made = Scene(tmp_path, request.param, repo, borg_cli, transport)
     yield made
     made.close()
@@ -260,20 +269,17 @@ class TestModes:
 
 
 class TestRefusals:
-    def test_offline_mode_on_a_running_vm(self, scene71: Scene):
-        """Asking for an offline snapshot of a running VM raises InvalidVMState; nothing is written."""
-        scene71.sim.start("dev", workload=HOT)
+    def test_wrong_state_for_the_mode(self, every_scene: Scene):
+        """online of a powered-off VM, offline of a running one: InvalidVMState naming the state; nothing written."""
         with pytest.raises(vbremote.InvalidVMState) as info:
-            scene71.snapshotter.take("dev", "offline")
+            every_scene.snapshotter.take("dev", "online")
+        assert info.value.state is vbremote.MachineState.POWERED_OFF
+        every_scene.sim.start("dev", workload=HOT)
+        with pytest.raises(vbremote.InvalidVMState) as info:
+            every_scene.snapshotter.take("dev", "offline")
         assert info.value.state is vbremote.MachineState.RUNNING
-        assert scene71.repo.archives() == []
-        assert scene71.host.vm("dev").snapshots() == ()
-
-    def test_online_mode_on_a_stopped_vm(self, scene71: Scene):
-        """Asking for an online snapshot of a powered-off VM raises InvalidVMState."""
-        with pytest.raises(vbremote.InvalidVMState):
-            scene71.snapshotter.take("dev", "online")
-        assert scene71.repo.archives() == []
+        assert every_scene.repo.archives() == []
+        assert every_scene.host.vm("dev").snapshots() == ()
 
     def test_bad_arguments(self, scene71: Scene):
         """A bad mode, label or name template is a ConfigurationError before anything happens."""
@@ -285,36 +291,36 @@ class TestRefusals:
             vbremote.Snapshotter(scene71.host, scene71.repo, name_template="{vm}/{nope}")
         assert scene71.host.vm("dev").snapshots() == ()
 
-    def test_transient_state_refused(self, scene71: Scene):
+    def test_transient_state_refused(self, every_scene: Scene):
         """A VM in a transient state (another snapshot under way) is refused with InvalidVMState; nothing written."""
-        scene71.sim.start("dev", workload=HOT)
-        mgr = scene71.sim.manager()
+        every_scene.sim.start("dev", workload=HOT)
+        mgr = every_scene.sim.manager()
         vbox = mgr.getVirtualBox()
         session = mgr.getSessionObject(vbox)
         vbox.findMachine("dev").lockMachine(session, mgr.constants.LockType_Shared)
         try:
-            scene71.sim.inject("dev", Fault.HANG)
+            every_scene.sim.inject("dev", Fault.HANG)
             progress, _ = session.machine.takeSnapshot("someone else's", "", False)
             with pytest.raises(vbremote.InvalidVMState) as info:
-                scene71.snapshotter.take("dev")
+                every_scene.snapshotter.take("dev")
             assert info.value.state is vbremote.MachineState.LIVE_SNAPSHOTTING
             progress.cancel()
             progress.waitForCompletion(5000)
         finally:
             session.unlockMachine()
-        assert scene71.repo.archives() == []
-        assert scene71.host.vm("dev").snapshots() == ()
+        assert every_scene.repo.archives() == []
+        assert every_scene.host.vm("dev").snapshots() == ()
 
-    def test_snapshot_fails_for_lack_of_space(self, scene: Scene):
+    def test_snapshot_fails_for_lack_of_space(self, every_scene: Scene):
         """VirtualBox failing the take (no space for the differencing image): its typed error, nothing written."""
-        scene.sim.start("dev", workload=HOT)
-        scene.sim.inject("dev", Fault.NO_SPACE)
+        every_scene.sim.start("dev", workload=HOT)
+        every_scene.sim.inject("dev", Fault.NO_SPACE)
         with pytest.raises(vbremote.VirtualBoxOperationFailed, match="VERR_DISK_FULL") as info:
-            scene.snapshotter.take("dev")
+            every_scene.snapshotter.take("dev")
         assert info.value.snapshot_id is not None
-        assert scene.host.vm("dev").snapshots() == ()
-        assert scene.host.state("dev") is vbremote.MachineState.RUNNING
-        assert scene.borg_archives() == []
+        assert every_scene.host.vm("dev").snapshots() == ()
+        assert every_scene.host.state("dev") is vbremote.MachineState.RUNNING
+        assert every_scene.borg_archives() == []
 
     def test_missing_file_named_by_the_settings(self, scene71: Scene):
         """A saved state the settings name is gone: SnapshotError naming it, snapshot deleted, nothing written."""
@@ -327,10 +333,11 @@ class TestRefusals:
         assert [s.name for s in scene71.host.vm("dev").snapshots()] == ["user"]
         assert scene71.borg_archives() == []
 
-    def test_locked_vm(self, tmp_path: Path, repo: vbremote.Repository, borg_cli: BorgCLI,
+    @pytest.mark.parametrize("profile", VIRTUALBOX_PROFILES)
+    def test_locked_vm(self, profile: str, tmp_path: Path, repo: vbremote.Repository, borg_cli: BorgCLI,
                        transport: vbremote.LocalTransport):
         """A VM VirtualBox keeps locked (being unlocked after a power-off) raises VMLocked; nothing is written."""
-        scene = Scene(tmp_path, "7.1", repo, borg_cli, transport, unlock_delay=3.0)
+        scene = Scene(tmp_path, profile, repo, borg_cli, transport, unlock_delay=3.0)
         try:
             scene.sim.start("dev", workload=HOT)
             scene.sim.power_off("dev")
@@ -367,20 +374,20 @@ class TestTransientSnapshot:
         for port in (0, 1):
             assert scene.sim.disk_matches_guest("dev", port)
 
-    def test_repository_dies_mid_archive(self, scene: Scene):
+    def test_repository_dies_mid_archive(self, every_scene: Scene):
         """The repository's worker killed mid-archive: a RepositoryError, the snapshot deleted, nothing committed."""
-        scene.sim.start("dev", workload=HOT)
-        pid = scene.repo._worker._process.pid
+        every_scene.sim.start("dev", workload=HOT)
+        pid = every_scene.repo._worker._process.pid
 
         def kill(_: vbremote.Progress) -> None:
             os.kill(pid, signal.SIGKILL)
 
         with pytest.raises(vbremote.RepositoryError):
-            scene.snapshotter.take("dev", progress=on_first("archive", kill))
-        assert scene.host.vm("dev").snapshots() == ()
-        assert scene.host.state("dev") is vbremote.MachineState.RUNNING
-        assert scene.borg_archives() == []
-        scene.borg("check", str(scene.transport.path))
+            every_scene.snapshotter.take("dev", progress=on_first("archive", kill))
+        assert every_scene.host.vm("dev").snapshots() == ()
+        assert every_scene.host.state("dev") is vbremote.MachineState.RUNNING
+        assert every_scene.borg_archives() == []
+        every_scene.borg("check", str(every_scene.transport.path))
 
     def test_callback_cancels_mid_archive(self, scene71: Scene):
         """A progress callback raising mid-archive cancels: its error, the snapshot deleted, nothing committed."""
@@ -432,35 +439,35 @@ class TestTransientSnapshot:
         assert scene71.host.state("dev") is vbremote.MachineState.RUNNING
         assert scene71.borg_archives() == []
 
-    def test_merge_failure_leaves_archive_and_names_the_snapshot(self, scene: Scene):
+    def test_merge_failure_leaves_archive_and_names_the_snapshot(self, every_scene: Scene):
         """A failed delete raises TransientSnapshotLeft after the commit; the next run removes the snapshot."""
-        scene.sim.start("dev", workload=HOT)
-        scene.sim.inject("dev", Fault.MERGE_FAILURE)
+        every_scene.sim.start("dev", workload=HOT)
+        every_scene.sim.inject("dev", Fault.MERGE_FAILURE)
         with pytest.raises(vbremote.TransientSnapshotLeft) as info:
-            scene.snapshotter.take("dev")
+            every_scene.snapshotter.take("dev")
         error = info.value
         assert error.archive is not None
-        assert scene.borg_archives() == [error.archive.name]
-        (left,) = scene.transient_snapshots()
+        assert every_scene.borg_archives() == [error.archive.name]
+        (left,) = every_scene.transient_snapshots()
         assert error.snapshot == left.uuid
         assert error.snapshot_name == left.name
         assert left.uuid in str(error)
         assert "next snapshot run deletes it" in str(error)
-        result = scene.snapshotter.take("dev")
+        result = every_scene.snapshotter.take("dev")
         assert [s.uuid for s in result.leftovers] == [left.uuid]
-        assert scene.host.vm("dev").snapshots() == ()
+        assert every_scene.host.vm("dev").snapshots() == ()
         for port in (0, 1):
-            assert scene.sim.disk_matches_guest("dev", port)
+            assert every_scene.sim.disk_matches_guest("dev", port)
 
-    def test_vm_crash_after_take(self, scene71: Scene):
+    def test_vm_crash_after_take(self, every_scene: Scene):
         """The VM crashing right after the take: the instant is archived, the result says the VM is Aborted."""
-        scene71.sim.start("dev", workload=HOT)
-        scene71.sim.inject("dev", Fault.VM_CRASH_AFTER_TAKE)
-        result = scene71.snapshotter.take("dev")
+        every_scene.sim.start("dev", workload=HOT)
+        every_scene.sim.inject("dev", Fault.VM_CRASH_AFTER_TAKE)
+        result = every_scene.snapshotter.take("dev")
         assert result.mode is vbremote.SnapshotMode.ONLINE
         assert result.vm_state is vbremote.MachineState.ABORTED
-        assert scene71.host.vm("dev").snapshots() == ()
-        other, _, info, _ = scene71.restore_elsewhere(result.archive)
+        assert every_scene.host.vm("dev").snapshots() == ()
+        other, _, info, _ = every_scene.restore_elsewhere(result.archive)
         with other:
             assert info.state is vbremote.MachineState.SAVED
 
@@ -598,7 +605,7 @@ class TestStateFolder:
 
 
 class TestConsistency:
-    @pytest.mark.parametrize("profile", PROFILES)
+    @pytest.mark.parametrize("profile", VIRTUALBOX_PROFILES)
     def test_archived_disks_are_the_instant_while_the_guest_writes(self, profile: str, tmp_path: Path,
                                                                   repo: vbremote.Repository,
                                                                   borg_cli: BorgCLI,
