@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import uuid as uuid_module
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,6 +26,9 @@ from helpers import BorgCLI
 
 import vbremote
 from vbremote._models import decode_comment
+from vbremote._restorer._checks import settings_references
+from vbremote._settings import parse_settings, relocate
+from vbremote._snapshotter._collect import anchor_images, collect
 from vbremote.testing import MIB, VIRTUALBOX_PROFILES, Fault, GuestWorkload, SimulatedVirtualBox, Timing
 
 # The modes run on two profiles (the oldest and a current one); refusals,
@@ -683,6 +688,41 @@ class TestDisasterRecovery:
             host.power_off("dev")
             host.restore_snapshot("dev", first.uuid)
             assert host.state("dev") is vbremote.MachineState.POWERED_OFF
+
+
+class TestRemovableImages:
+    def test_images_are_referred_to_by_absolute_path_not_archived(self, scene71: Scene):
+        """DVD and floppy images are not collected; the archived settings name them by absolute path."""
+        folder = scene71.sim.machine("dev").folder
+        text = scene71.sim.machine("dev").settings_path.read_text()
+        dvd, tools, floppy = (str(uuid_module.uuid4()) for _ in range(3))
+        images = (f'<DVDImages><Image uuid="{{{dvd}}}" location="install.iso"/>'
+                  f'<Image uuid="{{{tools}}}" location="/srv/iso/tools.iso"/></DVDImages>'
+                  f'<FloppyImages><Image uuid="{{{floppy}}}" location="boot.img"/></FloppyImages>')
+        text = text.replace("</HardDisks>", "</HardDisks>" + images, 1)
+        attached = rf'\1><Image uuid="{{{dvd}}}"/></AttachedDevice>'
+        text, count = re.subn(r'(<AttachedDevice type="DVD"[^>]*?)\s*/>', attached, text, count=1)
+        assert count == 1
+        (folder / "install.iso").write_bytes(b"iso" * 1000)
+        settings = parse_settings(text.encode())
+        collected = collect(settings, folder, vm="dev")
+        assert {spec.role for spec in collected.files} == {vbremote.FileRole.DISK, vbremote.FileRole.NVRAM}
+        assert not any(spec.path.endswith((".iso", ".img")) for spec in collected.files)
+        relocated = relocate(text.encode(), old_folder=str(folder), external=collected.external)
+        anchored, named = anchor_images(relocated, folder)
+        assert named == (str(folder / "install.iso"), "/srv/iso/tools.iso", str(folder / "boot.img"))
+        for location in named:
+            assert f'location="{location}"'.encode() in anchored
+        # Hard disks stay relative to the folder; the restore's checks accept the file and skip the images.
+        after = parse_settings(anchored)
+        assert [m.location for m in after.media] == [m.location for m in parse_settings(relocated).media]
+        references = settings_references(after, archive="a")
+        assert not any(r.path.endswith((".iso", ".img")) for r in references)
+
+    def test_settings_without_images_unchanged(self, scene71: Scene):
+        """A settings file without DVD or floppy images comes back byte for byte."""
+        data = scene71.sim.machine("dev").settings_path.read_bytes()
+        assert anchor_images(data, scene71.sim.machine("dev").folder) == (data, ())
 
 
 class TestCheckpoints:

@@ -11,7 +11,8 @@ A run, step by step (each step in a module of its own where it is more than a ca
 4. **Archive** (:mod:`._collect`): the settings file read right after the
    take, rewritten by ``freeze_instant`` to describe the instant and by
    ``relocate`` to refer only to paths in the VM folder, is stored with every
-   file it names: the frozen disks, saved states, NVRAM.
+   file it names: the frozen disks, saved states, NVRAM. DVD and floppy
+   images are referred to by their absolute paths, not stored.
 5. **Merge**: the transient snapshot is deleted, in a ``finally``; a failed
    delete after a committed archive raises :class:`TransientSnapshotLeft`.
 """
@@ -55,7 +56,7 @@ from .._models import (
 from .._repository import DEFAULT_CHECKPOINT_INTERVAL, Repository
 from .._settings import freeze_instant, parse_settings, relocate
 from .._vbox import VirtualBoxHost
-from ._collect import Collected, collect
+from ._collect import Collected, anchor_images, collect
 from ._lock import default_state_dir, vm_lock
 from ._results import SnapshotResult, SnapshotStats
 
@@ -319,6 +320,9 @@ class Snapshotter:
         frozen = freeze_instant(info.settings_file.read_bytes(), snapshot.uuid)
         collected = collect(parse_settings(frozen), folder, vm=info.name)
         settings = relocate(frozen, old_folder=str(folder), external=collected.external)
+        settings, images = anchor_images(settings, folder)
+        for image in images:
+            log.info("%s: DVD/floppy image %s is referred to, not archived", info.name, image)
         metadata = self._metadata(info, snapshot, mode, labels, collected)
         with tempfile.TemporaryDirectory(prefix="vbremote-snapshot-") as private:
             settings_copy = Path(private) / info.settings_file.name
