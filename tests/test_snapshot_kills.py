@@ -12,10 +12,15 @@ forked from a helper process (so a run costs no interpreter start), that
 drives the host through a proxy manager (:class:`RemoteManager`) and writes
 to a real borg repository through its own borg worker.
 
-Each run kills the previous run's leftover first and must succeed, then a
-second take is killed, together with its borg worker, at a point chosen per
-phase (locking, leftovers, snapshot, archive, checkpoint, commit, merge) plus
-a random delay. After each kill: ``borg check`` is clean, the VM is Running
+Each run removes the previous run's leftover in its first take, which must
+succeed, and its second take is killed at a point chosen per phase (locking,
+leftovers, snapshot, archive, checkpoint, commit, merge; a leftovers point
+kills the first take while it deletes the leftover) plus a random delay of up
+to 20 ms. The run's process group and its borg worker (which vbremote starts
+in a session of its own) are killed together, in a random order: a crash of
+the whole run. The profiles run side by side, each with its own host,
+repository and processes; the seed is printed with any failure
+(``VBREMOTE_KILL_SEED`` repeats it). After each kill: ``borg check`` is clean, the VM is Running
 and its guest still writes, its disks read what the guest wrote, the settings
 file on disk describes the live snapshot tree, and at most one transient
 snapshot is left, which the next run removes and reports. At the end every
@@ -680,6 +685,8 @@ def killed_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Bas
                 run.close()
             outcomes[profile] = (None, log)
         except BaseException as exc:  # reported by the profile's test
+            exc.add_note(f"profile {profile}, seed {seed + number} (VBREMOTE_KILL_SEED={seed} repeats the run)\n"
+                         + "\n".join(log))
             outcomes[profile] = (exc, log)
 
     threads = [threading.Thread(target=one, args=(n, p, tmp_path_factory.mktemp(f"kills-{p}")))
