@@ -29,6 +29,7 @@ archive's disks are, bit for bit, what the guest had at its instant.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import json
@@ -209,7 +210,7 @@ class _Remote:
         return other._handle == self._handle or bool(self._client.request(self._handle, "eq", "", (other,)))
 
     def __hash__(self) -> int:
-        return self._handle
+        return hash(self._kind)  # equal proxies (one object, two handles) are of one class
 
 
 class _VBoxClient:
@@ -480,12 +481,22 @@ class KillRun:
         self.zygote = subprocess.Popen([sys.executable, __file__, "--zygote"], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, stderr=self.stderr, env=env, text=True, bufsize=1)
         self.results: list[tuple[str, list[str]]] = []
+        self.live: tuple[int, int] | None = None
 
     def close(self) -> None:
+        if self.live is not None:  # a check failed with a run still going
+            pid, worker = self.live
+            for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(worker, signal.SIGKILL)):
+                with contextlib.suppress(ProcessLookupError):
+                    kill()
         for stream in (self.zygote.stdin, self.zygote.stdout):
             if stream:
                 stream.close()
-        self.zygote.wait(30)
+        try:
+            self.zygote.wait(30)
+        except subprocess.TimeoutExpired:
+            self.zygote.kill()
+            self.zygote.wait()
         self.borg.close()
         self.server.close()
         self.sim.close()
@@ -514,6 +525,7 @@ class KillRun:
         events = self.server.next_events(_TIMEOUT)
         message = self._recv(events)
         assert message[0] == "worker", self.failure(f"run did not start: {message}")
+        self.live = (int(pid), int(message[1]))
         return int(pid), events, int(message[1])
 
     def _recv(self, events: Connection) -> tuple[Any, ...]:
@@ -553,6 +565,7 @@ class KillRun:
             victim()
         self.log.append(f"kill {number}: {point}, reached {message[1:]}")
         assert self._zygote_line() == ["exit", str(-signal.SIGKILL)], self.failure("the run was not killed")
+        self.live = None
         events.close()
         killed = time.monotonic()
         left = self.after_kill()
@@ -598,6 +611,7 @@ class KillRun:
         self._result(message, expected)
         assert self._recv(events) == ("done",)
         assert self._zygote_line() == ["exit", "0"], self.failure("the last run failed")
+        self.live = None
         assert self.host.vm("dev").snapshots() == ()
         self.check_archives()
 
