@@ -3,9 +3,9 @@
 A crash of vbremote is not a crash of VirtualBox: VBoxSVC and the VM process
 run apart from the process that takes snapshots, so the guest runs on, an
 operation VBoxSVC started (a take, a delete) runs to its end, and VBoxSVC's
-client watcher ends the dead client's sessions (``VirtualBox::i_clientWatcher``
+client watcher ends the dead client's sessions (``VirtualBox::ClientWatcher::worker``
 and ``SessionMachine::i_checkForDeath``, src/VBox/Main/src-server/
-VirtualBoxImpl.cpp and MachineImpl.cpp, 7.1 tree). The test keeps that shape:
+ClientWatcher.cpp and MachineImpl.cpp, 7.1 tree). The test keeps that shape:
 the simulated host lives in the test process and serves its vboxapi surface
 over a Unix socket (:class:`SimServer`); every run is a process of its own,
 forked from a helper process (so a run costs no interpreter start), that
@@ -20,11 +20,15 @@ to 20 ms. The run's process group and its borg worker (which vbremote starts
 in a session of its own) are killed together, in a random order: a crash of
 the whole run. The profiles run side by side, each with its own host,
 repository and processes; the seed is printed with any failure
-(``VBREMOTE_KILL_SEED`` repeats it). After each kill: ``borg check`` is clean, the VM is Running
-and its guest still writes, its disks read what the guest wrote, the settings
+(``VBREMOTE_KILL_SEED`` repeats it).
+
+After each kill: ``borg check`` is clean (borg's own command line, forked
+from a process that imported it: :class:`BorgForks`), the VM is Running and
+its guest still writes, its disks read what the guest wrote, the settings
 file on disk describes the live snapshot tree, and at most one transient
-snapshot is left, which the next run removes and reports. At the end every
-archive's disks are, bit for bit, what the guest had at its instant.
+snapshot is left, which the next run removes and reports. At the end no
+checkpoint is left and every archive's disks are, bit for bit, what the
+guest had at its instant.
 """
 
 from __future__ import annotations
