@@ -56,6 +56,7 @@ from helpers import PASSPHRASE, BorgCLI
 import vbremote
 from vbremote._settings import parse_settings
 from vbremote.testing import MIB, VIRTUALBOX_PROFILES, GuestWorkload, SimulatedVBoxError, SimulatedVirtualBox, Timing
+from vbremote.testing._vbox import _media
 from vbremote.testing._vbox._com import VirtualBoxManager, _Constants, _Statuses
 from vbremote.testing._vbox._constants import constants_for
 from vbremote.testing._vdi import VDI
@@ -442,17 +443,33 @@ class BorgForks:
 
 
 class _Instants(dict[str, Any]):
-    """The simulator's per-snapshot record of the guest's content, kept after the snapshot is deleted."""
+    """The simulator's snapshot instants, each also copied out when it is recorded, kept after the snapshot goes.
+
+    The simulator records an instant copy-on-write and forgets it with its
+    snapshot; the disks here are small, so the test keeps each instant's
+    content (read at the instant, under the simulator's disk lock) by uuid.
+    """
 
     def __init__(self, machine: Any, kept: dict[str, dict[Any, bytes]]) -> None:
         super().__init__()
         self._machine = machine
         self._kept = kept
 
-    def __setitem__(self, uuid: str, instant: Any) -> None:
-        # (set by the take, under the simulator's locks, right after the snapshot)
-        self._kept[self._machine.snapshots[uuid].name] = instant
-        super().__setitem__(uuid, instant)
+    def __setitem__(self, uuid: str, disks: Any) -> None:
+        super().__setitem__(uuid, disks)
+        self._kept[uuid] = {where: _media.content_at(self._machine, instant, where) for where, instant in disks.items()}
+
+
+class _Snapshots(dict[str, Any]):
+    """The simulator's snapshots of a machine, each snapshot's name also kept (by uuid) after it goes."""
+
+    def __init__(self, names: dict[str, str]) -> None:
+        super().__init__()
+        self._names = names
+
+    def __setitem__(self, uuid: str, snapshot: Any) -> None:
+        super().__setitem__(uuid, snapshot)
+        self._names[snapshot.name] = uuid
 
 
 class KillRun:
@@ -469,8 +486,10 @@ class KillRun:
         self.sim.create_vm("dev", disk_size=2 * MIB, disks=2, firmware="EFI", memory_mb=64,
                            external_disk_folder=tmp_path / "elsewhere")
         self.instants: dict[str, dict[Any, bytes]] = {}
+        self.snapshot_uuids: dict[str, str] = {}
         machine = self.sim.machine("dev")
         machine.instants = _Instants(machine, self.instants)
+        machine.snapshots = _Snapshots(self.snapshot_uuids)
         self.sim.start("dev", workload=GuestWorkload(rate=200, write_size=16 * 1024, pattern="hot", seed=seed))
         self.host = vbremote.VirtualBoxHost.connect(manager=self.sim.manager())
         self.base_dir = tmp_path / "borg-base"
@@ -629,7 +648,7 @@ class KillRun:
         with vbremote.Repository.open(self.transport, passphrase=PASSPHRASE, base_dir=self.base_dir) as repo:
             for archive in repo.archives():
                 run = archive.name.removeprefix("dev-").removesuffix("-online")
-                instant = self.instants[vbremote.TRANSIENT_PREFIX + run]
+                instant = self.instants[self.snapshot_uuids[vbremote.TRANSIENT_PREFIX + run]]
                 folder = self.tmp_path / "check" / run
                 folder.mkdir(parents=True)
                 images: dict[str, Path] = {}
