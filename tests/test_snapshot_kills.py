@@ -38,8 +38,8 @@ import ctypes
 import itertools
 import json
 import os
+import queue
 import random
-import select
 import signal
 import subprocess
 import sys
@@ -503,6 +503,9 @@ class KillRun:
             [str(Path(__file__).parent), str(Path(vbremote.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
         self.zygote = subprocess.Popen([sys.executable, __file__, "--zygote"], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, stderr=self.stderr, env=env, text=True, bufsize=1)
+        self.answers: queue.Queue[str] = queue.Queue()
+        self.reader = threading.Thread(target=self._read_zygote, daemon=True, name="kill-helper-answers")
+        self.reader.start()
         self.results: list[tuple[str, list[str]]] = []
         self.live: tuple[int, int] | None = None
 
@@ -512,14 +515,16 @@ class KillRun:
             for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(worker, signal.SIGKILL)):
                 with contextlib.suppress(ProcessLookupError):
                     kill()
-        for stream in (self.zygote.stdin, self.zygote.stdout):
-            if stream:
-                stream.close()
+        if self.zygote.stdin:
+            self.zygote.stdin.close()
         try:
             self.zygote.wait(30)
         except subprocess.TimeoutExpired:
             self.zygote.kill()
             self.zygote.wait()
+        self.reader.join(30)  # it ends at the helper's end of output
+        if self.zygote.stdout:
+            self.zygote.stdout.close()
         self.borg.close()
         self.server.close()
         self.sim.close()
@@ -530,10 +535,17 @@ class KillRun:
         runs = self.stderr.read().decode(errors="replace")[-4000:]
         return f"{what}\nprofile {self.profile}, seed {self.seed}\n" + "\n".join(self.log) + f"\n--- runs:\n{runs}"
 
-    def _zygote_line(self) -> list[str]:
+    def _read_zygote(self) -> None:
         assert self.zygote.stdout is not None
-        ready, _, _ = select.select([self.zygote.stdout], [], [], _TIMEOUT)
-        line = self.zygote.stdout.readline() if ready else ""
+        for line in self.zygote.stdout:
+            self.answers.put(line)
+        self.answers.put("")
+
+    def _zygote_line(self) -> list[str]:
+        try:
+            line = self.answers.get(timeout=_TIMEOUT)
+        except queue.Empty:
+            line = ""
         assert line, self.failure("the helper process did not answer")
         return line.split()
 
