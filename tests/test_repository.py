@@ -284,6 +284,15 @@ class TestWrite:
         assert events[-1].done == events[-1].total == 64 * MIB
         assert len(events) <= 2 + elapsed / 0.1 + 1
 
+    def test_progress_once_for_a_file_of_one_chunk(self, repo, tmp_path):
+        """A file of one chunk, disk or not, gets one progress event."""
+        settings = tmp_path / "vm.vbox"
+        settings.write_text("<VirtualBox/>")
+        events: list[vbremote.Progress] = []
+        files = [vbremote.FileSpec(settings, "vm.vbox", vbremote.FileRole.SETTINGS), write_disk(tmp_path, b"x" * 1000)]
+        repo.write_archive("s", files, metadata(), progress=events.append)
+        assert [(e.path, e.done) for e in events] == [("vm.vbox", 13), ("disk.img", 1013)]
+
     def test_name_taken(self, repo, tmp_path):
         """Writing an existing name raises ArchiveExists and keeps the first archive."""
         spec = write_disk(tmp_path, b"one")

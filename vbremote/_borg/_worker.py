@@ -1219,19 +1219,25 @@ class _Progress:
     def __init__(self, worker: Worker, total: int) -> None:
         self.worker = worker
         self.total = total
+        # The last event sent: its file, bytes done and time.
         self.path = ""
+        self.done = -1
         self.last = 0.0
 
     def block(self, path: str, done: int) -> None:
         self.worker.check_cancelled()
         now = time.monotonic()
         if path != self.path or now - self.last >= self.INTERVAL:
-            self.path, self.last = path, now
-            self.worker.reply(_protocol.PROGRESS, ("write", path, done, self.total))
+            self._send(path, done, now)
 
     def file_done(self, path: str, done: int) -> None:
-        self.path, self.last = path, time.monotonic()
-        self.worker._progress("write", path, done, self.total)
+        self.worker.check_cancelled()
+        if (path, done) != (self.path, self.done):  # a file of one chunk has had its last event
+            self._send(path, done, time.monotonic())
+
+    def _send(self, path: str, done: int, now: float) -> None:
+        self.path, self.done, self.last = path, done, now
+        self.worker.reply(_protocol.PROGRESS, ("write", path, done, self.total))
 
 
 # borg's compressors (borg/compress.pyx, 1.4.5) all write into one
