@@ -299,6 +299,10 @@ def make_plan(
         local_ids[f.target_path] = [None if c.offset in done_set else next(ids) for c in f.chunks]
 
     # 2. Decide reuse / done / zero; collect what is still needed.
+    # The zero ids of all sizes, smallest first: each goes on from the one before (see IdHasher.zero_id).
+    zero_ids = {
+        size: repository.zero_chunk_id(size) for size in sorted({c.size for f in source.files for c in f.chunks})
+    }
     needed: set[bytes] = set()
     kinds: dict[str, list[ActionKind | None]] = {}
     for f in source.files:
@@ -309,7 +313,7 @@ def make_plan(
                 row.append("done")
             elif local == c.id:
                 row.append("reuse")
-            elif c.id == repository.zero_chunk_id(c.size):
+            elif c.id == zero_ids[c.size]:
                 row.append("zero")
             else:
                 row.append(None)
