@@ -19,7 +19,7 @@ import pytest
 from helpers import PASSPHRASE, metadata, tmpfs
 from hypothesis import given
 from hypothesis import strategies as st
-from test_repository import corrupt_one_chunk
+from test_repository import corrupt_one_chunk, swap_two_chunks
 
 import vbremote
 from vbremote._restorer import JOURNAL_NAME, RestoreSource, SourceFile, apply_plan, make_plan
@@ -406,11 +406,16 @@ class TestKillAndResume:
 
 
 class TestVerify:
-    def test_corrupt_chunk_names_file_and_offset(self, repo, transport, vdi_folder, base_dir, tmp_path):
-        """A damaged chunk in the repository: IntegrityError with file and offset; nothing wrong recorded as done."""
+    @pytest.mark.parametrize("damage", ["flipped", "swapped"])
+    def test_corrupt_chunk_names_file_and_offset(self, repo, transport, vdi_folder, base_dir, tmp_path, damage):
+        """A flipped byte or two chunks' data swapped: IntegrityError with file and offset; nothing wrong done."""
         info = archive_folder(repo, vdi_folder, "a")
+        ids = [c.id for f in repo.chunk_lists(info).files().values() for c in f.chunks]
         repo.close()
-        corrupt_one_chunk(transport)
+        if damage == "flipped":
+            corrupt_one_chunk(transport)
+        else:
+            swap_two_chunks(transport, list(dict.fromkeys(ids)))
         target = tmp_path / "t"
         expected = files_of(vdi_folder, NAMES)
         with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir) as again:
@@ -420,6 +425,8 @@ class TestVerify:
         error = caught.value
         assert error.path in NAMES
         assert str(error.offset) in str(error)
+        if damage == "swapped":
+            assert "id verification failed" in str(error)  # caught as it was fetched, not only when read back
         file = next(f for f in source.files if f.target_path == error.path)
         chunk = next(c for c in file.chunks if c.offset == error.offset)
         assert chunk.id.hex() == error.chunk_id
