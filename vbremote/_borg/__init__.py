@@ -65,6 +65,27 @@ _ERRORS: Mapping[str, type[_errors.RepositoryError]] = {
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
+# The worker's program. It needs a handful of vbremote's modules, not the package's
+# ``__init__`` (every service, a tenth of a second to import at each open): the package
+# is made with its ``__init__`` not yet run; a submodule asked for is imported as usual,
+# and any other name asked of the package (by a transport's own module, say) runs the
+# ``__init__`` first, so everything still works as if it had been imported.
+_WORKER_PROGRAM = """\
+import importlib, importlib.util, sys
+spec = importlib.util.find_spec("vbremote")
+package = importlib.util.module_from_spec(spec)
+sys.modules["vbremote"] = package
+def attribute(name):
+    if importlib.util.find_spec("vbremote." + name) is not None:
+        return importlib.import_module("vbremote." + name)
+    del package.__getattr__
+    spec.loader.exec_module(package)
+    return getattr(package, name)
+package.__getattr__ = attribute
+from vbremote._borg._worker import main
+main()
+"""
+
 
 def _widen_pipe(fd: int) -> None:
     """Let the reply pipe hold a whole 1 MiB chunk (Linux; 64 KiB by default).
@@ -116,7 +137,7 @@ class BorgWorker:
         _widen_pipe(reply_write)
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "vbremote._borg._worker"],
+                [sys.executable, "-c", _WORKER_PROGRAM],
                 stdin=request_read,
                 stdout=reply_write,
                 stderr=subprocess.PIPE,
