@@ -523,7 +523,9 @@ class Repository:
 
         Args:
             name: The archive name (must be new).
-            files: The files, with archive-relative paths and roles.
+            files: The files, with archive-relative paths and roles; each
+                file's new chunks are compressed with its
+                :attr:`FileSpec.compression`, or the repository's compression.
             metadata: vbremote's record of the snapshot, stored with the archive.
             timestamp: The archive time (default: now), like ``borg create --timestamp``.
             block_size: Fixed block size for disks (default: the repository's).
@@ -552,7 +554,8 @@ class Repository:
 
         Raises:
             ArchiveExists: The name is taken.
-            ConfigurationError: No files, a duplicate path, a missing file, a bad block size.
+            ConfigurationError: No files, a duplicate path, a missing file, a bad block size,
+                a compression spec borg does not know (nothing is written then).
             SourceChanged: A file changed size while it was read; nothing was
                 committed, and the repository stays usable.
             RepositoryReadOnly: The repository was opened with ``read_only=True``.
@@ -588,7 +591,8 @@ class Repository:
             records.append(ArchiveFile(path=spec.path, role=spec.role, size=size, chunking=chunking,
                                        medium=spec.medium, parent=spec.parent))
             specs.append(
-                {"source": os.fspath(spec.source), "path": spec.path, "size": size, "chunking": chunking.to_json()}
+                {"source": os.fspath(spec.source), "path": spec.path, "size": size, "chunking": chunking.to_json(),
+                 "compression": spec.compression}
             )
         comment = encode_comment(metadata, records)
         started = time.monotonic()

@@ -121,6 +121,8 @@ class Worker:
         self.idle_logs: collections.deque[tuple[int, str, str]] = collections.deque(maxlen=100)
         self.repository: Any = None
         self.key: Any = None
+        # The repository's compressor; a file written with its own puts it back after.
+        self.compressor: Any = None
         self.manifest: Any = None
         self.location = ""
         self.append_only: bool | None = None
@@ -359,10 +361,14 @@ class Worker:
         return self._describe(transport)
 
     def _set_compression(self, compression: str) -> None:
+        self.key.compressor = self.compressor = self._compressor(compression)
+
+    @staticmethod
+    def _compressor(compression: str) -> Any:
         from borg.compress import CompressionSpec
 
         try:
-            self.key.compressor = CompressionSpec(compression).compressor
+            return CompressionSpec(compression).compressor
         except Exception as exc:  # borg raises argparse's error type here
             raise _Refused("config", f"invalid compression {compression!r}: {exc}") from exc
 
@@ -717,12 +723,16 @@ class Worker:
 
         if name in self.manifest.archives:
             raise _Refused("archive_exists", f"archive {name!r} already exists", archive=name)
+        # A file's own compression (e.g. zstd for a saved state), checked before anything is written.
+        compressors = [
+            self.compressor if f.get("compression") is None else self._compressor(f["compression"]) for f in files
+        ]
         fixed = [f for f in files if f["chunking"][0] == "fixed"]
         archive_chunker = tuple(fixed[0]["chunking"]) if fixed else CHUNKER_PARAMS
         total = sum(os.stat(f["source"]).st_size for f in files)
         counts = {"read": 0, "new": 0, "stored": 0, "chunks": 0, "chunks_new": 0, "zero": 0}
         # archive.save() writes the manifest and commits.
-        with self._transaction(commit=False) as cache:
+        with self._repository_compressor_after(), self._transaction(commit=False) as cache:
             archive = Archive(
                 self.repository, self.key, self.manifest, name, cache=cache, create=True,
                 chunker_params=archive_chunker, noatime=True, noflags=True, noacls=True, noxattrs=True,
@@ -743,7 +753,8 @@ class Worker:
                     counts["stored"] += stats.csize - before
                 return entry
 
-            for spec in files:
+            for spec, compressor in zip(files, compressors, strict=True):
+                self.key.compressor = compressor
                 with open(spec["source"], "rb") as f:
                     fd = f.fileno()
                     st = os.fstat(fd)
@@ -793,6 +804,14 @@ class Worker:
             superseded=[old for old in supersede if old not in self.manifest.archives],
         )
         return counts_out
+
+    @contextlib.contextmanager
+    def _repository_compressor_after(self) -> Iterator[None]:
+        """Put the repository's compressor back on the key when the block ends, however it ends."""
+        try:
+            yield
+        finally:
+            self.key.compressor = self.compressor
 
     def _store_blocks(
         self, fd: int, size: int, params: tuple[int, int], path: str, cache: Any, stats: Any,

@@ -27,7 +27,7 @@ from pathlib import Path
 from attrs import frozen
 
 from .._errors import SnapshotError
-from .._models import EXTERNAL_FOLDER, FileRole, FileSpec
+from .._models import EXTERNAL_FOLDER, STATE_COMPRESSION, FileRole, FileSpec
 from .._settings import MachineSettings, Medium
 
 __all__ = ["Collected", "MediumRecord", "collect"]
@@ -118,7 +118,8 @@ def collect(settings: MachineSettings, folder: Path, *, vm: str = "") -> Collect
         taken.add(path)
         seen[source] = path
         files.append(FileSpec(source, path, role, medium=medium.uuid if medium else None,
-                              parent=medium.parent if medium else None))
+                              parent=medium.parent if medium else None,
+                              compression=STATE_COMPRESSION if role is FileRole.STATE else None))
         return path
 
     for medium, parent in _registry(settings):
