@@ -65,7 +65,7 @@ class TestBorgReadsOurArchives:
 
 class TestPerFileCompression:
     def test_borg_sees_each_files_compression_and_extracts_it(self, tmp_path, base_dir, borg_cli):
-        """A file with its own compression is stored with it (borg's object header says so); borg extracts it."""
+        """A saved state is stored with its own compression (borg object header) and finer chunks; borg extracts it."""
         transport = vbremote.LocalTransport(tmp_path / "plain")
         state = tmp_path / "vm.sav"
         state.write_bytes(b"".join(b"page %d of guest memory\n" % i for i in range(120_000)))
@@ -77,8 +77,13 @@ class TestPerFileCompression:
         ]
         # Unencrypted, so that the stored objects show borg's compression header.
         with vbremote.Repository.init(transport, encryption="none", base_dir=base_dir) as repo:
-            repo.write_archive("a", specs, metadata())
-            ids = {path: [c.id for c in repo.chunk_list("a", path).chunks] for path in ("vm.sav", "notes.txt")}
+            written = repo.write_archive("a", specs, metadata())
+            chunks = {path: repo.chunk_list("a", path).chunks for path in ("vm.sav", "notes.txt")}
+        ids = {path: [c.id for c in listed] for path, listed in chunks.items()}
+        # The saved state is cut finer than borg's default: chunks of at most 1 MiB.
+        assert written.archive.file("vm.sav").chunking == vbremote.Chunking.saved_state()
+        assert len(chunks["vm.sav"]) >= 3
+        assert max(c.size for c in chunks["vm.sav"]) <= MIB
         headers: dict[str, set[bytes]] = {}
         for path, chunk_ids in ids.items():
             for n, chunk_id in enumerate(chunk_ids):

@@ -516,7 +516,8 @@ class Repository:
         """Store files in a new archive.
 
         Disk images are cut in fixed blocks (all-zero blocks are neither hashed
-        nor compressed); other files use borg's default chunker. Reading and
+        nor compressed); saved states in smaller content-defined chunks
+        (:meth:`Chunking.saved_state`); other files use borg's default chunker. Reading and
         hashing run in parallel threads, ahead of compression and encryption.
         The archive is an ordinary borg archive that ``borg`` itself lists,
         checks and extracts.
@@ -587,7 +588,12 @@ class Repository:
                 raise ConfigurationError(f"cannot read {spec.source}: {exc.strerror}") from exc
             if not spec.source.is_file():
                 raise ConfigurationError(f"{spec.source} is not a regular file")
-            chunking = disk_chunking(spec.source, disk_block) if spec.role is FileRole.DISK else Chunking.buzhash()
+            if spec.role is FileRole.DISK:
+                chunking = disk_chunking(spec.source, disk_block)
+            elif spec.role is FileRole.STATE:
+                chunking = Chunking.saved_state()
+            else:
+                chunking = Chunking.buzhash()
             records.append(ArchiveFile(path=spec.path, role=spec.role, size=size, chunking=chunking,
                                        medium=spec.medium, parent=spec.parent))
             specs.append(

@@ -772,7 +772,7 @@ class Worker:
                             fd, st.st_size, params, spec["path"], cache, stats, counts, total, entries, checkpoints
                         )
                     else:
-                        chunker = get_chunker(*CHUNKER_PARAMS, seed=self.key.chunk_seed)
+                        chunker = get_chunker(*spec["chunking"], seed=self.key.chunk_seed)
                         for chunk in chunker.chunkify(f, fd):
                             chunk_id, data = cached_hash(chunk, self.key.id_hash)
                             zero = chunk.meta["allocation"] != 0
