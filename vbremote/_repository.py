@@ -364,7 +364,11 @@ class Repository:
             pickled = pickle.dumps(transport)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             raise ConfigurationError(f"transports must be picklable: {exc}") from exc
-        worker = BorgWorker(transport.location, env)
+        try:
+            serve_command: Sequence[str] | None = transport.serve_command()
+        except Exception:  # the worker calls it again and reports what is wrong
+            serve_command = None
+        worker = BorgWorker(transport.location, env, serve_command)
         try:
             info = worker.call(op, transport=pickled, **kwargs)
         except BaseException:
