@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import time
+import tracemalloc
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from vbremote.testing import (
     SimulatedVBoxError,
     SimulatedVirtualBox,
     Timing,
+    mixed_content,
 )
 
 qemu = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed (qemu-utils)")
@@ -536,6 +539,22 @@ class TestFilesAndGuest:
             assert vm.current_snapshot == snapshot.uuid
             assert vm.disks == host.vm("dev").disks
 
+    def test_mixed_content_is_fixed_per_seed_and_small_in_memory(self):
+        """mixed_content gives the same blocks for a seed as ever, repeats included, holding no earlier blocks."""
+        digest = hashlib.sha256()
+        blocks = set()
+        tracemalloc.start()
+        try:
+            for block in mixed_content(12 * MIB, seed=15):
+                digest.update(block)
+                blocks.add(hashlib.sha256(block).digest())
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert digest.hexdigest() == "0291d9fe67611019f287bf3d6d52fbdf0f385ee6d00f923c40a683e52823d0f4"
+        assert len(blocks) == 9  # zeros, and 11 non-zero blocks of which 8 differ: repeats
+        assert peak < 5 * MIB  # the 8 MiB of earlier blocks are not kept
+
     def test_frozen_instant_of_a_live_transient_snapshot(self, sim71: SimulatedVirtualBox):
         """freeze_instant on the simulator's file after a live snapshot: Saved, at the frozen media."""
         host = host_of(sim71)
@@ -767,6 +786,102 @@ class TestSnapshotFiles:
         assert sim.guest_content_at("dev", first.uuid) != sim.guest_content_at("dev", second.uuid)
         with pytest.raises(vbremote.ConfigurationError):
             sim.guest_content_at("dev", "no-such-snapshot")
+
+
+class TestInstants:
+    """guest_content_at: the guest's content at each snapshot instant, kept copy-on-write by the simulator."""
+
+    @staticmethod
+    def frozen(host: vbremote.VirtualBoxHost, vm: str, snapshot: str, port: int) -> Path:
+        disk = next(a for a in host.vm(vm).snapshot(snapshot).attachments if a.port == port)
+        return disk.chain[-1].location
+
+    def test_taking_a_snapshot_copies_nothing(self, sim71: SimulatedVirtualBox):
+        """An instant starts with nothing saved; only granules the guest overwrites are saved, and it stays exact."""
+        from vbremote.testing._vbox import _media
+
+        host = host_of(sim71)
+        snapshot = host.take_snapshot("dev", "s")
+        instant = sim71.machine("dev").instants[snapshot.uuid][("SATA", 0, 0)]
+        assert instant.saved == {}
+        before = sim71.guest_content("dev")
+        # Sequential 64 KiB writes from the disk's second 64 KiB on.
+        sim71.start("dev", workload=GuestWorkload(rate=1000, write_size=64 * 1024, pattern="sequential"))
+        deadline = time.monotonic() + 10
+        while sim71.guest_writes("dev") < 8 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        host.power_off("dev")
+        written = sim71.guest_writes("dev")
+        assert 8 <= written < 8 * MIB // (64 * 1024)
+        assert set(instant.saved) == {k * 64 * 1024 // _media.GRANULE for k in range(1, written + 1)}
+        assert sim71.guest_content_at("dev", snapshot.uuid) == before
+
+    def test_nested_instants_stay_exact_while_the_guest_overwrites(self, sim71: SimulatedVirtualBox):
+        """Three nested instants, the guest overwriting the same granules between and after them: each stays exact."""
+        sim71.create_vm("two", disk_size=8 * MIB, disks=2)
+        host = host_of(sim71)
+        sim71.start("two", workload=GuestWorkload(rate=1000, pattern="hot", seed=5))
+        taken = []
+        for name in ("one", "two", "three"):
+            taken.append(host.take_snapshot("two", name).uuid)
+            time.sleep(0.25)
+        machine = sim71.machine("two")
+        with sim71.locks.disk(machine):
+            saved = [set(machine.instants[uuid][("SATA", 0, 0)].saved) for uuid in taken]
+        assert saved[0] & saved[1] & saved[2]  # the same granules overwritten after each instant
+        for port in (0, 1):
+            contents = [sim71.guest_content_at("two", uuid, port) for uuid in taken]
+            for uuid, content in zip(taken, contents, strict=True):
+                assert content == sim71.read_image(self.frozen(host, "two", uuid, port))
+            assert len(set(contents)) == 3
+
+    def test_a_deleted_snapshot_frees_its_instant(self, sim71: SimulatedVirtualBox):
+        """Deleting a snapshot drops its instant and the old granules only it kept; the other instants stay exact."""
+        host = host_of(sim71)
+        sim71.start("dev", workload=GuestWorkload(rate=1000, pattern="hot", seed=6))
+        first = host.take_snapshot("dev", "one")
+        time.sleep(0.2)
+        second = host.take_snapshot("dev", "two")
+        time.sleep(0.2)
+        machine = sim71.machine("dev")
+        with sim71.locks.disk(machine):
+            only_first = set(machine.instants[first.uuid][("SATA", 0, 0)].saved.values()) - set(
+                machine.instants[second.uuid][("SATA", 0, 0)].saved.values())
+        assert only_first  # granules the guest overwrote between the two snapshots
+        host.delete_snapshot("dev", first.uuid)
+        with pytest.raises(vbremote.ConfigurationError, match="no snapshot"):
+            sim71.guest_content_at("dev", first.uuid)
+        assert list(machine.instants) == [second.uuid]
+        time.sleep(0.1)
+        with sim71.locks.disk(machine):
+            assert machine.old_granules.live == len(set(machine.instants[second.uuid][("SATA", 0, 0)].saved.values()))
+        assert sim71.guest_content_at("dev", second.uuid) == sim71.read_image(self.frozen(host, "dev", second.uuid, 0))
+        host.delete_snapshot("dev", second.uuid)
+        assert machine.instants == {}
+        assert machine.old_granules.live == 0
+
+    def test_instants_survive_a_restore(self, sim71: SimulatedVirtualBox):
+        """After restores and new guest writes, every instant still reads as its frozen image."""
+        host = host_of(sim71)
+        sim71.start("dev", workload=GuestWorkload(rate=1000, pattern="hot", seed=7))
+        first = host.take_snapshot("dev", "one")
+        time.sleep(0.2)
+        second = host.take_snapshot("dev", "two")
+        time.sleep(0.2)
+        host.power_off("dev")
+        host.restore_snapshot("dev", first.uuid)
+        sim71.start("dev", workload=GuestWorkload(rate=1000, pattern="hot", seed=8))
+        time.sleep(0.2)
+        assert sim71.guest_writes("dev") > 0
+        for snapshot in (first, second):
+            frozen = self.frozen(host, "dev", snapshot.uuid, 0)
+            assert sim71.guest_content_at("dev", snapshot.uuid) == sim71.read_image(frozen)
+        host.power_off("dev")
+        host.restore_snapshot("dev", second.uuid)
+        host.restore_snapshot("dev", first.uuid)  # nothing read or written between the two restores
+        assert sim71.guest_content("dev") == sim71.guest_content_at("dev", first.uuid)
+        host.restore_snapshot("dev", second.uuid)
+        assert sim71.guest_content("dev") == sim71.guest_content_at("dev", second.uuid)
 
 
 class TestDeleting:

@@ -40,29 +40,42 @@ def mixed_content(size: int, *, seed: int = 0) -> Iterable[bytes]:
 
     The mix (roughly 35 % random, 25 % text, 25 % zeros, 15 % repeats of
     earlier blocks) gives compression, zero detection and deduplication
-    something real to do.
+    something real to do. Memory stays at a few blocks whatever the size: an
+    earlier block is made again from the random state it was made with.
     """
     if size % MIB:
         raise ConfigurationError("size must be a whole number of MiB")
     rng = random.Random(seed)
-    earlier: list[bytes] = []
+    # How to make each earlier non-zero block again: its kind and the state it was made from.
+    earlier: list[tuple[bool, tuple[object, ...]]] = []
     for _ in range(size // MIB):
         pick = rng.random()
-        if pick < 0.35:
-            block = rng.randbytes(MIB)
-        elif pick < 0.60:
-            words = bytearray()
-            while len(words) < MIB:
-                start = rng.randrange(len(_WORDS) - 40)
-                words += _WORDS[start : start + rng.randrange(8, 40)] + b"%d\n" % rng.randrange(10**6)
-            block = bytes(words[:MIB])
+        if pick < 0.60:
+            text = pick >= 0.35
+            recipe = (text, rng.getstate())
+            block = _made(text, rng)
         elif pick < 0.85 or not earlier:
             block = bytes(MIB)
         else:
-            block = rng.choice(earlier)
+            recipe = rng.choice(earlier)
+            text, state = recipe
+            again = random.Random()
+            again.setstate(state)
+            block = _made(text, again)
         if any(block[:64]):
-            earlier.append(block)
+            earlier.append(recipe)
         yield block
+
+
+def _made(text: bool, rng: random.Random) -> bytes:
+    """One random or text block of :func:`mixed_content`, from ``rng``."""
+    if not text:
+        return rng.randbytes(MIB)
+    words = bytearray()
+    while len(words) < MIB:
+        start = rng.randrange(len(_WORDS) - 40)
+        words += _WORDS[start : start + rng.randrange(8, 40)] + b"%d\n" % rng.randrange(10**6)
+    return bytes(words[:MIB])
 
 
 def make_vdi(path: str | os.PathLike[str], size: int, *, seed: int = 0, content: bool = True) -> Path:

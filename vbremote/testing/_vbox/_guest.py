@@ -2,7 +2,9 @@
 
 Each write happens under the machine's disk lock, in the states where a
 guest runs (:data:`WRITING_STATES`); what it wrote goes to the machine's
-``expected`` model too, and to the merge bookkeeping of a disk being merged.
+``expected`` model too (saving first what snapshot instants still need of
+it, see :func:`._media.guest_write`), and to the merge bookkeeping of a disk
+being merged.
 """
 
 from __future__ import annotations
@@ -63,8 +65,7 @@ def _guest_loop(locks: Locks, machine: _Machine, guest: _Guest) -> None:
             offset = _guest_offset(guest, rng, image.size)
             data = rng.randbytes(workload.write_size)
             image.write(offset, data)
-            where = (attachment.controller, attachment.port, attachment.device)
-            _media.expected(machine, where)[offset : offset + len(data)] = data
+            _media.guest_write(machine, (attachment.controller, attachment.port, attachment.device), offset, data)
             dirty = machine.merging.get(attachment.medium)
             if dirty is not None:
                 first, last = offset // VDI_BLOCK_SIZE, (offset + len(data) - 1) // VDI_BLOCK_SIZE

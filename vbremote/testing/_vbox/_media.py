@@ -1,5 +1,11 @@
 """Disks: VDI images and their differencing chains, saved-state files, the guest-content model, merges.
 
+The guest-content model is what the guest wrote, per disk (``expected``, in
+a temporary file), and what it had written at each snapshot's instant
+(``instants``), kept copy-on-write: taking a snapshot copies nothing, a
+guest write first keeps the old content of the granules it overwrites (in a
+temporary file too) for the instants that have not kept them yet.
+
 Everything here that touches a machine's images runs under its disk lock
 (see :mod:`._locks`); :func:`merge` takes the locks itself.
 """
@@ -16,20 +22,26 @@ from ..._errors import ConfigurationError
 from .._images import MIB, mixed_content
 from .._vdi import VDI, VDI_BLOCK_SIZE
 from ._locks import Locks
-from ._model import Slot, _Attachment, _Machine, _Medium
+from ._model import GRANULE, Slot, _Attachment, _Content, _Instant, _Machine, _Medium
 from ._operations import Operation
 
 __all__ = [
+    "GRANULE",
     "check_media",
     "check_medium",
     "content",
+    "content_at",
+    "detach_instants",
     "drop_medium",
     "expected",
+    "forget_instant",
+    "guest_write",
     "image",
     "inaccessible_disk",
     "merge",
     "merge_forward",
     "new_diff",
+    "record_instant",
     "slot",
     "state_file_in_snapshots",
     "write_sav",
@@ -124,14 +136,83 @@ def state_file_in_snapshots(machine: _Machine, relative: str) -> bool:
     return any(s.state_file == relative for s in machine.snapshots.values())
 
 
-def expected(machine: _Machine, where: Slot) -> bytearray:
+def expected(machine: _Machine, where: Slot) -> _Content:
     """What the guest wrote to the disk at ``where`` (read from the image on first use)."""
     if where not in machine.expected:
         attachment = slot(machine, where)
         assert attachment.medium is not None
         disk = image(machine, attachment.medium)
-        machine.expected[where] = bytearray(disk.read(0, disk.size))
+        model = _Content(disk.size)
+        for index in range(disk.size // VDI_BLOCK_SIZE):
+            block = disk.read_block(index)
+            if block.count(0) != len(block):
+                model.write(index * VDI_BLOCK_SIZE, block)
+        machine.expected[where] = model
     return machine.expected[where]
+
+
+def guest_write(machine: _Machine, where: Slot, offset: int, data: bytes) -> None:
+    """Record a guest write in the expected content, saving first what instants still need of it."""
+    model = expected(machine, where)
+    _save_old(machine, where, offset // GRANULE, -(-(offset + len(data)) // GRANULE))
+    model.write(offset, data)
+
+
+def record_instant(machine: _Machine, snapshot_uuid: str) -> None:
+    """Mark a snapshot's instant on every current hard disk: nothing is copied until the guest overwrites."""
+    disks = {}
+    for attachment in machine.hard_disks():
+        where = (attachment.controller, attachment.port, attachment.device)
+        disks[where] = _Instant(len(expected(machine, where)))
+    machine.instants[snapshot_uuid] = disks
+
+
+def detach_instants(machine: _Machine) -> None:
+    """Give every instant its own copy before the expected content is dropped (a restored snapshot)."""
+    # An instant not detached yet has its disk's expected content (record_instant read it).
+    attached = {where for disks in machine.instants.values() for where, i in disks.items() if not i.detached}
+    for where in attached:
+        _save_old(machine, where, 0, -(-len(machine.expected[where]) // GRANULE))
+    for disks in machine.instants.values():
+        for instant in disks.values():
+            instant.detached = True
+
+
+def forget_instant(machine: _Machine, snapshot_uuid: str) -> None:
+    """Drop a snapshot's instant; the old granules only it needed go."""
+    for instant in machine.instants.pop(snapshot_uuid, {}).values():
+        for slot in instant.saved.values():
+            machine.old_granules.release(slot)
+
+
+def content_at(machine: _Machine, instant: _Instant, where: Slot) -> bytes:
+    """The content of the disk at ``where`` at ``instant``: today's, with the granules overwritten since put back."""
+    kept = machine.old_granules
+    if instant.detached:
+        return b"".join(kept.read(instant.saved[granule]) for granule in range(-(-instant.size // GRANULE)))
+    current = machine.expected[where]
+    pieces = []
+    done = 0
+    for granule in sorted(instant.saved):
+        start = granule * GRANULE
+        pieces += [current.read(done, start - done), kept.read(instant.saved[granule])]
+        done = start + GRANULE
+    pieces.append(current.read(done, instant.size - done))
+    return b"".join(pieces)
+
+
+def _save_old(machine: _Machine, where: Slot, first: int, end: int) -> None:
+    """Save granules ``[first, end)`` of ``where`` for every instant that has not saved them yet."""
+    waiting = [disks[where] for disks in machine.instants.values() if where in disks and not disks[where].detached]
+    if not waiting:
+        return
+    model = machine.expected[where]
+    for granule in range(first, end):
+        lacking = [instant for instant in waiting if granule not in instant.saved]
+        if lacking:
+            slot = machine.old_granules.keep(model.read(granule * GRANULE, GRANULE), len(lacking))  # one copy
+            for instant in lacking:
+                instant.saved[granule] = slot
 
 
 def slot(machine: _Machine, where: Slot) -> _Attachment:

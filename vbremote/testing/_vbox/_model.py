@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import os
+import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
 from attrs import define, field, frozen
@@ -175,6 +178,113 @@ class _Session:
     console: bool = False
 
 
+#: The unit of the instants' copy-on-write: a guest write keeps the old content of the granules it touches.
+GRANULE = 64 * 1024
+
+
+class _Content:
+    """A disk's content as the guest wrote it, kept in an unlinked temporary file, not in memory.
+
+    Starts as zeros (a sparse file); closed when the object goes.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        fd, name = tempfile.mkstemp(prefix="vbox-sim-guest-")
+        os.unlink(name)
+        os.ftruncate(fd, size)
+        self._fd = fd
+        self._closer = weakref.finalize(self, os.close, fd)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset + length)``."""
+        pieces = []
+        while length > 0:
+            piece = os.pread(self._fd, min(length, 1 << 30), offset)
+            if not piece:
+                raise EOFError(f"guest content ends at {offset}")
+            pieces.append(piece)
+            offset += len(piece)
+            length -= len(piece)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Overwrite bytes from ``offset`` on."""
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self._fd, view, offset)
+            offset += written
+            view = view[written:]
+
+    def close(self) -> None:
+        """Close the file (reads and writes then fail)."""
+        self._closer()
+        self._fd = -1
+
+
+class _OldGranules:
+    """Old granules that snapshot instants still need, in an unlinked temporary file, not in memory.
+
+    Each kept granule has a slot in the file and a count of the instants that
+    use it; a slot nobody uses any more is reused.
+    """
+
+    def __init__(self) -> None:
+        self._file: _Content | None = None
+        self._users: dict[int, int] = {}
+        self._free: list[int] = []
+        self._slots = 0
+
+    @property
+    def live(self) -> int:
+        """How many slots instants use."""
+        return len(self._users)
+
+    def keep(self, data: bytes, users: int) -> int:
+        """Keep one granule's old content for ``users`` instants; returns its slot."""
+        if self._file is None:
+            self._file = _Content(0)
+        if self._free:
+            slot = self._free.pop()
+        else:
+            slot, self._slots = self._slots, self._slots + 1
+        self._file.write(slot * GRANULE, data)
+        self._users[slot] = users
+        return slot
+
+    def read(self, slot: int) -> bytes:
+        """The granule kept in ``slot``."""
+        assert self._file is not None
+        return self._file.read(slot * GRANULE, GRANULE)
+
+    def release(self, slot: int) -> None:
+        """One instant no longer needs ``slot``."""
+        self._users[slot] -= 1
+        if not self._users[slot]:
+            del self._users[slot]
+            self._free.append(slot)
+
+
+@define(eq=False)
+class _Instant:
+    """What the guest had written to one disk at a snapshot's instant, kept copy-on-write.
+
+    Taking the snapshot copies nothing. Until the guest overwrites a granule
+    (``GRANULE`` bytes), the granule's content at the instant is the
+    machine's ``expected`` content; before the first overwrite its old
+    content is kept (``saved``: granule -> slot in the machine's
+    ``old_granules``). ``detached``: every granule is kept, the current
+    content is no longer this instant's base (after a restore).
+    """
+
+    size: int
+    saved: dict[int, int] = field(factory=dict)
+    detached: bool = False
+
+
 @define(eq=False)
 class _Guest:
     workload: GuestWorkload
@@ -215,12 +325,14 @@ class _Machine:
     guest: _Guest | None = None
     # Guest content as the guest wrote it, per attachment slot: the model that
     # the disk images must always read back as.
-    expected: dict[Slot, bytearray] = field(factory=dict)
+    expected: dict[Slot, _Content] = field(factory=dict)
     images: dict[str, VDI] = field(factory=dict)
     merging: dict[str, set[int]] = field(factory=dict)
-    # The guest's content per disk at each snapshot's instant (snapshots taken by this host).
-    instants: dict[str, dict[Slot, bytes]] = field(factory=dict)
-    # Guards images, expected and merging; taken only as _locks.Locks says.
+    # The guest's content per disk at each snapshot's instant (snapshots taken by this host
+    # and not deleted), copy-on-write over ``expected``.
+    instants: dict[str, dict[Slot, _Instant]] = field(factory=dict)
+    old_granules: _OldGranules = field(factory=_OldGranules)
+    # Guards images, expected, instants and merging; taken only as _locks.Locks says.
     disk_lock: threading.RLock = field(factory=threading.RLock)
 
     @property

@@ -46,6 +46,7 @@ from ._model import (
     SimulatedVBoxError,
     Timing,
     _Attachment,
+    _Content,
     _Machine,
     _Medium,
     _Session,
@@ -168,11 +169,11 @@ class World:
                     where.mkdir(parents=True, exist_ok=True)
                 path = where / (f"{name}.vdi" if port == 0 else f"{name}-disk{port + 1}.vdi")
                 image = VDI.create(path, disk_size)
-                expected = bytearray(disk_size)
+                expected = _Content(disk_size)
                 for index, block in enumerate(_media.content(content, disk_size, rng.randrange(1 << 30))):
                     if block.count(0) != len(block):
                         image.write(index * MIB, block)
-                        expected[index * MIB : (index + 1) * MIB] = block
+                        expected.write(index * MIB, block)
                 machine.media[image.uuid] = _Medium(image.uuid, path, None, disk_size)
                 machine.attachments.append(_Attachment("SATA", port, 0, "HardDisk", image.uuid))
                 machine.expected[("SATA", port, 0)] = expected
@@ -237,7 +238,8 @@ class World:
         """What the guest wrote: the content the disk must read back as (SATA port ``disk``)."""
         machine = self.machine(vm)
         with self.locks.disk(machine):
-            return bytes(_media.expected(machine, ("SATA", disk, 0)))
+            model = _media.expected(machine, ("SATA", disk, 0))
+            return model.read(0, model.size)
 
     def disk_content(self, vm: str, disk: int = 0) -> bytes:
         """The disk's content as the VM sees it now: read through its current differencing chain."""
@@ -464,20 +466,23 @@ class World:
         """What the guest had written to a disk (SATA port ``disk``) at a snapshot's instant.
 
         Recorded when this host took the snapshot: what the snapshot's frozen
-        images must read back as.
+        images must read back as. The record is copy-on-write: taking the
+        snapshot copies nothing, and the guest's later writes keep the old
+        content of what they overwrite, until the snapshot is deleted.
 
         Raises:
-            ConfigurationError: No such VM or disk, or a snapshot this host did not take.
+            ConfigurationError: No such VM or disk, or a snapshot this host did not
+                take or has deleted since.
         """
         machine = self.machine(vm)
-        with self.lock:
-            instant = machine.instants.get(_bare(snapshot))
-        if instant is None:
-            raise ConfigurationError(f"{vm} has no snapshot {snapshot!r} taken by this host")
-        try:
-            return instant[("SATA", disk, 0)]
-        except KeyError:
-            raise ConfigurationError(f"{vm} had no disk at SATA port {disk} at snapshot {snapshot!r}") from None
+        with self.locks.disk(machine):
+            disks = machine.instants.get(_bare(snapshot))
+            if disks is None:
+                raise ConfigurationError(f"{vm} has no snapshot {snapshot!r} taken by this host")
+            where = ("SATA", disk, 0)
+            if where not in disks:
+                raise ConfigurationError(f"{vm} had no disk at SATA port {disk} at snapshot {snapshot!r}")
+            return _media.content_at(machine, disks[where], where)
 
     def take_snapshot(self, machine: _Machine, name: str, description: str, pause: bool) -> tuple[Operation, str]:
         with self.lock:
@@ -526,8 +531,8 @@ class World:
                     elif before in ("Saved", "AbortedSaved"):
                         # An offline snapshot of a saved machine uses its state file, no copy.
                         state_file = machine.state_file
-                    instant = {(a.controller, a.port, a.device): bytes(_media.expected(machine, (a.controller,
-                               a.port, a.device))) for a in machine.hard_disks()}
+                    # The guest's content at the instant: a marker; the guest's overwrites save the old content.
+                    _media.record_instant(machine, snapshot_uuid)
                     frozen_attachments = [a.copy() for a in machine.attachments]
                     for attachment in machine.hard_disks():
                         assert attachment.medium is not None
@@ -543,7 +548,6 @@ class World:
                     snapshot = _Snapshot(snapshot_uuid, name, description, int(time.time() * 1000), state_file,
                                          frozen_attachments, machine.current, nvram=nvram)
                     machine.snapshots[snapshot_uuid] = snapshot
-                    machine.instants[snapshot_uuid] = instant
                     if machine.current is None:
                         machine.root = snapshot_uuid
                     else:
@@ -554,6 +558,7 @@ class World:
             except BaseException:
                 with self.locks.disk_then_host(machine):
                     if snapshot_uuid not in machine.snapshots:
+                        _media.forget_instant(machine, snapshot_uuid)
                         for attachment, medium in previous:
                             attachment.medium = medium
                         for uuid in created:
@@ -641,7 +646,7 @@ class World:
                     else:
                         with self.locks.disk_then_host(machine):
                             _media.drop_medium(machine, source)
-                with self.lock:
+                with self.locks.disk_then_host(machine):
                     if snapshot.nvram:
                         machine.path(snapshot.nvram).unlink(missing_ok=True)
                     self._remove_snapshot(machine, snapshot)
@@ -721,7 +726,8 @@ class World:
         if machine.current == snapshot.uuid:
             machine.current = snapshot.parent
         del machine.snapshots[snapshot.uuid]
-        machine.instants.pop(snapshot.uuid, None)
+        # Nobody can ask for a deleted snapshot's instant: the old granules only it needed go.
+        _media.forget_instant(machine, snapshot.uuid)
 
     def restore_snapshot(self, machine: _Machine, snapshot: _Snapshot) -> Operation:
         with self.lock:
@@ -765,6 +771,9 @@ class World:
                     if machine.firmware == "EFI" or machine.path(target).is_file():
                         machine.nvram = target
                 machine.current = snapshot.uuid
+                _media.detach_instants(machine)  # the instants no longer rest on the expected content
+                for model in machine.expected.values():
+                    model.close()
                 machine.expected = {}  # the guest's disks are the snapshot's now
                 self.set_state(machine, "Saved" if snapshot.state_file else "PoweredOff")
                 stamp = dt.datetime.fromtimestamp(snapshot.time_ms / 1000, dt.UTC)
