@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import uuid as uuid_module
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,9 +26,13 @@ from helpers import BorgCLI
 
 import vbremote
 from vbremote._models import decode_comment
+from vbremote._restorer._checks import settings_references
+from vbremote._settings import parse_settings, relocate
+from vbremote._snapshotter._collect import anchor_images, collect
 from vbremote.testing import MIB, VIRTUALBOX_PROFILES, Fault, GuestWorkload, SimulatedVirtualBox, Timing
 
-# Cheap enough to run on two profiles: the oldest and a current one.
+# The modes run on two profiles (the oldest and a current one); refusals,
+# failures and the consistency under writes on every profile.
 PROFILES = ["6.1", "7.1"]
 HOT = GuestWorkload(rate=400, write_size=64 * 1024, pattern="hot", seed=3)
 
@@ -78,6 +84,14 @@ class Scene:
 @pytest.fixture(params=PROFILES)
 def scene(request: pytest.FixtureRequest, tmp_path: Path, repo: vbremote.Repository, borg_cli: BorgCLI,
           transport: vbremote.LocalTransport) -> Iterator[Scene]:
+    made = Scene(tmp_path, request.param, repo, borg_cli, transport)
+    yield made
+    made.close()
+
+
+@pytest.fixture(params=VIRTUALBOX_PROFILES)
+def every_scene(request: pytest.FixtureRequest, tmp_path: Path, repo: vbremote.Repository, borg_cli: BorgCLI,
+                transport: vbremote.LocalTransport) -> Iterator[Scene]:
     made = Scene(tmp_path, request.param, repo, borg_cli, transport)
     yield made
     made.close()
@@ -260,20 +274,17 @@ class TestModes:
 
 
 class TestRefusals:
-    def test_offline_mode_on_a_running_vm(self, scene71: Scene):
-        """Asking for an offline snapshot of a running VM raises InvalidVMState; nothing is written."""
-        scene71.sim.start("dev", workload=HOT)
+    def test_wrong_state_for_the_mode(self, every_scene: Scene):
+        """online of a powered-off VM, offline of a running one: InvalidVMState naming the state; nothing written."""
         with pytest.raises(vbremote.InvalidVMState) as info:
-            scene71.snapshotter.take("dev", "offline")
+            every_scene.snapshotter.take("dev", "online")
+        assert info.value.state is vbremote.MachineState.POWERED_OFF
+        every_scene.sim.start("dev", workload=HOT)
+        with pytest.raises(vbremote.InvalidVMState) as info:
+            every_scene.snapshotter.take("dev", "offline")
         assert info.value.state is vbremote.MachineState.RUNNING
-        assert scene71.repo.archives() == []
-        assert scene71.host.vm("dev").snapshots() == ()
-
-    def test_online_mode_on_a_stopped_vm(self, scene71: Scene):
-        """Asking for an online snapshot of a powered-off VM raises InvalidVMState."""
-        with pytest.raises(vbremote.InvalidVMState):
-            scene71.snapshotter.take("dev", "online")
-        assert scene71.repo.archives() == []
+        assert every_scene.repo.archives() == []
+        assert every_scene.host.vm("dev").snapshots() == ()
 
     def test_bad_arguments(self, scene71: Scene):
         """A bad mode, label or name template is a ConfigurationError before anything happens."""
@@ -285,36 +296,36 @@ class TestRefusals:
             vbremote.Snapshotter(scene71.host, scene71.repo, name_template="{vm}/{nope}")
         assert scene71.host.vm("dev").snapshots() == ()
 
-    def test_transient_state_refused(self, scene71: Scene):
+    def test_transient_state_refused(self, every_scene: Scene):
         """A VM in a transient state (another snapshot under way) is refused with InvalidVMState; nothing written."""
-        scene71.sim.start("dev", workload=HOT)
-        mgr = scene71.sim.manager()
+        every_scene.sim.start("dev", workload=HOT)
+        mgr = every_scene.sim.manager()
         vbox = mgr.getVirtualBox()
         session = mgr.getSessionObject(vbox)
         vbox.findMachine("dev").lockMachine(session, mgr.constants.LockType_Shared)
         try:
-            scene71.sim.inject("dev", Fault.HANG)
+            every_scene.sim.inject("dev", Fault.HANG)
             progress, _ = session.machine.takeSnapshot("someone else's", "", False)
             with pytest.raises(vbremote.InvalidVMState) as info:
-                scene71.snapshotter.take("dev")
+                every_scene.snapshotter.take("dev")
             assert info.value.state is vbremote.MachineState.LIVE_SNAPSHOTTING
             progress.cancel()
             progress.waitForCompletion(5000)
         finally:
             session.unlockMachine()
-        assert scene71.repo.archives() == []
-        assert scene71.host.vm("dev").snapshots() == ()
+        assert every_scene.repo.archives() == []
+        assert every_scene.host.vm("dev").snapshots() == ()
 
-    def test_snapshot_fails_for_lack_of_space(self, scene: Scene):
+    def test_snapshot_fails_for_lack_of_space(self, every_scene: Scene):
         """VirtualBox failing the take (no space for the differencing image): its typed error, nothing written."""
-        scene.sim.start("dev", workload=HOT)
-        scene.sim.inject("dev", Fault.NO_SPACE)
+        every_scene.sim.start("dev", workload=HOT)
+        every_scene.sim.inject("dev", Fault.NO_SPACE)
         with pytest.raises(vbremote.VirtualBoxOperationFailed, match="VERR_DISK_FULL") as info:
-            scene.snapshotter.take("dev")
+            every_scene.snapshotter.take("dev")
         assert info.value.snapshot_id is not None
-        assert scene.host.vm("dev").snapshots() == ()
-        assert scene.host.state("dev") is vbremote.MachineState.RUNNING
-        assert scene.borg_archives() == []
+        assert every_scene.host.vm("dev").snapshots() == ()
+        assert every_scene.host.state("dev") is vbremote.MachineState.RUNNING
+        assert every_scene.borg_archives() == []
 
     def test_missing_file_named_by_the_settings(self, scene71: Scene):
         """A saved state the settings name is gone: SnapshotError naming it, snapshot deleted, nothing written."""
@@ -327,10 +338,11 @@ class TestRefusals:
         assert [s.name for s in scene71.host.vm("dev").snapshots()] == ["user"]
         assert scene71.borg_archives() == []
 
-    def test_locked_vm(self, tmp_path: Path, repo: vbremote.Repository, borg_cli: BorgCLI,
+    @pytest.mark.parametrize("profile", VIRTUALBOX_PROFILES)
+    def test_locked_vm(self, profile: str, tmp_path: Path, repo: vbremote.Repository, borg_cli: BorgCLI,
                        transport: vbremote.LocalTransport):
         """A VM VirtualBox keeps locked (being unlocked after a power-off) raises VMLocked; nothing is written."""
-        scene = Scene(tmp_path, "7.1", repo, borg_cli, transport, unlock_delay=3.0)
+        scene = Scene(tmp_path, profile, repo, borg_cli, transport, unlock_delay=3.0)
         try:
             scene.sim.start("dev", workload=HOT)
             scene.sim.power_off("dev")
@@ -367,20 +379,20 @@ class TestTransientSnapshot:
         for port in (0, 1):
             assert scene.sim.disk_matches_guest("dev", port)
 
-    def test_repository_dies_mid_archive(self, scene: Scene):
+    def test_repository_dies_mid_archive(self, every_scene: Scene):
         """The repository's worker killed mid-archive: a RepositoryError, the snapshot deleted, nothing committed."""
-        scene.sim.start("dev", workload=HOT)
-        pid = scene.repo._worker._process.pid
+        every_scene.sim.start("dev", workload=HOT)
+        pid = every_scene.repo._worker._process.pid
 
         def kill(_: vbremote.Progress) -> None:
             os.kill(pid, signal.SIGKILL)
 
         with pytest.raises(vbremote.RepositoryError):
-            scene.snapshotter.take("dev", progress=on_first("archive", kill))
-        assert scene.host.vm("dev").snapshots() == ()
-        assert scene.host.state("dev") is vbremote.MachineState.RUNNING
-        assert scene.borg_archives() == []
-        scene.borg("check", str(scene.transport.path))
+            every_scene.snapshotter.take("dev", progress=on_first("archive", kill))
+        assert every_scene.host.vm("dev").snapshots() == ()
+        assert every_scene.host.state("dev") is vbremote.MachineState.RUNNING
+        assert every_scene.borg_archives() == []
+        every_scene.borg("check", str(every_scene.transport.path))
 
     def test_callback_cancels_mid_archive(self, scene71: Scene):
         """A progress callback raising mid-archive cancels: its error, the snapshot deleted, nothing committed."""
@@ -432,35 +444,35 @@ class TestTransientSnapshot:
         assert scene71.host.state("dev") is vbremote.MachineState.RUNNING
         assert scene71.borg_archives() == []
 
-    def test_merge_failure_leaves_archive_and_names_the_snapshot(self, scene: Scene):
+    def test_merge_failure_leaves_archive_and_names_the_snapshot(self, every_scene: Scene):
         """A failed delete raises TransientSnapshotLeft after the commit; the next run removes the snapshot."""
-        scene.sim.start("dev", workload=HOT)
-        scene.sim.inject("dev", Fault.MERGE_FAILURE)
+        every_scene.sim.start("dev", workload=HOT)
+        every_scene.sim.inject("dev", Fault.MERGE_FAILURE)
         with pytest.raises(vbremote.TransientSnapshotLeft) as info:
-            scene.snapshotter.take("dev")
+            every_scene.snapshotter.take("dev")
         error = info.value
         assert error.archive is not None
-        assert scene.borg_archives() == [error.archive.name]
-        (left,) = scene.transient_snapshots()
+        assert every_scene.borg_archives() == [error.archive.name]
+        (left,) = every_scene.transient_snapshots()
         assert error.snapshot == left.uuid
         assert error.snapshot_name == left.name
         assert left.uuid in str(error)
         assert "next snapshot run deletes it" in str(error)
-        result = scene.snapshotter.take("dev")
+        result = every_scene.snapshotter.take("dev")
         assert [s.uuid for s in result.leftovers] == [left.uuid]
-        assert scene.host.vm("dev").snapshots() == ()
+        assert every_scene.host.vm("dev").snapshots() == ()
         for port in (0, 1):
-            assert scene.sim.disk_matches_guest("dev", port)
+            assert every_scene.sim.disk_matches_guest("dev", port)
 
-    def test_vm_crash_after_take(self, scene71: Scene):
+    def test_vm_crash_after_take(self, every_scene: Scene):
         """The VM crashing right after the take: the instant is archived, the result says the VM is Aborted."""
-        scene71.sim.start("dev", workload=HOT)
-        scene71.sim.inject("dev", Fault.VM_CRASH_AFTER_TAKE)
-        result = scene71.snapshotter.take("dev")
+        every_scene.sim.start("dev", workload=HOT)
+        every_scene.sim.inject("dev", Fault.VM_CRASH_AFTER_TAKE)
+        result = every_scene.snapshotter.take("dev")
         assert result.mode is vbremote.SnapshotMode.ONLINE
         assert result.vm_state is vbremote.MachineState.ABORTED
-        assert scene71.host.vm("dev").snapshots() == ()
-        other, _, info, _ = scene71.restore_elsewhere(result.archive)
+        assert every_scene.host.vm("dev").snapshots() == ()
+        other, _, info, _ = every_scene.restore_elsewhere(result.archive)
         with other:
             assert info.state is vbremote.MachineState.SAVED
 
@@ -598,7 +610,7 @@ class TestStateFolder:
 
 
 class TestConsistency:
-    @pytest.mark.parametrize("profile", PROFILES)
+    @pytest.mark.parametrize("profile", VIRTUALBOX_PROFILES)
     def test_archived_disks_are_the_instant_while_the_guest_writes(self, profile: str, tmp_path: Path,
                                                                   repo: vbremote.Repository,
                                                                   borg_cli: BorgCLI,
@@ -676,6 +688,70 @@ class TestDisasterRecovery:
             host.power_off("dev")
             host.restore_snapshot("dev", first.uuid)
             assert host.state("dev") is vbremote.MachineState.POWERED_OFF
+
+
+class TestRemovableImages:
+    def test_images_are_referred_to_by_absolute_path_not_archived(self, scene71: Scene):
+        """DVD and floppy images are not collected; the archived settings name them by absolute path."""
+        folder = scene71.sim.machine("dev").folder
+        text = scene71.sim.machine("dev").settings_path.read_text()
+        dvd, tools, floppy = (str(uuid_module.uuid4()) for _ in range(3))
+        images = (f'<DVDImages><Image uuid="{{{dvd}}}" location="install.iso"/>'
+                  f'<Image uuid="{{{tools}}}" location="/srv/iso/tools.iso"/></DVDImages>'
+                  f'<FloppyImages><Image uuid="{{{floppy}}}" location="boot.img"/></FloppyImages>')
+        text = text.replace("</HardDisks>", "</HardDisks>" + images, 1)
+        attached = rf'\1><Image uuid="{{{dvd}}}"/></AttachedDevice>'
+        text, count = re.subn(r'(<AttachedDevice type="DVD"[^>]*?)\s*/>', attached, text, count=1)
+        assert count == 1
+        (folder / "install.iso").write_bytes(b"iso" * 1000)
+        settings = parse_settings(text.encode())
+        collected = collect(settings, folder, vm="dev")
+        assert {spec.role for spec in collected.files} == {vbremote.FileRole.DISK, vbremote.FileRole.NVRAM}
+        assert not any(spec.path.endswith((".iso", ".img")) for spec in collected.files)
+        relocated = relocate(text.encode(), old_folder=str(folder), external=collected.external)
+        anchored, named = anchor_images(relocated, folder)
+        assert named == (str(folder / "install.iso"), "/srv/iso/tools.iso", str(folder / "boot.img"))
+        for location in named:
+            assert f'location="{location}"'.encode() in anchored
+        # Hard disks stay relative to the folder; the restore's checks accept the file and skip the images.
+        after = parse_settings(anchored)
+        assert [m.location for m in after.media] == [m.location for m in parse_settings(relocated).media]
+        references = settings_references(after, archive="a")
+        assert not any(r.path.endswith((".iso", ".img")) for r in references)
+
+    def test_settings_without_images_unchanged(self, scene71: Scene):
+        """A settings file without DVD or floppy images comes back byte for byte."""
+        data = scene71.sim.machine("dev").settings_path.read_bytes()
+        assert anchor_images(data, scene71.sim.machine("dev").folder) == (data, ())
+
+
+class TestCheckpoints:
+    def test_checkpoints_during_a_take_leave_only_the_archive(self, scene71: Scene):
+        """A short checkpoint interval commits checkpoints during the take; afterwards borg lists only the archive."""
+        scene71.sim.start("dev", workload=HOT)
+        snapshotter = vbremote.Snapshotter(scene71.host, scene71.repo, state_dir=scene71.tmp_path / "state",
+                                           checkpoint_interval=0.05)
+        events: list[vbremote.Progress] = []
+        result = snapshotter.take("dev", progress=events.append)
+        checkpoints = [e for e in events if e.operation == "checkpoint"]
+        assert checkpoints, "no checkpoint was written"
+        sizes = {f.path: f.size for f in result.archive.files}
+        for event in checkpoints:
+            assert event.total == sizes[event.path]
+            assert 0 < event.done <= event.total
+        listed = json.loads(scene71.borg("list", "--bypass-lock", "--json", "--consider-checkpoints",
+                                         str(scene71.transport.path)))
+        assert [a["name"] for a in listed["archives"]] == [result.archive.name]
+        assert [a.name for a in scene71.repo.archives()] == [result.archive.name]
+
+    def test_bad_interval_refused(self, scene71: Scene):
+        """A checkpoint interval that is not a positive number of seconds (or None) is a ConfigurationError."""
+        for bad in (0, -1.0, float("inf"), True, "60"):
+            with pytest.raises(vbremote.ConfigurationError, match="checkpoint_interval"):
+                vbremote.Snapshotter(scene71.host, scene71.repo, checkpoint_interval=bad)  # type: ignore[arg-type]
+        assert vbremote.Snapshotter(scene71.host, scene71.repo, checkpoint_interval=None).checkpoint_interval is None
+        assert (vbremote.Snapshotter(scene71.host, scene71.repo).checkpoint_interval
+                == vbremote.DEFAULT_CHECKPOINT_INTERVAL)
 
 
 class TestProgressAndLogs:

@@ -106,7 +106,10 @@ def compare_blocks(transport: vbremote.Transport, archive: str, folder: Path) ->
 
 def nightly(repo: vbremote.Repository, names: list[str]) -> list[vbremote.SnapshotResult]:
     host = vbremote.VirtualBoxHost.connect()
-    snapshotter = vbremote.Snapshotter(host, repo, state_dir=Path("/var/lib/vbremote"), lock_wait=60.0)
+    snapshotter = vbremote.Snapshotter(host, repo, state_dir=Path("/var/lib/vbremote"), lock_wait=60.0,
+                                       checkpoint_interval=vbremote.DEFAULT_CHECKPOINT_INTERVAL / 2)
+    interval: float | None = snapshotter.checkpoint_interval
+    print(interval)
     done: list[vbremote.SnapshotResult] = []
     for name in names:
         try:

@@ -357,6 +357,7 @@ class Worker:
         _set_passphrase(passphrase, new=False)
         repository = self._connect(transport, create=False, lock_wait=lock_wait, exclusive=exclusive)
         self.manifest, self.key = Manifest.load(repository, Manifest.NO_OPERATION_CHECK)
+        _repair_cache_rollback(repository)
         assert_secure(repository, self.manifest, lock_wait)
         # borg asks this only when it first writes; refuse at open instead, and
         # remember the repository when the caller accepted it.
@@ -1056,6 +1057,44 @@ class _Checkpoints:
         for entry in self.entries:
             self.cache.chunk_incref(entry.id, stats, size=entry.size, part=True)
         stats.nfiles_parts += self.part - 1
+
+
+def _repair_cache_rollback(repository: Any) -> None:
+    """Put back the cache config of an interrupted cache rollback, atomically.
+
+    borg 1.4.5 rolls back a cache transaction that a crash left open by
+    copying the files saved in ``txn.active`` over the cache's own
+    (``LocalCache.rollback``, ``shutil.copy``: truncate, then write), and it
+    reads the cache config before it does (``LocalCache.open``,
+    ``CacheConfig.open``; ``assert_secure`` too). A process killed during
+    that copy leaves a truncated config that no later open gets past ("does
+    not look like a Borg cache"). When the config is unreadable and the
+    transaction's copy is there, the copy goes back through a rename; borg's
+    own rollback then restores the rest as usual.
+    """
+    import configparser
+
+    from borg.cache import cache_dir
+
+    folder = cache_dir(repository)
+    saved = os.path.join(folder, "txn.active", "config")
+    config = os.path.join(folder, "config")
+    if not os.path.isfile(saved):
+        return
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(config)
+        if parser.has_section("cache"):
+            return
+    except (configparser.Error, UnicodeDecodeError):
+        pass
+    logging.getLogger("vbremote.borg.worker").warning("restoring the cache config of an interrupted rollback")
+    temporary = config + ".rollback"
+    with open(saved, "rb") as source, open(temporary, "wb") as target:
+        target.write(source.read())
+        target.flush()
+        os.fsync(target.fileno())
+    os.replace(temporary, config)
 
 
 def _peak_rss() -> int:

@@ -11,7 +11,8 @@ A run, step by step (each step in a module of its own where it is more than a ca
 4. **Archive** (:mod:`._collect`): the settings file read right after the
    take, rewritten by ``freeze_instant`` to describe the instant and by
    ``relocate`` to refer only to paths in the VM folder, is stored with every
-   file it names: the frozen disks, saved states, NVRAM.
+   file it names: the frozen disks, saved states, NVRAM. DVD and floppy
+   images are referred to by their absolute paths, not stored.
 5. **Merge**: the transient snapshot is deleted, in a ``finally``; a failed
    delete after a committed archive raises :class:`TransientSnapshotLeft`.
 """
@@ -52,10 +53,10 @@ from .._models import (
     VMInfo,
     WriteResult,
 )
-from .._repository import Repository
+from .._repository import DEFAULT_CHECKPOINT_INTERVAL, Repository
 from .._settings import freeze_instant, parse_settings, relocate
 from .._vbox import VirtualBoxHost
-from ._collect import Collected, collect
+from ._collect import Collected, anchor_images, collect
 from ._lock import default_state_dir, vm_lock
 from ._results import SnapshotResult, SnapshotStats
 
@@ -126,9 +127,17 @@ class Snapshotter:
             ``~/.local/state/vbremote``).
         lock_wait: Seconds to wait when another run holds the VM's lock
             (default: do not wait).
+        checkpoint_interval: Seconds between the checkpoint archives written
+            while the files are stored (default
+            :data:`~vbremote.DEFAULT_CHECKPOINT_INTERVAL`), or ``None`` for
+            none; see :meth:`Repository.write_archive
+            <vbremote.Repository.write_archive>`. After a crash the next run
+            sends only what the last checkpoint did not hold; a run's archive
+            commit removes the checkpoints of the VM's earlier runs.
 
     Raises:
-        ConfigurationError: A bad name template or a negative ``lock_wait``.
+        ConfigurationError: A bad name template, a negative ``lock_wait`` or
+            a ``checkpoint_interval`` that is not a positive number of seconds.
     """
 
     host: VirtualBoxHost
@@ -136,10 +145,18 @@ class Snapshotter:
     name_template: str = field(default=DEFAULT_NAME_TEMPLATE, converter=_check_template, kw_only=True)
     state_dir: Path = field(default=None, converter=_state_dir, kw_only=True)
     lock_wait: float = field(default=0.0, kw_only=True)
+    checkpoint_interval: float | None = field(default=DEFAULT_CHECKPOINT_INTERVAL, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
         if self.lock_wait < 0:
             raise ConfigurationError("lock_wait must be >= 0 seconds")
+        interval = self.checkpoint_interval
+        if interval is not None and (
+            isinstance(interval, bool) or not isinstance(interval, int | float) or not 0 < interval < float("inf")
+        ):
+            raise ConfigurationError(
+                f"checkpoint_interval must be a positive number of seconds or None, not {interval!r}"
+            )
 
     def take(
         self,
@@ -166,8 +183,10 @@ class Snapshotter:
             progress: Called with :class:`Progress` events whose
                 ``operation`` is the phase: ``locking``, ``leftovers``
                 (``done``/``total`` in snapshots), ``snapshot``, ``archive``
-                (``path``, ``done``/``total`` in bytes of that file) and
-                ``merge`` (``done``/``total`` in percent). Raising from it
+                (``path``, ``done``/``total`` in bytes of that file),
+                ``checkpoint`` (a checkpoint archive committed while
+                ``path`` was stored, ``done`` bytes of it in) and ``merge``
+                (``done``/``total`` in percent). Raising from it
                 cancels the run: the transient snapshot is deleted and no
                 archive is committed (the repository stays usable).
 
@@ -301,6 +320,9 @@ class Snapshotter:
         frozen = freeze_instant(info.settings_file.read_bytes(), snapshot.uuid)
         collected = collect(parse_settings(frozen), folder, vm=info.name)
         settings = relocate(frozen, old_folder=str(folder), external=collected.external)
+        settings, images = anchor_images(settings, folder)
+        for image in images:
+            log.info("%s: DVD/floppy image %s is referred to, not archived", info.name, image)
         metadata = self._metadata(info, snapshot, mode, labels, collected)
         with tempfile.TemporaryDirectory(prefix="vbremote-snapshot-") as private:
             settings_copy = Path(private) / info.settings_file.name
@@ -325,7 +347,8 @@ class Snapshotter:
             name = base if number == 1 else f"{base}-{number}"
             try:
                 return self.repository.write_archive(name, files, metadata, timestamp=snapshot.taken,
-                                                     progress=progress)
+                                                     progress=progress,
+                                                     checkpoint_interval=self.checkpoint_interval)
             except ArchiveExists:
                 log.debug("archive name %s is taken", name)
         raise SnapshotError(f"{info.name}: archive names {base}, {base}-2 … {base}-999 are all taken",
@@ -474,7 +497,7 @@ class _Emitter:
 
 
 class _ArchiveProgress:
-    """Turns the repository's running byte count into per-file ``archive`` events."""
+    """Turns the repository's running byte count into per-file ``archive`` (and ``checkpoint``) events."""
 
     def __init__(self, emit: _Emitter, files: list[FileSpec], sizes: dict[str, int]) -> None:
         self._emit = emit
@@ -488,4 +511,5 @@ class _ArchiveProgress:
     def __call__(self, event: Progress) -> None:
         start = self._starts.get(event.path, 0)
         size = self._sizes.get(event.path, 0)
-        self._emit("archive", event.path, max(0, min(size, event.done - start)), size)
+        operation = "checkpoint" if event.operation == "checkpoint" else "archive"
+        self._emit(operation, event.path, max(0, min(size, event.done - start)), size)

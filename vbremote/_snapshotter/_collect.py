@@ -15,6 +15,15 @@ whole from the archive alone:
 Logs are never collected. Paths inside the VM folder keep their place;
 files outside it go under ``_external/`` and the returned mapping says where
 each came from (:func:`vbremote._settings.relocate` takes it as is).
+
+DVD and floppy images (``MediaRegistry/DVDImages`` and ``FloppyImages``,
+written by ``ConfigFileBase::buildMediaRegistry``, src/VBox/Main/xml/
+Settings.cpp, 7.1 tree) are not collected: VirtualBox only reads them, they
+are often large and shared between VMs, and a snapshot would read them again
+on every run. The archive refers to them where they are:
+:func:`anchor_images` gives each its absolute path on this host, so that a
+VM brought back into another folder still finds them (VirtualBox writes the
+path of an image in the VM folder relative to it).
 """
 
 from __future__ import annotations
@@ -28,9 +37,9 @@ from attrs import frozen
 
 from .._errors import SnapshotError
 from .._models import EXTERNAL_FOLDER, STATE_COMPRESSION, FileRole, FileSpec
-from .._settings import MachineSettings, Medium
+from .._settings import _N, MachineSettings, Medium, _dump, _load, _machine
 
-__all__ = ["Collected", "MediumRecord", "collect"]
+__all__ = ["Collected", "MediumRecord", "anchor_images", "collect"]
 
 log = logging.getLogger("vbremote.snapshot")
 
@@ -151,3 +160,35 @@ def _external_path(source: Path, taken: set[str]) -> str:
         path = f"{EXTERNAL_FOLDER}/{number}/{source.name}"
         number += 1
     return path
+
+
+def anchor_images(data: bytes, folder: Path) -> tuple[bytes, tuple[str, ...]]:
+    """Give every DVD and floppy image of a settings file's media registry its absolute path.
+
+    Args:
+        data: The settings file (frozen and relocated).
+        folder: The VM folder (absolute) that relative image paths are relative to.
+
+    Returns:
+        The rewritten settings file and the images' absolute paths, in registry order.
+
+    Raises:
+        SettingsFileError: Not a readable settings file.
+    """
+    prolog, root = _load(data)
+    images: list[str] = []
+    registry = _machine(root).find(_N + "MediaRegistry")
+    if registry is None:
+        return data, ()
+    for kind in ("DVDImages", "FloppyImages"):
+        holder = registry.find(_N + kind)
+        for image in holder.iter(_N + "Image") if holder is not None else ():
+            location = image.get("location", "")
+            if not location:
+                continue
+            absolute = posixpath.normpath(posixpath.join(str(folder), location))
+            image.set("location", absolute)
+            images.append(absolute)
+    if not images:
+        return data, ()
+    return _dump(prolog, root), tuple(images)
