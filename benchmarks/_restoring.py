@@ -2,7 +2,8 @@
 
 :func:`source_of` builds the :class:`RestoreSource` of a vbremote archive from
 its metadata and chunk lists (what the Restorer does for a vbremote archive),
-and :func:`restore` plans and applies it into a folder. Run as a program, this
+and :func:`restore` plans and applies it into a folder (as the Restorer
+does: the chunks the plan will fetch start coming while it still hashes). Run as a program, this
 module restores in a child process that reports how many bytes it fetched, so
 a parent can kill it at a chosen point:
 
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 import vbremote
-from vbremote._restorer import apply_plan, make_plan
+from vbremote._restorer import Prefetch, apply_plan, make_plan
 from vbremote._restorer._source import RestoreSource, SourceFile
 
 
@@ -46,8 +47,9 @@ def restore(
 ) -> vbremote.ApplyStats:
     """Plan and apply ``archive`` into ``target`` (resuming an interrupted restore of it)."""
     source = source_of(repository, archive)
-    plan = make_plan(repository, source, target)
-    return apply_plan(repository, plan, progress=progress)  # type: ignore[arg-type]
+    with Prefetch(repository) as prefetch:
+        plan = make_plan(repository, source, target, fetch_known=prefetch)
+        return apply_plan(repository, plan, progress=progress, prefetch=prefetch)  # type: ignore[arg-type]
 
 
 def transport_to_json(transport: vbremote.Transport) -> str:

@@ -157,6 +157,22 @@ class TestIdHash:
         with pytest.raises(ValueError, match="differs"):
             IdHasher.from_worker("sha256", b"", bytes(32))
 
+    @given(
+        algorithm=st.sampled_from([("hmac-sha256", bytes(range(32))), ("blake2b-256", bytes(range(128))),
+                                   ("sha256", b"")]),
+        sizes=st.lists(st.integers(1, 12_000), min_size=1, max_size=8),
+    )
+    def test_zero_ids_in_any_order(self, algorithm, sizes):
+        """The zero id of each size, asked for in any order, is the id of that many zero bytes."""
+        hasher = IdHasher(algorithm[0], key=algorithm[1])
+        assert [hasher.zero_id(n) for n in sizes] == [hasher(bytes(n)) for n in sizes]
+
+    def test_zero_ids_across_pieces(self):
+        """Zero ids of sizes around the 8 MiB hashing piece, largest first, then in between, are right."""
+        hasher = IdHasher("hmac-sha256", key=bytes(range(32)))
+        sizes = [17 * MIB + 5, 3, 8 * MIB, 8 * MIB + 1, 9 * MIB, 8 * MIB + 1]
+        assert [hasher.zero_id(n) for n in sizes] == [hasher(bytes(n)) for n in sizes]
+
     def test_zero_chunk_id_rejects_bad_sizes(self, repo):
         """A size below 1 is a ConfigurationError."""
         with pytest.raises(vbremote.ConfigurationError):
@@ -272,6 +288,28 @@ class TestHashRanges:
         ]
         assert meter.held == 0
         assert meter.peak <= max(read_ahead, max((n for _, n in ranges), default=0))
+
+
+    def test_a_failing_progress_stops_the_hashing(self, tmp_path):
+        """An exception from the progress callback comes out of hash_ranges, with nothing left held."""
+        f = tmp_path / "f"
+        f.write_bytes(os.urandom(4 * MIB))
+        meter = ReadAheadMeter()
+        calls = []
+
+        def progress(done: int) -> None:
+            calls.append(done)
+            raise KeyboardInterrupt
+
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                hash_ranges(self.HASHER, fd, [(i * 4096, 4096) for i in range(1024)], read_ahead=MIB, meter=meter,
+                            progress=progress)
+        finally:
+            os.close(fd)
+        assert len(calls) == 1
+        assert meter.held == 0
 
 
 class TestReadAhead:

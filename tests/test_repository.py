@@ -6,6 +6,7 @@ import json
 import os
 import threading
 import time
+import zlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -663,6 +664,38 @@ def corrupt_one_chunk(transport: vbremote.LocalTransport) -> None:
     segment.write_bytes(bytes(data))
 
 
+def swap_two_chunks(transport: vbremote.LocalTransport, ids: list[bytes]) -> tuple[bytes, bytes]:
+    """Swap the stored (encrypted) data of the first two of ``ids`` that have equal stored sizes in one segment.
+
+    Both entries keep valid segment checksums, still authenticate (a MAC covers only
+    the ciphertext) and decrypt: only the id check of the plaintext can tell that
+    each now holds the other's data. Returns the two ids.
+    """
+    entries: dict[bytes, tuple[Path, int, int]] = {}
+    for segment in Path(transport.path, "data").rglob("[0-9]*"):
+        if not segment.is_file():
+            continue
+        data = segment.read_bytes()
+        offset = 8  # the segment magic
+        while offset < len(data):
+            size, tag = int.from_bytes(data[offset + 4:offset + 8], "little"), data[offset + 8]
+            if tag == 0:  # a PUT: crc, size, tag, key, data
+                entries[data[offset + 9:offset + 41]] = (segment, offset, size)
+            offset += size
+    a, b = next(
+        (a, b) for i, a in enumerate(ids) for b in ids[i + 1:]
+        if a != b and entries[a][0] == entries[b][0] and entries[a][2] == entries[b][2]
+    )
+    (path, at_a, size), (_, at_b, _) = entries[a], entries[b]
+    data = bytearray(path.read_bytes())
+    body_a, body_b = bytes(data[at_a + 41:at_a + size]), bytes(data[at_b + 41:at_b + size])
+    for at, body in ((at_a, body_b), (at_b, body_a)):
+        data[at + 41:at + size] = body
+        data[at:at + 4] = zlib.crc32(body, zlib.crc32(bytes(data[at + 4:at + 41]))).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    return a, b
+
+
 def count_requests(repo: vbremote.Repository, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record the op of every request the repository sends its worker from now on."""
     ops: list[str] = []
@@ -783,6 +816,24 @@ class TestFetch:
             with pytest.raises(vbremote.IntegrityError) as caught, again.fetch([r.id for r in refs]) as chunks:
                 list(chunks)
             assert caught.value.chunk_id == bad[0].id.hex()
+
+    def test_swapped_chunks_fail_the_id_check(self, repo, transport, tmp_path):
+        """Two stored chunks with their data swapped authenticate and decrypt, and still fail: their ids differ."""
+        content = os.urandom(4 * MIB)
+        spec = write_disk(tmp_path, content)
+        repo.write_archive("a", [spec], metadata())
+        refs = repo.chunk_list("a", spec.path).chunks
+        repo.close()
+        assert swap_two_chunks(transport, [r.id for r in refs[1:]]) == (refs[1].id, refs[2].id)
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=repo_base(repo)) as again:
+            with again.fetch([r.id for r in refs], errors="report") as chunks:
+                got = {c.id: c for c in chunks}
+            assert [got[r.id].error is not None for r in refs] == [False, True, True, False]
+            assert "id verification failed" in str(got[refs[1].id].error)
+            assert got[refs[3].id].data == content[3 * MIB:]
+            with pytest.raises(vbremote.IntegrityError) as caught, again.fetch([r.id for r in refs]) as chunks:
+                list(chunks)
+            assert caught.value.chunk_id == refs[1].id.hex()
 
     def test_memory_stays_bounded(self, repo, tmp_path):
         """A slow reader of a long fetch keeps the worker's memory flat: it waits on the pipe, not reading ahead."""

@@ -19,9 +19,10 @@ import pytest
 from helpers import PASSPHRASE, metadata, tmpfs
 from hypothesis import given
 from hypothesis import strategies as st
-from test_repository import corrupt_one_chunk
+from test_repository import corrupt_one_chunk, swap_two_chunks
 
 import vbremote
+from vbremote._models import ChunkRef
 from vbremote._restorer import JOURNAL_NAME, RestoreSource, SourceFile, apply_plan, make_plan
 from vbremote._restorer import _apply as apply_module
 from vbremote._restorer._journal import coalesce, intervals_cover, subtract
@@ -287,6 +288,58 @@ class TestApply:
         assert files_of(target, NAMES) == files_of(vdi_folder, NAMES)
 
 
+class TestPipelined:
+    @pytest.fixture
+    def changed(self, vdi_folder: Path, tmp_path: Path) -> tuple[Path, Path]:
+        """The target folder after 4 guest blocks changed and the state file went; a seed of most of that file."""
+        # 12 MB of state: chunks of at most 8 MiB, so at least one lies wholly in the seed's first 11 MB.
+        (vdi_folder / "state.sav").write_bytes(random.Random(9).randbytes(12_000_000))
+        target = tmp_path / "t"
+        shutil.copytree(vdi_folder, target)
+        (target / "state.sav").unlink()
+        change_guest(target / "disk.vdi", 4 / 48, seed=8)
+        seed = tmp_path / "seed"
+        seed.write_bytes((vdi_folder / "state.sav").read_bytes()[:11_000_000])
+        return target, seed
+
+    def test_known_fetches_are_the_plans_fetches(self, repo, vdi_folder, changed):
+        """fetch_known is told, once, exactly the plan's fetches of the sizes hashed first; the plan is the same."""
+        target, seed = changed
+        source = restore_source(repo, archive_folder(repo, vdi_folder, "a"))
+        told: list[list[ChunkRef]] = []
+        plan = make_plan(repo, source, target, seeds=[seed], fetch_known=told.append)
+        assert plan == make_plan(repo, source, target, seeds=[seed])
+        assert len(told) == 1
+        fetches = {a.chunk for f in plan.files for a in f.actions if a.kind == "fetch"}
+        copies = {a.chunk for f in plan.files for a in f.actions if a.kind == "copy"}
+        assert any(c.size != MIB for c in copies)  # the seed's part of the state file is copied, not fetched
+        assert set(told[0]) == {c for c in fetches if c.size != MIB}
+        assert any(c.size == MIB for c in fetches)  # the changed disk blocks: known only at the end
+
+    def test_prefetched_restore_fetches_each_chunk_once(self, repo, vdi_folder, changed, monkeypatch):
+        """A restore whose fetch starts during the plan fetches what the plan says, once, and ends identical."""
+        target, seed = changed
+        source = restore_source(repo, archive_folder(repo, vdi_folder, "a"))
+        counter = CountingFetch(monkeypatch)
+        with apply_module.Prefetch(repo, limit=MIB) as prefetch:
+            plan = make_plan(repo, source, target, seeds=[seed], fetch_known=prefetch)
+            assert prefetch.ids
+            stats = apply_plan(repo, plan, prefetch=prefetch)
+        assert counter.bytes == stats.bytes_fetched == plan.bytes_to_fetch
+        assert sorted(counter.ids) == sorted({a.chunk.id for f in plan.files for a in f.actions if a.kind == "fetch"})
+        assert files_of(target, NAMES) == files_of(vdi_folder, NAMES)
+
+    def test_an_unused_prefetch_stops_cleanly(self, repo, vdi_folder, tmp_path):
+        """A prefetch left without an apply (a refused plan) stops its fetch; the repository is usable after."""
+        source = restore_source(repo, archive_folder(repo, vdi_folder, "a"))
+        with apply_module.Prefetch(repo, limit=1) as prefetch:
+            make_plan(repo, source, tmp_path / "t", fetch_known=prefetch)
+            assert prefetch.ids
+            time.sleep(0.5)  # by now the fetch holds a chunk and waits for room
+        assert [a.name for a in repo.archives()] == ["a"]
+        assert not (tmp_path / "t").exists()
+
+
 def _interrupt_after(limit: int):  # type: ignore[no-untyped-def]
     def progress(event: vbremote.Progress) -> None:
         if event.done >= limit:
@@ -310,9 +363,10 @@ CHILD = textwrap.dedent('''
         contents = repo.chunk_lists(info)
         files = [SourceFile(f.path, f.path, f.role, f.size, contents.file(f.path).chunks) for f in info.files]
         source = RestoreSource(info.name, info.id, info.vm_uuid, info.vm_name, info.mode, "restored.vbox", b"", files)
-        plan = make_plan(repo, source, target)
-        print("ready", flush=True)
-        stats = apply_plan(repo, plan)
+        with _apply.Prefetch(repo) as prefetch:  # as the Restorer does: fetching starts while the plan hashes
+            plan = make_plan(repo, source, target, fetch_known=prefetch)
+            print("ready", flush=True)
+            stats = apply_plan(repo, plan, prefetch=prefetch)
         print(json.dumps({"fetched": stats.bytes_fetched, "resumed": stats.resumed, "seconds": stats.seconds}))
 ''')
 
@@ -434,24 +488,37 @@ class TestJournalCadence:
 
 
 class TestVerify:
-    def test_corrupt_chunk_names_file_and_offset(self, repo, transport, vdi_folder, base_dir, tmp_path):
-        """A damaged chunk in the repository: IntegrityError with file and offset; nothing wrong recorded as done."""
+    @pytest.mark.parametrize("pipelined", [False, True], ids=["plain", "pipelined"])
+    @pytest.mark.parametrize("damage", ["flipped", "swapped"])
+    def test_corrupt_chunk_names_file_and_offset(
+        self, repo, transport, vdi_folder, base_dir, tmp_path, damage, pipelined
+    ):
+        """A flipped byte or two chunks' data swapped: IntegrityError with file and offset; nothing wrong done."""
         info = archive_folder(repo, vdi_folder, "a")
+        ids = [c.id for f in repo.chunk_lists(info).files().values() for c in f.chunks]
         repo.close()
-        corrupt_one_chunk(transport)
+        if damage == "flipped":
+            corrupt_one_chunk(transport)
+        else:
+            swap_two_chunks(transport, list(dict.fromkeys(ids)))
         target = tmp_path / "t"
         expected = files_of(vdi_folder, NAMES)
         with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir) as again:
             source = restore_source(again, info)
-            with pytest.raises(vbremote.IntegrityError) as caught:
-                apply_plan(again, make_plan(again, source, target))
+            with apply_module.Prefetch(again) as prefetch:
+                plan = make_plan(again, source, target, fetch_known=prefetch if pipelined else None)
+                with pytest.raises(vbremote.IntegrityError) as caught:
+                    apply_plan(again, plan, prefetch=prefetch if pipelined else None)
         error = caught.value
         assert error.path in NAMES
         assert str(error.offset) in str(error)
+        if damage == "swapped":
+            assert "id verification failed" in str(error)  # caught as it was fetched, not only when read back
         file = next(f for f in source.files if f.target_path == error.path)
         chunk = next(c for c in file.chunks if c.offset == error.offset)
         assert chunk.id.hex() == error.chunk_id
-        assert journal_is_true(target, expected) > 0
+        recorded = journal_is_true(target, expected)
+        assert recorded > 0 or pipelined  # (the prefetched chunks are written first: the bad one may be the first)
         state = vbremote.RestoreState.load(target)
         assert state is not None
         done = state.file(error.path)

@@ -66,6 +66,27 @@ _ERRORS: Mapping[str, type[_errors.RepositoryError]] = {
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
+# The worker's program. It needs a handful of vbremote's modules, not the package's
+# ``__init__`` (every service, a tenth of a second to import at each open): the package
+# is made with its ``__init__`` not yet run; a submodule asked for is imported as usual,
+# and any other name asked of the package (by a transport's own module, say) runs the
+# ``__init__`` first, so everything still works as if it had been imported.
+_WORKER_PROGRAM = """\
+import importlib, importlib.util, sys
+spec = importlib.util.find_spec("vbremote")
+package = importlib.util.module_from_spec(spec)
+sys.modules["vbremote"] = package
+def attribute(name):
+    if importlib.util.find_spec("vbremote." + name) is not None:
+        return importlib.import_module("vbremote." + name)
+    del package.__getattr__
+    spec.loader.exec_module(package)
+    return getattr(package, name)
+package.__getattr__ = attribute
+from vbremote._borg._worker import main
+main()
+"""
+
 
 def _widen_pipe(fd: int) -> None:
     """Let the reply pipe hold a whole 1 MiB chunk (Linux; 64 KiB by default).
@@ -82,11 +103,11 @@ def _widen_pipe(fd: int) -> None:
 
 _SERVE_COMMAND_VAR = "VBREMOTE_SERVE_COMMAND"
 
-# The worker's program when a serve command is known: start it (as borg's RemoteRepository would:
-# pipes, SIGINT ignored, private umask) before importing vbremote and borg, keep the process for
-# the worker's connect, then run the worker module as ``-m`` does. Connecting (ssh, the server's
-# login and borg serve's start) then overlaps with the worker's own start.
-_EARLY_START = """
+# Put before the worker's program when a serve command is known: start it (as borg's
+# RemoteRepository would: pipes, SIGINT ignored, private umask) before importing vbremote and
+# borg, and keep the process for the worker's connect. Connecting (ssh, the server's login and
+# borg serve's start) then overlaps with the worker's own start.
+_EARLY_START = """\
 import json, os, signal, subprocess, sys, types
 command = json.loads(os.environ.pop("VBREMOTE_SERVE_COMMAND"))
 os.umask(0o077)
@@ -100,8 +121,6 @@ try:
     sys.modules[early.__name__] = early
 except OSError:
     pass  # the worker starts it again and reports the failure as usual
-import runpy
-runpy.run_module("vbremote._borg._worker", run_name="__main__", alter_sys=True)
 """
 
 
@@ -146,8 +165,7 @@ class BorgWorker:
         _widen_pipe(reply_write)
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-c", _EARLY_START] if serve_command is not None
-                else [sys.executable, "-m", "vbremote._borg._worker"],
+                [sys.executable, "-c", (_EARLY_START if serve_command is not None else "") + _WORKER_PROGRAM],
                 stdin=request_read,
                 stdout=reply_write,
                 stderr=subprocess.PIPE,

@@ -25,10 +25,12 @@ hashlib and hmac release the GIL while they hash a large buffer, and
 
 from __future__ import annotations
 
-import concurrent.futures
+import bisect
 import hashlib
 import hmac
+import itertools
 import os
+import queue
 import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -68,6 +70,8 @@ class _Hash(Protocol):
 
     def digest(self) -> bytes: ...
 
+    def copy(self) -> _Hash: ...
+
 
 @frozen
 class IdHasher:
@@ -80,6 +84,9 @@ class IdHasher:
     algorithm: str
     _key: bytes = field(repr=False, alias="key")
     _zero_ids: dict[int, bytes] = field(factory=dict, init=False, eq=False, repr=False)
+    _zero_states: dict[int, _Hash] = field(factory=dict, init=False, eq=False, repr=False)
+    _zero_sizes: list[int] = field(factory=list, init=False, eq=False, repr=False)
+    _zero_lock: threading.Lock = field(factory=threading.Lock, init=False, eq=False, repr=False)
 
     @classmethod
     def from_worker(cls, algorithm: str, key: bytes, probe_id: bytes) -> IdHasher:
@@ -118,17 +125,34 @@ class IdHasher:
         return hashlib.sha256()
 
     def zero_id(self, size: int) -> bytes:
-        """The id of ``size`` zero bytes."""
+        """The id of ``size`` zero bytes.
+
+        Each size is hashed once, then remembered. The hash state after each
+        size is kept too, so a larger size goes on from the largest smaller one
+        already done: the zero ids of all the sizes of an archive (a
+        content-defined chunker makes nearly every chunk's size distinct) cost
+        about one pass over the largest, when asked for in ascending order.
+        """
         known = self._zero_ids.get(size)
         if known is not None:
             return known
-        h = self.new()
-        left = size
-        while left:
-            piece = min(left, _PIECE)
-            h.update(_ZERO[:piece])
-            left -= piece
-        digest = self._zero_ids[size] = h.digest()
+        with self._zero_lock:
+            known = self._zero_ids.get(size)
+            if known is not None:
+                return known
+            at = bisect.bisect_right(self._zero_sizes, size) - 1
+            if at >= 0:
+                done = self._zero_sizes[at]
+                h = self._zero_states[done].copy()
+            else:
+                done, h = 0, self.new()
+            while done < size:
+                piece = min(size - done, _PIECE)
+                h.update(_ZERO[:piece])
+                done += piece
+            bisect.insort(self._zero_sizes, size)
+            self._zero_states[size] = h.copy()
+            digest = self._zero_ids[size] = h.digest()
         return digest
 
 
@@ -170,6 +194,10 @@ def hash_ranges(
     reaches past the end of the file (or that the file no longer has when it
     is read) has no id: ``None``. All-zero data is recognised and not hashed.
 
+    Each thread reads into a buffer of its own and hashes it there, taking the
+    next range from a shared cursor: no allocation per range, and nothing to
+    coordinate but a byte budget.
+
     Args:
         hasher: The key's id function.
         fd: A file descriptor open for reading.
@@ -183,68 +211,122 @@ def hash_ranges(
     """
     file_size = os.fstat(fd).st_size
     results: list[bytes | None] = [None] * len(ranges)
+    todo = [i for i, (offset, size) in enumerate(ranges) if offset + size <= file_size]
+    if not todo:
+        return results
+    budget = _Budget(read_ahead, meter)
+    cursor = itertools.count()
+    stop = threading.Event()
+    finished: queue.SimpleQueue[int | BaseException | None] = queue.SimpleQueue()
+    buffer_size = min(_PIECE, max(ranges[i][1] for i in todo))
 
-    def job(offset: int, size: int) -> bytes | None:
+    def read(view: memoryview, offset: int) -> bool:
+        """Fill ``view`` from ``offset``; False if the file ends first."""
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                return False
+            done += n
+        return True
+
+    def one(view: memoryview, offset: int, size: int) -> bytes | None:
         if size <= _PIECE:
-            data = os.pread(fd, size, offset)
-            if len(data) != size:
-                return None
-            return hasher.zero_id(size) if _ZERO.startswith(data) else hasher(data)
+            data = view[:size]
+            budget.take(size)
+            try:
+                if not read(data, offset):
+                    return None
+                return hasher.zero_id(size) if _ZERO.startswith(data) else hasher(data)
+            finally:
+                budget.give(size)
         h = hasher.new()
         zero = True
         done = 0
         while done < size:
             piece = min(_PIECE, size - done)
-            data = os.pread(fd, piece, offset + done)
-            if len(data) != piece:
-                return None
-            zero = zero and _ZERO.startswith(data)
-            h.update(data)
+            data = view[:piece]
+            budget.take(piece)
+            try:
+                if not read(data, offset + done):
+                    return None
+                zero = zero and _ZERO.startswith(data)
+                h.update(data)  # type: ignore[arg-type]
+            finally:
+                budget.give(piece)
             done += piece
         return hasher.zero_id(size) if zero else h.digest()
 
-    workers = max(2, os.cpu_count() or 2)
-    pending: dict[concurrent.futures.Future[bytes | None], tuple[int, int]] = {}
-    held = 0
-    hashed = 0
-
-    def settle(block: bool) -> None:
-        nonlocal held, hashed
-        done, _ = concurrent.futures.wait(
-            pending, return_when=concurrent.futures.FIRST_COMPLETED if block else concurrent.futures.ALL_COMPLETED,
-            timeout=None if block else 0,
-        )
-        for future in done:
-            index, cost = pending.pop(future)
-            results[index] = future.result()
-            held -= cost
-            meter.give(cost)
-            hashed += ranges[index][1]
-        if done and progress is not None:
-            progress(hashed)
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vbremote-hash") as pool:
+    def run() -> None:
+        view = memoryview(bytearray(buffer_size))
         try:
-            for index, (offset, size) in enumerate(ranges):
-                if offset + size > file_size:
-                    continue  # missing: nothing to read
-                cost = min(size, _PIECE)
-                while pending and held + cost > read_ahead:
-                    settle(block=True)
-                held += cost
-                meter.take(cost)
-                pending[pool.submit(job, offset, size)] = (index, cost)
-                settle(block=False)
-            while pending:
-                settle(block=True)
+            while not stop.is_set():
+                k = next(cursor)
+                if k >= len(todo):
+                    break
+                index = todo[k]
+                offset, size = ranges[index]
+                results[index] = one(view, offset, size)
+                finished.put(size)
+        except BaseException as exc:  # handed to the calling thread
+            stop.set()
+            finished.put(exc)
         finally:
-            for future in pending:
-                future.cancel()
-            for future, (_, cost) in list(pending.items()):
-                if not future.cancelled():
-                    future.exception()  # wait: the fd must outlive every read
-                meter.give(cost)
+            finished.put(None)
+
+    workers = min(max(2, os.cpu_count() or 2), len(todo))
+    threads = [threading.Thread(target=run, name="vbremote-hash", daemon=True) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    hashed = 0
+    running = workers
+    try:
+        while running:
+            item = finished.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                hashed += item
+                if progress is not None:
+                    progress(hashed)
+    finally:
+        stop.set()
+        budget.close()
+        for thread in threads:
+            thread.join()  # the fd must outlive every read
     return results
+
+
+class _Budget:
+    """Bytes read and not yet hashed, kept at or under a limit (one piece may always go)."""
+
+    def __init__(self, limit: int, meter: ReadAheadMeter) -> None:
+        self.limit = limit
+        self.meter = meter
+        self.held = 0
+        self.closed = False
+        self.changed = threading.Condition()
+
+    def take(self, size: int) -> None:
+        with self.changed:
+            while self.held and self.held + size > self.limit and not self.closed:
+                self.changed.wait()
+            self.held += size
+        self.meter.take(size)
+
+    def give(self, size: int) -> None:
+        self.meter.give(size)
+        with self.changed:
+            self.held -= size
+            self.changed.notify()
+
+    def close(self) -> None:
+        """Let every waiting thread go on (to find the stop flag)."""
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
 
 
 def fixed_ranges(size: int, block_size: int, header_size: int = 0) -> list[tuple[int, int]]:

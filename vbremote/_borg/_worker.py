@@ -40,6 +40,13 @@ from ._idhash import DEFAULT_READ_AHEAD, PROBE, ReadAheadMeter
 
 ZERO = bytes(4 << 20)
 
+# A fetch decrypts ahead of what it has sent by at most this many payload bytes and chunks.
+_FETCH_AHEAD_BYTES = 16 << 20
+_FETCH_AHEAD_CHUNKS = 8
+# The kernel is asked to read the segment entries of a local fetch this far ahead (see _SegmentReadAhead).
+_READ_AHEAD_BYTES = 64 << 20
+_READ_AHEAD_CHUNKS = 64
+
 # vbremote's default disk block size, kept in the manifest's config (borg keeps
 # unknown keys there when it rewrites the manifest). Keys there are bytes.
 _BLOCK_SIZE_KEY = b"vbremote_block_size"
@@ -138,6 +145,8 @@ class Worker:
         # One thread: borg's compressors write into one module-wide buffer,
         # and the cipher takes its nonces in order.
         self.encrypt_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        # borg's decompressors write into one module-wide buffer: one decompression at a time.
+        self.decompress_lock = threading.Lock()
         # Bytes of file data read ahead of their use, at most (see _blocks).
         self.read_ahead = DEFAULT_READ_AHEAD
         self.read_ahead_meter = ReadAheadMeter()
@@ -607,29 +616,60 @@ class Worker:
 
         A chunk that is missing or fails verification raises (``errors="raise"``)
         or is streamed as (id, None, message) and the rest follow (``"report"``).
+
+        borg's ``key.decrypt`` does three things in turn: authenticate and
+        decrypt (one cipher context, which holds the GIL), decompress, and check
+        the plaintext's id. Here this thread authenticates and decrypts; the
+        pool decompresses (one at a time: borg's decompressors share one
+        buffer, but release the GIL while they work) and checks each id (the
+        hash releases the GIL, so several run at once); a sender thread sends
+        the results in order. Every chunk still passes all three steps before
+        it is sent.
         """
+        sender = _FetchSender(self, errors)
+        ahead = _SegmentReadAhead.start(self.repository, ids)
         position = 0
-        while position < len(ids):
-            # borg's get_many ends at the first missing or damaged object; ask again after it.
-            replies = self.repository.get_many(ids[position:])
-            try:
-                for chunk_id in ids[position:]:
-                    position += 1
-                    try:
-                        # decrypt() authenticates the ciphertext and checks the id of the plaintext.
-                        data = bytes(self.key.decrypt(chunk_id, next(replies)))
-                    except Exception as exc:
-                        message = self._chunk_error(chunk_id, exc)
-                        if errors == "raise":
-                            raise _Refused("integrity", message, chunk_id=chunk_id.hex()) from exc
-                        self.item((chunk_id, None, message))
-                        if not _generator_alive(replies):
+        stop = False
+        try:
+            while position < len(ids) and not stop and not sender.stopped:
+                # borg's get_many ends at the first missing or damaged object; ask again after it.
+                replies = self.repository.get_many(ids[position:])
+                try:
+                    for chunk_id in ids[position:]:
+                        position += 1
+                        try:
+                            cdata = next(replies)
+                            # Authenticated (MAC) and decrypted; still compressed.
+                            payload = self.key.decrypt(chunk_id, cdata, decompress=False)
+                        except Exception as exc:
+                            message = self._chunk_error(chunk_id, exc)  # re-raises what is not about this chunk
+                            sender.put_error(chunk_id, message, exc)
+                            if errors == "raise" or not _generator_alive(replies):
+                                stop = errors == "raise"
+                                break
+                            continue
+                        sender.put(chunk_id, self.pool.submit(self._decode, chunk_id, payload), len(payload))
+                        if ahead is not None:
+                            ahead.reached(position)
+                        if sender.stopped:
                             break
-                        continue
-                    self.item((chunk_id, data, None))
-            finally:
-                replies.close()
-                self._forget_pipeline()
+                finally:
+                    replies.close()
+                    self._forget_pipeline()
+        except BaseException:
+            sender.finish(abort=True)
+            raise
+        finally:
+            if ahead is not None:
+                ahead.stop()
+        sender.finish()
+
+    def _decode(self, chunk_id: bytes, payload: Any) -> bytes:
+        """Decompress a decrypted payload and check its id (what borg's key.decrypt does after decrypting)."""
+        with self.decompress_lock:
+            data = bytes(self.key.decompress(payload))
+        self.key.assert_id(chunk_id, data)
+        return data
 
     @staticmethod
     def _chunk_error(chunk_id: bytes, exc: Exception) -> str:
@@ -1057,6 +1097,189 @@ class _Checkpoints:
         for entry in self.entries:
             self.cache.chunk_incref(entry.id, stats, size=entry.size, part=True)
         stats.nfiles_parts += self.part - 1
+
+
+class _FetchSender:
+    """The sending end of a fetch: results in order, from a thread of its own.
+
+    The fetching thread hands over each chunk as a future of its plaintext (or
+    the error that stopped it); this thread waits for each in turn and sends
+    it, so decrypting the next chunks goes on while one is sent. At most
+    :data:`_FETCH_AHEAD_BYTES` of payload (and :data:`_FETCH_AHEAD_CHUNKS`
+    chunks) wait here. The first failure (a bad chunk with ``errors="raise"``,
+    a cancel, a broken pipe) stops the fetch; :meth:`finish` raises it.
+    """
+
+    def __init__(self, worker: Worker, errors: str) -> None:
+        self.worker = worker
+        self.errors = errors
+        self.queue: queue.Queue[
+            tuple[bytes, concurrent.futures.Future[bytes] | None, tuple[str, Exception] | None, int] | None
+        ] = queue.Queue(
+            maxsize=_FETCH_AHEAD_CHUNKS
+        )
+        self.budget = _FetchBudget(_FETCH_AHEAD_BYTES)
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self.run, name="vbremote-fetch-send", daemon=True)
+        self.thread.start()
+
+    @property
+    def stopped(self) -> bool:
+        return self.failure is not None
+
+    def put(self, chunk_id: bytes, future: concurrent.futures.Future[bytes], size: int) -> None:
+        """Queue the next chunk as the future of its checked plaintext (``size``: its payload's bytes)."""
+        self.budget.take(size)
+        self.queue.put((chunk_id, future, None, size))
+
+    def put_error(self, chunk_id: bytes, message: str, error: Exception) -> None:
+        """Queue the next chunk as the error that stopped it."""
+        self.queue.put((chunk_id, None, (message, error), 0))
+
+    def run(self) -> None:
+        while (entry := self.queue.get()) is not None:
+            chunk_id, future, error, size = entry
+            try:
+                if self.failure is None:
+                    self.send(chunk_id, future, error)
+                elif future is not None:
+                    future.cancel()
+            except BaseException as exc:  # raised by finish(), in the fetching thread
+                self.failure = exc
+            finally:
+                self.budget.give(size)
+
+    def send(
+        self, chunk_id: bytes, future: concurrent.futures.Future[bytes] | None, error: tuple[str, Exception] | None
+    ) -> None:
+        if future is not None:
+            try:
+                data = future.result()
+            except Exception as exc:
+                error = (self.worker._chunk_error(chunk_id, exc), exc)  # re-raises what is not about the chunk
+            else:
+                self.worker.item((chunk_id, data, None))
+                return
+        assert error is not None
+        message, cause = error
+        if self.errors == "raise":
+            raise _Refused("integrity", message, chunk_id=chunk_id.hex()) from cause
+        self.worker.item((chunk_id, None, message))
+
+    def finish(self, *, abort: bool = False) -> None:
+        """Wait until every queued chunk is sent (or dropped: after a failure, or with ``abort``); raise the failure."""
+        if abort and self.failure is None:
+            self.failure = _Refused(_protocol.CANCELLED, "the fetch stopped")
+        self.budget.close()
+        self.queue.put(None)
+        self.thread.join()
+        if self.failure is not None and not abort:
+            raise self.failure
+
+
+class _SegmentReadAhead:
+    """Asks the kernel to read the segment entries of the next chunks of a fetch ahead of borg (local only).
+
+    borg reads each entry with a plain read where it lies, one after the
+    other, and drops the segment files from the page cache when it closes
+    them; so a fetch waits for the disk at every chunk, at the disk's speed
+    for small sequential reads. This thread looks up where the coming
+    chunks are (the repository index), reads each entry's header for its
+    size and asks for the entry with ``POSIX_FADV_WILLNEED``, at most
+    :data:`_READ_AHEAD_CHUNKS` chunks and :data:`_READ_AHEAD_BYTES` bytes
+    ahead of the fetch; the reads then find the data in memory. It reads
+    nothing into this process but headers, and changes nothing: a hint that
+    fails is simply not given.
+    """
+
+    def __init__(self, index: Any, io: Any, ids: list[bytes]) -> None:
+        self.index = index
+        self.io = io
+        self.ids = ids
+        self.position = 0
+        self.stopped = False
+        self.changed = threading.Condition()
+        self.thread = threading.Thread(target=self.run, name="vbremote-read-ahead", daemon=True)
+
+    @classmethod
+    def start(cls, repository: Any, ids: list[bytes]) -> _SegmentReadAhead | None:
+        """The read-ahead of a fetch of ``ids``; None for a remote repository (or one not open yet)."""
+        index = getattr(repository, "index", None)
+        io = getattr(repository, "io", None)
+        if index is None or io is None or not hasattr(os, "posix_fadvise"):
+            return None
+        ahead = cls(index, io, ids)
+        ahead.thread.start()
+        return ahead
+
+    def reached(self, position: int) -> None:
+        """The fetch has read the entries of ``ids[:position]``."""
+        with self.changed:
+            self.position = position
+            self.changed.notify()
+
+    def stop(self) -> None:
+        with self.changed:
+            self.stopped = True
+            self.changed.notify()
+        self.thread.join()
+
+    def run(self) -> None:
+        fds: dict[int, int] = {}
+        header = self.io.put_header_fmt
+        pending: collections.deque[tuple[int, int]] = collections.deque()  # (position, bytes) asked for
+        asked = 0
+        try:
+            for i, chunk_id in enumerate(self.ids):
+                with self.changed:
+                    while True:
+                        while pending and pending[0][0] < self.position:
+                            asked -= pending.popleft()[1]
+                        if self.stopped:
+                            return
+                        if len(pending) < _READ_AHEAD_CHUNKS and asked < _READ_AHEAD_BYTES:
+                            break
+                        self.changed.wait()
+                try:
+                    segment, offset = self.index[chunk_id]
+                    fd = fds.get(segment)
+                    if fd is None:
+                        fd = fds[segment] = os.open(self.io.segment_filename(segment), os.O_RDONLY | os.O_CLOEXEC)
+                    _crc, size, _tag, _key = header.unpack(os.pread(fd, header.size, offset))
+                    os.posix_fadvise(fd, offset, size, os.POSIX_FADV_WILLNEED)
+                except Exception:
+                    continue  # no hint for this one: borg reads (and checks) it as always
+                pending.append((i, size))
+                asked += size
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+
+class _FetchBudget:
+    """Payload bytes decrypted and not yet sent, kept at or under a limit (one chunk may always go)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.closed = False
+        self.changed = threading.Condition()
+
+    def take(self, size: int) -> None:
+        with self.changed:
+            while self.held and self.held + size > self.limit and not self.closed:
+                self.changed.wait()
+            self.held += size
+
+    def give(self, size: int) -> None:
+        with self.changed:
+            self.held -= size
+            self.changed.notify()
+
+    def close(self) -> None:
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
 
 
 def _repair_cache_rollback(repository: Any) -> None:

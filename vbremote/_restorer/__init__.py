@@ -15,7 +15,7 @@ The package is built by steps, each in a module of its own:
 
 from __future__ import annotations
 
-from ._apply import ApplyStats, apply_plan
+from ._apply import ApplyStats, Prefetch, apply_plan
 from ._journal import JOURNAL_NAME, RestoreFileState, RestoreState
 from ._plan import BlockAction, FilePlan, PlanProblem, RestorePlan, make_plan
 from ._source import RestoreSource, SourceFile, source_from_archive
@@ -27,6 +27,7 @@ __all__ = [
     "BlockAction",
     "FilePlan",
     "PlanProblem",
+    "Prefetch",
     "RestoreFileState",
     "RestorePlan",
     "RestoreResult",

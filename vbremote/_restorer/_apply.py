@@ -31,7 +31,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from queue import Queue
 from typing import TYPE_CHECKING, Literal
@@ -44,9 +44,12 @@ from ._journal import RestoreFileState, RestoreState, coalesce, remove_journal, 
 from ._plan import BlockAction, RestorePlan, distinct_fetches, target_file
 
 if TYPE_CHECKING:
-    from .._repository import ChunkStream, Repository
+    from .._repository import FetchedChunk, Repository
 
-__all__ = ["JOURNAL_EVERY_BYTES", "JOURNAL_EVERY_SECONDS", "JOURNAL_MIN_BYTES", "ApplyStats", "apply_plan"]
+__all__ = [
+    "JOURNAL_EVERY_BYTES", "JOURNAL_EVERY_SECONDS", "JOURNAL_MIN_BYTES", "PREFETCH_BYTES", "ApplyStats", "Prefetch",
+    "apply_plan",
+]
 
 JOURNAL_EVERY_BYTES = 64 * 1024 * 1024
 """The journal is brought up to date after at most this many bytes written…"""
@@ -64,6 +67,9 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _ZEROS = bytes(1024 * 1024)
 _WRITES_IN_FLIGHT = 2  # fetched chunks waiting for the writer thread, at most
+
+PREFETCH_BYTES = 16 * 1024 * 1024
+"""A :class:`Prefetch` keeps at most this many bytes fetched and not yet written."""
 
 Verify = Literal["written", "full", "none"]
 
@@ -91,6 +97,93 @@ class ApplyStats:
     bytes_verified: int
     seconds: float
     resumed: bool
+
+
+class Prefetch:
+    """A fetch started while the plan is still hashing, taken over by :func:`apply_plan`.
+
+    Pass it as ``fetch_known`` to :func:`make_plan`: the first time the plan
+    knows chunks it will certainly fetch, a thread starts fetching them (each
+    distinct id once) and keeps at most :data:`PREFETCH_BYTES` of their data
+    waiting; the worker and the link stay busy while the rest is hashed.
+    Then pass it to :func:`apply_plan`, which writes those chunks first, as
+    they come, and fetches the rest after. Nothing is written before the
+    apply; the data waiting is only in memory. Use it as a context manager:
+    leaving it stops the fetch.
+    """
+
+    def __init__(self, repository: Repository, *, limit: int = 0) -> None:
+        self.repository = repository
+        self.limit = limit or PREFETCH_BYTES
+        self.ids: tuple[bytes, ...] = ()
+        self._waiting: deque[FetchedChunk | None] = deque()
+        self._held = 0
+        self._stop = False
+        self._changed = threading.Condition()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Prefetch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __call__(self, chunks: list[ChunkRef]) -> None:
+        """Start fetching ``chunks`` (the first call only: one stream at a time)."""
+        if self._thread is not None or self._stop or not chunks:
+            return
+        self.ids = tuple(dict.fromkeys(c.id for c in chunks))
+        self._thread = threading.Thread(target=self._run, name="vbremote-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            with self.repository.fetch(self.ids, errors="report") as stream:
+                for chunk in stream:
+                    with self._changed:
+                        while self._held and self._held + len(chunk.data) > self.limit and not self._stop:
+                            self._changed.wait()
+                        if self._stop:
+                            return
+                        self._held += len(chunk.data)
+                        self._waiting.append(chunk)
+                        self._changed.notify_all()
+        except BaseException as exc:  # raised to the apply, in its thread
+            self._error = exc
+        finally:
+            with self._changed:
+                self._waiting.append(None)
+                self._changed.notify_all()
+
+    def chunks(self) -> Iterator[FetchedChunk]:
+        """The fetched chunks in order, as they come; raises what stopped the fetch."""
+        if self._thread is None:
+            return
+        while True:
+            with self._changed:
+                while not self._waiting:
+                    self._changed.wait()
+                chunk = self._waiting.popleft()
+                if chunk is not None:
+                    self._held -= len(chunk.data)
+                    self._changed.notify_all()
+            if chunk is None:
+                break
+            yield chunk
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Stop the fetch (what waits is dropped) and wait for its thread (idempotent)."""
+        with self._changed:
+            self._stop = True
+            self._waiting.clear()
+            self._held = 0
+            self._changed.notify_all()
+        if self._thread is not None:
+            self._thread.join()
 
 
 class _Punch:
@@ -288,7 +381,7 @@ class _Applier:
         with self.repository.fetch(stream_ids, errors="report") as chunks:
             self.fetch_from(chunks, places)
 
-    def fetch_from(self, chunks: ChunkStream, places: dict[bytes, list[tuple[str, BlockAction]]]) -> None:
+    def fetch_from(self, chunks: Iterable[FetchedChunk], places: dict[bytes, list[tuple[str, BlockAction]]]) -> None:
         """Write the stream's chunks at every offset that needs them.
 
         The writes run in a thread of their own, a few chunks behind, so that
@@ -318,7 +411,10 @@ class _Applier:
             for chunk in chunks:
                 if failed:
                     break
-                where = places[chunk.id]
+                where = places.get(chunk.id)
+                if where is None:
+                    continue  # a prefetched chunk that this plan does not fetch
+
                 first_path, first = where[0]
                 if chunk.error is not None:
                     raise IntegrityError(
@@ -432,6 +528,7 @@ def apply_plan(
     *,
     verify: Verify = "written",
     progress: Callable[[Progress], None] | None = None,
+    prefetch: Prefetch | None = None,
 ) -> ApplyStats:
     """Write the plan's files into its target folder; resumable, verified.
 
@@ -449,6 +546,8 @@ def apply_plan(
             this run or an interrupted one) and hash it against the archive's
             id; ``"full"``: every block of every file; ``"none"``: no read-back.
         progress: Called with a :class:`Progress` (operation ``"restore"``) as blocks are written.
+        prefetch: The :class:`Prefetch` given to :func:`make_plan` for this plan:
+            its chunks are written first, the rest fetched after.
 
     Returns:
         What was done.
@@ -477,7 +576,16 @@ def apply_plan(
             for a in f.actions:
                 if a.kind == "fetch":
                     places.setdefault(a.chunk.id, []).append((f.source.target_path, a))
-        if fetches:
+        prefetched = set(prefetch.ids) if prefetch is not None else set()
+        if prefetched:
+            # The prefetch has been sending since the plan knew its chunks; the rest follow in a stream
+            # of their own once it is done (one stream at a time).
+            failed = applier.copies()
+            applier.zeros()
+            assert prefetch is not None
+            applier.fetch_from(prefetch.chunks(), places)
+            applier.fetch(places, [i for i in fetches if i not in prefetched])
+        elif fetches:
             # Opened before the copies, so that the repository already sends while they run.
             with repository.fetch(fetches, errors="report") as chunks:
                 failed = applier.copies()
@@ -508,6 +616,8 @@ def apply_plan(
             ) from exc
         raise RestoreError(f"writing into {plan.target} failed: {exc}", archive=archive, path=exc.filename) from exc
     finally:
+        if prefetch is not None:
+            prefetch.close()
         applier.close()
     return ApplyStats(
         bytes_fetched=applier.bytes_fetched,

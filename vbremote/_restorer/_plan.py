@@ -241,6 +241,7 @@ def make_plan(
     *,
     seeds: Sequence[str | os.PathLike[str]] = (),
     progress: Callable[[Progress], None] | None = None,
+    fetch_known: Callable[[list[ChunkRef]], None] | None = None,
 ) -> RestorePlan:
     """Decide what restoring ``source`` into ``target`` does, block by block; writes nothing.
 
@@ -260,6 +261,11 @@ def make_plan(
         seeds: Further local files that may hold needed data (an older copy,
             a sibling VM's disk); only read.
         progress: Called with a :class:`Progress` (operation ``"hash"``) while hashing.
+        fetch_known: Called, while hashing goes on, with chunks the plan will
+            fetch, as soon as that is certain (at most once per stage of sizes
+            but the last; a chunk may be listed more than once, once per offset):
+            a caller may start fetching them meanwhile. The plan is the same with
+            or without it.
 
     Returns:
         The plan.
@@ -274,10 +280,8 @@ def make_plan(
     resumed = state is not None and state.archive_id == source.archive_id and state.fingerprint == fingerprint
     done_by_path = {f.path: f.done for f in state.files} if state is not None and resumed else {}
 
-    # 1. Local ids of each existing target file at the archive's boundaries.
     paths: dict[str, Path] = {}
     local_sizes: dict[str, int | None] = {}
-    local_ids: dict[str, list[bytes | None]] = {}
     for f in source.files:
         path = target_file(target_dir, f.target_path)
         paths[f.target_path] = path
@@ -289,51 +293,68 @@ def make_plan(
         done = done_by_path.get(f.target_path, ())
         if done and (size is None or done[-1][1] > size):
             # The file is not what the journal saw (removed or cut since): trust none of it.
-            done = done_by_path[f.target_path] = ()
-        wanted = [c for c in f.chunks if not intervals_cover(done, c.offset, c.size)]
-        if size is None or not wanted:
-            local_ids[f.target_path] = [None] * len(f.chunks)
-            continue
-        ids = iter(repository.local_ids(path, wanted, progress=progress))
-        done_set = {c.offset for c in f.chunks} - {c.offset for c in wanted}
-        local_ids[f.target_path] = [None if c.offset in done_set else next(ids) for c in f.chunks]
+            done_by_path[f.target_path] = ()
 
-    # 2. Decide reuse / done / zero; collect what is still needed.
-    needed: set[bytes] = set()
-    kinds: dict[str, list[ActionKind | None]] = {}
-    for f in source.files:
-        done = done_by_path.get(f.target_path, ())
-        row: list[ActionKind | None] = []
-        for c, local in zip(f.chunks, local_ids[f.target_path], strict=True):
-            if intervals_cover(done, c.offset, c.size):
-                row.append("done")
-            elif local == c.id:
-                row.append("reuse")
-            elif c.id == repository.zero_chunk_id(c.size):
-                row.append("zero")
-            else:
-                row.append(None)
-                needed.add(c.id)
-        kinds[f.target_path] = row
-
-    # 3. An index of local data: id -> (path, offset), from what was hashed and from the seeds.
+    # The zero ids of all sizes, smallest first: each goes on from the one before (see IdHasher.zero_id).
+    zero_ids = {
+        size: repository.zero_chunk_id(size) for size in sorted({c.size for f in source.files for c in f.chunks})
+    }
+    local_ids: dict[str, list[bytes | None]] = {f.target_path: [None] * len(f.chunks) for f in source.files}
+    kinds: dict[str, list[ActionKind | None]] = {f.target_path: [None] * len(f.chunks) for f in source.files}
+    # An index of local data: id -> (path, offset), from what was hashed and from the seeds.
     index: dict[bytes, tuple[str, int]] = {}
-    if needed:
+    candidates: list[Path] = [paths[f.target_path] for f in source.files if local_sizes[f.target_path] is not None]
+    candidates += [Path(os.path.abspath(seed)) for seed in seeds]
+    own_ranges = {os.fspath(paths[f.target_path]): {(c.offset, c.size) for c in f.chunks} for f in source.files}
+
+    # Data can only have a chunk's id where a range of the chunk's size is hashed, so chunks of
+    # different sizes are decided independently: the sizes are taken in stages, the one that costs
+    # the most hashing last. Whatever the stages, the plan is the same; the chunks an earlier stage
+    # finds nowhere locally are final fetches, handed to ``fetch_known`` while the rest is hashed.
+    stages = _size_stages(source, local_sizes, done_by_path)
+    for number, stage in enumerate(stages):
+        # 1. Local ids of each existing target file at the archive's boundaries.
+        for f in source.files:
+            done = done_by_path.get(f.target_path, ())
+            if local_sizes[f.target_path] is None:
+                continue
+            wanted = [
+                k for k, c in enumerate(f.chunks) if c.size in stage and not intervals_cover(done, c.offset, c.size)
+            ]
+            if not wanted:
+                continue
+            ids = repository.local_ids(paths[f.target_path], [f.chunks[k] for k in wanted], progress=progress)
+            row_ids = local_ids[f.target_path]
+            for k, chunk_id in zip(wanted, ids, strict=True):
+                row_ids[k] = chunk_id
+
+        # 2. Decide reuse / done / zero; collect what is still needed.
+        needed: set[bytes] = set()
+        for f in source.files:
+            done = done_by_path.get(f.target_path, ())
+            row = kinds[f.target_path]
+            for k, (c, local) in enumerate(zip(f.chunks, local_ids[f.target_path], strict=True)):
+                if c.size not in stage:
+                    continue
+                if intervals_cover(done, c.offset, c.size):
+                    row[k] = "done"
+                elif local == c.id:
+                    row[k] = "reuse"
+                elif c.id == zero_ids[c.size]:
+                    row[k] = "zero"
+                else:
+                    needed.add(c.id)
+        if not needed:
+            continue
+
+        # 3. Where else the needed chunks are: the hashed ranges, then every file at every boundary.
         for f in source.files:
             for c, local in zip(f.chunks, local_ids[f.target_path], strict=True):
-                if local is not None and local in needed:
+                if c.size in stage and local is not None and local in needed:
                     index.setdefault(local, (os.fspath(paths[f.target_path]), c.offset))
         # Only ranges of a size some needed chunk has can hold it.
         sizes = {c.size for f in source.files for c in f.chunks if c.id in needed}
         grid = sorted({(c.offset, c.size) for f in source.files for c in f.chunks if c.size in sizes})
-        candidates: list[Path] = []
-        for f in source.files:
-            # Parts of a target file that were not hashed at the boundaries of its own archive file.
-            if local_sizes[f.target_path] is not None:
-                candidates.append(paths[f.target_path])
-        for seed in seeds:
-            candidates.append(Path(os.path.abspath(seed)))
-        own_ranges = {os.fspath(paths[f.target_path]): {(c.offset, c.size) for c in f.chunks} for f in source.files}
         for candidate in candidates:
             if not needed - index.keys():
                 break
@@ -341,14 +362,22 @@ def make_plan(
                 csize = os.stat(candidate).st_size
             except OSError as exc:
                 raise ConfigurationError(f"cannot read seed {candidate}: {exc.strerror}") from exc
+            # Parts of a target file that were not hashed at the boundaries of its own archive file.
             skip = own_ranges.get(os.fspath(candidate), set())
-            ranges = [(o, s) for o, s in grid if o + s <= csize and (o, s) not in skip]
+            ranges = [(o, n) for o, n in grid if o + n <= csize and (o, n) not in skip]
             if not ranges:
                 continue
             found_ids = repository.local_ids(candidate, ranges, progress=progress)
             for (offset, _size), chunk_id in zip(ranges, found_ids, strict=True):
                 if chunk_id is not None and chunk_id in needed:
                     index.setdefault(chunk_id, (os.fspath(candidate), offset))
+        if fetch_known is not None and number < len(stages) - 1:
+            known = [
+                c for f in source.files for c, kind in zip(f.chunks, kinds[f.target_path], strict=True)
+                if kind is None and c.size in stage and c.id not in index
+            ]
+            if known:
+                fetch_known(known)
 
     # 4. The file plans.
     fetched: set[bytes] = set()
@@ -390,6 +419,26 @@ def make_plan(
             fingerprint=fingerprint, resumed=resumed,
         )
     return plan
+
+
+def _size_stages(
+    source: RestoreSource, local_sizes: dict[str, int | None], done_by_path: dict[str, tuple[tuple[int, int], ...]]
+) -> list[set[int]]:
+    """The chunk sizes in the order the plan hashes them: all but the costliest, then the costliest.
+
+    The cost of a size is the bytes hashed at the boundaries of chunks of that
+    size in the existing local files (most often the disks' block size).
+    """
+    cost: dict[int, int] = {}
+    for f in source.files:
+        done = done_by_path.get(f.target_path, ())
+        for c in f.chunks:
+            hashed = local_sizes[f.target_path] is not None and not intervals_cover(done, c.offset, c.size)
+            cost[c.size] = cost.get(c.size, 0) + (c.size if hashed else 0)
+    if len(cost) < 2:
+        return [set(cost)]
+    costliest = max(cost, key=lambda size: (cost[size], size))
+    return [set(cost) - {costliest}, {costliest}]
 
 
 def _space_problems(plan: RestorePlan) -> tuple[PlanProblem, ...]:

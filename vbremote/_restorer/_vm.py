@@ -45,7 +45,7 @@ from .._errors import (
 from .._hostinfo import cpu_vendor
 from .._models import ArchiveInfo, FileRole, MachineState, Progress, SnapshotMode, VMInfo
 from .._settings import parse_settings, relocate
-from ._apply import ApplyStats, Verify, apply_plan
+from ._apply import ApplyStats, Prefetch, Verify, apply_plan
 from ._foreign import foreign_source
 from ._plan import PlanProblem, RestorePlan, make_plan
 from ._rewrite import new_identity, set_vdi_uuids, settings_with
@@ -350,14 +350,17 @@ class Restorer:
             log.info("%s: powering off for the restore", current.name)
             self.host.power_off(current)
         old_files, local_seeds = self._local_files(folder, source, current, as_new=as_new)
-        plan = make_plan(self.repository, source, folder, seeds=[*seeds, *sorted(local_seeds)], progress=progress)
-        if plan.problems:
-            raise _refused(source, folder, plan.problems)
-        if in_place and current is not None:
-            log.info("%s: unregistering before the restore writes", current.name)
-            self.host.unregister(current)
-        folder.mkdir(parents=True, exist_ok=True)
-        stats = apply_plan(self.repository, plan, verify=verify, progress=progress)
+        # Chunks the plan will fetch start coming while it still hashes; nothing is written before the apply.
+        with Prefetch(self.repository) as prefetch:
+            plan = make_plan(self.repository, source, folder, seeds=[*seeds, *sorted(local_seeds)],
+                             progress=progress, fetch_known=prefetch)
+            if plan.problems:
+                raise _refused(source, folder, plan.problems)
+            if in_place and current is not None:
+                log.info("%s: unregistering before the restore writes", current.name)
+                self.host.unregister(current)
+            folder.mkdir(parents=True, exist_ok=True)
+            stats = apply_plan(self.repository, plan, verify=verify, progress=progress, prefetch=prefetch)
         settings = settings_with(source.settings, drop_state=discard_state,
                                  cpu_portability_level=cpu_portability_level)
         settings_path = folder / source.settings_path
