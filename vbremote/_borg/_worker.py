@@ -128,6 +128,8 @@ class Worker:
         self.idle_logs: collections.deque[tuple[int, str, str]] = collections.deque(maxlen=100)
         self.repository: Any = None
         self.key: Any = None
+        # The repository's compressor; a file written with its own puts it back after.
+        self.compressor: Any = None
         self.manifest: Any = None
         self.location = ""
         self.append_only: bool | None = None
@@ -258,6 +260,9 @@ class Worker:
             self.running = None
 
     def close(self) -> None:
+        early = sys.modules.pop("_vbremote_early_serve", None)
+        if early is not None:  # started for a connect that never came
+            _end(early.process)
         if self.repository is not None:
             repository, self.repository = self.repository, None
             try:
@@ -308,10 +313,11 @@ class Worker:
             # borg wants a Location; the host part is never used since the
             # command line comes from the transport.
             location = Location(_borg_location(transport))
-            repository = CommandRepository(
-                location, create=create, exclusive=exclusive, lock_wait=lock_wait,
-                lock=True, make_parent_dirs=create, args=args,
-            )
+            with _started_early(argv):
+                repository = CommandRepository(
+                    location, create=create, exclusive=exclusive, lock_wait=lock_wait,
+                    lock=True, make_parent_dirs=create, args=args,
+                )
         repository.__enter__()
         self.repository = repository
         return repository
@@ -369,10 +375,14 @@ class Worker:
         return self._describe(transport)
 
     def _set_compression(self, compression: str) -> None:
+        self.key.compressor = self.compressor = self._compressor(compression)
+
+    @staticmethod
+    def _compressor(compression: str) -> Any:
         from borg.compress import CompressionSpec
 
         try:
-            self.key.compressor = CompressionSpec(compression).compressor
+            return CompressionSpec(compression).compressor
         except Exception as exc:  # borg raises argparse's error type here
             raise _Refused("config", f"invalid compression {compression!r}: {exc}") from exc
 
@@ -758,12 +768,16 @@ class Worker:
 
         if name in self.manifest.archives:
             raise _Refused("archive_exists", f"archive {name!r} already exists", archive=name)
+        # A file's own compression (e.g. zstd for a saved state), checked before anything is written.
+        compressors = [
+            self.compressor if f.get("compression") is None else self._compressor(f["compression"]) for f in files
+        ]
         fixed = [f for f in files if f["chunking"][0] == "fixed"]
         archive_chunker = tuple(fixed[0]["chunking"]) if fixed else CHUNKER_PARAMS
         total = sum(os.stat(f["source"]).st_size for f in files)
         counts = {"read": 0, "new": 0, "stored": 0, "chunks": 0, "chunks_new": 0, "zero": 0}
         # archive.save() writes the manifest and commits.
-        with self._transaction(commit=False) as cache:
+        with self._repository_compressor_after(), self._transaction(commit=False) as cache:
             archive = Archive(
                 self.repository, self.key, self.manifest, name, cache=cache, create=True,
                 chunker_params=archive_chunker, noatime=True, noflags=True, noacls=True, noxattrs=True,
@@ -784,7 +798,8 @@ class Worker:
                     counts["stored"] += stats.csize - before
                 return entry
 
-            for spec in files:
+            for spec, compressor in zip(files, compressors, strict=True):
+                self.key.compressor = compressor
                 with open(spec["source"], "rb") as f:
                     fd = f.fileno()
                     st = os.fstat(fd)
@@ -802,7 +817,7 @@ class Worker:
                             fd, st.st_size, params, spec["path"], cache, stats, counts, total, entries, checkpoints
                         )
                     else:
-                        chunker = get_chunker(*CHUNKER_PARAMS, seed=self.key.chunk_seed)
+                        chunker = get_chunker(*spec["chunking"], seed=self.key.chunk_seed)
                         for chunk in chunker.chunkify(f, fd):
                             chunk_id, data = cached_hash(chunk, self.key.id_hash)
                             zero = chunk.meta["allocation"] != 0
@@ -834,6 +849,14 @@ class Worker:
             superseded=[old for old in supersede if old not in self.manifest.archives],
         )
         return counts_out
+
+    @contextlib.contextmanager
+    def _repository_compressor_after(self) -> Iterator[None]:
+        """Put the repository's compressor back on the key when the block ends, however it ends."""
+        try:
+            yield
+        finally:
+            self.key.compressor = self.compressor
 
     def _store_blocks(
         self, fd: int, size: int, params: tuple[int, int], path: str, cache: Any, stats: Any,
@@ -1335,6 +1358,50 @@ class _Block:
 
 def _ready(future: concurrent.futures.Future[bytes] | None) -> bool:
     return future is None or future.done()
+
+
+@contextlib.contextmanager
+def _started_early(argv: list[str]) -> Iterator[None]:
+    """Have borg's RemoteRepository take the serve command this process started at its
+    beginning (``_EARLY_START`` in the parent module) instead of starting it again.
+
+    Used once; a command that is not ``argv`` (never expected) is ended and borg starts its own.
+    """
+    early = sys.modules.pop("_vbremote_early_serve", None)
+    process = getattr(early, "process", None)
+    if process is None:
+        yield
+        return
+    if early.command != argv:  # type: ignore[union-attr]
+        _end(process)
+        yield
+        return
+    import borg.remote
+
+    original = borg.remote.Popen
+    taken = False
+
+    def popen(*args: Any, **kwargs: Any) -> Any:
+        nonlocal taken
+        taken = True
+        return process
+
+    borg.remote.Popen = popen
+    try:
+        yield
+    finally:
+        borg.remote.Popen = original
+        if not taken:
+            _end(process)
+
+
+def _end(process: Any) -> None:
+    """End a serve command nobody uses: close its pipes, kill it, reap it."""
+    for stream in (process.stdin, process.stdout, process.stderr):
+        if stream is not None:
+            _quietly(stream.close)
+    _quietly(process.kill)
+    _quietly(process.wait)
 
 
 class _RemoteArgs:
