@@ -82,7 +82,10 @@ def main() -> None:
         if event.operation in ("fetch", "restore"):
             print(f"progress {event.done} {event.total}", flush=True)
 
-    with vbremote.Repository.open(transport, passphrase=passphrase, base_dir=Path(base_dir)) as repository:
+    # The server may still be releasing the lock of a killed run: wait for it rather than fail.
+    with vbremote.Repository.open(
+        transport, passphrase=passphrase, base_dir=Path(base_dir), lock_wait=60
+    ) as repository:
         stats = restore(repository, archive, Path(target), progress=progress)
         # The worker (and ssh) are alive until the repository closes: their peaks now.
         children = [peak_rss_kib(pid) for pid in child_pids()]

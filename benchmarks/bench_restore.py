@@ -6,9 +6,11 @@ against peers measured in the same run; absolute figures are printed too.
 
 The data: a VM folder with a 1 GiB VDI of mixed content (random, text, zeros,
 repeats), a 64 MiB saved state and an NVRAM file, stored as one vbremote
-archive. The starting files of each incremental restore are that folder after
-the guest rewrote 2 % of its 1 MiB blocks (through qemu-io) and VirtualBox
-removed the saved state (as it does when the VM resumes).
+archive the way the Snapshotter stores them (the saved state with zstd,1, the
+rest with the repository's lz4). The starting files of each incremental
+restore are that folder after the guest rewrote 2 % of its 1 MiB blocks
+(through qemu-io) and VirtualBox removed the saved state (as it does when the
+VM resumes).
 
 (a) Local repository:
     - incremental restore (plan + apply + verify) / ``borg extract`` into an
@@ -56,6 +58,7 @@ from _netns import NetnsLink, NetnsSSHD, NetnsUnavailable, borg_program
 from _restoring import restore, transport_to_json
 
 import vbremote
+from vbremote._models import STATE_COMPRESSION
 from vbremote.testing import MIB, guest_write, make_vdi, mixed_content
 
 PASSPHRASE = "benchmark"
@@ -104,7 +107,9 @@ class Bench:
         specs = [
             vbremote.FileSpec(self.folder / "vm.vbox", "vm.vbox", vbremote.FileRole.SETTINGS),
             vbremote.FileSpec(self.folder / "vm.vdi", "vm.vdi", vbremote.FileRole.DISK),
-            vbremote.FileSpec(self.folder / "vm.sav", "vm.sav", vbremote.FileRole.STATE),
+            # The saved state with the compression the Snapshotter gives saved states.
+            vbremote.FileSpec(self.folder / "vm.sav", "vm.sav", vbremote.FileRole.STATE,
+                              compression=STATE_COMPRESSION),
             vbremote.FileSpec(self.folder / "vm.nvram", "vm.nvram", vbremote.FileRole.NVRAM),
         ]
         meta = vbremote.SnapshotMetadata("bench", str(uuid.uuid4()))

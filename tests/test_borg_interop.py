@@ -91,6 +91,42 @@ class TestBorgReadsOurArchives:
             assert again.check(verify_data=True).ok
 
 
+class TestPerFileCompression:
+    def test_borg_sees_each_files_compression_and_extracts_it(self, tmp_path, base_dir, borg_cli):
+        """A saved state is stored with its own compression (borg object header) and finer chunks; borg extracts it."""
+        transport = vbremote.LocalTransport(tmp_path / "plain")
+        state = tmp_path / "vm.sav"
+        state.write_bytes(b"".join(b"page %d of guest memory\n" % i for i in range(120_000)))
+        other = tmp_path / "notes.txt"
+        other.write_bytes(b"".join(b"line %d of a log\n" % i for i in range(120_000)))
+        specs = [
+            vbremote.FileSpec(state, "vm.sav", vbremote.FileRole.STATE, compression="zstd,1"),
+            vbremote.FileSpec(other, "notes.txt", vbremote.FileRole.OTHER),
+        ]
+        # Unencrypted, so that the stored objects show borg's compression header.
+        with vbremote.Repository.init(transport, encryption="none", base_dir=base_dir) as repo:
+            written = repo.write_archive("a", specs, metadata())
+            chunks = {path: repo.chunk_list("a", path).chunks for path in ("vm.sav", "notes.txt")}
+        ids = {path: [c.id for c in listed] for path, listed in chunks.items()}
+        # The saved state is cut finer than borg's default: chunks of at most 1 MiB.
+        assert written.archive.file("vm.sav").chunking == vbremote.Chunking.saved_state()
+        assert len(chunks["vm.sav"]) >= 3
+        assert max(c.size for c in chunks["vm.sav"]) <= MIB
+        headers: dict[str, set[bytes]] = {}
+        for path, chunk_ids in ids.items():
+            for n, chunk_id in enumerate(chunk_ids):
+                out = tmp_path / f"{path}.{n}.obj"
+                borg_cli("debug", "get-obj", transport.path, chunk_id.hex(), str(out))
+                # The plaintext key's type byte, then borg's compressor id: 03 00 zstd, 01 00 lz4.
+                headers.setdefault(path, set()).add(out.read_bytes()[:3])
+        assert headers == {"vm.sav": {b"\x02\x03\x00"}, "notes.txt": {b"\x02\x01\x00"}}
+        target = tmp_path / "extracted"
+        target.mkdir()
+        borg_cli("extract", f"{transport.path}::a", cwd=target)
+        assert (target / "vm.sav").read_bytes() == state.read_bytes()
+        assert (target / "notes.txt").read_bytes() == other.read_bytes()
+
+
 class TestWeReadBorgArchives:
     @pytest.mark.parametrize("encryption", vbremote.ENCRYPTION_MODES)
     def test_borg_fixed_chunks_equal_local_ids(self, tmp_path, base_dir, borg_cli, encryption):

@@ -319,6 +319,19 @@ class TestWrite:
             repo.write_archive("a", [spec, spec], metadata())
         assert repo.archives() == []
 
+    def test_bad_file_compression(self, repo, tmp_path):
+        """A file compression borg does not know is refused before anything is written; an empty one at once."""
+        good = write_disk(tmp_path, disk_content(3), "good.img")
+        other = tmp_path / "vm.sav"
+        other.write_bytes(b"state" * 1000)
+        with pytest.raises(vbremote.ConfigurationError, match="compression"):
+            repo.write_archive("a", [good, vbremote.FileSpec(other, "vm.sav", compression="zstd,99")], metadata())
+        assert repo.archives() == []
+        with pytest.raises(vbremote.ConfigurationError, match="compression"):
+            vbremote.FileSpec(other, "vm.sav", compression="")
+        repo.write_archive("a", [good, vbremote.FileSpec(other, "vm.sav", compression="zstd,3")], metadata())
+        assert [a.name for a in repo.archives()] == ["a"]
+
     def test_not_a_regular_file(self, repo, tmp_path):
         """A FIFO (or any non-regular file) is refused before anything is written."""
         good = write_disk(tmp_path, disk_content(3), "good.img")

@@ -459,6 +459,34 @@ class TestKillAndResume:
         assert files_of(target, NAMES) == files_of(vdi_folder, NAMES)
 
 
+class TestJournalCadence:
+    def test_journal_recorded_every_second_during_a_slow_restore(self, repo, vdi_folder, tmp_path):
+        """While blocks arrive slowly (about 12 MiB/s), the journal records written blocks at least every second."""
+        info = archive_folder(repo, vdi_folder, "a")
+        target = tmp_path / "t"
+        plan = make_plan(repo, restore_source(repo, info), target)
+        changes: list[float] = []
+        last = -1
+
+        def slow(event: vbremote.Progress) -> None:
+            nonlocal last
+            state = vbremote.RestoreState.load(target)
+            done = state.done_bytes if state is not None else 0
+            if done != last:
+                changes.append(time.monotonic())
+                last = done
+            time.sleep(0.08)  # one 1 MiB block per 80 ms: a slow link
+
+        started = time.monotonic()
+        apply_plan(repo, plan, progress=slow)
+        ended = time.monotonic()
+        assert ended - started > 2.0  # slow enough for the old 2-second cadence to show
+        gaps = [b - a for a, b in itertools.pairwise([started, *changes])]
+        assert len(changes) >= 4
+        assert max(gaps) <= 1.0, gaps
+        assert files_of(target, NAMES) == files_of(vdi_folder, NAMES)
+
+
 class TestVerify:
     @pytest.mark.parametrize("pipelined", [False, True], ids=["plain", "pipelined"])
     @pytest.mark.parametrize("damage", ["flipped", "swapped"])

@@ -104,6 +104,19 @@ class TestCommand:
         with pytest.raises(vbremote.ConnectionFailed, match="no borg here"):
             vbremote.Repository.open(transport, passphrase="p", base_dir=base_dir)
 
+    def test_command_started_once_before_the_worker_loads_borg(self, tmp_path, base_dir):
+        """The serve command starts once per open, as the worker starts (before it loaded borg), so both overlap."""
+        log = tmp_path / "starts"
+        # Records, when it starts, whether its parent (the worker) has loaded borg's compiled modules yet.
+        wrapper = f'grep -c "borg/compress" /proc/$PPID/maps >> {log}; exec "$@"'
+        transport = vbremote.CommandTransport(
+            ["sh", "-c", wrapper, "sh", borg_executable(), "serve"], str(tmp_path / "repo")
+        )
+        vbremote.Repository.init(transport, passphrase="p", base_dir=base_dir).close()
+        with vbremote.Repository.open(transport, passphrase="p", base_dir=base_dir) as repo:
+            assert repo.archives() == []
+        assert log.read_text().split() == ["0", "0"]
+
 
 @pytest.fixture
 def worker_imports_tests(monkeypatch: pytest.MonkeyPatch) -> None:

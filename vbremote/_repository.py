@@ -364,7 +364,11 @@ class Repository:
             pickled = pickle.dumps(transport)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             raise ConfigurationError(f"transports must be picklable: {exc}") from exc
-        worker = BorgWorker(transport.location, env)
+        try:
+            serve_command: Sequence[str] | None = transport.serve_command()
+        except Exception:  # the worker calls it again and reports what is wrong
+            serve_command = None
+        worker = BorgWorker(transport.location, env, serve_command)
         try:
             info = worker.call(op, transport=pickled, **kwargs)
         except BaseException:
@@ -516,15 +520,18 @@ class Repository:
         """Store files in a new archive.
 
         Disk images are cut in fixed blocks (all-zero blocks are neither hashed
-        nor compressed); other files use borg's default chunker. Reading,
-        hashing and compressing disk blocks run in parallel threads, ahead of
-        encryption and storing (each in a thread of its own). The archive is
-        an ordinary borg archive that ``borg`` itself lists, checks and
-        extracts.
+        nor compressed); saved states in smaller content-defined chunks
+        (:meth:`Chunking.saved_state`); other files use borg's default chunker.
+        Reading, hashing and compressing disk blocks run in parallel threads,
+        ahead of encryption and storing (each in a thread of its own). The
+        archive is an ordinary borg archive that ``borg`` itself lists, checks
+        and extracts.
 
         Args:
             name: The archive name (must be new).
-            files: The files, with archive-relative paths and roles.
+            files: The files, with archive-relative paths and roles; each
+                file's new chunks are compressed with its
+                :attr:`FileSpec.compression`, or the repository's compression.
             metadata: vbremote's record of the snapshot, stored with the archive.
             timestamp: The archive time (default: now), like ``borg create --timestamp``.
             block_size: Fixed block size for disks (default: the repository's).
@@ -554,7 +561,8 @@ class Repository:
 
         Raises:
             ArchiveExists: The name is taken.
-            ConfigurationError: No files, a duplicate path, a missing file, a bad block size.
+            ConfigurationError: No files, a duplicate path, a missing file, a bad block size,
+                a compression spec borg does not know (nothing is written then).
             SourceChanged: A file changed size while it was read; nothing was
                 committed, and the repository stays usable.
             RepositoryReadOnly: The repository was opened with ``read_only=True``.
@@ -586,11 +594,17 @@ class Repository:
                 raise ConfigurationError(f"cannot read {spec.source}: {exc.strerror}") from exc
             if not spec.source.is_file():
                 raise ConfigurationError(f"{spec.source} is not a regular file")
-            chunking = disk_chunking(spec.source, disk_block) if spec.role is FileRole.DISK else Chunking.buzhash()
+            if spec.role is FileRole.DISK:
+                chunking = disk_chunking(spec.source, disk_block)
+            elif spec.role is FileRole.STATE:
+                chunking = Chunking.saved_state()
+            else:
+                chunking = Chunking.buzhash()
             records.append(ArchiveFile(path=spec.path, role=spec.role, size=size, chunking=chunking,
                                        medium=spec.medium, parent=spec.parent))
             specs.append(
-                {"source": os.fspath(spec.source), "path": spec.path, "size": size, "chunking": chunking.to_json()}
+                {"source": os.fspath(spec.source), "path": spec.path, "size": size, "chunking": chunking.to_json(),
+                 "compression": spec.compression}
             )
         comment = encode_comment(metadata, records)
         started = time.monotonic()

@@ -25,12 +25,13 @@ import collections
 import contextlib
 import fcntl
 import itertools
+import json
 import logging
 import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from types import TracebackType
@@ -100,6 +101,29 @@ def _widen_pipe(fd: int) -> None:
             fcntl.fcntl(fd, setpipe, 1 << 20)
 
 
+_SERVE_COMMAND_VAR = "VBREMOTE_SERVE_COMMAND"
+
+# Put before the worker's program when a serve command is known: start it (as borg's
+# RemoteRepository would: pipes, SIGINT ignored, private umask) before importing vbremote and
+# borg, and keep the process for the worker's connect. Connecting (ssh, the server's login and
+# borg serve's start) then overlaps with the worker's own start.
+_EARLY_START = """\
+import json, os, signal, subprocess, sys, types
+command = json.loads(os.environ.pop("VBREMOTE_SERVE_COMMAND"))
+os.umask(0o077)
+early = types.ModuleType("_vbremote_early_serve")
+try:
+    early.process = subprocess.Popen(
+        command, bufsize=0, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    early.command = command
+    sys.modules[early.__name__] = early
+except OSError:
+    pass  # the worker starts it again and reports the failure as usual
+"""
+
+
 class BorgWorker:
     """A worker process holding one repository connection; calls are serialised.
 
@@ -108,10 +132,14 @@ class BorgWorker:
         env: Variables to set for the worker only (never in this process).
     """
 
-    def __init__(self, location: str, env: Mapping[str, str]) -> None:
+    def __init__(self, location: str, env: Mapping[str, str], serve_command: Sequence[str] | None = None) -> None:
         self.location = location
         child_env = dict(os.environ)
         child_env.update(env)
+        if serve_command is not None:
+            # The worker starts the transport's command (ssh to borg serve) before it imports
+            # anything, so that the connection is made while the worker starts (see _EARLY_START).
+            child_env[_SERVE_COMMAND_VAR] = json.dumps([str(arg) for arg in serve_command])
         # The worker must import this very vbremote, installed or not.
         child_env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_PACKAGE_PARENT, os.environ.get("PYTHONPATH", "")) if p
@@ -137,7 +165,7 @@ class BorgWorker:
         _widen_pipe(reply_write)
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-c", _WORKER_PROGRAM],
+                [sys.executable, "-c", (_EARLY_START if serve_command is not None else "") + _WORKER_PROGRAM],
                 stdin=request_read,
                 stdout=reply_write,
                 stderr=subprocess.PIPE,

@@ -266,6 +266,9 @@ class Worker:
             self.running = None
 
     def close(self) -> None:
+        early = sys.modules.pop("_vbremote_early_serve", None)
+        if early is not None:  # started for a connect that never came
+            _end(early.process)
         if self.repository is not None:
             repository, self.repository = self.repository, None
             try:
@@ -317,10 +320,11 @@ class Worker:
             # borg wants a Location; the host part is never used since the
             # command line comes from the transport.
             location = Location(_borg_location(transport))
-            repository = CommandRepository(
-                location, create=create, exclusive=exclusive, lock_wait=lock_wait,
-                lock=True, make_parent_dirs=create, args=args,
-            )
+            with _started_early(argv):
+                repository = CommandRepository(
+                    location, create=create, exclusive=exclusive, lock_wait=lock_wait,
+                    lock=True, make_parent_dirs=create, args=args,
+                )
         repository.__enter__()
         self.repository = repository
         return repository
@@ -821,7 +825,10 @@ class Worker:
 
         if name in self.manifest.archives:
             raise _Refused("archive_exists", f"archive {name!r} already exists", archive=name)
-        compressions = [self._compression(f.get("compression") or self.compression) for f in files]
+        # Each file's compression (e.g. zstd for a saved state), checked before anything is written.
+        compressions = [
+            self._compression(self.compression if f.get("compression") is None else f["compression"]) for f in files
+        ]
         fixed = [f for f in files if f["chunking"][0] == "fixed"]
         archive_chunker = tuple(fixed[0]["chunking"]) if fixed else CHUNKER_PARAMS
         total = sum(os.stat(f["source"]).st_size for f in files)
@@ -865,7 +872,7 @@ class Worker:
                             compression, progress,
                         )
                     else:
-                        chunker = get_chunker(*CHUNKER_PARAMS, seed=self.key.chunk_seed)
+                        chunker = get_chunker(*spec["chunking"], seed=self.key.chunk_seed)
                         for chunk in chunker.chunkify(f, fd):
                             chunk_id, data = cached_hash(chunk, self.key.id_hash)
                             zero = chunk.meta["allocation"] != 0
@@ -1548,6 +1555,50 @@ class _Compression:
         plain = bytes(data)
         with _BORG_COMPRESSION:
             return bytes(self.compressor.compress(plain))
+
+
+@contextlib.contextmanager
+def _started_early(argv: list[str]) -> Iterator[None]:
+    """Have borg's RemoteRepository take the serve command this process started at its
+    beginning (``_EARLY_START`` in the parent module) instead of starting it again.
+
+    Used once; a command that is not ``argv`` (never expected) is ended and borg starts its own.
+    """
+    early = sys.modules.pop("_vbremote_early_serve", None)
+    process = getattr(early, "process", None)
+    if process is None:
+        yield
+        return
+    if early.command != argv:  # type: ignore[union-attr]
+        _end(process)
+        yield
+        return
+    import borg.remote
+
+    original = borg.remote.Popen
+    taken = False
+
+    def popen(*args: Any, **kwargs: Any) -> Any:
+        nonlocal taken
+        taken = True
+        return process
+
+    borg.remote.Popen = popen
+    try:
+        yield
+    finally:
+        borg.remote.Popen = original
+        if not taken:
+            _end(process)
+
+
+def _end(process: Any) -> None:
+    """End a serve command nobody uses: close its pipes, kill it, reap it."""
+    for stream in (process.stdin, process.stdout, process.stderr):
+        if stream is not None:
+            _quietly(stream.close)
+    _quietly(process.kill)
+    _quietly(process.wait)
 
 
 class _RemoteArgs:

@@ -13,9 +13,9 @@ The order is what makes it safe to kill at any instant:
 3. All-zero blocks inside the existing data are punched out as holes (zeros
    are written where the file system cannot punch).
 4. Fetched chunks are written at every offset that needs them.
-5. Every :data:`JOURNAL_EVERY_BYTES` bytes or :data:`JOURNAL_EVERY_SECONDS`
-   seconds, the written files are fsynced and only then the journal records
-   those blocks.
+5. Every :data:`JOURNAL_EVERY_BYTES` bytes, or every :data:`JOURNAL_EVERY_SECONDS`
+   seconds once :data:`JOURNAL_MIN_BYTES` were written, the written files are
+   fsynced and only then the journal records those blocks.
 6. Each file is cut or extended to its final size, fsynced; then the blocks
    are verified; then the journal is removed.
 """
@@ -46,13 +46,22 @@ from ._plan import BlockAction, RestorePlan, distinct_fetches, target_file
 if TYPE_CHECKING:
     from .._repository import FetchedChunk, Repository
 
-__all__ = ["JOURNAL_EVERY_BYTES", "JOURNAL_EVERY_SECONDS", "PREFETCH_BYTES", "ApplyStats", "Prefetch", "apply_plan"]
+__all__ = [
+    "JOURNAL_EVERY_BYTES", "JOURNAL_EVERY_SECONDS", "JOURNAL_MIN_BYTES", "PREFETCH_BYTES", "ApplyStats", "Prefetch",
+    "apply_plan",
+]
 
 JOURNAL_EVERY_BYTES = 64 * 1024 * 1024
 """The journal is brought up to date after at most this many bytes written…"""
 
-JOURNAL_EVERY_SECONDS = 2.0
-"""…or this many seconds, whichever comes first."""
+JOURNAL_EVERY_SECONDS = 0.5
+"""…or this many seconds, once at least :data:`JOURNAL_MIN_BYTES` wait: over a slow link a
+batch is then a fraction of a second of transfer, while a fast local restore is still journaled
+every :data:`JOURNAL_EVERY_BYTES`."""
+
+JOURNAL_MIN_BYTES = 1024 * 1024
+"""The least a batch holds before time alone brings the journal up to date (no fsync and rewrite
+of the journal for a few KiB on a very slow link)."""
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -244,7 +253,9 @@ class _Applier:
         self.pending.append((path, chunk))
         self.pending_bytes += chunk.size
         self.dirty.add(path)
-        if self.pending_bytes >= JOURNAL_EVERY_BYTES or time.monotonic() - self.last_flush >= JOURNAL_EVERY_SECONDS:
+        if self.pending_bytes >= JOURNAL_EVERY_BYTES or (
+            self.pending_bytes >= JOURNAL_MIN_BYTES and time.monotonic() - self.last_flush >= JOURNAL_EVERY_SECONDS
+        ):
             # fsync and the journal update run in a thread of their own while the next blocks are
             # written; one batch at a time, so the data not yet durable stays about one batch.
             self.wait_sync()

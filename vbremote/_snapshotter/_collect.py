@@ -36,7 +36,7 @@ from pathlib import Path
 from attrs import frozen
 
 from .._errors import SnapshotError
-from .._models import EXTERNAL_FOLDER, FileRole, FileSpec
+from .._models import EXTERNAL_FOLDER, STATE_COMPRESSION, FileRole, FileSpec
 from .._settings import _N, MachineSettings, Medium, _dump, _load, _machine
 
 __all__ = ["Collected", "MediumRecord", "anchor_images", "collect"]
@@ -127,7 +127,8 @@ def collect(settings: MachineSettings, folder: Path, *, vm: str = "") -> Collect
         taken.add(path)
         seen[source] = path
         files.append(FileSpec(source, path, role, medium=medium.uuid if medium else None,
-                              parent=medium.parent if medium else None))
+                              parent=medium.parent if medium else None,
+                              compression=STATE_COMPRESSION if role is FileRole.STATE else None))
         return path
 
     for medium, parent in _registry(settings):
