@@ -11,10 +11,15 @@ repeats), each round:
 1. full: ``Snapshotter.take()`` (online: the simulator's snapshot, the
    archive, the merge), timed from opening the repository to closing it like
    a borg command, into a fresh repository; then ``borg create -C lz4
-   --chunker-params fixed,4194304`` of the VM's files into a fresh repository
-   of the same kind (repokey);
+   --chunker-params fixed,4194304`` of the files take() archives (the
+   settings, the frozen disk, the instant's saved state and NVRAM copy: borg
+   is given a snapshot of its own, untimed, to find them) into a fresh
+   repository of the same kind (repokey);
 2. the guest rewrites 2 % of its 1 MiB blocks;
 3. incremental: the same two again, into the same two repositories.
+
+Both sides start with the disk in the page cache (borg create drops what it
+read from it; the disk is read again, untimed, after each borg create).
 
 Then, over a ``borg serve`` reached through a pipe command (a
 ``CommandTransport``, what ``ssh host borg serve`` is without the network),
@@ -22,6 +27,13 @@ a full and an incremental snapshot: the bytes the client sent for the
 incremental against the bytes the guest changed, how long the transient
 snapshot existed, and the peak resident memory of the borg worker and of
 this process.
+
+Both sides run compiled bytecode, as installed software does: a source tree
+run with ``PYTHONDONTWRITEBYTECODE`` would compile vbremote's modules again
+in every borg worker it starts (borg's own were compiled when it was
+installed). So every Python process this run starts, borg's and vbremote's,
+keeps its bytecode in a folder of the run (``PYTHONPYCACHEPREFIX``), filled
+by an untimed warm-up of both sides before the first round.
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import vbremote
@@ -125,6 +138,37 @@ class Bench:
                 time.sleep(0.05)
         raise RuntimeError(f"{VM} stayed locked")
 
+    def cache_disk(self) -> None:
+        """Read the VM's disk, untimed, so that the next take() finds it in the page cache as borg create did.
+
+        borg's chunker drops what it has read from the page cache
+        (``posix_fadvise(..., POSIX_FADV_DONTNEED)`` in borg/chunker.pyx,
+        ``dread``), while take() leaves it there: without this, every take()
+        after a borg create would read the disk from the device and every
+        borg create would find it cached.
+        """
+        for path in self.folder.glob("*.vdi"):
+            with open(path, "rb") as f:
+                while f.read(8 * MIB):
+                    pass
+
+    def warm_up(self) -> None:
+        """One small write by each side, untimed, so that both find their modules compiled from then on."""
+        small = self.work / "warm-up"
+        small.mkdir()
+        (small / "file").write_bytes(os.urandom(MIB))
+        spec = vbremote.FileSpec(small / "file", "file", vbremote.FileRole.DISK)
+        transport = vbremote.LocalTransport(small / "vbremote")
+        vbremote.Repository.init(transport, passphrase=PASSPHRASE, base_dir=self.base).close()
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=self.base) as repo:
+            metadata = vbremote.SnapshotMetadata(vm_name="warm-up", vm_uuid=str(uuid.uuid4()))
+            repo.write_archive("warm-up", [spec], metadata)
+        subprocess.run([borg_cli(), "init", "-e", "repokey", str(small / "borg")], env=self.env, check=True,
+                       capture_output=True)
+        subprocess.run([borg_cli(), "create", "-C", "lz4", f"{small / 'borg'}::warm-up", "file"], env=self.env,
+                       cwd=small, check=True, capture_output=True)
+        shutil.rmtree(small)
+
     # -- the two sides ------------------------------------------------------
 
     def take(self, transport: vbremote.Transport) -> tuple[float, vbremote.SnapshotResult, dict[str, int]]:
@@ -137,15 +181,28 @@ class Bench:
         return time.perf_counter() - started, result, worker
 
     def borg_create(self, repo: Path, label: str) -> tuple[float, int]:
-        files = [p.name for p in sorted(self.folder.iterdir())
-                 if p.is_file() and p.suffix in (".vbox", ".vdi", ".nvram")]
-        started = time.perf_counter()
-        result = subprocess.run(
-            [borg_cli(), "create", "-C", "lz4", "--chunker-params", "fixed,4194304", "--json",
-             f"{repo}::{label}", *files],
-            env=self.env, cwd=self.folder, check=True, capture_output=True, text=True,
-        )
-        seconds = time.perf_counter() - started
+        """borg create of what take() archives: the settings, the disk, the instant's saved state and NVRAM.
+
+        The saved state and the NVRAM copy exist only while a snapshot does,
+        so borg gets one of its own (a live snapshot, as take() takes),
+        deleted after it; only borg create is timed.
+        """
+        vm = self.host.vm(VM)
+        snapshot = self.host.take_snapshot(vm.uuid, "borg-peer", live=True)
+        try:
+            files = [p.name for p in sorted(self.folder.iterdir()) if p.is_file() and p.suffix in (".vbox", ".vdi")]
+            files += [f"Snapshots/{p.name}" for p in sorted((self.folder / "Snapshots").iterdir())
+                      if p.suffix in (".sav", ".nvram")]
+            os.sync()
+            started = time.perf_counter()
+            result = subprocess.run(
+                [borg_cli(), "create", "-C", "lz4", "--chunker-params", "fixed,4194304", "--json",
+                 f"{repo}::{label}", *files],
+                env=self.env, cwd=self.folder, check=True, capture_output=True, text=True,
+            )
+            seconds = time.perf_counter() - started
+        finally:
+            self.host.delete_snapshot(vm.uuid, snapshot.uuid)
         return seconds, int(json.loads(result.stdout)["archive"]["stats"]["deduplicated_size"])
 
     def round(self) -> dict[str, float]:
@@ -169,6 +226,7 @@ class Bench:
             })
             seconds, stored = self.borg_create(theirs, label)
             out.update({f"{label}_borg_s": seconds, f"{label}_borg_stored": stored})
+            self.cache_disk()
         shutil.rmtree(ours.path)
         shutil.rmtree(theirs)
         return out
@@ -211,9 +269,12 @@ def main() -> int:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="vbremote-bench-") as tmp:
+        os.environ["PYTHONPYCACHEPREFIX"] = str(Path(tmp) / "bytecode")
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
         print(f"preparing a simulated VM with a {args.disk_mib} MiB disk of mixed content ...", flush=True)
         bench = Bench(Path(tmp), args.disk_mib)
         try:
+            bench.warm_up()
             rounds = []
             for number in range(args.repeat):
                 rounds.append(bench.round())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,33 @@ class TestBorgReadsOurArchives:
         comment = json.loads(info["archives"][0]["comment"])
         assert comment["vm"] == {"name": "dev", "uuid": meta.vm_uuid}
         assert {f["path"] for f in comment["files"]} == {"vm.vbox", "vm.vdi", "vm.nvram"}
+
+    @pytest.mark.parametrize("compression", ["lz4", "zstd,3", "none"])
+    def test_blocks_compressed_as_borg_compresses_them(self, tmp_path, base_dir, borg_cli, compression):
+        """Blocks are stored as borg create -C stores them (compressed only when smaller), and borg extracts them."""
+        rng = random.Random(7)
+        text = b"".join(b"block %d of a guest's text file\n" % i for i in range(40000))[:MIB]
+        image = tmp_path / "disk.img"
+        # Compressible, incompressible, zero, half of each, and a short tail.
+        image.write_bytes(text + rng.randbytes(MIB) + bytes(MIB) + rng.randbytes(MIB // 2) + bytes(MIB // 2)
+                          + rng.randbytes(12345))
+        ours = vbremote.LocalTransport(tmp_path / "ours")
+        with vbremote.Repository.init(ours, passphrase=PASSPHRASE, base_dir=base_dir, compression=compression) as repo:
+            repo.write_archive("a", [vbremote.FileSpec(image, "disk.img", vbremote.FileRole.DISK)], metadata())
+        theirs = tmp_path / "theirs"
+        borg_cli("init", "--encryption=repokey", str(theirs))
+        borg_cli("create", "-C", compression, "--chunker-params", f"fixed,{MIB}", f"{theirs}::b", "disk.img",
+                 cwd=tmp_path)
+
+        def compressed_size(archive: str) -> int:
+            return int(borg_cli("list", "--format", "{csize}", archive, "disk.img"))
+
+        assert compressed_size(f"{ours.path}::a") == compressed_size(f"{theirs}::b")
+        borg_cli("check", "--verify-data", str(ours.path))
+        target = tmp_path / "out"
+        target.mkdir()
+        borg_cli("extract", f"{ours.path}::a", cwd=target)
+        assert (target / "disk.img").read_bytes() == image.read_bytes()
 
     def test_borg_records_our_chunker(self, repo, transport, tmp_path, borg_cli):
         """borg info reports the fixed chunker parameters vbremote used."""

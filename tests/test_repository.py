@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import threading
 import time
 import zlib
@@ -202,6 +203,39 @@ class TestWrite:
         assert result.chunks_zero == 5
         assert result.chunks_new == 2  # one zero chunk and the tail
 
+    def test_repeated_blocks_stored_once(self, repo, transport, borg_cli, tmp_path):
+        """Blocks repeated within one file, next to each other or not, are stored once and read back whole."""
+        rng = random.Random(11)
+        distinct = [rng.randbytes(MIB) for _ in range(3)]
+        content = b"".join(distinct[0] if i % 4 else distinct[(i // 4) % 3] for i in range(48))
+        spec = write_disk(tmp_path, content)
+        result = repo.write_archive("repeats", [spec], metadata())
+        assert (result.chunks, result.chunks_new, result.bytes_new) == (48, 3, 3 * MIB)
+        repo.close()
+        borg_cli("check", "--verify-data", str(transport.path))
+        out = tmp_path / "out"
+        out.mkdir()
+        borg_cli("extract", f"{transport.path}::repeats", cwd=out)
+        assert (out / "disk.img").read_bytes() == content
+
+    def test_repeat_read_before_its_first_block(self, repo, tmp_path):
+        """A block whose repeat was read first (threads race) is still stored with its own data."""
+        for attempt in range(8):
+            block = os.urandom(MIB)
+            spec = write_disk(tmp_path, block * 2)
+            # The first copy leaves the page cache, so the second one is likely read and hashed first.
+            fd = os.open(spec.source, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, MIB, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            result = repo.write_archive(f"a{attempt}", [spec], metadata())
+            assert (result.chunks, result.chunks_new) == (2, 1)
+            ids = [chunk.id for chunk in repo.chunk_list(f"a{attempt}", "disk.img").chunks]
+            assert [data for _, data in repo.fetch_chunks(ids)] == [block, block]
+        assert repo.check(verify_data=True).ok
+
     def test_incremental_sends_only_changes(self, repo, tmp_path):
         """A second archive after a small change sends only the changed blocks."""
         content = bytearray(disk_content(10))
@@ -240,6 +274,25 @@ class TestWrite:
         assert events
         assert events[-1].done == events[-1].total == 4 * MIB
         assert all(e.operation == "write" for e in events)
+
+    def test_progress_a_few_times_a_second(self, repo, tmp_path):
+        """A file gets an event at its first block, at its end, and in between at most one every 0.1 s."""
+        events: list[vbremote.Progress] = []
+        started = time.monotonic()
+        repo.write_archive("p", [write_disk(tmp_path, disk_content(64, seed=8))], metadata(), progress=events.append)
+        elapsed = time.monotonic() - started
+        assert events[0].done == MIB
+        assert events[-1].done == events[-1].total == 64 * MIB
+        assert len(events) <= 2 + elapsed / 0.1 + 1
+
+    def test_progress_once_for_a_file_of_one_chunk(self, repo, tmp_path):
+        """A file of one chunk, disk or not, gets one progress event."""
+        settings = tmp_path / "vm.vbox"
+        settings.write_text("<VirtualBox/>")
+        events: list[vbremote.Progress] = []
+        files = [vbremote.FileSpec(settings, "vm.vbox", vbremote.FileRole.SETTINGS), write_disk(tmp_path, b"x" * 1000)]
+        repo.write_archive("s", files, metadata(), progress=events.append)
+        assert [(e.path, e.done) for e in events] == [("vm.vbox", 13), ("disk.img", 1013)]
 
     def test_name_taken(self, repo, tmp_path):
         """Writing an existing name raises ArchiveExists and keeps the first archive."""
@@ -310,7 +363,7 @@ class TestWrite:
         spec = write_disk(tmp_path, disk_content(64, seed=2))
 
         def cancel(event: vbremote.Progress) -> None:
-            if event.done >= 8 * MIB:
+            if event.done > 0:  # the first event: after the first block, mid-write
                 raise KeyboardInterrupt
 
         repo = vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir)
@@ -334,7 +387,7 @@ class TestWrite:
         spec.source.write_bytes(disk_content(64, seed=4))
 
         def crash(event: vbremote.Progress) -> None:
-            if event.done >= 8 * MIB:
+            if event.done > 0:  # the first event: after the first block, mid-write
                 os.kill(repo._worker._process.pid, 9)
 
         with pytest.raises(vbremote.RepositoryError, match="ended unexpectedly"):

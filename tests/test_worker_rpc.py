@@ -64,7 +64,7 @@ class TestCancel:
         spec = write_disk(tmp_path, disk_content(64, seed=1))
 
         def cancel(event: vbremote.Progress) -> None:
-            if event.done >= 8 * MIB:
+            if event.done > 0:  # the first event: after the first block, mid-write
                 raise vbremote.ConfigurationError("stop here")
 
         with pytest.raises(vbremote.ConfigurationError, match="stop here"):
@@ -83,7 +83,7 @@ class TestCancel:
         pid = repo._worker._process.pid
 
         def cancel(event: vbremote.Progress) -> None:
-            if event.done >= 16 * MIB:
+            if event.done > 0:  # the first event: after the first block, mid-write
                 raise RuntimeError("caller gave up")
 
         with pytest.raises(RuntimeError, match="caller gave up"):
@@ -161,7 +161,7 @@ class TestInterrupt:
         stopped = []
 
         def stop_worker(event: vbremote.Progress) -> None:
-            if event.done >= 4 * MIB and not stopped:
+            if event.done > 0 and not stopped:  # the first event: mid-write
                 stopped.append(True)
                 os.kill(pid, signal.SIGSTOP)
 
@@ -207,7 +207,7 @@ class TestInterrupt:
         spec = write_disk(tmp_path, disk_content(32, seed=5))
 
         def interrupt(event: vbremote.Progress) -> None:
-            if event.done >= 4 * MIB:
+            if event.done > 0:  # the first event: after the first block, mid-write
                 raise KeyboardInterrupt
 
         with pytest.raises(KeyboardInterrupt):

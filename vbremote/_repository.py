@@ -521,10 +521,11 @@ class Repository:
 
         Disk images are cut in fixed blocks (all-zero blocks are neither hashed
         nor compressed); saved states in smaller content-defined chunks
-        (:meth:`Chunking.saved_state`); other files use borg's default chunker. Reading and
-        hashing run in parallel threads, ahead of compression and encryption.
-        The archive is an ordinary borg archive that ``borg`` itself lists,
-        checks and extracts.
+        (:meth:`Chunking.saved_state`); other files use borg's default chunker.
+        Reading, hashing and compressing disk blocks run in parallel threads,
+        ahead of encryption and storing (each in a thread of its own). The
+        archive is an ordinary borg archive that ``borg`` itself lists, checks
+        and extracts.
 
         Args:
             name: The archive name (must be new).
@@ -534,8 +535,9 @@ class Repository:
             metadata: vbremote's record of the snapshot, stored with the archive.
             timestamp: The archive time (default: now), like ``borg create --timestamp``.
             block_size: Fixed block size for disks (default: the repository's).
-            progress: Called with a :class:`Progress` as bytes are read. To
-                cancel, raise from it: the write is rolled back, nothing is
+            progress: Called with a :class:`Progress` as bytes are read: at
+                each file's first chunk and at its end, and in between at
+                most every 0.1 seconds. To cancel, raise from it: the write is rolled back, nothing is
                 committed, your exception is re-raised, and the repository
                 stays open and usable. No callback runs once the archive is
                 being committed.

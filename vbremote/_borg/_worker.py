@@ -32,6 +32,8 @@ from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from typing import Any
 
+import lz4.block
+
 from .._transports import _borg_url_path
 from . import _protocol
 from ._idhash import DEFAULT_READ_AHEAD, PROBE, ReadAheadMeter
@@ -128,8 +130,6 @@ class Worker:
         self.idle_logs: collections.deque[tuple[int, str, str]] = collections.deque(maxlen=100)
         self.repository: Any = None
         self.key: Any = None
-        # The repository's compressor; a file written with its own puts it back after.
-        self.compressor: Any = None
         self.manifest: Any = None
         self.location = ""
         self.append_only: bool | None = None
@@ -141,12 +141,18 @@ class Worker:
         # The request whose replies are being sent (None while idle).
         self.running: int | None = None
         self.handler = _ForwardingHandler(self)
+        # Reading, hashing and compressing file blocks (see _blocks).
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2))
-        # One thread: borg's compressors write into one module-wide buffer,
-        # and the cipher takes its nonces in order.
+        # One thread each: the cipher takes its nonces in order, and the
+        # repository is one connection that stores in order.
         self.encrypt_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        # borg's decompressors write into one module-wide buffer: one decompression at a time.
-        self.decompress_lock = threading.Lock()
+        self.put_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        # The compression of file data (see _Compression), by spec.
+        self.compression = ""
+        self.compressions: dict[str, _Compression] = {}
+        # borg's decompressors write into the module-wide buffer its compressors
+        # use too: one of either at a time.
+        self.decompress_lock = _BORG_COMPRESSION
         # Bytes of file data read ahead of their use, at most (see _blocks).
         self.read_ahead = DEFAULT_READ_AHEAD
         self.read_ahead_meter = ReadAheadMeter()
@@ -271,6 +277,7 @@ class Worker:
                 logging.getLogger("vbremote.borg.worker").exception("closing the repository failed")
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.encrypt_pool.shutdown(wait=False, cancel_futures=True)
+        self.put_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- opening ----------------------------------------------------------
 
@@ -375,16 +382,23 @@ class Worker:
         return self._describe(transport)
 
     def _set_compression(self, compression: str) -> None:
-        self.key.compressor = self.compressor = self._compressor(compression)
+        # borg's key compresses what it encrypts; file data arrives compressed
+        # already (see _Compression), archive metadata does not.
+        self.key.compressor = _KeyCompressor(self._compression(compression).compressor)
+        self.compression = compression
 
-    @staticmethod
-    def _compressor(compression: str) -> Any:
+    def _compression(self, spec: str) -> _Compression:
+        """The compression of one borg compression spec (refused when borg does not know it)."""
         from borg.compress import CompressionSpec
 
-        try:
-            return CompressionSpec(compression).compressor
-        except Exception as exc:  # borg raises argparse's error type here
-            raise _Refused("config", f"invalid compression {compression!r}: {exc}") from exc
+        found = self.compressions.get(spec)
+        if found is None:
+            try:
+                compressor = CompressionSpec(spec).compressor
+            except Exception as exc:  # borg raises argparse's error type here
+                raise _Refused("config", f"invalid compression {spec!r}: {exc}") from exc
+            found = self.compressions[spec] = _Compression(compressor)
+        return found
 
     def _describe(self, transport: Any) -> dict[str, Any]:
         local_append_only = getattr(self.repository, "append_only", None)
@@ -704,29 +718,52 @@ class Worker:
                 logging.getLogger("vbremote.borg.worker").debug("draining the fetch pipeline failed", exc_info=True)
                 return
 
-    def _blocks(self, fd: int, size: int, params: tuple[int, int], path: str, *, limit: int) -> Iterator[_Block]:
-        """The file's fixed blocks with their data, in order, hashed in parallel threads.
+    def _blocks(
+        self, fd: int, size: int, params: tuple[int, int], path: str, chunks: Any, compression: _Compression,
+        *, limit: int,
+    ) -> Iterator[_Block]:
+        """The file's fixed blocks in order: read, hashed and, unless the chunk
+        index has them, compressed, in parallel threads.
 
-        hashlib and hmac release the GIL on large buffers, so reading and
-        hashing overlap with whatever the caller does with each block
-        (compression and encryption, for a write). At most ``limit`` bytes
-        are read ahead (at least one block), whatever the number of CPUs:
-        memory, not threads, is what a large host would run out of.
+        Each thread reads into a buffer of its own, used again for every block
+        (fresh memory for each block costs more than the copy into it), and
+        hands on only the id and, for a block the index lacks, its compressed
+        data. ``os.preadv``, hashlib and hmac, and lz4 (see ``_Compression``)
+        release the GIL, so the threads run in parallel with each other and
+        with the caller's encryption and storing. At most ``limit`` bytes of
+        blocks are in flight (at least one block), whatever the number of
+        CPUs: memory, not threads, is what a large host would run out of.
+
+        The caller decides again, in file order, which blocks are new: a block
+        comes without data although it is new when a later block with the
+        same content was read first (see ``_compress_again``).
         """
         id_hash = self.key.id_hash
         zero_ids: dict[int, bytes] = {}
         meter = self.read_ahead_meter
+        buffers = threading.local()
+        claims: dict[bytes, int] = {}
 
         def job(offset: int, length: int) -> _Block:
-            data = os.pread(fd, length, offset)
-            if len(data) != length:
+            buffer: bytearray | None = getattr(buffers, "buffer", None)
+            if buffer is None or len(buffer) < length:
+                buffer = buffers.buffer = bytearray(max(length, params[0]))
+            view = memoryview(buffer)[:length]
+            if os.preadv(fd, [view], offset) != length:
                 raise _Refused("changed", f"{path}: file shrank while it was read")
-            if ZERO.startswith(data):
-                zero_id = zero_ids.get(length)
-                if zero_id is None:
-                    zero_id = zero_ids[length] = id_hash(ZERO[:length])
-                return _Block(offset, length, zero_id, None, True)
-            return _Block(offset, length, id_hash(data), data, False)
+            zero = ZERO.startswith(view)
+            if zero:
+                block_id = zero_ids.get(length)
+                if block_id is None:
+                    block_id = zero_ids[length] = id_hash(ZERO[:length])
+            else:
+                block_id = id_hash(view)
+            data = None
+            # The first block of its content to get here compresses it; a
+            # repeat of it in flight does not (the caller refers to the first).
+            if block_id not in chunks and claims.setdefault(block_id, offset) == offset:
+                data = compression.zeros(length) if zero else compression.compress(view)
+            return _Block(offset, length, block_id, data, zero)
 
         pending: collections.deque[tuple[concurrent.futures.Future[_Block], int]] = collections.deque()
         held = 0
@@ -753,6 +790,22 @@ class Worker:
             for future, length in pending:
                 future.cancel()
                 meter.give(length)
+            # A block being read must be done before its file is closed.
+            concurrent.futures.wait([future for future, _ in pending])
+
+    def _compress_again(self, fd: int, block: _Block, path: str, compression: _Compression) -> bytes:
+        """The compressed data of a new block that came without it.
+
+        That happens when a later block with the same content was read first
+        (threads race) and so compressed it instead, or, all but never, when
+        the chunk index had the block when it was read and no longer has it
+        (a checkpoint removes the metadata chunk of its own archive). The data
+        is read again and must still have the block's id.
+        """
+        data = os.pread(fd, block.size, block.offset)
+        if len(data) != block.size or self.key.id_hash(data) != block.id:
+            raise _Refused("changed", f"{path}: file changed while it was read")
+        return compression.compress(data)
 
     # -- writing ----------------------------------------------------------
 
@@ -761,45 +814,46 @@ class Worker:
         checkpoint_interval: float | None = None, supersede: tuple[str, ...] = (),
     ) -> dict[str, Any]:
         """Write one archive; commit a checkpoint archive every ``checkpoint_interval``
-        seconds of writing; with the archive, delete the checkpoint archives ``supersede``."""
+        seconds of writing; with the archive, delete the checkpoint archives ``supersede``.
+
+        Each file is compressed with its ``compression`` (a borg compression
+        spec) when it has one, else with the repository's.
+        """
         from borg.archive import Archive, Statistics, cached_hash
         from borg.chunker import get_chunker
         from borg.constants import CHUNKER_PARAMS
 
         if name in self.manifest.archives:
             raise _Refused("archive_exists", f"archive {name!r} already exists", archive=name)
-        # A file's own compression (e.g. zstd for a saved state), checked before anything is written.
-        compressors = [
-            self.compressor if f.get("compression") is None else self._compressor(f["compression"]) for f in files
+        # Each file's compression (e.g. zstd for a saved state), checked before anything is written.
+        compressions = [
+            self._compression(self.compression if f.get("compression") is None else f["compression"]) for f in files
         ]
         fixed = [f for f in files if f["chunking"][0] == "fixed"]
         archive_chunker = tuple(fixed[0]["chunking"]) if fixed else CHUNKER_PARAMS
         total = sum(os.stat(f["source"]).st_size for f in files)
         counts = {"read": 0, "new": 0, "stored": 0, "chunks": 0, "chunks_new": 0, "zero": 0}
         # archive.save() writes the manifest and commits.
-        with self._repository_compressor_after(), self._transaction(commit=False) as cache:
+        with self._transaction(commit=False) as cache:
             archive = Archive(
                 self.repository, self.key, self.manifest, name, cache=cache, create=True,
                 chunker_params=archive_chunker, noatime=True, noflags=True, noacls=True, noxattrs=True,
             )
             stats = archive.stats
             checkpoints = _Checkpoints(self, archive, cache, checkpoint_interval, comment, _naive_utc(timestamp))
+            progress = _Progress(self, total)
 
-            def add(chunk_id: bytes, data: Any, zero: bool) -> Any:
-                before = stats.csize
-                known = cache.seen_chunk(chunk_id, len(data))
-                entry = cache.add_chunk(chunk_id, data, stats, wait=False)
-                self.repository.async_response(wait=False)
+            def add(chunk_id: bytes, data: bytes, zero: bool, compression: _Compression) -> Any:
                 counts["chunks"] += 1
                 counts["zero"] += zero
-                if not known:
-                    counts["chunks_new"] += 1
-                    counts["new"] += len(data)
-                    counts["stored"] += stats.csize - before
-                return entry
+                if cache.seen_chunk(chunk_id, len(data)):
+                    return cache.chunk_incref(chunk_id, stats)
+                cdata = self.key.encrypt(_Compressed(compression.compress(data)))
+                self.repository.put(chunk_id, cdata, wait=False)
+                self.repository.async_response(wait=False)
+                return self._stored(cache, stats, counts, chunk_id, len(data), len(cdata))
 
-            for spec, compressor in zip(files, compressors, strict=True):
-                self.key.compressor = compressor
+            for spec, compression in zip(files, compressions, strict=True):
                 with open(spec["source"], "rb") as f:
                     fd = f.fileno()
                     st = os.fstat(fd)
@@ -814,18 +868,20 @@ class Worker:
                     if spec["chunking"][0] == "fixed":
                         params = (spec["chunking"][1], spec["chunking"][2])
                         self._store_blocks(
-                            fd, st.st_size, params, spec["path"], cache, stats, counts, total, entries, checkpoints
+                            fd, st.st_size, params, spec["path"], cache, stats, counts, entries, checkpoints,
+                            compression, progress,
                         )
                     else:
                         chunker = get_chunker(*spec["chunking"], seed=self.key.chunk_seed)
                         for chunk in chunker.chunkify(f, fd):
                             chunk_id, data = cached_hash(chunk, self.key.id_hash)
                             zero = chunk.meta["allocation"] != 0
-                            entries.append(add(chunk_id, data, zero))
+                            entries.append(add(chunk_id, data, zero, compression))
                             counts["read"] += len(data)
+                            progress.block(spec["path"], counts["read"])
                             if checkpoints.due():
                                 checkpoints.write()
-                        self._progress("write", spec["path"], counts["read"], total)
+                    progress.file_done(spec["path"], counts["read"])
                     if sum(e.size for e in entries) != st.st_size:
                         raise _Refused("changed", f"{spec['path']}: file changed size while it was read")
                     checkpoints.finish_file(stats)
@@ -850,85 +906,91 @@ class Worker:
         )
         return counts_out
 
-    @contextlib.contextmanager
-    def _repository_compressor_after(self) -> Iterator[None]:
-        """Put the repository's compressor back on the key when the block ends, however it ends."""
-        try:
-            yield
-        finally:
-            self.key.compressor = self.compressor
+    @staticmethod
+    def _stored(cache: Any, stats: Any, counts: dict[str, int], chunk_id: bytes, size: int, csize: int) -> Any:
+        """Record a chunk just sent to the repository, as borg's ``Cache.add_chunk`` does; its chunk list entry."""
+        from borg.item import ChunkListEntry
+
+        cache.chunks.add(chunk_id, 1, size, csize)
+        stats.update(size, csize, True)
+        counts["chunks_new"] += 1
+        counts["new"] += size
+        counts["stored"] += csize
+        return ChunkListEntry(chunk_id, size, csize)
 
     def _store_blocks(
         self, fd: int, size: int, params: tuple[int, int], path: str, cache: Any, stats: Any,
-        counts: dict[str, int], total: int, entries: list[Any], checkpoints: _Checkpoints,
+        counts: dict[str, int], entries: list[Any], checkpoints: _Checkpoints, compression: _Compression,
+        progress: _Progress,
     ) -> None:
-        """Store a file's fixed blocks through a read/hash -> compress/encrypt -> store pipeline.
+        """Store a file's fixed blocks through a pipeline of threads.
 
-        Threads read and hash blocks ahead (hashing releases the GIL). One
-        thread compresses and encrypts new blocks: lz4/zstd release the GIL
-        but borg's compressors share one output buffer, and the cipher takes
-        its nonces in order, so never two at once. (A separate compression
-        thread was measured slower: more threads, more GIL hand-offs.) This
-        thread stores in file order and does the chunk bookkeeping of borg's
-        ``Cache.add_chunk``; nothing else encrypts while blocks are in flight.
+        Threads read, hash and compress blocks ahead (``_blocks``). One thread
+        encrypts the new ones, in file order (the cipher takes its nonces in
+        order, and borg's encryption holds the GIL); one more stores them, in
+        the same order (the repository is one connection; its writes release
+        the GIL). This thread decides in file order which blocks are new and
+        does the chunk bookkeeping of borg's ``Cache.add_chunk``; nothing else
+        touches the repository or the key while blocks are in flight.
 
         The read-ahead limit is shared: half for blocks being read and
-        hashed, half for new blocks waiting here (plaintext and ciphertext,
-        counted as twice the block); known blocks drop their data at once.
+        hashed, half for new blocks waiting here (compressed and encrypted,
+        counted as twice the block); known blocks carry no data.
 
         The file's chunk list entries are appended to ``entries`` as blocks
         are stored. When a checkpoint is due, the blocks in flight are stored
-        first (so nothing else uses the key while the checkpoint encrypts its
-        metadata), then the checkpoint is committed.
+        first (so nothing else uses the key or the repository while the
+        checkpoint is committed), then the checkpoint is committed.
         """
-        from borg.item import ChunkListEntry
-
         key = self.key
+        repository = self.repository
         limit = max(1, self.read_ahead // 2)
         meter = self.read_ahead_meter
         held = 0
         in_flight: set[bytes] = set()
-        queue: collections.deque[tuple[_Block, concurrent.futures.Future[bytes] | None]] = collections.deque()
+        queue: collections.deque[tuple[_Block, _Sealing | None]] = collections.deque()
 
-        def encrypt(block: _Block) -> bytes:
-            return bytes(key.encrypt(block.data if block.data is not None else ZERO[: block.size]))
+        def put(block_id: bytes, cdata: bytes) -> None:
+            repository.put(block_id, cdata, wait=False)
+            repository.async_response(wait=False)
+
+        def encrypt(block_id: bytes, data: bytes) -> tuple[int, concurrent.futures.Future[None]]:
+            cdata = key.encrypt(_Compressed(data))
+            return len(cdata), self.put_pool.submit(put, block_id, cdata)
 
         def finish() -> None:
             nonlocal held
-            block, future = queue.popleft()
-            if future is not None:
-                held -= 2 * block.size
-                meter.give(2 * block.size)
-            if future is None:  # known to the repository, or an earlier block of this file
+            block, sealing = queue.popleft()
+            if sealing is None:  # known to the repository, or an earlier block of this file
                 entries.append(cache.chunk_incref(block.id, stats))
             else:
-                cdata = future.result()
-                self.repository.put(block.id, cdata, wait=False)
-                self.repository.async_response(wait=False)
-                cache.chunks.add(block.id, 1, block.size, len(cdata))
-                stats.update(block.size, len(cdata), True)
+                held -= 2 * block.size
+                meter.give(2 * block.size)
+                csize, stored = sealing.result()
+                stored.result()
+                entries.append(self._stored(cache, stats, counts, block.id, block.size, csize))
                 in_flight.discard(block.id)
-                entries.append(ChunkListEntry(block.id, block.size, len(cdata)))
-                counts["chunks_new"] += 1
-                counts["new"] += block.size
-                counts["stored"] += len(cdata)
             counts["chunks"] += 1
             counts["zero"] += block.zero
             counts["read"] += block.size
-            self._progress("write", path, counts["read"], total)
+            progress.block(path, counts["read"])
 
         try:
-            for block in self._blocks(fd, size, params, path, limit=limit):
+            for block in self._blocks(fd, size, params, path, cache.chunks, compression, limit=limit):
                 if block.id in in_flight or cache.seen_chunk(block.id, block.size):
                     block.data = None
                     queue.append((block, None))
                 else:
+                    data = block.data
+                    if data is None:
+                        data = self._compress_again(fd, block, path, compression)
+                    block.data = None
                     while queue and held + 2 * block.size > limit:
                         finish()
                     in_flight.add(block.id)
                     held += 2 * block.size
                     meter.take(2 * block.size)
-                    queue.append((block, self.encrypt_pool.submit(encrypt, block)))
+                    queue.append((block, self.encrypt_pool.submit(encrypt, block.id, data)))
                 while queue and _ready(queue[0][1]):
                     finish()
                 if checkpoints.due():
@@ -938,13 +1000,16 @@ class Worker:
             while queue:
                 finish()
         finally:
-            for block, future in queue:
-                if future is not None:
-                    future.cancel()
+            for block, sealing in queue:
+                if sealing is not None:
+                    sealing.cancel()
                     meter.give(2 * block.size)
-            # A block still being encrypted (after an error) must be done
-            # before anything else may use the key.
-            concurrent.futures.wait([f for _, f in queue if f is not None and not f.cancelled()])
+            # Blocks still being encrypted or stored (after an error) must be
+            # done before anything else may use the key or the repository.
+            for _, sealing in queue:
+                if sealing is not None and not sealing.cancelled():
+                    with contextlib.suppress(Exception):
+                        sealing.result()[1].exception()
 
     def _progress(self, operation: str, path: str, done: int, total: int) -> None:
         # Between blocks: the place where a cancelled operation stops.
@@ -1356,8 +1421,140 @@ class _Block:
         self.offset, self.size, self.id, self.data, self.zero = offset, size, id, data, zero
 
 
-def _ready(future: concurrent.futures.Future[bytes] | None) -> bool:
-    return future is None or future.done()
+# A new block's way to the repository: its encryption, which gives the size
+# of the ciphertext and the store of it.
+_Sealing = concurrent.futures.Future[tuple[int, concurrent.futures.Future[None]]]
+
+
+def _ready(sealing: _Sealing | None) -> bool:
+    """Whether a block in the store queue can be finished without waiting."""
+    if sealing is None:
+        return True
+    if not sealing.done():
+        return False
+    if sealing.cancelled() or sealing.exception() is not None:
+        return True
+    return sealing.result()[1].done()
+
+
+class _Progress:
+    """Progress replies of one write, a few per second rather than one per block.
+
+    Each file gets one at its first block and one at its end; in between, one
+    when ``INTERVAL`` seconds have passed since the last. Every block still
+    checks for a cancel.
+    """
+
+    INTERVAL = 0.1
+
+    def __init__(self, worker: Worker, total: int) -> None:
+        self.worker = worker
+        self.total = total
+        # The last event sent: its file, bytes done and time.
+        self.path = ""
+        self.done = -1
+        self.last = 0.0
+
+    def block(self, path: str, done: int) -> None:
+        self.worker.check_cancelled()
+        now = time.monotonic()
+        if path != self.path or now - self.last >= self.INTERVAL:
+            self._send(path, done, now)
+
+    def file_done(self, path: str, done: int) -> None:
+        self.worker.check_cancelled()
+        if (path, done) != (self.path, self.done):  # a file of one chunk has had its last event
+            self._send(path, done, time.monotonic())
+
+    def _send(self, path: str, done: int, now: float) -> None:
+        self.path, self.done, self.last = path, done, now
+        self.worker.reply(_protocol.PROGRESS, ("write", path, done, self.total))
+
+
+# borg's compressors and decompressors (borg/compress.pyx, 1.4.5) all write
+# into one module-wide output buffer: two of them must never run at once.
+_BORG_COMPRESSION = threading.Lock()
+
+# The ids borg puts before compressed data (compress.pyx: CNONE.ID, LZ4.ID).
+_STORED_ID = b"\x00\x00"
+_LZ4_ID = b"\x01\x00"
+
+
+class _Compressed:
+    """File data compressed already, in borg's format: the key's compressor passes it through."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class _KeyCompressor:
+    """The key's compressor (borg's keys compress what they encrypt): data
+    compressed already passes through as is; anything else (archive metadata)
+    is compressed by borg's compressor, one at a time."""
+
+    def __init__(self, compressor: Any) -> None:
+        self.compressor = compressor
+
+    def compress(self, data: Any) -> Any:
+        if isinstance(data, _Compressed):
+            return data.data
+        with _BORG_COMPRESSION:
+            return self.compressor.compress(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.compressor, name)
+
+
+class _Compression:
+    """One borg compression spec, for file data: callable from several threads at once.
+
+    lz4 (borg's default, and vbremote's) is done by the lz4 package, which
+    releases the GIL and has no shared buffer, so blocks compress in
+    parallel. The result is what borg's own LZ4 compressor makes
+    (compress.pyx, ``LZ4._decide`` and ``DecidingCompressor.decide_compress``,
+    1.4.5): the id 01 00 and the raw LZ4 block when that is smaller than the
+    data, else the id 00 00 and the data. ``none`` is stored as borg stores
+    it. Any other spec (zstd, lzma, auto, obfuscate) is borg's own
+    compressor, one block at a time.
+    """
+
+    def __init__(self, compressor: Any) -> None:
+        from borg.compress import CNONE, LZ4
+
+        self.compressor = compressor
+        self.compress: Callable[[bytes | memoryview], bytes]
+        if type(compressor) is LZ4:
+            self.compress = self._lz4
+        elif type(compressor) is CNONE:
+            self.compress = self._stored
+        else:
+            self.compress = self._borg
+        self._zeros: dict[int, bytes] = {}
+
+    def zeros(self, length: int) -> bytes:
+        """The compressed data of ``length`` zero bytes (computed once per length)."""
+        found = self._zeros.get(length)
+        if found is None:
+            found = self._zeros[length] = self.compress(ZERO[:length])
+        return found
+
+    @staticmethod
+    def _lz4(data: bytes | memoryview) -> bytes:
+        compressed: bytes = lz4.block.compress(data, store_size=False)
+        if len(compressed) < len(data):
+            return _LZ4_ID + compressed
+        return _STORED_ID + data
+
+    @staticmethod
+    def _stored(data: bytes | memoryview) -> bytes:
+        return _STORED_ID + data
+
+    def _borg(self, data: bytes | memoryview) -> bytes:
+        plain = bytes(data)
+        with _BORG_COMPRESSION:
+            return bytes(self.compressor.compress(plain))
 
 
 @contextlib.contextmanager
@@ -1616,6 +1813,11 @@ def main() -> None:
 
     Passphrase.getpass = classmethod(_refuse_prompt)
     worker.serve()
+    # The repository is closed and every reply sent: end here, without the
+    # interpreter's teardown (tens of milliseconds of freeing what borg held),
+    # which would only delay the caller that waits for this process to end.
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
