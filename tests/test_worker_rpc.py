@@ -311,3 +311,17 @@ class TestInStep:
             assert sum(1 for _ in chunks) == len(ids) - 1
         other.join(30)
         assert results == [1]
+
+
+class TestWorkerStart:
+    def test_the_current_folder_cannot_shadow_borg_or_vbremote(self, tmp_path, base_dir, monkeypatch):
+        """A `borg` or `vbremote` folder in the caller's working folder is never what the worker imports."""
+        shadow = tmp_path / "cwd"
+        for name in ("borg", "vbremote"):
+            (shadow / name).mkdir(parents=True)
+            (shadow / name / "__init__.py").write_text(f"raise ImportError('the {name} of the working folder')\n")
+        monkeypatch.chdir(shadow)
+        transport = vbremote.LocalTransport(tmp_path / "repo")
+        vbremote.Repository.init(transport, passphrase=PASSPHRASE, base_dir=base_dir).close()
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir) as repo:
+            assert repo.archives() == []

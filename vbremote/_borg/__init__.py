@@ -164,8 +164,10 @@ class BorgWorker:
         reply_read, reply_write = os.pipe()
         _widen_pipe(reply_write)
         try:
+            # -P: the caller's working folder is not put on the worker's import
+            # path (a folder named borg or vbremote there must not be imported).
             self._process = subprocess.Popen(
-                [sys.executable, "-c", (_EARLY_START if serve_command is not None else "") + _WORKER_PROGRAM],
+                [sys.executable, "-P", "-c", (_EARLY_START if serve_command is not None else "") + _WORKER_PROGRAM],
                 stdin=request_read,
                 stdout=reply_write,
                 stderr=subprocess.PIPE,
