@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -270,3 +271,55 @@ class TestBlockAccessOnBorgArchives:
                 repo.chunk_lists("evil")
             assert caught.value.archive == "evil"
             assert caught.value.path == "../../etc/cron.d/x"
+
+
+# Every stored object's AES-CTR counter range (envelope: type, 32-byte MAC, 8-byte IV, ciphertext).
+COUNTER_RANGES = (
+    "import sys\n"
+    "import borg.logger\n"
+    "borg.logger.setup_logging()\n"
+    "from borg.repository import Repository\n"
+    "with Repository(sys.argv[1], exclusive=True) as repository:\n"
+    "    for object_id in repository.list(limit=1000000):\n"
+    "        data = repository.get(object_id)\n"
+    "        first = int.from_bytes(data[33:41], 'big')\n"
+    "        print(first, first + (len(data) - 41 + 15) // 16)\n"
+)
+
+
+class TestNonces:
+    def test_reads_between_writes_never_reuse_a_counter(self, tmp_path, base_dir, borg_cli):
+        """Listing, chunk lists, fetches and a cancelled write between writes leave no two objects sharing keystream."""
+        transport = vbremote.LocalTransport(tmp_path / "r")
+        rng = random.Random(7)
+
+        def disk(name: str, mib: int) -> vbremote.FileSpec:
+            path = tmp_path / name
+            path.write_bytes(rng.randbytes(mib * MIB))
+            return vbremote.FileSpec(path, name, vbremote.FileRole.DISK)
+
+        class Stop(Exception):
+            pass
+
+        def stop(event: vbremote.Progress) -> None:
+            if event.done > 0:
+                raise Stop
+
+        vbremote.Repository.init(transport, passphrase=PASSPHRASE, base_dir=base_dir).close()
+        with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir) as repo:
+            repo.write_archive("a", [disk("a.vdi", 2)], metadata(), checkpoint_interval=None)
+            listed = repo.chunk_lists("a").files()["a.vdi"].chunks
+            with repo.fetch([c.id for c in listed]) as stream:
+                assert sum(len(chunk.data) for chunk in stream) == 2 * MIB
+            repo.write_archive("b", [disk("b.vdi", 2)], metadata(), checkpoint_interval=None)
+            assert [a.name for a in repo.archives()] == ["a", "b"]
+            with pytest.raises(Stop):
+                repo.write_archive("cancelled", [disk("x.vdi", 4)], metadata(), checkpoint_interval=None,
+                                   progress=stop)
+            repo.write_archive("c", [disk("c.vdi", 2)], metadata(), checkpoint_interval=None)
+        result = subprocess.run([sys.executable, "-c", COUNTER_RANGES, str(transport.path)], env=borg_cli.env(),
+                                capture_output=True, text=True, check=True)
+        ranges = sorted(tuple(int(n) for n in line.split()) for line in result.stdout.splitlines())
+        assert len(ranges) > 12
+        overlapping = [(x, y) for x, y in itertools.pairwise(ranges) if y[0] < x[1]]
+        assert overlapping == []

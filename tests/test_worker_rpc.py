@@ -325,3 +325,30 @@ class TestWorkerStart:
         vbremote.Repository.init(transport, passphrase=PASSPHRASE, base_dir=base_dir).close()
         with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir) as repo:
             assert repo.archives() == []
+
+
+class TestKeyGuard:
+    def test_nonce_reservations_take_the_repository_lock(self):
+        """borg's nonce manager asks the repository for reservations only while holding the write's repository lock."""
+        from vbremote._borg._worker import _guard_key
+
+        lock = threading.Lock()
+        held: list[bool] = []
+
+        class NonceManager:
+            def get_repo_free_nonce(self) -> int:
+                held.append(lock.locked())
+                return 7
+
+            def commit_repo_nonce_reservation(self, following: int, start: int) -> None:
+                held.append(lock.locked())
+
+        class Key:
+            nonce_manager = NonceManager()
+
+        key = Key()
+        _guard_key(key, lock)
+        assert key.nonce_manager.get_repo_free_nonce() == 7
+        key.nonce_manager.commit_repo_nonce_reservation(9, 7)
+        assert held == [True, True]
+        assert not lock.locked()

@@ -147,6 +147,10 @@ class Worker:
         # repository is one connection that stores in order.
         self.encrypt_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self.put_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        # Held by whichever thread talks to the repository while a write's
+        # threads run: the put thread, or the encrypt thread when borg's nonce
+        # manager asks the repository for a new reservation (see _guard_key).
+        self.repository_lock = threading.Lock()
         # The compression of file data (see _Compression), by spec.
         self.compression = ""
         self.compressions: dict[str, _Compression] = {}
@@ -343,6 +347,7 @@ class Worker:
         try:
             args = _InitArgs(encryption=encryption, location=Location(_borg_location(transport)))
             key = key_creator(repository, args)
+            _guard_key(key, self.repository_lock)
             manifest = Manifest(key, repository)
             manifest.key = key
             manifest.config[_BLOCK_SIZE_KEY] = block_size
@@ -373,6 +378,7 @@ class Worker:
         _set_passphrase(passphrase, new=False)
         repository = self._connect(transport, create=False, lock_wait=lock_wait, exclusive=exclusive)
         self.manifest, self.key = Manifest.load(repository, Manifest.NO_OPERATION_CHECK)
+        _guard_key(self.key, self.repository_lock)
         _repair_cache_rollback(repository)
         assert_secure(repository, self.manifest, lock_wait)
         # borg asks this only when it first writes; refuse at open instead, and
@@ -951,8 +957,9 @@ class Worker:
         queue: collections.deque[tuple[_Block, _Sealing | None]] = collections.deque()
 
         def put(block_id: bytes, cdata: bytes) -> None:
-            repository.put(block_id, cdata, wait=False)
-            repository.async_response(wait=False)
+            with self.repository_lock:
+                repository.put(block_id, cdata, wait=False)
+                repository.async_response(wait=False)
 
         def encrypt(block_id: bytes, data: bytes) -> tuple[int, concurrent.futures.Future[None]]:
             cdata = key.encrypt(_Compressed(data))
@@ -1345,6 +1352,48 @@ class _FetchBudget:
         with self.changed:
             self.closed = True
             self.changed.notify_all()
+
+
+def _guard_key(key: Any, repository_lock: threading.Lock) -> None:
+    """Make a borg key safe for this worker's long session and its write threads.
+
+    Nonces: borg 1.4.5's AES-CTR keys use one cipher object both ways, and a
+    decrypt sets its counter to the decrypted object's (crypto/low_level.pyx
+    ``AES256_CTR_BASE.decrypt`` calls ``set_iv``); the next encrypt starts at
+    ``cipher.next_iv()``, which the nonce manager accepts as long as it lies
+    inside the current reservation (crypto/nonces.py ``ensure_reservation``).
+    A borg command rarely decrypts between two encrypts; this worker does
+    (listing, fetching, chunk lists, the manifest reloaded after a rollback
+    between two writes), so every decrypt puts the counter back where it was.
+
+    The repository: when a reservation runs out (every 2**28 cipher blocks),
+    the nonce manager asks the repository for the next one from inside
+    ``key.encrypt``, on the encrypt thread, while the put thread may be in
+    the middle of a put; borg's RemoteRepository is not thread-safe, so both
+    take ``repository_lock``.
+    """
+    cipher = getattr(key, "cipher", None)
+    if cipher is not None and hasattr(cipher, "next_iv"):
+        decrypt = key.decrypt
+
+        def decrypt_keeping_the_counter(*args: Any, **kwargs: Any) -> Any:
+            following = key.cipher.next_iv()
+            try:
+                return decrypt(*args, **kwargs)
+            finally:
+                key.cipher.set_iv(following)
+
+        key.decrypt = decrypt_keeping_the_counter
+    manager = getattr(key, "nonce_manager", None)
+    if manager is not None:
+        for name in ("get_repo_free_nonce", "commit_repo_nonce_reservation"):
+            method = getattr(manager, name)
+
+            def guarded(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
+                with repository_lock:
+                    return _method(*args, **kwargs)
+
+            setattr(manager, name, guarded)
 
 
 def _repair_cache_rollback(repository: Any) -> None:
