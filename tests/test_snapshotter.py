@@ -754,6 +754,47 @@ class TestCheckpoints:
                 == vbremote.DEFAULT_CHECKPOINT_INTERVAL)
 
 
+class TestStorage:
+    def test_saved_state_in_zstd_and_small_chunks_disks_in_lz4(self, tmp_path: Path, base_dir: Path,
+                                                              borg_cli: BorgCLI):
+        """A snapshot stores the VM's saved state with zstd in chunks of at most 1 MiB, its disks with lz4."""
+        transport = vbremote.LocalTransport(tmp_path / "plain")
+        # Unencrypted, so that each stored object shows borg's compressor id.
+        with vbremote.Repository.init(transport, encryption="none", base_dir=base_dir) as repo:
+            scene = Scene(tmp_path, "7.1", repo, borg_cli, transport)
+            try:
+                scene.sim.start("dev", workload=HOT)
+                scene.host.save_state("dev")
+                state_file = scene.host.vm("dev").state_file
+                assert state_file is not None
+                # The simulator's RAM is random (stored uncompressed by any compressor): give it pages of text.
+                size = state_file.stat().st_size
+                state_file.write_bytes((b"".join(b"guest page %08d\n" % i for i in range(size // 20 + 1)))[:size])
+                result = scene.snapshotter.take("dev")
+                listed = repo.chunk_lists(result.archive).files()
+            finally:
+                scene.close()
+        assert result.mode is vbremote.SnapshotMode.OFFLINE
+        roles = {f.path: f.role for f in result.archive.files}
+        states = [path for path, role in roles.items() if role is vbremote.FileRole.STATE]
+        disks = [path for path, role in roles.items() if role is vbremote.FileRole.DISK]
+        assert states
+        assert disks
+        headers: dict[vbremote.FileRole, set[bytes]] = {}
+        for n, path in enumerate(states + disks):
+            if path in states:
+                assert result.archive.file(path).chunking == vbremote.Chunking.saved_state()
+                assert max(chunk.size for chunk in listed[path].chunks) <= MIB
+            for m, chunk in enumerate(listed[path].chunks):
+                out = tmp_path / f"obj-{n}-{m}"
+                borg_cli("debug", "get-obj", str(transport.path), chunk.id.hex(), str(out))
+                # The plaintext key's type byte, then borg's compressor id: 03 00 zstd, 01 00 lz4, 00 00 none.
+                headers.setdefault(roles[path], set()).add(out.read_bytes()[:3])
+        assert headers[vbremote.FileRole.STATE] == {b"\x02\x03\x00"}
+        assert b"\x02\x01\x00" in headers[vbremote.FileRole.DISK]
+        assert headers[vbremote.FileRole.DISK] <= {b"\x02\x01\x00", b"\x02\x00\x00"}
+
+
 class TestProgressAndLogs:
     def test_phases_in_order(self, scene71: Scene, caplog: pytest.LogCaptureFixture):
         """Progress events come in phase order, archive events per file in bytes; the run logs to vbremote.snapshot."""
