@@ -214,7 +214,7 @@ def hash_ranges(
     todo = [i for i, (offset, size) in enumerate(ranges) if offset + size <= file_size]
     if not todo:
         return results
-    budget = _Budget(read_ahead, meter)
+    budget = Budget(read_ahead, meter)
     cursor = itertools.count()
     stop = threading.Event()
     finished: queue.SimpleQueue[int | BaseException | None] = queue.SimpleQueue()
@@ -299,10 +299,12 @@ def hash_ranges(
     return results
 
 
-class _Budget:
-    """Bytes read and not yet hashed, kept at or under a limit (one piece may always go)."""
+class Budget:
+    """Bytes in flight (read and not yet hashed, or decrypted and not yet
+    sent), kept at or under a limit (one piece may always go); counted on
+    ``meter`` too when one is given."""
 
-    def __init__(self, limit: int, meter: ReadAheadMeter) -> None:
+    def __init__(self, limit: int, meter: ReadAheadMeter | None = None) -> None:
         self.limit = limit
         self.meter = meter
         self.held = 0
@@ -314,10 +316,12 @@ class _Budget:
             while self.held and self.held + size > self.limit and not self.closed:
                 self.changed.wait()
             self.held += size
-        self.meter.take(size)
+        if self.meter is not None:
+            self.meter.take(size)
 
     def give(self, size: int) -> None:
-        self.meter.give(size)
+        if self.meter is not None:
+            self.meter.give(size)
         with self.changed:
             self.held -= size
             self.changed.notify()

@@ -36,7 +36,7 @@ import lz4.block
 
 from .._transports import _borg_url_path
 from . import _protocol
-from ._idhash import DEFAULT_READ_AHEAD, PROBE, ReadAheadMeter
+from ._idhash import DEFAULT_READ_AHEAD, PROBE, Budget, ReadAheadMeter
 
 # --- borg is imported below, after stdout has been moved out of the way ---
 
@@ -1190,7 +1190,7 @@ class _FetchSender:
         ] = queue.Queue(
             maxsize=_FETCH_AHEAD_CHUNKS
         )
-        self.budget = _FetchBudget(_FETCH_AHEAD_BYTES)
+        self.budget = Budget(_FETCH_AHEAD_BYTES)
         self.failure: BaseException | None = None
         self.thread = threading.Thread(target=self.run, name="vbremote-fetch-send", daemon=True)
         self.thread.start()
@@ -1326,32 +1326,6 @@ class _SegmentReadAhead:
         finally:
             for fd in fds.values():
                 os.close(fd)
-
-
-class _FetchBudget:
-    """Payload bytes decrypted and not yet sent, kept at or under a limit (one chunk may always go)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
-        self.closed = False
-        self.changed = threading.Condition()
-
-    def take(self, size: int) -> None:
-        with self.changed:
-            while self.held and self.held + size > self.limit and not self.closed:
-                self.changed.wait()
-            self.held += size
-
-    def give(self, size: int) -> None:
-        with self.changed:
-            self.held -= size
-            self.changed.notify()
-
-    def close(self) -> None:
-        with self.changed:
-            self.closed = True
-            self.changed.notify_all()
 
 
 def _guard_key(key: Any, repository_lock: threading.Lock) -> None:
