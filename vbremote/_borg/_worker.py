@@ -937,7 +937,9 @@ class Worker:
         the same order (the repository is one connection; its writes release
         the GIL). This thread decides in file order which blocks are new and
         does the chunk bookkeeping of borg's ``Cache.add_chunk``; nothing else
-        touches the repository or the key while blocks are in flight.
+        touches the key while blocks are in flight, and the repository only
+        under ``repository_lock`` (the put thread, and borg's nonce manager on
+        the encrypt thread: see ``_guard_key``).
 
         The read-ahead limit is shared: half for blocks being read and
         hashed, half for new blocks waiting here (compressed and encrypted,
