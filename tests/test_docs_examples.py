@@ -6,10 +6,18 @@ import re
 import tempfile
 from pathlib import Path
 
+import pytest
+
 import vbremote
 from vbremote.testing import MIB, SimulatedVirtualBox
 
 DOCS = Path(__file__).parent.parent / "docs"
+
+
+@pytest.fixture(autouse=True)
+def _temporary_files_in_tmp_path(tmp_path, monkeypatch):
+    """The examples make their folders with ``tempfile.mkdtemp()``, as a reader would: keep them in tmp_path."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 def example(page: str, name: str) -> str:
