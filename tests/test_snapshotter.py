@@ -582,6 +582,9 @@ class TestCrash:
             [sys.executable, "-c", _CRASHING_RUN, str(home), str(transport.path), str(base_dir),
              str(tmp_path / "state")], env=env, capture_output=True, text=True, timeout=120, check=False)
         assert child.returncode == -signal.SIGKILL, child.stderr
+        # The killed run's work folder holds the settings it was archiving; the next run removes it.
+        (work,) = (tmp_path / "state" / "work").iterdir()
+        assert [p.suffix for p in work.iterdir()] == [".vbox"]
         borg_cli("check", str(transport.path))
         assert borg_cli("list", "--short", str(transport.path)).split() == []
         with SimulatedVirtualBox(home, version="7.1") as sim, vbremote.Repository.open(
@@ -593,6 +596,7 @@ class TestCrash:
             assert [s.uuid for s in result.leftovers] == [left.uuid]
             assert host.vm("dev").snapshots() == ()
             assert [a.name for a in repo.archives()] == [result.archive.name]
+        assert list((tmp_path / "state" / "work").iterdir()) == []
 
 
 class TestStateFolder:

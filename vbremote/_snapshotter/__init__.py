@@ -22,8 +22,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import socket
-import tempfile
 import time
 import uuid as uuid_module
 from collections.abc import Callable, Iterable
@@ -123,7 +123,7 @@ class Snapshotter:
             ``offline``, ``migrate``) and ``run`` (the run id). When the name
             is taken (two snapshots in one second), ``-2``, ``-3`` … is added.
         state_dir: vbremote's state folder, which holds the per-VM lock files
-            (default: ``$XDG_STATE_HOME/vbremote``, else
+            and, during a run, the VM's work folder ``work/<vm uuid>`` (default: ``$XDG_STATE_HOME/vbremote``, else
             ``~/.local/state/vbremote``).
         lock_wait: Seconds to wait when another run holds the VM's lock
             (default: do not wait).
@@ -215,6 +215,7 @@ class Snapshotter:
         with vm_lock(self.state_dir, info.uuid, wait=self.lock_wait, vm=info.name):
             emit("locking", info.name, 1, 1)
             log.debug("%s: holding the snapshot lock", info.name)
+            shutil.rmtree(self._scratch(info.uuid), ignore_errors=True)  # what a killed run left
             # Read again under the lock: a run that held it until now has
             # deleted its transient snapshot, which must not look like a leftover.
             leftovers = self._remove_leftovers(self.host.vm(info.uuid), emit)
@@ -324,13 +325,23 @@ class Snapshotter:
         for image in images:
             log.info("%s: DVD/floppy image %s is referred to, not archived", info.name, image)
         metadata = self._metadata(info, snapshot, mode, labels, collected)
-        with tempfile.TemporaryDirectory(prefix="vbremote-snapshot-") as private:
-            settings_copy = Path(private) / info.settings_file.name
+        # The archived settings are written to a folder of this VM's under the state folder, used
+        # only under the VM's lock: what a killed run left there, the next run removes (take()).
+        private = self._scratch(info.uuid)
+        private.mkdir(parents=True, mode=0o700)
+        try:
+            settings_copy = private / info.settings_file.name
             settings_copy.write_bytes(settings)
             files = [FileSpec(settings_copy, info.settings_file.name, FileRole.SETTINGS), *collected.files]
             sizes = {spec.path: spec.source.stat().st_size for spec in files}
             log.info("%s: archiving %d files, %d bytes", info.name, len(files), sum(sizes.values()))
             return self._write(info, snapshot, mode, files, metadata, _ArchiveProgress(emit, files, sizes))
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
+
+    def _scratch(self, vm_uuid: str) -> Path:
+        """This VM's private work folder: ``<state folder>/work/<vm uuid>``, used under its lock only."""
+        return self.state_dir / "work" / vm_uuid
 
     def _write(
         self,
