@@ -244,6 +244,22 @@ class TestInStep:
         with pytest.raises(vbremote.RepositoryError, match="closed"):
             repo.archives()
 
+    def test_chunks_larger_than_the_pipe_arrive_whole(self, repo, tmp_path):
+        """A fetched chunk's bytes follow its reply raw; one four times the pipe's size is read back whole."""
+        content = os.urandom(12 * MIB)
+        (tmp_path / "big.img").write_bytes(content)
+        spec = vbremote.FileSpec(tmp_path / "big.img", "big.img", vbremote.FileRole.DISK)
+        repo.write_archive("big", [spec], metadata(), block_size=4 * MIB)
+        chunks = repo.chunk_list("big", "big.img").chunks
+        assert [c.size for c in chunks] == [4 * MIB] * 3
+        with repo.fetch([c.id for c in reversed(chunks)]) as stream:
+            fetched = list(stream)
+        assert [f.id for f in fetched] == [c.id for c in reversed(chunks)]
+        assert b"".join(f.data for f in reversed(fetched)) == content
+        assert all(type(f.data) is bytes for f in fetched)
+        # In step afterwards: the next call reads its own reply, not left-over chunk bytes.
+        assert [a.name for a in repo.archives()] == ["big"]
+
     def test_abandoned_stream_does_not_hang_close(self, repo, tmp_path):
         """close() after a started, abandoned fetch returns promptly (an error inside ``with repo:``)."""
         ids = stored_ids(repo, tmp_path)

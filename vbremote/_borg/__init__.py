@@ -324,11 +324,34 @@ class BorgWorker:
                 raise self._out_of_step(
                     f"a reply to request {message.id} ({message.kind}) while request {request_id} was waiting"
                 )
+            if message.kind == _protocol.DATA:
+                head, position, size = message.payload
+                data = self._read_data(size)
+                return _protocol.Reply(message.id, _protocol.ITEM, (*head[:position], data, *head[position + 1 :]))
             if message.kind != _protocol.LOG:
                 return message
             level, name, text = message.payload
             logger_name = name if name.startswith("vbremote.") else "vbremote.borg." + name
             logging.getLogger(logger_name).log(level, "%s", text)
+
+    def _read_data(self, size: int) -> bytes:
+        """The ``size`` raw bytes that follow a ``data`` reply (one copy: the pipe's into a new bytes)."""
+        fd = self._replies.fileno()
+        try:
+            data = os.read(fd, size)
+            if len(data) < size:
+                parts = [data]
+                got = len(data)
+                while data and got < size:
+                    data = os.read(fd, size - got)
+                    parts.append(data)
+                    got += len(data)
+                data = b"".join(parts)
+        except OSError as exc:
+            raise self._died() from exc
+        if len(data) < size:
+            raise self._died()
+        return data
 
     def _out_of_step(self, what: str) -> _errors.RepositoryError:
         self._kill("the borg worker fell out of step")

@@ -7,7 +7,7 @@ keeps values (bytes, tuples, datetimes) intact.
 
 One request is in flight at a time. The parent sends a :class:`Request`;
 the worker answers with :class:`Reply` frames that all carry the request's
-id: any number of ``log``, ``progress`` and ``item`` replies, at most one
+id: any number of ``log``, ``progress``, ``item`` and ``data`` replies, at most one
 ``commit`` (the worker is about to commit and waits for a
 :class:`Decision`), and one final ``ok`` or ``error``. While the request runs
 the parent may send :class:`Cancel`; the worker then stops at its next
@@ -25,6 +25,9 @@ from attrs import frozen
 LOG = "log"  # payload: (levelno, logger name, message)
 PROGRESS = "progress"  # payload: (operation, path, done, total)
 ITEM = "item"  # payload: one element of a streamed result
+# payload: (item, position, size): an element of a streamed result, a tuple whose element at
+# ``position`` is bytes that follow this frame raw, ``size`` of them (no pickling, no extra copy).
+DATA = "data"
 COMMIT = "commit"  # payload: None; the worker waits for a Decision
 OK = "ok"  # payload: the result; final
 ERROR = "error"  # payload: (kind, message, context dict); final

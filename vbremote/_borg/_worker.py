@@ -176,6 +176,22 @@ class Worker:
         self.check_cancelled()
         self.reply(_protocol.ITEM, value)
 
+    def item_data(self, value: tuple[Any, ...], position: int) -> None:
+        """Send an element of a streamed result whose element at ``position`` is bytes, sent raw.
+
+        A ``data`` reply names the size; the bytes follow it on the pipe as they
+        are, so a fetched chunk is neither pickled here nor unpickled there.
+        """
+        self.check_cancelled()
+        data = memoryview(value[position]).cast("B")
+        head = (*value[:position], None, *value[position + 1 :])
+        with self.send_lock:
+            assert self.running is not None, "a reply outside a request"
+            self.replies.send(_protocol.Reply(self.running, _protocol.DATA, (head, position, len(data))))
+            fd = self.replies.fileno()
+            while data:
+                data = data[os.write(fd, data) :]
+
     def log(self, level: int, name: str, message: str) -> None:
         with self.send_lock:
             if self.running is None:
@@ -1232,7 +1248,7 @@ class _FetchSender:
             except Exception as exc:
                 error = (self.worker._chunk_error(chunk_id, exc), exc)  # re-raises what is not about the chunk
             else:
-                self.worker.item((chunk_id, data, None))
+                self.worker.item_data((chunk_id, data, None), 1)
                 return
         assert error is not None
         message, cause = error
