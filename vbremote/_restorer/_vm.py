@@ -13,6 +13,10 @@ the VM:
 - **Stale files.** An in-place restore removes the files that the old VM's
   settings named (disks, differencing images, saved states, NVRAM files)
   and the archive does not contain, and nothing else.
+- **Missing DVD and floppy images.** An archive refers to them, never holds
+  them; one missing on this host stops the restore before any write
+  (``image-missing``), or with ``eject_missing_images`` its drives are
+  restored empty and reported (see :mod:`._images`).
 - **A new VM** (``as_new``): new machine and medium uuids, written in the
   settings and in every VDI header, and a new name, so an old snapshot opens
   beside the current VM.
@@ -47,8 +51,9 @@ from .._models import ArchiveInfo, FileRole, MachineState, Progress, SnapshotMod
 from .._settings import parse_settings, relocate
 from ._apply import ApplyStats, Prefetch, Verify, apply_plan
 from ._foreign import foreign_source
+from ._images import ImageDrive, image_drives, missing_images
 from ._plan import PlanProblem, RestorePlan, make_plan
-from ._rewrite import new_identity, set_vdi_uuids, settings_with
+from ._rewrite import eject_images, new_identity, set_vdi_uuids, settings_with
 from ._source import RestoreSource, referenced_files, source_from_archive
 
 if TYPE_CHECKING:
@@ -79,6 +84,8 @@ class RestoreResult:
         removed: Stale files removed from the target folder (absolute paths).
         resumed: Whether an interrupted restore of the same archive was continued.
         settings_file: The settings file written.
+        ejected: The DVD and floppy drives restored empty because their images
+            were missing on this host (``eject_missing_images=True``).
     """
 
     vm: VMInfo | None
@@ -86,6 +93,7 @@ class RestoreResult:
     removed: tuple[Path, ...]
     resumed: bool
     settings_file: Path
+    ejected: tuple[ImageDrive, ...] = ()
 
 
 @define(eq=False)
@@ -143,6 +151,7 @@ class Restorer:
         cpu_portability_level: int | None = None,
         as_new: str | None = None,
         external: Mapping[str, str] | None = None,
+        eject_missing_images: bool = False,
         progress: Callable[[Progress], None] | None = None,
     ) -> RestorePlan:
         """What restoring ``archive`` does, block by block, and what stops it; writes nothing.
@@ -160,6 +169,9 @@ class Restorer:
             cpu_portability_level: The level the restored VM gets (0 to 3).
             as_new: Restore as a new VM of this name (new uuids), beside the current one.
             external: Where ``_external/`` files go, relative to the target.
+            eject_missing_images: Restore the DVD and floppy drives whose
+                images are missing on this host empty (no ``image-missing``
+                problem; the plan's ``ejected`` lists them).
             progress: Called while local files are hashed.
 
         Returns:
@@ -177,7 +189,11 @@ class Restorer:
         plan = make_plan(self.repository, source, folder, seeds=[*seeds, *sorted(local_seeds)], progress=progress)
         problems = self._preflight(source, folder, power_off=power_off, discard_state=discard_state,
                                    cpu_portability_level=cpu_portability_level, as_new=as_new)
-        return attrs.evolve(plan, problems=(*plan.problems, *problems))
+        missing = _missing_drives(source, folder)
+        if not eject_missing_images:
+            problems += _image_problems(missing)
+        return attrs.evolve(plan, problems=(*plan.problems, *problems),
+                            ejected=missing if eject_missing_images else ())
 
     def _prepare(
         self,
@@ -308,6 +324,7 @@ class Restorer:
         cpu_portability_level: int | None = None,
         as_new: str | None = None,
         external: Mapping[str, str] | None = None,
+        eject_missing_images: bool = False,
         progress: Callable[[Progress], None] | None = None,
     ) -> RestoreResult:
         """Restore ``archive`` into ``target`` and register the VM.
@@ -324,6 +341,11 @@ class Restorer:
         Args:
             archive, target, seeds, power_off, discard_state, cpu_portability_level, as_new, external:
                 As for :meth:`plan`.
+            eject_missing_images: Restore the DVD and floppy drives whose images
+                are missing on this host empty: the settings file written
+                attaches nothing there and its media registry drops those
+                images; each is logged and listed in ``ejected``. Without it a
+                missing image is an ``image-missing`` problem.
             register: Register the VM (``False``: only write the files).
             verify: ``"written"``, ``"full"`` or ``"none"`` (see :func:`apply_plan`).
             progress: Called with :class:`Progress` events while hashing and writing.
@@ -342,8 +364,13 @@ class Restorer:
                                                 cpu_portability_level=cpu_portability_level)
         problems = self._preflight(source, folder, power_off=power_off, discard_state=discard_state,
                                    cpu_portability_level=cpu_portability_level, as_new=as_new)
+        # Checked once, before any write: the drives ejected are the ones found missing here.
+        missing = _missing_drives(source, folder)
+        if not eject_missing_images:
+            problems += _image_problems(missing)
         if problems:
             raise _refused(source, folder, problems)
+        ejected = missing if eject_missing_images else ()
         in_place = as_new is None
         if in_place and current is not None and current.state.is_running and power_off:
             # Before the plan: a running guest changes the very blocks the plan compares.
@@ -363,6 +390,10 @@ class Restorer:
             stats = apply_plan(self.repository, plan, verify=verify, progress=progress, prefetch=prefetch)
         settings = settings_with(source.settings, drop_state=discard_state,
                                  cpu_portability_level=cpu_portability_level)
+        settings = eject_images(settings, {drive.uuid for drive in ejected})
+        for drive in ejected:
+            log.warning("%s: the %s image %s is missing on this host; the %s is restored empty", source.vm_name,
+                        drive.kind, drive.image, drive.describe())
         settings_path = folder / source.settings_path
         if as_new is not None:
             settings, _, media = new_identity(settings, name=as_new)
@@ -385,7 +416,7 @@ class Restorer:
         log.info("%s: restored from %s into %s (%d bytes fetched, %d stale files removed)", source.vm_name,
                  source.archive, folder, stats.bytes_fetched, len(removed))
         return RestoreResult(vm=info, stats=stats, removed=removed, resumed=stats.resumed,
-                             settings_file=settings_path)
+                             settings_file=settings_path, ejected=ejected)
 
     def _local_files(
         self, folder: Path, source: RestoreSource, current: VMInfo | None, *, as_new: str | None
@@ -449,6 +480,28 @@ class Restorer:
             raise RestoreError(
                 f"archive {source.archive!r}: the restored VM {info.name!r} did not register as archived: "
                 + "; ".join(problems) + "; it was unregistered again", archive=source.archive)
+
+
+def _missing_drives(source: RestoreSource, folder: Path) -> tuple[ImageDrive, ...]:
+    """The drives of the archived settings whose DVD or floppy image is not on this host."""
+    drives = image_drives(parse_settings(source.settings), folder)
+    return tuple(drive for using in missing_images(drives).values() for drive in using)
+
+
+def _image_problems(drives: Sequence[ImageDrive]) -> list[PlanProblem]:
+    """One ``image-missing`` problem per missing image, naming its path, the drives and the ways out."""
+    by_image: dict[Path, list[ImageDrive]] = {}
+    for drive in drives:
+        by_image.setdefault(drive.image, []).append(drive)
+    problems = []
+    for image, using in by_image.items():
+        problems.append(PlanProblem(
+            "image-missing",
+            f"the {using[0].kind} image {image} is not on this host (an archive refers to images, it does not "
+            "hold them); the archived settings attach it to the " + ", ".join(d.describe() for d in using),
+            f"put the image (or a copy of it) back at {image}, or pass eject_missing_images=True "
+            f"(--eject-missing-images) to restore {'that drive' if len(using) == 1 else 'those drives'} empty"))
+    return problems
 
 
 def _refused(source: RestoreSource, folder: Path, problems: Sequence[PlanProblem]) -> RestorePreflightFailed:
