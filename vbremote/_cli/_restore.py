@@ -14,7 +14,7 @@ from rich.table import Table
 from .._errors import ArchiveNotFound, RestorePreflightFailed, VBRemoteError
 from .._models import ArchiveInfo, MachineState
 from .._repository import Repository
-from .._restorer import RestorePlan, Restorer, RestoreResult
+from .._restorer import ImageDrive, RestorePlan, Restorer, RestoreResult
 from ._app import App, CommandFailed, exit_code_for
 from ._choose import choose_vm, confirm
 from ._commands import _archive_doc, _monitored, _repo_detail, _size, cli, json_option, pass_app
@@ -72,7 +72,16 @@ def _plan_doc(plan: RestorePlan) -> dict[str, Any]:
             for f in plan.files
         ],
         "problems": [{"code": p.code, "message": p.message, "remedy": p.remedy} for p in plan.problems],
+        "ejected": _ejected_doc(plan.ejected),
     }
+
+
+def _ejected_doc(drives: tuple[ImageDrive, ...]) -> list[dict[str, Any]]:
+    return [
+        {"image": str(d.image), "kind": d.kind, "uuid": d.uuid, "controller": d.controller, "port": d.port,
+         "device": d.device, "snapshot": d.snapshot}
+        for d in drives
+    ]
 
 
 def _show_plan(app: App, archive: ArchiveInfo, plan: RestorePlan, as_new: str | None) -> None:
@@ -99,6 +108,8 @@ def _show_plan(app: App, archive: ArchiveInfo, plan: RestorePlan, as_new: str | 
         + (" An interrupted restore of this archive continues." if plan.resumed else ""),
         markup=False,
     )
+    for drive in plan.ejected:
+        console.print(f"missing image {drive.image}: the {drive.describe()} is restored empty", markup=False)
     for problem in plan.problems:
         console.print(f"problem ({problem.code}): {problem.message}; {problem.remedy}", markup=False)
 
@@ -111,6 +122,7 @@ def _result_doc(result: RestoreResult) -> dict[str, Any]:
         "settings_file": str(result.settings_file),
         "removed": [str(p) for p in result.removed],
         "resumed": result.resumed,
+        "ejected": _ejected_doc(result.ejected),
         "stats": {
             "bytes_fetched": stats.bytes_fetched,
             "bytes_copied": stats.bytes_copied,
@@ -128,6 +140,8 @@ def _result_doc(result: RestoreResult) -> dict[str, Any]:
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (for scripts).")
 @click.option("--power-off", is_flag=True, help="Power the VM off first if it runs.")
 @click.option("--discard-state", is_flag=True, help="Restore a saved-state archive powered off.")
+@click.option("--eject-missing-images", is_flag=True,
+              help="Restore the DVD and floppy drives whose images are missing on this host empty.")
 @json_option
 @pass_app
 def restore(
@@ -138,6 +152,7 @@ def restore(
     yes: bool,
     power_off: bool,
     discard_state: bool,
+    eject_missing_images: bool,
 ) -> None:
     """Restore a VM from an archive: only the blocks that differ travel.
 
@@ -154,7 +169,7 @@ def restore(
     with _monitored(app, "restore", vm=archive.vm_name, archive=archive.name, **_repo_detail(app)) as run:
         with app.progress() as progress:
             plan = restorer.plan(archive, target, seeds, power_off=power_off, discard_state=discard_state,
-                                 as_new=as_new, progress=progress)
+                                 as_new=as_new, eject_missing_images=eject_missing_images, progress=progress)
         _show_plan(app, archive, plan, as_new)
         if plan.problems:
             codes = ", ".join(p.code for p in plan.problems)
@@ -166,7 +181,8 @@ def restore(
         confirm(app, f"Restore {archive.name} into {plan.target}?", yes=yes)
         with app.progress() as progress:
             result = restorer.restore(archive, target, power_off=power_off, seeds=seeds,
-                                      discard_state=discard_state, as_new=as_new, progress=progress)
+                                      discard_state=discard_state, as_new=as_new,
+                                      eject_missing_images=eject_missing_images, progress=progress)
         doc = {
             "repository": app.repository_config().name,
             "archive": _archive_doc(archive),
@@ -176,6 +192,8 @@ def restore(
         run.result = doc
     app.emit(doc)
     state = result.vm.state.value if result.vm else "not registered"
+    for drive in result.ejected:
+        app.say(f"The {drive.describe()} is empty: its image {drive.image} is missing on this host.")
     app.say(
         f"Restored {archive.name} into {plan.target}: fetched {_size(result.stats.bytes_fetched)},"
         f" wrote {_size(result.stats.bytes_written)}; the VM is {state}."
