@@ -460,8 +460,8 @@ class TestOpening:
         """A machine whose DVD image is gone opens and registers; the image is Inaccessible with
         VERR_FILE_NOT_FOUND once refreshed, and the VM still starts (the drive ignored).
 
-        ``VirtualBox::initMedia`` and ``Medium::initFromSettings`` load the registry's ``DVDImages``
-        unopened (``VirtualBoxImpl.cpp``, ``MediumImpl.cpp``), ``registerMachine`` checks no media, and
+        ``VirtualBox::initMedia`` (``Medium::init`` on 6.1.38, ``Medium::initFromSettings`` on 7.1.12) loads
+        ``DVDImages`` unopened (``VirtualBoxImpl.cpp``, ``MediumImpl.cpp``), ``registerMachine`` checks no media, and
         ``Console::i_configMedium`` ignores an inaccessible DVD or floppy image with a runtime warning
         (``ConsoleImpl2.cpp`` of 6.1.38, ``ConsoleImplConfigCommon.cpp`` of 7.1.12).
         """
@@ -494,6 +494,32 @@ class TestOpening:
         assert host.state("dev") is vbremote.MachineState.RUNNING
         # The settings keep the image: the drive is only ignored for this run.
         assert parse_settings(sim.machine("dev").settings_path.read_bytes()).images[0].uuid == uuid
+
+    def test_dvd_image_shared_between_machines(self, sim71: SimulatedVirtualBox, tmp_path: Path):
+        """One image in two VMs is one medium (one uuid); registering it under its uuid at another path fails.
+
+        ``VirtualBox::i_registerMedium`` keeps a known medium of the same uuid and location, and refuses one
+        whose uuid or location alone is known, ``E_INVALIDARG`` (``i_checkMediaForConflicts``,
+        ``VirtualBoxImpl.cpp`` of 6.1.38 and 7.1.12).
+        """
+        iso = tmp_path / "tools.iso"
+        iso.write_bytes(b"\2" * 2048)
+        sim71.create_vm("other", disk_size=4 * MIB)
+        uuid = sim71.insert_image("dev", iso)
+        assert sim71.insert_image("other", iso) == uuid
+        mgr = sim71.manager()
+        vbox = mgr.getVirtualBox()
+        machine = vbox.findMachine("other")
+        settings = Path(machine.settingsFilePath)
+        machine.unregister(mgr.constants.CleanupMode_DetachAllReturnHardDisksOnly)
+        vbox.registerMachine(vbox.openMachine(str(settings), ""))
+        machine = vbox.findMachine("other")
+        machine.unregister(mgr.constants.CleanupMode_DetachAllReturnHardDisksOnly)
+        settings.write_text(settings.read_text().replace(f'location="{iso}"', f'location="{tmp_path}/moved.iso"'))
+        with pytest.raises(SimulatedVBoxError) as info:
+            vbox.openMachine(str(settings), "")
+        assert mgr.xcptIsEqual(info.value, 0x80070057)
+        assert "Cannot register the DVD image" in info.value.msg
 
     def test_image_unknown_to_the_registry_is_an_empty_drive(self, sim71: SimulatedVirtualBox):
         """A DVD attachment naming an image that no registry lists loads as an empty drive, not an error.

@@ -6,10 +6,10 @@ each by its absolute path on the snapshotted host (see
 host, or after the image was deleted, finds some of them missing.
 
 VirtualBox itself does not refuse such a machine: ``openMachine`` loads the
-registry's images without opening them (VirtualBox::initMedia and
-Medium::initFromSettings leave them Inaccessible, "Accessibility check was not
-yet performed"; VirtualBoxImpl.cpp and MediumImpl.cpp of 6.1.38 and 7.1.12),
-``registerMachine`` does not check media, ``IMedium::refreshState`` then reports
+registry's images without opening them (VirtualBox::initMedia with
+Medium::init on 6.1.38, Medium::initFromSettings on 7.1.12, leaves them
+Inaccessible, "Accessibility check was not yet performed"; VirtualBoxImpl.cpp
+and MediumImpl.cpp), ``registerMachine`` does not check media, ``IMedium::refreshState`` then reports
 the missing file (Medium::i_queryInfo, VERR_FILE_NOT_FOUND), and a VM start
 ignores the image with a runtime warning, "The image file ... is inaccessible
 and is being ignored" (Console::i_configMedium, ConsoleImpl2.cpp of 6.1.38,

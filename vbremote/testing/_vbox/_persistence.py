@@ -214,8 +214,8 @@ def machine_from_settings(settings: Path, data: bytes, profile: str) -> _Machine
     for medium in parsed.media:
         add(medium, None)
     for image in parsed.images:
-        # VirtualBox::initMedia and Medium::initFromSettings (VirtualBoxImpl.cpp, MediumImpl.cpp; 6.1.38,
-        # 7.1.12): an image of the registry is loaded without opening its file, Inaccessible until checked.
+        # VirtualBox::initMedia with Medium::init (6.1.38) or Medium::initFromSettings (7.1.12), VirtualBoxImpl.cpp
+        # and MediumImpl.cpp: an image of the registry is loaded without opening its file, Inaccessible until checked.
         location = Path(image.location)
         path = location if location.is_absolute() else folder / location
         machine.removable[image.uuid] = _Medium(image.uuid, path, None, 0, access_error=NOT_CHECKED, kind=image.kind)

@@ -209,7 +209,10 @@ class World:
             if machine.state not in OFFLINE or self.is_locked(machine):
                 raise ConfigurationError(f"{machine.name} is {machine.state} or locked")
             drive = next(a for a in machine.attachments if a.type == "DVD")
-            image = _Medium(str(uuid_module.uuid4()), Path(os.path.abspath(path)), None, 0, kind=kind)
+            where = Path(os.path.abspath(path))
+            # IVirtualBox::openMedium gives back the image it knows at that path (i_findDVDOrFloppyImage).
+            known = [m for other in self.machines.values() for m in other.removable.values() if m.path == where]
+            image = _Medium(known[0].uuid if known else str(uuid_module.uuid4()), where, None, 0, kind=kind)
             _media.check_medium(image)
             machine.removable[image.uuid] = image
             drive.medium = image.uuid
@@ -885,15 +888,16 @@ class World:
         shared media and refuses that with ``E_NOTIMPL``).
         """
         # DVD and floppy images (the same uuid at the same path) are shared between machines:
-        # Medium::initFromSettings keeps the medium VirtualBox knows (VirtualBoxImpl.cpp,
-        # i_registerMedium); one uuid at another path conflicts like a hard disk.
+        # VirtualBox::i_registerMedium keeps the medium it knows (i_checkMediaForConflicts returns it as the
+        # duplicate; VirtualBoxImpl.cpp, 6.1.38 and 7.1.12); one uuid at another path conflicts like a hard disk.
         images = {m.uuid: m for other in self.machines.values() for m in other.removable.values()}
+        image_at = {m.path: m for m in images.values()}
         for image in machine.removable.values():
-            found = images.get(image.uuid)
-            if found is not None and found.path != image.path:
+            found = images.get(image.uuid) or image_at.get(image.path)
+            if found is not None and (found.path, found.uuid) != (image.path, image.uuid):
                 raise SimulatedVBoxError(
-                    "E_INVALIDARG", f"Cannot register the image '{image.path}' {{{image.uuid}}} because an image "
-                    f"'{found.path}' with UUID {{{found.uuid}}} already exists")
+                    "E_INVALIDARG", f"Cannot register the {image.kind} image '{image.path}' {{{image.uuid}}} "
+                    f"because an image '{found.path}' with UUID {{{found.uuid}}} already exists")
         known = {medium.uuid: medium for other in self.machines.values() for medium in other.media.values()}
         at = {medium.path: medium for medium in known.values()}
         for medium in machine.media.values():
