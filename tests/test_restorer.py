@@ -499,6 +499,30 @@ class TestPreflight:
         finally:
             other.close()
 
+    def test_offline_archive_of_a_saved_vm(self, scene71: Scene, tmp_path: Path):
+        """A VM that was Saved is archived offline with its state: it restores Saved in place, and on another
+        release its saved state is refused before any write, as an online archive's is."""
+        scene71.sim.start("dev", workload=HOT)
+        wait_writes(scene71, 5)
+        scene71.host.save_state("dev")
+        archive = scene71.take()
+        assert archive.mode is vbremote.SnapshotMode.OFFLINE
+        assert vbremote.FileRole.STATE in {f.role for f in archive.files}
+        other = SimulatedVirtualBox(tmp_path / "other", version="7.0")
+        try:
+            restorer = vbremote.Restorer(vbremote.VirtualBoxHost.connect(manager=other.manager()), scene71.repo)
+            assert [p.code for p in restorer.plan(archive).problems] == ["vbox-version"]
+            with pytest.raises(vbremote.RestorePreflightFailed):
+                restorer.restore(archive)
+            assert not (other.vms_folder / "dev").exists()
+        finally:
+            other.close()
+        result = vbremote.Restorer(scene71.host, scene71.repo).restore(archive)
+        assert result.vm is not None
+        assert result.vm.state is vbremote.MachineState.SAVED
+        scene71.host.start("dev")
+        assert scene71.host.state("dev") is vbremote.MachineState.RUNNING
+
     def test_cpu_vendor(self, scene71: Scene):
         """A saved state taken on another CPU vendor is refused, with the way out; offline archives are not."""
         scene71.sim.start("dev", workload=None)

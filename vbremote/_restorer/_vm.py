@@ -97,6 +97,17 @@ def machine_folder_name(name: str) -> str:
     return stripped + "_" * (len(folder) - len(stripped))
 
 
+def _saved(source: RestoreSource) -> bool:
+    """Whether the archived machine is in a saved state: its settings name a state file.
+
+    Online and migrate archives always are; an offline archive of a VM that
+    was Saved is too (the Snapshotter archives it as it is). VirtualBox
+    registers a machine Saved exactly when its settings have a ``stateFile``
+    (``Machine::i_loadMachineDataFromSettings``, MachineImpl.cpp).
+    """
+    return bool(parse_settings(source.settings).state_file) or source.mode is not SnapshotMode.OFFLINE
+
+
 def _major_minor(version: str | None) -> tuple[int, int] | None:
     match = _VERSION.match(version or "")
     return (int(match[1]), int(match[2])) if match else None
@@ -290,7 +301,7 @@ class Restorer:
                     problems.append(PlanProblem(
                         "target-in-use", f"{folder} is the folder of another registered VM, {vm.name!r}",
                         "restore into another folder"))
-        if source.mode is not SnapshotMode.OFFLINE and not discard_state:
+        if _saved(source) and not discard_state:
             problems.extend(self._saved_state_problems(source, cpu_portability_level))
         return problems
 
@@ -470,10 +481,13 @@ class Restorer:
     def _check(self, info: VMInfo, source: RestoreSource, settings: bytes, *, discard_state: bool) -> None:
         """The registered VM is what the archive holds; otherwise unregister it again and raise."""
         problems: list[str] = []
-        saved = source.mode is not SnapshotMode.OFFLINE and not discard_state
-        expected = MachineState.SAVED if saved else MachineState.POWERED_OFF
-        if info.state is not expected:
-            problems.append(f"it is {info.state.value}, not {expected.value}")
+        saved = _saved(source) and not discard_state
+        # A VM archived after a crash keeps its "aborted" mark (Aborted, or AbortedSaved with a state
+        # file: Machine::i_loadMachineDataFromSettings, MachineImpl.cpp of 7.1.12).
+        expected = (MachineState.SAVED, MachineState.ABORTED_SAVED) if saved else (
+            MachineState.POWERED_OFF, MachineState.ABORTED)
+        if info.state not in expected:
+            problems.append(f"it is {info.state.value}, not {expected[0].value}")
         media = [m for a in info.attachments for m in a.chain]
         if info.snapshot_tree is not None:
             media += [m for s in info.snapshot_tree.walk() for a in s.attachments for m in a.chain]
