@@ -47,6 +47,13 @@ if [ ! -x .venv/bin/nox ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check "nox>=2024.4.15"
 fi
 
+# The tests write real repositories and disk images (about 2 GiB at a time, removed as each
+# test passes): say so up front when the temporary folder's file system has less free.
+tmp_free_mib=$(df -Pm "${TMPDIR:-/tmp}" 2>/dev/null | awk 'NR == 2 {print $4}')
+if [ "${1:-}" = tests ] && [ -n "$tmp_free_mib" ] && [ "$tmp_free_mib" -lt 2048 ]; then
+  echo "warning: only ${tmp_free_mib} MiB free in ${TMPDIR:-/tmp}; the tests need about 2 GiB there" >&2
+fi
+
 case "${1:-}" in
   demo) shift; exec .venv/bin/nox -s demo -- "$@" ;;
   tests) shift; exec .venv/bin/nox -s tests lint typecheck docs -- "$@" ;;

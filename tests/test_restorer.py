@@ -25,8 +25,10 @@ from helpers import PASSPHRASE, BorgCLI, tmpfs
 import vbremote
 from vbremote._restorer._rewrite import eject_images, new_identity, set_vdi_uuids, settings_with, vdi_uuids
 from vbremote._restorer._source import source_from_archive
+from vbremote._restorer._vm import machine_folder_name
 from vbremote._settings import parse_settings
 from vbremote.testing import MIB, GuestWorkload, SimulatedVirtualBox, Timing, qemu_tools_available
+from vbremote.testing._vdi import VDI
 
 PROFILES = ["6.1", "7.1"]
 
@@ -537,6 +539,30 @@ class TestPreflight:
         finally:
             other.close()
 
+    def test_offline_archive_of_a_saved_vm(self, scene71: Scene, tmp_path: Path):
+        """A VM that was Saved is archived offline with its state: it restores Saved in place, and on another
+        release its saved state is refused before any write, as an online archive's is."""
+        scene71.sim.start("dev", workload=HOT)
+        wait_writes(scene71, 5)
+        scene71.host.save_state("dev")
+        archive = scene71.take()
+        assert archive.mode is vbremote.SnapshotMode.OFFLINE
+        assert vbremote.FileRole.STATE in {f.role for f in archive.files}
+        other = SimulatedVirtualBox(tmp_path / "other", version="7.0")
+        try:
+            restorer = vbremote.Restorer(vbremote.VirtualBoxHost.connect(manager=other.manager()), scene71.repo)
+            assert [p.code for p in restorer.plan(archive).problems] == ["vbox-version"]
+            with pytest.raises(vbremote.RestorePreflightFailed):
+                restorer.restore(archive)
+            assert not (other.vms_folder / "dev").exists()
+        finally:
+            other.close()
+        result = vbremote.Restorer(scene71.host, scene71.repo).restore(archive)
+        assert result.vm is not None
+        assert result.vm.state is vbremote.MachineState.SAVED
+        scene71.host.start("dev")
+        assert scene71.host.state("dev") is vbremote.MachineState.RUNNING
+
     def test_cpu_vendor(self, scene71: Scene):
         """A saved state taken on another CPU vendor is refused, with the way out; offline archives are not."""
         scene71.sim.start("dev", workload=None)
@@ -562,6 +588,49 @@ class TestPreflight:
                 call(archive, target)
         assert not (tmp_path / "t").exists()
         assert scene71.host.vm("dev").state is vbremote.MachineState.POWERED_OFF
+
+
+class TestFolderFromName:
+    @pytest.mark.parametrize(("name", "folder"), [
+        # The examples VirtualBox's own check of sanitiseMachineFilename lists (VirtualBoxImpl.cpp, 7.1.12).
+        ("OS/2 2.1", "OS_2 2.1"),
+        ("-!My VM!-", "__My VM_-"),
+        ("\U00010330", "____"),
+        ("  My VM  ", "__My VM__"),
+        (".My VM.", "_My VM_"),
+        ("My VM", "My VM"),
+        # And what an archive's author might try.
+        ("..", "__"),
+        ("../../etc", "_._.._etc"),
+        ("/root/.ssh", "_root_.ssh"),
+        ("a\\b", "a_b"),
+    ])
+    def test_as_virtualbox_names_a_new_machines_folder(self, name: str, folder: str):
+        """A VM's name gives the folder name VirtualBox gives a new machine: one name, never a path."""
+        assert machine_folder_name(name) == folder
+
+    @pytest.mark.parametrize("name", ["../../escaped", "/abs/escaped", ".."])
+    def test_a_hostile_name_stays_in_the_default_folder(self, repo: vbremote.Repository, tmp_path: Path, name: str):
+        """target=None on a host without the VM: the folder is made from the archive's VM name inside the
+        default machine folder, whatever the name says."""
+        VDI.create(tmp_path / "real.vdi", MIB)
+        data = settings_text().replace(b'name="dev"', f'name="{name}"'.encode())
+        archive = write_crafted(repo, tmp_path, data, extra={"dev.vdi": (tmp_path / "real.vdi").read_bytes()})
+        with SimulatedVirtualBox(tmp_path / "other", version="7.1") as other:
+            host = vbremote.VirtualBoxHost.connect(manager=other.manager())
+            default = host.default_machine_folder
+            escaped = Path(os.path.normpath(default / name))
+            restorer = vbremote.Restorer(host, repo)
+            plan = restorer.plan(archive)
+            assert plan.target.parent == default
+            assert plan.target.name == machine_folder_name(name)
+            result = restorer.restore(archive)
+            assert result.vm is not None
+            assert result.vm.folder == plan.target
+            # Where the name points, taken as a path, nothing was made.
+            assert not escaped.is_relative_to(default)
+            assert not (escaped / "dev.vdi").exists()
+            assert (plan.target / "dev.vdi").exists()
 
 
 class TestUnregisterFirst:

@@ -663,10 +663,11 @@ class Worker:
         it is sent.
         """
         sender = _FetchSender(self, errors)
-        ahead = _SegmentReadAhead.start(self.repository, ids)
+        ahead: _SegmentReadAhead | None = None
         position = 0
         stop = False
         try:
+            ahead = _SegmentReadAhead.start(self.repository, ids)  # inside: a failed start stops the sender too
             while position < len(ids) and not stop and not sender.stopped:
                 # borg's get_many ends at the first missing or damaged object; ask again after it.
                 replies = self.repository.get_many(ids[position:])

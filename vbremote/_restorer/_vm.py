@@ -39,6 +39,7 @@ import attrs
 from attrs import define, frozen
 
 from .._errors import (
+    ArchiveInvalid,
     ArchiveNotFound,
     ConfigurationError,
     RestoreError,
@@ -66,6 +67,50 @@ log = logging.getLogger("vbremote.restore")
 
 _VERSION = re.compile(r"(\d+)\.(\d+)")
 _VM_NAME = re.compile(r"[^/\\\0]{1,200}")
+
+
+# The characters VirtualBox keeps in a machine's folder and file names; every other
+# character becomes "_", one per byte of its UTF-8 form (sanitiseMachineFilename in
+# src/VBox/Main/src-server/VirtualBoxImpl.cpp, 7.1.12: RTStrPurgeComplementSet over these ranges).
+_FOLDER_NAME_RANGES = (
+    (0x20, 0x20), (0x28, 0x29), (0x2D, 0x2E), (0x30, 0x39), (0x41, 0x5A), (0x61, 0x7A), (0x5F, 0x5F),
+    (0xA0, 0xD7AF),
+)
+
+
+def machine_folder_name(name: str) -> str:
+    """The folder name VirtualBox gives a new machine called ``name`` (never a path: no separators, no ``..``).
+
+    As ``VirtualBox::composeMachineFilename`` does: characters outside a safe
+    set become ``_`` (one per UTF-8 byte), then a leading dot or dash, a
+    trailing dot and leading and trailing spaces become ``_`` too.
+    """
+    chars = [
+        c if any(lo <= ord(c) <= hi for lo, hi in _FOLDER_NAME_RANGES) else "_" * len(c.encode("utf-8", "replace"))
+        for c in name
+    ]
+    folder = "".join(chars)
+    if not folder:
+        return folder
+    if folder[0] in ".-":
+        folder = "_" + folder[1:]
+    if folder[-1] == ".":
+        folder = folder[:-1] + "_"
+    stripped = folder.lstrip(" ")
+    folder = "_" * (len(folder) - len(stripped)) + stripped
+    stripped = folder.rstrip(" ")
+    return stripped + "_" * (len(folder) - len(stripped))
+
+
+def _saved(source: RestoreSource) -> bool:
+    """Whether the archived machine is in a saved state: its settings name a state file.
+
+    Online and migrate archives always are; an offline archive of a VM that
+    was Saved is too (the Snapshotter archives it as it is). VirtualBox
+    registers a machine Saved exactly when its settings have a ``stateFile``
+    (``Machine::i_loadMachineDataFromSettings``, MachineImpl.cpp).
+    """
+    return bool(parse_settings(source.settings).state_file) or source.mode is not SnapshotMode.OFFLINE
 
 
 def _major_minor(version: str | None) -> tuple[int, int] | None:
@@ -219,7 +264,12 @@ class Restorer:
         elif current is not None:
             folder = current.folder
         else:
-            folder = self.host.default_machine_folder / source.vm_name
+            # The name comes from the archive: only ever one folder below the default machine folder.
+            name = machine_folder_name(source.vm_name)
+            folder = self.host.default_machine_folder / name
+            if not name or folder.parent != self.host.default_machine_folder:
+                raise ArchiveInvalid(f"archive {source.archive!r}: its VM's name {source.vm_name!r} gives no folder"
+                                     " name; give the restore a target folder", archive=source.archive)
         return source, folder, current
 
     def _registered(self, uuid: str) -> VMInfo | None:
@@ -267,7 +317,7 @@ class Restorer:
                     problems.append(PlanProblem(
                         "target-in-use", f"{folder} is the folder of another registered VM, {vm.name!r}",
                         "restore into another folder"))
-        if source.mode is not SnapshotMode.OFFLINE and not discard_state:
+        if _saved(source) and not discard_state:
             problems.extend(self._saved_state_problems(source, cpu_portability_level))
         return problems
 
@@ -462,10 +512,13 @@ class Restorer:
     def _check(self, info: VMInfo, source: RestoreSource, settings: bytes, *, discard_state: bool) -> None:
         """The registered VM is what the archive holds; otherwise unregister it again and raise."""
         problems: list[str] = []
-        saved = source.mode is not SnapshotMode.OFFLINE and not discard_state
-        expected = MachineState.SAVED if saved else MachineState.POWERED_OFF
-        if info.state is not expected:
-            problems.append(f"it is {info.state.value}, not {expected.value}")
+        saved = _saved(source) and not discard_state
+        # A VM archived after a crash keeps its "aborted" mark (Aborted, or AbortedSaved with a state
+        # file: Machine::i_loadMachineDataFromSettings, MachineImpl.cpp of 7.1.12).
+        expected = (MachineState.SAVED, MachineState.ABORTED_SAVED) if saved else (
+            MachineState.POWERED_OFF, MachineState.ABORTED)
+        if info.state not in expected:
+            problems.append(f"it is {info.state.value}, not {expected[0].value}")
         media = [m for a in info.attachments for m in a.chain]
         if info.snapshot_tree is not None:
             media += [m for s in info.snapshot_tree.walk() for a in s.attachments for m in a.chain]
