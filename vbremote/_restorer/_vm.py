@@ -346,8 +346,9 @@ class Restorer:
         is not running (its disks hold most of the data of any of its archives).
 
         Args:
-            archive, target, seeds, power_off, discard_state, cpu_portability_level, as_new, external,
-                allow_host_references: As for :meth:`plan`.
+            archive, target, seeds, power_off, discard_state, cpu_portability_level, as_new, external:
+                As for :meth:`plan`.
+            allow_host_references: As for :meth:`plan`.
             register: Register the VM (``False``: only write the files).
             verify: ``"written"``, ``"full"`` or ``"none"`` (see :func:`apply_plan`).
             progress: Called with :class:`Progress` events while hashing and writing.
