@@ -252,6 +252,23 @@ class TestApply:
         assert (target / "b.bin").read_bytes() == b
         assert plan.files[0].blocks_fetched == 0
 
+    def test_zero_block_past_the_local_end(self, repo, tmp_path):
+        """A zero block that starts inside a shorter local file and ends past it is never read back short
+        (the read-back runs while later blocks are written, before the file has its final size)."""
+        rng = random.Random(6)
+        head = rng.randbytes(3 * MIB)
+        (tmp_path / "d.img").write_bytes(head + bytes(MIB))
+        info = repo.write_archive("a", [vbremote.FileSpec(tmp_path / "d.img", "d.img", vbremote.FileRole.DISK)],
+                                  metadata()).archive
+        for attempt in range(8):
+            target = tmp_path / f"t{attempt}"
+            target.mkdir()
+            (target / "d.img").write_bytes(head + rng.randbytes(MIB // 2))
+            plan = make_plan(repo, restore_source(repo, info), target)
+            assert [a.kind for a in plan.files[0].actions] == ["reuse", "reuse", "reuse", "zero"]
+            apply_plan(repo, plan)
+            assert (target / "d.img").read_bytes() == head + bytes(MIB)
+
     def test_symlink_in_target_is_refused(self, repo, vdi_folder, tmp_path):
         """A symlink at a file's place in the target: RestoreError before any write; its target is untouched."""
         info = archive_folder(repo, vdi_folder, "a")

@@ -371,9 +371,13 @@ class _Applier:
             for action in f.actions:
                 if action.kind != "zero" or action.chunk.offset >= size:
                     continue
-                self.punch(self.fds[path], action.chunk.offset, min(action.chunk.size, size - action.chunk.offset))
+                end = action.chunk.offset + action.chunk.size
+                self.punch(self.fds[path], action.chunk.offset, min(end, size) - action.chunk.offset)
                 self.bytes_zero += action.chunk.size
-                self.record(path, action.chunk)
+                if end <= size:
+                    # A block that reaches past the current end reads as zeros only once the file has its
+                    # final size (at the end): recorded now, the read-back could see it short.
+                    self.record(path, action.chunk)
 
     def fetch(self, places: dict[bytes, list[tuple[str, BlockAction]]], stream_ids: list[bytes]) -> None:
         if not stream_ids:
