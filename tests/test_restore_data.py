@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -14,6 +15,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import PASSPHRASE, metadata, tmpfs
@@ -604,6 +606,61 @@ class TestDiskFull:
         assert resumed.bytes_to_fetch < plan.bytes_to_fetch  # what was written before is reused
         apply_plan(repo, resumed)
         assert files_of(target, NAMES) == expected
+
+
+class TestDurability:
+    def test_every_recorded_block_was_fsynced_and_none_after_a_failed_fsync(self, repo, tmp_path, monkeypatch):
+        """Each journal save records only blocks an fsync made durable after they were written; after an
+        fsync fails, nothing more is recorded (a later fsync may succeed over lost pages)."""
+        data = random.Random(7).randbytes(16 * MIB)
+        (tmp_path / "d.img").write_bytes(data)
+        info = repo.write_archive("a", [vbremote.FileSpec(tmp_path / "d.img", "d.img", vbremote.FileRole.DISK)],
+                                  metadata()).archive
+        target = tmp_path / "t"
+        plan = make_plan(repo, restore_source(repo, info), target)
+        monkeypatch.setattr(apply_module, "JOURNAL_EVERY_BYTES", 4 * MIB)
+        real_fsync, real_write, real_save = os.fsync, apply_module._Applier.write, vbremote.RestoreState.save
+        written = 0  # bytes of d.img written so far, and durable after the last good fsync
+        durable = 0
+        saves: list[tuple[int, int]] = []  # (bytes the save records, bytes durable then)
+        failed = False
+        fsyncs = 0
+
+        def write(self: Any, path: str, data: bytes, offset: int) -> None:
+            nonlocal written
+            real_write(self, path, data, offset)
+            written += len(data)
+
+        def fsync(fd: int) -> None:
+            nonlocal durable, failed, fsyncs
+            if os.readlink(f"/proc/self/fd/{fd}").endswith("d.img"):
+                fsyncs += 1
+                if fsyncs == 2:
+                    failed = True
+                    raise OSError(errno.EIO, "writeback lost")
+                seen = written
+                real_fsync(fd)
+                if not failed:
+                    durable = seen
+                return
+            real_fsync(fd)
+
+        def save(self: vbremote.RestoreState, folder: Path) -> None:
+            saves.append((self.done_bytes, durable))
+            real_save(self, folder)
+
+        monkeypatch.setattr(apply_module._Applier, "write", write)
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(vbremote.RestoreState, "save", save)
+        with pytest.raises(vbremote.RestoreError, match="writeback lost"):
+            apply_plan(repo, plan)
+        assert failed
+        assert any(recorded > 0 for recorded, _ in saves)  # something was recorded before the failure
+        for recorded, durable_then in saves:
+            assert recorded <= durable_then, saves
+        state = vbremote.RestoreState.load(target)
+        assert state is not None
+        assert state.done_bytes <= durable
 
 
 class TestVerifyFull:

@@ -221,6 +221,7 @@ class _Applier:
         self.dirty: set[str] = set()
         self.last_flush = time.monotonic()
         self.verifying = False
+        self.sync_failed = False
         self.syncer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vbremote-sync")
         self.syncing: concurrent.futures.Future[None] | None = None
         self.verifier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vbremote-verify")
@@ -280,9 +281,21 @@ class _Applier:
         self.sync(*self.take_batch())
 
     def sync(self, batch: list[tuple[str, ChunkRef]], dirty: set[str]) -> None:
-        """fsync the files of a batch, then record its blocks in the journal (and have them read back)."""
-        for path in sorted(dirty):
-            os.fsync(self.fds[path])
+        """fsync the files of a batch, then record its blocks in the journal (and have them read back).
+
+        After an fsync failed, nothing more is ever recorded: Linux may report a
+        write-back error once and a later fsync of the same file succeed
+        although the pages it failed to write are gone.
+        """
+        if self.sync_failed:
+            raise RestoreError("an earlier fsync of the target failed; nothing more is recorded",
+                               archive=self.plan.source.archive)
+        try:
+            for path in sorted(dirty):
+                os.fsync(self.fds[path])
+        except BaseException:
+            self.sync_failed = True
+            raise
         if not batch:
             return
         by_path: dict[str, list[ChunkRef]] = {}
@@ -639,5 +652,7 @@ def _flush_quietly(applier: _Applier) -> None:
     """Record what can still be made durable after a failure; keep the old journal if that fails too."""
     with contextlib.suppress(OSError):
         applier.wait_sync()  # a batch that failed is simply not recorded
+    if applier.sync_failed:
+        return  # nothing written after a failed fsync is trusted
     with contextlib.suppress(OSError):
         applier.flush()
