@@ -608,6 +608,36 @@ class TestDiskFull:
         assert files_of(target, NAMES) == expected
 
 
+class TestCompleteness:
+    def test_a_stream_that_ends_early_is_an_error(self, repo, tmp_path, monkeypatch):
+        """A fetch stream that ends without its last chunk and without an error: RestoreError, not success;
+        what came is recorded, and the next run completes."""
+        data = random.Random(8).randbytes(4 * MIB)
+        (tmp_path / "d.img").write_bytes(data)
+        info = repo.write_archive("a", [vbremote.FileSpec(tmp_path / "d.img", "d.img", vbremote.FileRole.DISK)],
+                                  metadata()).archive
+        target = tmp_path / "t"
+        target.mkdir()
+        (target / "d.img").write_bytes(random.Random(9).randbytes(4 * MIB))
+        source = restore_source(repo, info)
+        plan = make_plan(repo, source, target)
+        assert plan.files[0].blocks_fetched == 4
+        whole = vbremote.ChunkStream.__iter__
+
+        def all_but_the_last(stream: vbremote.ChunkStream) -> Iterator[vbremote.FetchedChunk]:
+            yield from list(whole(stream))[:-1]
+
+        with monkeypatch.context() as patched:
+            patched.setattr(vbremote.ChunkStream, "__iter__", all_but_the_last)
+            with pytest.raises(vbremote.RestoreError, match="3 of the 4 chunks"):
+                apply_plan(repo, plan)
+        journal_is_true(target, {"d.img": data})
+        resumed = make_plan(repo, source, target)
+        assert resumed.bytes_to_fetch == MIB
+        apply_plan(repo, resumed)
+        assert (target / "d.img").read_bytes() == data
+
+
 class TestDurability:
     def test_every_recorded_block_was_fsynced_and_none_after_a_failed_fsync(self, repo, tmp_path, monkeypatch):
         """Each journal save records only blocks an fsync made durable after they were written; after an

@@ -222,6 +222,7 @@ class _Applier:
         self.last_flush = time.monotonic()
         self.verifying = False
         self.sync_failed = False
+        self.arrived: set[bytes] = set()  # the ids fetched and handed to the writer
         self.syncer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vbremote-sync")
         self.syncing: concurrent.futures.Future[None] | None = None
         self.verifier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vbremote-verify")
@@ -451,6 +452,7 @@ class _Applier:
                     )
                 self.bytes_fetched += len(data)
                 self.chunks_fetched += 1
+                self.arrived.add(chunk.id)
                 queue.put((data, where))
         finally:
             queue.put(None)
@@ -616,6 +618,13 @@ def apply_plan(
             for path, a in failed:
                 again.setdefault(a.chunk.id, []).append((path, a))
             applier.fetch(again, list(again))
+        missing = [i for i in fetches if i not in applier.arrived]
+        if missing:
+            # A stream that ends early without an error must not pass for a finished restore.
+            _flush_quietly(applier)  # what did arrive stays recorded
+            raise RestoreError(
+                f"the repository sent {len(fetches) - len(missing)} of the {len(fetches)} chunks asked for; "
+                f"chunk {missing[0].hex()} never came; restore again to continue", archive=archive)
         applier.flush()
         applier.sizes()
         verified = 0 if verify == "none" else applier.verify(verify)
