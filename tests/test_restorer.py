@@ -9,6 +9,7 @@ images with ``qemu-img check``.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pytest
 from helpers import PASSPHRASE, BorgCLI, tmpfs
 
 import vbremote
+from vbremote._restorer import _plan as plan_module
 from vbremote._restorer._rewrite import new_identity, set_vdi_uuids, settings_with, vdi_uuids
 from vbremote._restorer._source import source_from_archive
 from vbremote._restorer._vm import machine_folder_name
@@ -472,6 +474,34 @@ class TestPreflight:
         assert caught.value.problems[0].remedy
         assert scene71.host.state("dev") is vbremote.MachineState.RUNNING
         assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == before
+        result = restorer.restore(archive, power_off=True)
+        assert result.vm is not None
+        assert result.vm.state is vbremote.MachineState.POWERED_OFF
+
+    def test_power_off_only_once_the_plan_is_clear(self, scene71: Scene, monkeypatch: pytest.MonkeyPatch):
+        """With power_off=True, a restore its plan refuses (no room, a symlink in the folder) leaves the
+        VM running: every check of the plan runs before the power-off."""
+        archive = scene71.take()
+        scene71.sim.start("dev", workload=None)
+        restorer = vbremote.Restorer(scene71.host, scene71.repo)
+        folder = scene71.host.vm("dev").folder
+        real_usage = shutil.disk_usage
+        with monkeypatch.context() as patched:
+            patched.setattr(plan_module.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=0))
+            with pytest.raises(vbremote.RestorePreflightFailed) as caught:
+                restorer.restore(archive, power_off=True)
+            assert [p.code for p in caught.value.problems] == ["no-space"]
+        assert scene71.host.state("dev") is vbremote.MachineState.RUNNING
+        disk = next(folder / f.path for f in archive.files
+                    if f.role is vbremote.FileRole.DISK and (folder / f.path).exists())
+        moved = disk.with_name("elsewhere.vdi")
+        disk.rename(moved)
+        disk.symlink_to(moved)
+        with pytest.raises(vbremote.RestoreError, match="symlink"):
+            restorer.restore(archive, power_off=True)
+        assert scene71.host.state("dev") is vbremote.MachineState.RUNNING
+        disk.unlink()
+        moved.rename(disk)
         result = restorer.restore(archive, power_off=True)
         assert result.vm is not None
         assert result.vm.state is vbremote.MachineState.POWERED_OFF

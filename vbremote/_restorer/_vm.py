@@ -396,7 +396,16 @@ class Restorer:
             raise _refused(source, folder, problems)
         in_place = as_new is None
         if in_place and current is not None and current.state.is_running and power_off:
-            # Before the plan: a running guest changes the very blocks the plan compares.
+            # Every check a plan makes runs before the VM is powered off: a plan of the running VM
+            # first (its comparison goes stale at once, but a symlink in the folder, an unreadable
+            # seed or too little space refuses the restore while the VM still runs)…
+            old_files, local_seeds = self._local_files(folder, source, current, as_new=as_new)
+            trial = make_plan(self.repository, source, folder, seeds=[*seeds, *sorted(local_seeds)],
+                              progress=progress)
+            if trial.problems:
+                raise _refused(source, folder, trial.problems)
+            # …then the plan that counts, of disks that no longer change: a running guest changes the
+            # very blocks a plan compares.
             log.info("%s: powering off for the restore", current.name)
             self.host.power_off(current)
         old_files, local_seeds = self._local_files(folder, source, current, as_new=as_new)
