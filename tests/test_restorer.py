@@ -520,10 +520,15 @@ class TestPreflight:
             with pytest.raises(vbremote.RestorePreflightFailed):
                 restorer.restore(archive)
             assert not (other.vms_folder / "dev").exists()
+            # The state that is discarded is neither fetched nor written.
+            plan = restorer.plan(archive, discard_state=True)
+            assert plan.problems == ()
+            assert [f.source.role for f in plan.files].count(vbremote.FileRole.STATE) == 0
             result = restorer.restore(archive, discard_state=True)
             assert result.vm is not None
             assert result.vm.state is vbremote.MachineState.POWERED_OFF
             assert result.vm.state_file is None
+            assert list(result.vm.folder.rglob("*.sav")) == []
             for port, content in instant.items():
                 assert other.disk_content("dev", port) == content
         finally:

@@ -108,6 +108,23 @@ def _saved(source: RestoreSource) -> bool:
     return bool(parse_settings(source.settings).state_file) or source.mode is not SnapshotMode.OFFLINE
 
 
+def _without_machine_state(source: RestoreSource) -> RestoreSource:
+    """``source`` without the machine's own saved-state file (a state that is discarded is not restored).
+
+    A user snapshot's saved state stays, even where it is the same file.
+    """
+    settings = parse_settings(source.settings)
+    if not settings.state_file:
+        return source
+    state = posixpath.normpath(settings.state_file)
+    kept = {posixpath.normpath(node.state_file) for node in settings.snapshots() if node.state_file}
+    if state in kept:
+        return source
+    files = tuple(f for f in source.files
+                  if not (f.role is FileRole.STATE and posixpath.normpath(f.target_path) == state))
+    return attrs.evolve(source, files=files)
+
+
 def _major_minor(version: str | None) -> tuple[int, int] | None:
     match = _VERSION.match(version or "")
     return (int(match[1]), int(match[2])) if match else None
@@ -201,7 +218,7 @@ class Restorer:
             seeds: Further local files that may hold needed data (only read).
             power_off: The restore will power a running VM off (no ``vm-running`` problem).
             discard_state: Restore a saved-state archive ``PoweredOff`` (no
-                version or CPU problems).
+                version or CPU problems); its state file is not restored.
             cpu_portability_level: The level the restored VM gets (0 to 3).
             as_new: Restore as a new VM of this name (new uuids), beside the current one.
             external: Where ``_external/`` files go, relative to the target.
@@ -217,7 +234,8 @@ class Restorer:
             ConfigurationError: A bad argument.
         """
         source, folder, current = self._prepare(archive, target, as_new=as_new, external=external,
-                                                cpu_portability_level=cpu_portability_level)
+                                                cpu_portability_level=cpu_portability_level,
+                                                discard_state=discard_state)
         _, local_seeds = self._local_files(folder, source, current, as_new=as_new)
         plan = make_plan(self.repository, source, folder, seeds=[*seeds, *sorted(local_seeds)], progress=progress)
         problems = self._preflight(source, folder, power_off=power_off, discard_state=discard_state,
@@ -232,6 +250,7 @@ class Restorer:
         as_new: str | None,
         external: Mapping[str, str] | None,
         cpu_portability_level: int | None,
+        discard_state: bool,
     ) -> tuple[RestoreSource, Path, VMInfo | None]:
         if as_new is not None and (not isinstance(as_new, str) or not _VM_NAME.fullmatch(as_new)
                                    or as_new in (".", "..")):
@@ -240,6 +259,8 @@ class Restorer:
                 not isinstance(cpu_portability_level, int) or not 0 <= cpu_portability_level <= 3):
             raise ConfigurationError(f"the CPU portability level is 0 to 3, not {cpu_portability_level!r}")
         source = self.source(archive, external=external)
+        if discard_state:
+            source = _without_machine_state(source)
         current = self._registered(source.vm_uuid)
         if target is not None:
             folder = Path(os.path.abspath(target))
@@ -389,7 +410,8 @@ class Restorer:
             ArchiveNotFound, ArchiveMetadataError, ArchiveInvalid, ConfigurationError: As for :meth:`plan`.
         """
         source, folder, current = self._prepare(archive, target, as_new=as_new, external=external,
-                                                cpu_portability_level=cpu_portability_level)
+                                                cpu_portability_level=cpu_portability_level,
+                                                discard_state=discard_state)
         problems = self._preflight(source, folder, power_off=power_off, discard_state=discard_state,
                                    cpu_portability_level=cpu_portability_level, as_new=as_new)
         if problems:
