@@ -441,6 +441,19 @@ class TestElsewhere:
             subprocess.run(["qemu-img", "check", "-f", "vdi", str(medium.location)], check=True,
                            capture_output=True)
 
+    def test_as_new_with_other_disk_formats_refused(self, scene71: Scene, tmp_path: Path):
+        """As a new VM, disks whose headers vbremote cannot give new uuids (not VDI) are refused before any
+        write, instead of a VM that fails to register after every byte was written."""
+        settings = settings_text(disk="dev.vmdk").replace(b'format="VDI"', b'format="VMDK"')
+        archive = write_crafted(scene71.repo, tmp_path, settings, extra={"dev.vmdk": b"\1" * 4096})
+        restorer = vbremote.Restorer(scene71.host, scene71.repo)
+        target = tmp_path / "new"
+        assert [p.code for p in restorer.plan(archive, target, as_new="copy").problems] == ["as-new-format"]
+        with pytest.raises(vbremote.RestorePreflightFailed, match="VMDK"):
+            restorer.restore(archive, target, as_new="copy")
+        assert not target.exists()
+        assert restorer.plan(archive, target).problems == ()
+
     def test_as_new_reads_the_current_vm(self, scene71: Scene):
         """As a new VM beside a powered-off current VM: its disks are read as seeds, so little is fetched."""
         archive = scene71.take()

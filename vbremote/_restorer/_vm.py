@@ -296,6 +296,15 @@ class Restorer:
         problems: list[PlanProblem] = []
         current = self._registered(source.vm_uuid)
         if as_new is not None:
+            # A new VM's disks get new uuids, written into their headers: vbremote rewrites VDI headers only.
+            others = sorted({m.format for m in parse_settings(source.settings).all_media()
+                             if m.format.upper() != "VDI"})
+            if others:
+                problems.append(PlanProblem(
+                    "as-new-format", f"the archive's disks include {', '.join(others)} images; a restore as a new "
+                    "VM gives each disk a new uuid, which vbremote can write into VDI headers only",
+                    "restore in place or into another folder on another host (same uuids), or convert the "
+                    "disks to VDI"))
             for vm in self.host.vms():
                 if vm.name == as_new:
                     problems.append(PlanProblem(
