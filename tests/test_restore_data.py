@@ -578,6 +578,41 @@ class TestVerify:
         assert files_of(target, NAMES) == files_of(vdi_folder, NAMES)
 
 
+    def test_blocks_an_interrupted_run_recorded_are_read_back_on_resume(self, repo, tmp_path, monkeypatch):
+        """A block the journal of an interrupted run records as done is trusted by the plan, so the resumed
+        run reads it back: one that rotted meanwhile raises IntegrityError naming it."""
+        data = random.Random(10).randbytes(8 * MIB)
+        (tmp_path / "d.img").write_bytes(data)
+        info = repo.write_archive("a", [vbremote.FileSpec(tmp_path / "d.img", "d.img", vbremote.FileRole.DISK)],
+                                  metadata()).archive
+        target = tmp_path / "t"
+        source = restore_source(repo, info)
+        monkeypatch.setattr(apply_module, "JOURNAL_EVERY_BYTES", 2 * MIB)
+
+        class Stop(Exception):
+            pass
+
+        def stop_late(event: vbremote.Progress) -> None:
+            if event.done >= 6 * MIB:
+                raise Stop
+
+        with pytest.raises(Stop):
+            apply_plan(repo, make_plan(repo, source, target), progress=stop_late)
+        state = vbremote.RestoreState.load(target)
+        assert state is not None
+        ((start, end), *_) = state.file("d.img").done  # type: ignore[union-attr]
+        assert end - start >= MIB
+        with (target / "d.img").open("r+b") as f:  # the first recorded block rots on the disk
+            f.seek(start + 100)
+            f.write(bytes([data[start + 100] ^ 1]))
+        resumed = make_plan(repo, source, target)
+        assert resumed.resumed
+        assert resumed.files[0].blocks_done > 0
+        with pytest.raises(vbremote.IntegrityError) as caught:
+            apply_plan(repo, resumed)
+        assert (caught.value.path, caught.value.offset) == ("d.img", start)
+
+
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 20 MiB tmpfs (needs root and mount rights; skipped otherwise)."""
