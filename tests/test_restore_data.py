@@ -728,6 +728,24 @@ class TestDurability:
         assert state.done_bytes <= durable
 
 
+class TestSpace:
+    def test_writes_into_holes_count_as_growth(self, repo, small_fs, tmp_path):
+        """Data written into the holes of a sparse local file takes space: too much of it is a no-space problem
+        before any write (a restore's own zero blocks are holes, so this is the next restore's common case)."""
+        data = random.Random(11).randbytes(24 * MIB)
+        (tmp_path / "d.img").write_bytes(data)
+        info = repo.write_archive("a", [vbremote.FileSpec(tmp_path / "d.img", "d.img", vbremote.FileRole.DISK)],
+                                  metadata()).archive
+        target = small_fs / "vm"
+        target.mkdir()
+        with (target / "d.img").open("wb") as f:
+            f.truncate(24 * MIB)  # all hole: nothing past the end to grow into
+        plan = make_plan(repo, restore_source(repo, info), target)
+        assert plan.grows_by == 0
+        assert [p.code for p in plan.problems] == ["no-space"]
+        assert str(24 * MIB) in plan.problems[0].message
+
+
 class TestVerifyFull:
     def test_full_reads_back_reused_blocks_too(self, repo, vdi_folder, tmp_path):
         """verify="full" also checks blocks the plan reused; "written" does not read them."""
