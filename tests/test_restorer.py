@@ -625,6 +625,13 @@ HOST_REFERENCES = {
     "extradata": (dict(machine='<ExtraData><ExtraDataItem name="GUI/LastCloseAction" value="PowerOff"/>'
                                '<ExtraDataItem name="VBoxInternal/PDM/Devices/evil/Path" value="/tmp/evil.so"/>'
                                '</ExtraData>'), "ExtraData VBoxInternal/PDM/Devices/evil/Path", "/tmp/evil.so"),
+    "nat-tftp": (dict(hardware='<Network><Adapter slot="0" enabled="true" type="82540EM"><NAT>'
+                               '<TFTP prefix="/etc" boot-file="shadow"/></NAT></Adapter></Network>'),
+                 "the TFTP folder of network adapter 0", "/etc"),
+    "generic-vde": (dict(hardware='<Network><Adapter slot="1" enabled="true" type="82540EM"><DisabledModes>'
+                                  '<GenericInterface driver="VDE"><Property name="network" value="/run/vde.ctl"/>'
+                                  '</GenericInterface></DisabledModes><NAT/></Adapter></Network>'),
+                    "a setting of network adapter 1 (VDE)", "network=/run/vde.ctl"),
     "vmdk-absolute": (dict(disk="dev.vmdk", disk_format="VMDK",
                            vmdk=VMDK_HEAD.format(create="fullDevice") + 'RW 2048 FLAT "/dev/sda" 0\n'),
                       "extent 1 of the VMDK descriptor dev.vmdk", "/dev/sda"),

@@ -473,10 +473,12 @@ class HostLink:
 
     Attributes:
         kind: ``shared-folder``, ``serial-port``, ``parallel-port``,
-            ``recording``, ``tpm`` or ``extradata``.
-        name: The shared folder's name, the port's slot, the recording
-            screen, the ExtraData item's name ("" where there is none).
-        mode: A serial port's ``hostMode``, a TPM's ``type`` ("" otherwise).
+            ``recording``, ``tpm``, ``tftp``, ``generic-network`` or ``extradata``.
+        name: The shared folder's name, the port's or network adapter's
+            slot, the recording screen, the ExtraData item's name ("" where
+            there is none).
+        mode: A serial port's ``hostMode``, a TPM's ``type``, a generic
+            network driver's name ("" otherwise).
         value: The path, device, address or value, as written.
         snapshot: The name of the snapshot whose hardware holds it, or
             ``None`` for the machine's current state.
@@ -495,7 +497,11 @@ def _hardware_links(owner: ET.Element, snapshot: str | None) -> Iterator[HostLin
     Element and attribute names as MachineConfigFile::readHardware reads them
     (``SharedFolders/SharedFolder@hostPath``; ``UART`` or ``Uart``
     ``/Port@hostMode,path`` by readSerialPorts; ``LPT`` or ``Lpt``
-    ``/Port@path`` by readParallelPorts; ``TrustedPlatformModule@type,location``),
+    ``/Port@path`` by readParallelPorts; ``TrustedPlatformModule@type,location``;
+    ``Network/Adapter`` with ``NAT/TFTP@prefix``, the host folder NAT's TFTP
+    server serves the guest, and ``GenericInterface@driver`` with its
+    ``Property@name,value``, e.g. a VDE socket, by readNetworkAdapters and
+    readAttachedNetworkMode, disabled modes under ``DisabledModes`` included),
     src/VBox/Main/xml/Settings.cpp of 6.1.38 and 7.1.12. Recording settings
     are read by readRecordingSettings: ``VideoCapture@file`` before settings
     1.19 (6.1 writes it beside ``Hardware``, 7.1 inside it), ``Recording/Screen@file``
@@ -513,6 +519,15 @@ def _hardware_links(owner: ET.Element, snapshot: str | None) -> Iterator[HostLin
             for port in hardware.findall(f"{_N}{tag}/{_N}Port"):
                 if port.get("path"):
                     yield HostLink("parallel-port", port.get("slot", ""), "", port.get("path", ""), snapshot)
+        for adapter in hardware.findall(f"{_N}Network/{_N}Adapter"):
+            slot = adapter.get("slot", "")
+            for tftp in adapter.iter(_N + "TFTP"):
+                if tftp.get("prefix"):
+                    yield HostLink("tftp", slot, "", tftp.get("prefix", ""), snapshot)
+            for generic in adapter.iter(_N + "GenericInterface"):
+                for item in generic.findall(_N + "Property"):
+                    value = f"{item.get('name', '')}={item.get('value', '')}"
+                    yield HostLink("generic-network", slot, generic.get("driver", ""), value, snapshot)
         for tpm in hardware.findall(_N + "TrustedPlatformModule"):
             kind = tpm.get("type", "")
             if kind in ("Host", "Swtpm") or tpm.get("location"):
@@ -531,7 +546,8 @@ def host_links(data: bytes) -> tuple[HostLink, ...]:
     """Every setting of a ``.vbox`` file that points the VM at the host.
 
     Shared folders, serial and parallel ports with a host side, a host or
-    external TPM and recording files, of the machine's current state and of
+    external TPM, recording files, NAT TFTP folders and generic network
+    drivers' settings, of the machine's current state and of
     every snapshot's hardware (snapshots carry their own), and the
     machine's ExtraData items (``ExtraData/ExtraDataItem@name,value``,
     ConfigFileBase::readExtraData; snapshots have none). Whether one is

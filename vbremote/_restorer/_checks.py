@@ -17,7 +17,8 @@ relocated when the snapshot was taken) and those of other tools.
 Host references (:func:`host_references`, :func:`source_host_references`)
 are the settings that give the VM something of the host beyond its own
 files: a shared folder, a serial or parallel port on a host file, pipe or
-device, a recording file, a host TPM, ``VBoxInternal`` ExtraData, a VMDK
+device, a recording file, a host TPM, a NAT TFTP folder, a generic network
+driver's settings, ``VBoxInternal`` ExtraData, a VMDK
 descriptor whose extents are host files. Genuine VMs have them, so they are
 not refused here: the Restorer reports them as preflight problems unless
 the caller trusts the archive.
@@ -219,6 +220,11 @@ def _described(link: HostLink, folder: str | os.PathLike[str] | None) -> HostRef
         return HostReference(f"serial port {link.name} ({link.mode or 'no mode'}){owner}", link.value)
     if link.kind == "parallel-port":
         return HostReference(f"parallel port {link.name}{owner}", link.value)
+    if link.kind == "tftp":
+        return HostReference(f"the TFTP folder of network adapter {link.name}{owner}", link.value)
+    if link.kind == "generic-network":
+        driver = link.mode or "no driver"
+        return HostReference(f"a setting of network adapter {link.name} ({driver}){owner}", link.value)
     if link.kind == "tpm":
         return HostReference(f"TPM ({link.mode or 'no type'}){owner}", link.value)
     if link.kind == "recording":
@@ -239,7 +245,8 @@ def host_references(data: bytes, *, folder: str | os.PathLike[str] | None = None
     Listed are: each shared folder (wherever its host path is); each serial
     port with a host side (``RawFile``, ``HostPipe``, ``HostDevice``,
     ``TCP``); each parallel port with a host device; a host or external TPM;
-    each recording file other than the default one; each ExtraData item
+    each recording file other than the default one; a NAT adapter's TFTP
+    folder; each setting of a generic network driver (e.g. a VDE socket); each ExtraData item
     named ``VBoxInternal/...`` or ``VBoxInternal2/...``. A raw file or
     recording file inside ``folder`` (an absolute path in it, as VirtualBox
     writes them) is the VM's own and not listed. DVD and floppy images are
