@@ -347,6 +347,8 @@ def source_host_references(
         if formats.get(item.target_path, "").lower() != "vmdk" and not item.target_path.lower().endswith(".vmdk"):
             continue
         head = [chunk for chunk in item.chunks if chunk.offset < _VMDK_DESCRIPTOR_MAX]
+        if not head:
+            continue
         got: dict[bytes, bytes] = {}
         with repository.fetch([chunk.id for chunk in head]) as stream:
             for chunk in stream:
