@@ -613,21 +613,21 @@ HOST_REFERENCES = {
     "shared-folder": (dict(hardware='<SharedFolders><SharedFolder name="x" hostPath="/" writable="true"'
                                     ' autoMount="true"/></SharedFolders>'), "shared folder 'x'", "/"),
     "serial-rawfile": (dict(hardware='<UART><Port slot="0" enabled="true" IOBase="0x3f8" IRQ="4" hostMode="RawFile"'
-                                     ' path="/root/.bashrc"/></UART>'), "serial port 0 (RawFile)", "/root/.bashrc"),
+                                     ' path="/home/user/.bashrc"/></UART>'), "serial port 0 (RawFile)", "/home/user/.bashrc"),
     "serial-pipe": (dict(hardware='<UART><Port slot="1" enabled="false" IOBase="0x2f8" IRQ="3" hostMode="HostPipe"'
                                   ' server="true" path="/run/x.sock"/></UART>'), "serial port 1 (HostPipe)",
                     "/run/x.sock"),
     "parallel-port": (dict(hardware='<LPT><Port slot="0" enabled="true" IOBase="0x378" IRQ="7"'
                                     ' path="/dev/parport0"/></LPT>'), "parallel port 0", "/dev/parport0"),
     "recording-1.18": (dict(version="1.18", machine='<VideoCapture enabled="true" screens="1"'
-                                                    ' file="/root/.ssh/authorized_keys"/>'),
-                       "recording file of screen 0", "/root/.ssh/authorized_keys"),
+                                                    ' file="/home/user/.ssh/authorized_keys"/>'),
+                       "recording file of screen 0", "/home/user/.ssh/authorized_keys"),
     "recording-1.19": (dict(machine='<Recording enabled="true" screens="1"><Screen id="0" enabled="true" dest="1"'
                                     ' file="/etc/cron.d/x.webm"/></Recording>'),
                        "recording file of screen 0", "/etc/cron.d/x.webm"),
     "extradata": (dict(machine='<ExtraData><ExtraDataItem name="GUI/LastCloseAction" value="PowerOff"/>'
-                               '<ExtraDataItem name="VBoxInternal/PDM/Devices/evil/Path" value="/tmp/evil.so"/>'
-                               '</ExtraData>'), "ExtraData VBoxInternal/PDM/Devices/evil/Path", "/tmp/evil.so"),
+                               '<ExtraDataItem name="VBoxInternal/PDM/Devices/evil/Path" value="/var/lib/evil.so"/>'
+                               '</ExtraData>'), "ExtraData VBoxInternal/PDM/Devices/evil/Path", "/var/lib/evil.so"),
     "nat-tftp": (dict(hardware='<Network><Adapter slot="0" enabled="true" type="82540EM"><NAT>'
                                '<TFTP prefix="/etc" boot-file="shadow"/></NAT></Adapter></Network>'),
                  "the TFTP folder of network adapter 0", "/etc"),
