@@ -613,7 +613,8 @@ HOST_REFERENCES = {
     "shared-folder": (dict(hardware='<SharedFolders><SharedFolder name="x" hostPath="/" writable="true"'
                                     ' autoMount="true"/></SharedFolders>'), "shared folder 'x'", "/"),
     "serial-rawfile": (dict(hardware='<UART><Port slot="0" enabled="true" IOBase="0x3f8" IRQ="4" hostMode="RawFile"'
-                                     ' path="/home/user/.bashrc"/></UART>'), "serial port 0 (RawFile)", "/home/user/.bashrc"),
+                                     ' path="/home/user/.bashrc"/></UART>'), "serial port 0 (RawFile)",
+                       "/home/user/.bashrc"),
     "serial-pipe": (dict(hardware='<UART><Port slot="1" enabled="false" IOBase="0x2f8" IRQ="3" hostMode="HostPipe"'
                                   ' server="true" path="/run/x.sock"/></UART>'), "serial port 1 (HostPipe)",
                     "/run/x.sock"),
