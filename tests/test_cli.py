@@ -877,6 +877,40 @@ class TestRestore:
             assert disk(snapped, "alpha") == (changed if answer == "n" else newest)
 
 
+    def test_host_references(self, created):
+        """An archive whose settings share a host folder is refused with the option named; with it, it restores."""
+        from vbremote.testing._vdi import VDI
+
+        source = created.tmp / "crafted"
+        source.mkdir()
+        VDI.create(source / "dev.vdi", MIB, image_uuid="aaaaaaaa-2222-3333-4444-555555555555")
+        (source / "dev.vbox").write_text(
+            '<?xml version="1.0"?>\n<VirtualBox xmlns="http://www.virtualbox.org/" version="1.19-linux">'
+            '<Machine uuid="{11111111-2222-3333-4444-555555555555}" name="dev" OSType="Other">'
+            '<MediaRegistry><HardDisks><HardDisk uuid="{aaaaaaaa-2222-3333-4444-555555555555}" location="dev.vdi"'
+            ' format="VDI" type="Normal"/></HardDisks></MediaRegistry><Hardware><CPU count="1"/>'
+            '<SharedFolders><SharedFolder name="home" hostPath="/home" writable="true"/></SharedFolders></Hardware>'
+            '<StorageControllers><StorageController name="SATA" type="AHCI" PortCount="1">'
+            '<AttachedDevice type="HardDisk" port="0" device="0"><Image uuid="{aaaaaaaa-2222-3333-4444-555555555555}"/>'
+            '</AttachedDevice></StorageController></StorageControllers></Machine></VirtualBox>\n')
+        metadata = vbremote.SnapshotMetadata(vm_name="dev", vm_uuid="11111111-2222-3333-4444-555555555555")
+        with created.open() as repo:
+            repo.write_archive("crafted", [
+                vbremote.FileSpec(source / "dev.vbox", "dev.vbox", vbremote.FileRole.SETTINGS),
+                vbremote.FileSpec(source / "dev.vdi", "dev.vdi", vbremote.FileRole.DISK),
+            ], metadata)
+        target = str(created.tmp / "restored")
+        done = created("restore", "crafted", "--target", target, "--yes")
+        assert done.returncode == 5
+        assert "host-reference" in done.stdout
+        assert "--allow-host-references" in done.stdout
+        assert not (created.tmp / "restored").exists()
+        doc = created.json("restore", "crafted", "--target", target, "--yes", "--allow-host-references")
+        validate(doc, "restore")
+        assert doc["vm"]["name"] == "dev"
+        assert 'hostPath="/home"' in (created.tmp / "restored" / "dev.vbox").read_text()
+
+
 class TestDrill:
     def test_drill(self, snapped):
         """drill restores the newest archive as a scratch VM, runs it, verifies it and removes it."""

@@ -20,11 +20,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
+import hypothesis
 import pytest
 from helpers import PASSPHRASE, BorgCLI, tmpfs
+from hypothesis import strategies as st
 
 import vbremote
 from vbremote._restorer import _plan as plan_module
+from vbremote._restorer._checks import HostReference, host_references, vmdk_extents
 from vbremote._restorer._rewrite import new_identity, set_vdi_uuids, settings_with, vdi_uuids
 from vbremote._restorer._source import source_from_archive
 from vbremote._restorer._vm import machine_folder_name
@@ -92,18 +95,20 @@ def write_crafted(repo: vbremote.Repository, tmp_path: Path, settings: bytes, *,
 
 
 def settings_text(*, disk: str = "dev.vdi", state: str | None = None, nvram: str | None = None,
-                  snapshot_folder: str | None = None) -> bytes:
+                  snapshot_folder: str | None = None, disk_format: str = "VDI", hardware: str = "",
+                  machine: str = "", version: str = "1.19") -> bytes:
     machine_uuid = "{11111111-2222-3333-4444-555555555555}"
     state_attr = f' stateFile="{state}"' if state else ""
     folder_attr = f' snapshotFolder="{snapshot_folder}"' if snapshot_folder else ""
     nvram_xml = f'<BIOS><NVRAM path="{nvram}"/></BIOS>' if nvram else ""
     return (
-        '<?xml version="1.0"?>\n<VirtualBox xmlns="http://www.virtualbox.org/" version="1.19-linux">'
+        f'<?xml version="1.0"?>\n<VirtualBox xmlns="http://www.virtualbox.org/" version="{version}-linux">'
         f'<Machine uuid="{machine_uuid}" name="dev" OSType="Other"{state_attr}{folder_attr}>'
         '<MediaRegistry><HardDisks>'
-        f'<HardDisk uuid="{{aaaaaaaa-2222-3333-4444-555555555555}}" location="{disk}" format="VDI" type="Normal"/>'
-        '</HardDisks></MediaRegistry>'
-        f'<Hardware><CPU count="1"/>{nvram_xml}</Hardware>'
+        f'<HardDisk uuid="{{aaaaaaaa-2222-3333-4444-555555555555}}" location="{disk}" format="{disk_format}"'
+        ' type="Normal"/>'
+        f'</HardDisks></MediaRegistry>{machine}'
+        f'<Hardware><CPU count="1"/>{nvram_xml}{hardware}</Hardware>'
         '<StorageControllers><StorageController name="SATA" type="AHCI" PortCount="1">'
         '<AttachedDevice type="HardDisk" port="0" device="0">'
         '<Image uuid="{aaaaaaaa-2222-3333-4444-555555555555}"/></AttachedDevice>'
@@ -300,7 +305,8 @@ class TestInPlace:
                 running_at_hash.append(running)
 
         result = restorer.restore(archive, power_off=True, progress=while_hashing)
-        assert running_at_hash[0] is True and running_at_hash[-1] is False
+        assert running_at_hash[0] is True
+        assert running_at_hash[-1] is False
         assert running_at_hash == sorted(running_at_hash, reverse=True)  # all hashing after the power-off last
         assert result.vm is not None
         assert result.vm.state is vbremote.MachineState.SAVED
@@ -598,6 +604,153 @@ class TestPreflight:
                 call(archive, target)
         assert not (tmp_path / "t").exists()
         assert scene71.host.vm("dev").state is vbremote.MachineState.POWERED_OFF
+
+
+VMDK_HEAD = '# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="{create}"\n\n'
+
+#: One crafted settings file (and its disk) per kind of host reference, the value it must be reported with.
+HOST_REFERENCES = {
+    "shared-folder": (dict(hardware='<SharedFolders><SharedFolder name="x" hostPath="/" writable="true"'
+                                    ' autoMount="true"/></SharedFolders>'), "shared folder 'x'", "/"),
+    "serial-rawfile": (dict(hardware='<UART><Port slot="0" enabled="true" IOBase="0x3f8" IRQ="4" hostMode="RawFile"'
+                                     ' path="/home/user/.bashrc"/></UART>'), "serial port 0 (RawFile)",
+                       "/home/user/.bashrc"),
+    "serial-pipe": (dict(hardware='<UART><Port slot="1" enabled="false" IOBase="0x2f8" IRQ="3" hostMode="HostPipe"'
+                                  ' server="true" path="/run/x.sock"/></UART>'), "serial port 1 (HostPipe)",
+                    "/run/x.sock"),
+    "parallel-port": (dict(hardware='<LPT><Port slot="0" enabled="true" IOBase="0x378" IRQ="7"'
+                                    ' path="/dev/parport0"/></LPT>'), "parallel port 0", "/dev/parport0"),
+    "recording-1.18": (dict(version="1.18", machine='<VideoCapture enabled="true" screens="1"'
+                                                    ' file="/home/user/.ssh/authorized_keys"/>'),
+                       "recording file of screen 0", "/home/user/.ssh/authorized_keys"),
+    "recording-1.19": (dict(machine='<Recording enabled="true" screens="1"><Screen id="0" enabled="true" dest="1"'
+                                    ' file="/etc/cron.d/x.webm"/></Recording>'),
+                       "recording file of screen 0", "/etc/cron.d/x.webm"),
+    "extradata": (dict(machine='<ExtraData><ExtraDataItem name="GUI/LastCloseAction" value="PowerOff"/>'
+                               '<ExtraDataItem name="VBoxInternal/PDM/Devices/evil/Path" value="/var/lib/evil.so"/>'
+                               '</ExtraData>'), "ExtraData VBoxInternal/PDM/Devices/evil/Path", "/var/lib/evil.so"),
+    "nat-tftp": (dict(hardware='<Network><Adapter slot="0" enabled="true" type="82540EM"><NAT>'
+                               '<TFTP prefix="/etc" boot-file="shadow"/></NAT></Adapter></Network>'),
+                 "the TFTP folder of network adapter 0", "/etc"),
+    "generic-vde": (dict(hardware='<Network><Adapter slot="1" enabled="true" type="82540EM"><DisabledModes>'
+                                  '<GenericInterface driver="VDE"><Property name="network" value="/run/vde.ctl"/>'
+                                  '</GenericInterface></DisabledModes><NAT/></Adapter></Network>'),
+                    "a setting of network adapter 1 (VDE)", "network=/run/vde.ctl"),
+    "vmdk-absolute": (dict(disk="dev.vmdk", disk_format="VMDK",
+                           vmdk=VMDK_HEAD.format(create="fullDevice") + 'RW 2048 FLAT "/dev/sda" 0\n'),
+                      "extent 1 of the VMDK descriptor dev.vmdk", "/dev/sda"),
+    "vmdk-climbs": (dict(disk="dev.vmdk", disk_format="VMDK",
+                         vmdk=VMDK_HEAD.format(create="monolithicFlat") + 'RW 8 FLAT "../../../etc/shadow" 0\n'),
+                    "extent 1 of the VMDK descriptor dev.vmdk", "../../../etc/shadow"),
+}
+
+
+def small_vdi(tmp_path: Path) -> bytes:
+    """A real, empty 1 MiB VDI with the uuid of the disk of :func:`settings_text`."""
+    path = tmp_path / "small.vdi"
+    VDI.create(path, MIB, image_uuid="aaaaaaaa-2222-3333-4444-555555555555")
+    return path.read_bytes()
+
+
+def crafted_with(repo: vbremote.Repository, tmp_path: Path, kind: str) -> vbremote.ArchiveInfo:
+    spec = dict(HOST_REFERENCES[kind][0])
+    vmdk = spec.pop("vmdk", None)
+    disk = spec.get("disk", "dev.vdi")
+    data = vmdk.encode() if vmdk is not None else small_vdi(tmp_path)
+    return write_crafted(repo, tmp_path, settings_text(**spec), extra={disk: data})
+
+
+@pytest.fixture
+def empty_host(tmp_path: Path) -> Iterator[vbremote.VirtualBoxHost]:
+    """A simulated VirtualBox 7.1 host with no VM."""
+    sim = SimulatedVirtualBox(tmp_path / "vbox", version="7.1")
+    yield vbremote.VirtualBoxHost.connect(manager=sim.manager())
+    sim.close()
+
+
+class TestHostReferences:
+    @pytest.mark.parametrize("kind", sorted(HOST_REFERENCES))
+    def test_reported_and_refused(self, empty_host: vbremote.VirtualBoxHost, repo: vbremote.Repository,
+                                  tmp_path: Path, kind: str):
+        """Each kind of host reference is a host-reference problem; restore refuses it and writes nothing."""
+        archive = crafted_with(repo, tmp_path, kind)
+        _, what, value = HOST_REFERENCES[kind]
+        restorer = vbremote.Restorer(empty_host, repo)
+        target = tmp_path / "t" / "dev"
+        problems = restorer.plan(archive, target).problems
+        assert [p.code for p in problems] == ["host-reference"]
+        assert what in problems[0].message
+        assert repr(value) in problems[0].message
+        assert "allow_host_references=True" in problems[0].remedy
+        with pytest.raises(vbremote.RestorePreflightFailed) as caught:
+            restorer.restore(archive, target)
+        assert [p.code for p in caught.value.problems] == ["host-reference"]
+        assert not (tmp_path / "t").exists()
+        assert empty_host.vms() == ()
+
+    def test_allowed_shared_folder_restores(self, empty_host: vbremote.VirtualBoxHost, repo: vbremote.Repository,
+                                            tmp_path: Path, caplog: pytest.LogCaptureFixture):
+        """With allow_host_references=True the VM registers with its shared folder intact, and a warning says so."""
+        archive = crafted_with(repo, tmp_path, "shared-folder")
+        restorer = vbremote.Restorer(empty_host, repo)
+        target = tmp_path / "t" / "dev"
+        assert restorer.plan(archive, target, allow_host_references=True).problems == ()
+        with caplog.at_level("WARNING", logger="vbremote.restore"):
+            result = restorer.restore(archive, target, allow_host_references=True)
+        assert result.vm is not None
+        assert result.vm.uuid == "11111111-2222-3333-4444-555555555555"
+        assert b'<SharedFolder name="x" hostPath="/" writable="true" autoMount="true"' in \
+            result.settings_file.read_bytes()
+        assert any("shared folder 'x'" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+    def test_plain_settings_restore(self, empty_host: vbremote.VirtualBoxHost, repo: vbremote.Repository,
+                                    tmp_path: Path):
+        """Settings without host references (a USB filter, a disconnected port with an old path, a GUI ExtraData
+        item, the default recording file) plan no problem and restore as before."""
+        hardware = ('<USB><DeviceFilters><DeviceFilter name="any" active="true"/></DeviceFilters></USB>'
+                    '<UART><Port slot="0" enabled="false" IOBase="0x3f8" IRQ="4" hostMode="Disconnected"'
+                    ' path="/var/log/old-serial.log"/></UART>')
+        machine = ('<ExtraData><ExtraDataItem name="GUI/LastCloseAction" value="PowerOff"/></ExtraData>'
+                   '<Recording enabled="false" screens="1"><Screen id="0" enabled="true" dest="1" file="."/>'
+                   '</Recording>')
+        disk = small_vdi(tmp_path)
+        archive = write_crafted(repo, tmp_path, settings_text(hardware=hardware, machine=machine),
+                                extra={"dev.vdi": disk})
+        restorer = vbremote.Restorer(empty_host, repo)
+        target = tmp_path / "t" / "dev"
+        assert restorer.plan(archive, target).problems == ()
+        result = restorer.restore(archive, target)
+        assert result.vm is not None
+        assert (target / "dev.vdi").read_bytes() == disk
+
+    def test_snapshot_hardware_and_own_folder(self):
+        """A snapshot's own hardware is searched too; raw and recording files inside the VM folder are the VM's."""
+        snapshot = ('<Snapshot uuid="{bbbbbbbb-2222-3333-4444-555555555555}" name="base"'
+                    ' timeStamp="2026-01-01T00:00:00Z">'
+                    '<Hardware><SharedFolders><SharedFolder name="old" hostPath="/srv/old"/></SharedFolders></Hardware>'
+                    '</Snapshot>')
+        hardware = ('<UART><Port slot="0" enabled="true" IOBase="0x3f8" IRQ="4" hostMode="RawFile"'
+                    ' path="/vms/dev/serial.log"/></UART>')
+        machine = ('<Recording enabled="true" screens="1"><Screen id="0" enabled="true" dest="1"'
+                   ' file="/vms/dev/dev.webm"/></Recording>' + snapshot)
+        data = settings_text(hardware=hardware, machine=machine)
+        found = host_references(data, folder="/vms/dev")
+        assert found == (HostReference("shared folder 'old' of snapshot 'base'", "/srv/old"),)
+        elsewhere = {r.what for r in host_references(data, folder="/vms/other")}
+        assert elsewhere == {"serial port 0 (RawFile)", "recording file of screen 0",
+                             "shared folder 'old' of snapshot 'base'"}
+
+    @hypothesis.given(before=st.lists(st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\n\0"),
+                                              max_size=40)),
+                      name=st.text(st.characters(exclude_categories=("Cs",), exclude_characters='"\n\r\0'),
+                                   min_size=1, max_size=60))
+    def test_vmdk_extents_found(self, before: list[str], name: str):
+        """Whatever lines surround it, a quoted extent name is found exactly; no input makes the parser fail."""
+        text = VMDK_HEAD.format(create="monolithicFlat") + "".join(line + "\n" for line in before)
+        text += f'RDONLY 16 SPARSE "{name}"\r\nRW 8 ZERO\n'
+        found = vmdk_extents(text.encode())
+        assert found[-1] == name
+        assert vmdk_extents(b"KDMV" + text.encode()) == ()
 
 
 class TestFolderFromName:

@@ -129,6 +129,9 @@ def _result_doc(result: RestoreResult) -> dict[str, Any]:
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (for scripts).")
 @click.option("--power-off", is_flag=True, help="Power the VM off first if it runs.")
 @click.option("--discard-state", is_flag=True, help="Restore a saved-state archive powered off.")
+@click.option("--allow-host-references", is_flag=True,
+              help="Keep what the archive's settings give the VM of this host (shared folders, serial ports on host "
+                   "files, ...); only for archives whose author you trust.")
 @json_option
 @pass_app
 def restore(
@@ -139,6 +142,7 @@ def restore(
     yes: bool,
     power_off: bool,
     discard_state: bool,
+    allow_host_references: bool,
 ) -> None:
     """Restore a VM from an archive: only the blocks that differ travel.
 
@@ -146,6 +150,9 @@ def restore(
     either at a terminal, choose the VM and then the archive (newest first).
     The plan (what travels, what is reused, what is written) is shown and
     must be confirmed before anything is written (--yes for scripts).
+    Settings that give the VM something of this host (a shared folder, a
+    serial port on a host file, VBoxInternal ExtraData ...) are refused
+    unless --allow-host-references is given.
     """
     host = app.host()
     repo = app.open_repository()
@@ -155,7 +162,7 @@ def restore(
     with _monitored(app, "restore", vm=archive.vm_name, archive=archive.name, **_repo_detail(app)) as run:
         with app.progress() as progress:
             plan = restorer.plan(archive, target, seeds, power_off=power_off, discard_state=discard_state,
-                                 as_new=as_new, progress=progress)
+                                 as_new=as_new, progress=progress, allow_host_references=allow_host_references)
         _show_plan(app, archive, plan, as_new)
         if plan.problems:
             codes = ", ".join(p.code for p in plan.problems)
@@ -167,7 +174,8 @@ def restore(
         confirm(app, f"Restore {archive.name} into {plan.target}?", yes=yes)
         with app.progress() as progress:
             result = restorer.restore(archive, target, power_off=power_off, seeds=seeds,
-                                      discard_state=discard_state, as_new=as_new, progress=progress)
+                                      discard_state=discard_state, as_new=as_new, progress=progress,
+                                      allow_host_references=allow_host_references)
         doc = {
             "repository": app.repository_config().name,
             "archive": _archive_doc(archive),

@@ -47,6 +47,7 @@ from .._hostinfo import cpu_vendor
 from .._models import ArchiveInfo, FileRole, MachineState, Progress, SnapshotMode, VMInfo
 from .._settings import parse_settings, relocate
 from ._apply import ApplyStats, Prefetch, Verify, apply_plan
+from ._checks import source_host_references
 from ._foreign import foreign_source
 from ._plan import PlanProblem, RestorePlan, make_plan
 from ._rewrite import new_identity, set_vdi_uuids, settings_with
@@ -206,6 +207,7 @@ class Restorer:
         as_new: str | None = None,
         external: Mapping[str, str] | None = None,
         progress: Callable[[Progress], None] | None = None,
+        allow_host_references: bool = False,
     ) -> RestorePlan:
         """What restoring ``archive`` does, block by block, and what stops it; writes nothing.
 
@@ -223,6 +225,12 @@ class Restorer:
             as_new: Restore as a new VM of this name (new uuids), beside the current one.
             external: Where ``_external/`` files go, relative to the target.
             progress: Called while local files are hashed.
+            allow_host_references: Keep what the archive's settings give the
+                VM of the host (shared folders, serial and parallel ports on
+                host files or devices, recording files, ``VBoxInternal``
+                ExtraData, VMDK extents outside the folder ...), logging each,
+                instead of reporting each as a ``host-reference`` problem.
+                Only for archives whose author you trust.
 
         Returns:
             The plan; its ``problems`` are what :meth:`restore` refuses on
@@ -239,7 +247,8 @@ class Restorer:
         _, local_seeds = self._local_files(folder, source, current, as_new=as_new)
         plan = make_plan(self.repository, source, folder, seeds=[*seeds, *sorted(local_seeds)], progress=progress)
         problems = self._preflight(source, folder, power_off=power_off, discard_state=discard_state,
-                                   cpu_portability_level=cpu_portability_level, as_new=as_new)
+                                   cpu_portability_level=cpu_portability_level, as_new=as_new,
+                                   allow_host_references=allow_host_references)
         return attrs.evolve(plan, problems=(*plan.problems, *problems))
 
     def _prepare(
@@ -292,6 +301,7 @@ class Restorer:
         discard_state: bool,
         cpu_portability_level: int | None,
         as_new: str | None,
+        allow_host_references: bool = False,
     ) -> list[PlanProblem]:
         problems: list[PlanProblem] = []
         current = self._registered(source.vm_uuid)
@@ -333,6 +343,19 @@ class Restorer:
                         "restore into another folder"))
         if _saved(source) and not discard_state:
             problems.extend(self._saved_state_problems(source, cpu_portability_level))
+        # The settings are registered as archived: whatever of the host they name, the VM gets when it starts.
+        for reference in source_host_references(self.repository, source, folder=folder):
+            if allow_host_references:
+                log.warning("%s: archive %s gives the VM %s: %s (allowed)", source.vm_name, source.archive,
+                            reference.what, reference.value)
+                continue
+            problems.append(PlanProblem(
+                "host-reference",
+                f"the archive's settings give the VM {reference.what}: {reference.value!r}; VirtualBox gives the "
+                "restored VM that host path or setting when it starts (an archive of your own VM has it if the VM "
+                "had it when the snapshot was taken)",
+                "restore with allow_host_references=True (vbremote restore --allow-host-references) if you trust "
+                "this archive's author, or remove it from the VM's settings in the archive"))
         return problems
 
     def _saved_state_problems(self, source: RestoreSource, cpu_portability_level: int | None) -> list[PlanProblem]:
@@ -389,6 +412,7 @@ class Restorer:
         as_new: str | None = None,
         external: Mapping[str, str] | None = None,
         progress: Callable[[Progress], None] | None = None,
+        allow_host_references: bool = False,
     ) -> RestoreResult:
         """Restore ``archive`` into ``target`` and register the VM.
 
@@ -404,6 +428,7 @@ class Restorer:
         Args:
             archive, target, seeds, power_off, discard_state, cpu_portability_level, as_new, external:
                 As for :meth:`plan`.
+            allow_host_references: As for :meth:`plan`.
             register: Register the VM (``False``: only write the files).
             verify: ``"written"``, ``"full"`` or ``"none"`` (see :func:`apply_plan`).
             progress: Called with :class:`Progress` events while hashing and writing.
@@ -422,7 +447,8 @@ class Restorer:
                                                 cpu_portability_level=cpu_portability_level,
                                                 discard_state=discard_state)
         problems = self._preflight(source, folder, power_off=power_off, discard_state=discard_state,
-                                   cpu_portability_level=cpu_portability_level, as_new=as_new)
+                                   cpu_portability_level=cpu_portability_level, as_new=as_new,
+                                   allow_host_references=allow_host_references)
         if problems:
             raise _refused(source, folder, problems)
         in_place = as_new is None
