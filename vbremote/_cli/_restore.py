@@ -198,9 +198,11 @@ def restore(
 @click.argument("vm", required=False)
 @click.option("--run-seconds", type=click.FloatRange(0, 3600), default=10.0, show_default=True,
               help="How long the restored VM must keep running.")
+@click.option("--allow-host-references", is_flag=True,
+              help="Restore settings that reach outside the VM folder (shared folders, host serial ports …).")
 @json_option
 @pass_app
-def drill(app: App, vm: str | None, run_seconds: float) -> None:
+def drill(app: App, vm: str | None, run_seconds: float, allow_host_references: bool) -> None:
     """A restore drill: the VM's newest archive restored as a new VM, run, verified, removed.
 
     Steps: restore as a new VM into a scratch folder (every block read back
@@ -230,7 +232,8 @@ def drill(app: App, vm: str | None, run_seconds: float) -> None:
     with _monitored(app, "drill", vm=vm, archive=archive.name, **_repo_detail(app)) as run:
         try:
             with step("restore"), app.progress() as progress:
-                result = Restorer(host, repo).restore(archive, folder, as_new=name, verify="full", progress=progress)
+                result = Restorer(host, repo).restore(archive, folder, as_new=name, verify="full", progress=progress,
+                                                      allow_host_references=allow_host_references)
                 assert result.vm is not None
                 registered = result.vm.uuid
             with step("start"):
