@@ -778,6 +778,7 @@ class TestLocks:
         scene.sim.create_vm("two", disk_size=4 * MIB)
         archive = scene.take()
         other = scene.snapshotter.take("two").archive
+        scene.host.unregister("two")  # nothing else would stop a restore of it into dev's folder meanwhile
         folder = scene.host.vm("dev").folder
         restorer = vbremote.Restorer(scene.host, scene.repo, state_dir=tmp_path / "state")
         seen: list[dict[Path, tuple[int, int]]] = []
