@@ -340,11 +340,15 @@ class Restorer:
     ) -> RestoreResult:
         """Restore ``archive`` into ``target`` and register the VM.
 
-        The order: preflight (nothing written); power off if asked (before
-        the plan, which compares the VM's files); plan (the ``no-space``
-        check); unregister the VM being replaced; write the data (resumable:
-        run again after an interruption and it continues); write the
-        settings file; register and check the VM; remove the stale files.
+        The order: take the VM's lock (the archive's VM uuid, shared with
+        snapshot runs; also for ``as_new``, which reads the current VM's
+        files) and the target folder's, held to the end; preflight (nothing
+        written); power off if asked (before the plan, which compares the
+        VM's files); plan (the ``no-space`` check); record the stale files in
+        the target; unregister the VM being replaced; write the data
+        (resumable: run again after an interruption and it continues); write
+        the settings file; register and check the VM; remove the stale files
+        (also those an interrupted restore of the VM into the folder recorded).
 
         A restore as a new VM reads the current VM's files as seeds when it
         is not running (its disks hold most of the data of any of its archives).
@@ -360,6 +364,8 @@ class Restorer:
             The registered VM, the data path's stats, the stale files removed.
 
         Raises:
+            RestoreLocked: A snapshot run or another restore holds the VM's lock
+                or the target folder's (after ``lock_wait``); nothing was changed.
             RestorePreflightFailed: The plan has problems (listed on the error); nothing was written.
             IntegrityError: A chunk failed verification; the VM is not registered.
             TargetSpaceError: The target is full; run again once space is freed.
