@@ -25,7 +25,7 @@ from helpers import PASSPHRASE, BorgCLI, tmpfs
 import vbremote
 from vbremote._restorer._rewrite import new_identity, set_vdi_uuids, settings_with, vdi_uuids
 from vbremote._restorer._source import source_from_archive
-from vbremote._restorer._stale import STALE_PREFIX, load_stale, remove_stale, save_stale
+from vbremote._restorer._stale import STALE_PREFIX, load_stale, remove_stale, save_stale, stale_name
 from vbremote._settings import parse_settings
 from vbremote._snapshotter._lock import vm_lock
 from vbremote.testing import MIB, GuestWorkload, SimulatedVirtualBox, Timing, qemu_tools_available
@@ -837,6 +837,16 @@ class TestStaleList:
         assert load_stale(folder, "u1") == set()
         assert remove_stale(folder, {tmp_path / "victim", folder}, keep=set()) == ()
         assert (tmp_path / "victim").exists()
+
+    def test_uuid_chooses_no_path(self, tmp_path: Path):
+        """A VM uuid that is not one (an archive of another tool says what it likes) names a file in the folder."""
+        folder = tmp_path / "a" / "vm"
+        folder.mkdir(parents=True)
+        save_stale(folder, "../../x", [folder / "f.vdi"])
+        assert [p.parent for p in tmp_path.rglob("*.json")] == [folder]
+        assert load_stale(folder, "../../x") == {folder / "f.vdi"}
+        canonical = "0a1b2c3d-0000-4000-8000-000000000001"
+        assert stale_name("{" + canonical.upper() + "}") == f"{STALE_PREFIX}{canonical}.json"
 
 
 class TestStaleAfterKill:

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
 import stat
+import uuid
 from collections.abc import Iterable, Set
 from pathlib import Path, PurePosixPath
 
@@ -30,6 +32,7 @@ from ._journal import JOURNAL_NAME, fsync_dir
 
 __all__ = [
     "STALE_PREFIX", "forget_stale", "is_regular_inside", "load_stale", "remove_stale", "save_stale", "stale_name",
+    "vm_key",
 ]
 
 log = logging.getLogger("vbremote.restore")
@@ -40,9 +43,21 @@ STALE_PREFIX = ".vbremote-stale-"
 _VERSION = 1
 
 
+def vm_key(vm_uuid: str) -> str:
+    """``vm_uuid`` as a file name: the canonical uuid (as VirtualBox writes it), or a hash of what is not one.
+
+    An archive of another tool carries whatever its settings file says; it
+    must not choose a path.
+    """
+    try:
+        return str(uuid.UUID(vm_uuid.strip()))
+    except ValueError:
+        return "vm-" + hashlib.sha256(vm_uuid.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
 def stale_name(vm_uuid: str) -> str:
     """The stale list's file name for the VM ``vm_uuid``."""
-    return f"{STALE_PREFIX}{vm_uuid.strip('{}')}.json"
+    return f"{STALE_PREFIX}{vm_key(vm_uuid)}.json"
 
 
 def _relative(folder: Path, path: Path) -> str | None:

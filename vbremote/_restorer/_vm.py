@@ -59,7 +59,7 @@ from ._foreign import foreign_source
 from ._plan import PlanProblem, RestorePlan, make_plan
 from ._rewrite import new_identity, set_vdi_uuids, settings_with
 from ._source import RestoreSource, referenced_files, source_from_archive
-from ._stale import forget_stale, is_regular_inside, load_stale, remove_stale, save_stale
+from ._stale import forget_stale, is_regular_inside, load_stale, remove_stale, save_stale, stale_name, vm_key
 
 if TYPE_CHECKING:
     from .._repository import Repository
@@ -376,7 +376,7 @@ class Restorer:
                                                 cpu_portability_level=cpu_portability_level)
         with contextlib.ExitStack() as locks:
             # The archive's uuid also for a new VM: it reads the current VM's files as seeds.
-            self._hold(locks, source, source.vm_uuid, source.vm_name)
+            self._hold(locks, source, vm_key(source.vm_uuid), f"the VM {source.vm_name!r}")
             fresh = self._registered(source.vm_uuid)
             if (fresh is None) != (current is None) or (
                     fresh is not None and current is not None and fresh.folder != current.folder):
@@ -386,10 +386,10 @@ class Restorer:
             else:
                 current = fresh
             self._hold(locks, source, _folder_key(folder), f"the target folder {folder}")
-            return self._restore(source, folder, current, power_off=power_off, register=register, verify=verify,
-                                 seeds=seeds, discard_state=discard_state,
-                                 cpu_portability_level=cpu_portability_level, as_new=as_new, progress=progress)
-        raise AssertionError("unreachable")  # pragma: no cover  (mypy: ExitStack may swallow)
+            result = self._restore(source, folder, current, power_off=power_off, register=register,
+                                   verify=verify, seeds=seeds, discard_state=discard_state,
+                                   cpu_portability_level=cpu_portability_level, as_new=as_new, progress=progress)
+        return result
 
     def _hold(self, locks: contextlib.ExitStack, source: RestoreSource, key: str, what: str) -> None:
         """Take the lock ``key`` (a VM uuid or a folder's key) into ``locks``; :class:`RestoreLocked` if held."""
@@ -436,7 +436,7 @@ class Restorer:
             if plan.problems:
                 raise _refused(source, folder, plan.problems)
             # Before the old settings can be lost (unregistered, replaced): afterwards nothing names these files.
-            stale = self._stale_files(folder, source, old_files - written) if in_place else set()
+            stale = self._stale_files(folder, source, old_files, written) if in_place else set()
             if in_place and current is not None:
                 log.info("%s: unregistering before the restore writes", current.name)
                 self.host.unregister(current)
@@ -507,15 +507,20 @@ class Restorer:
             return inside, outside
         return set(), set()
 
-    def _stale_files(self, folder: Path, source: RestoreSource, candidates: set[Path]) -> set[Path]:
+    def _stale_files(self, folder: Path, source: RestoreSource, old: set[Path], written: set[Path]) -> set[Path]:
         """The files an in-place restore removes once done, persisted in the target before anything changes.
 
-        ``candidates`` are the files inside the folder that the old settings
-        name and the archive does not hold; an interrupted restore's list
+        ``old`` are the files inside the folder that the old settings name,
+        ``written`` those the restore writes; an interrupted restore's list
         (its old settings may be gone by now) adds what it still names.
         """
-        stale = {p for p in candidates | load_stale(folder, source.vm_uuid) if is_regular_inside(folder, p)}
-        if stale:
+        candidates = (old | load_stale(folder, source.vm_uuid)) - written
+        stale = {p for p in candidates if is_regular_inside(folder, p)}
+        if folder / stale_name(source.vm_uuid) in written:
+            # An archive of a folder that held such a list (another tool archived it): the file is data now.
+            log.warning("%s: the archive holds %s; the stale files are not recorded", source.archive,
+                        stale_name(source.vm_uuid))
+        elif stale:
             try:
                 save_stale(folder, source.vm_uuid, stale)
             except OSError as exc:
@@ -527,7 +532,8 @@ class Restorer:
                       ) -> tuple[Path, ...]:
         """Remove ``stale`` but what ``keep`` names, then the persisted list; returns the files removed."""
         removed = remove_stale(folder, stale, keep)
-        forget_stale(folder, source.vm_uuid)
+        if folder / stale_name(source.vm_uuid) not in keep:
+            forget_stale(folder, source.vm_uuid)
         return removed
 
     def _check(self, info: VMInfo, source: RestoreSource, settings: bytes, *, discard_state: bool) -> None:
