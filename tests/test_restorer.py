@@ -9,6 +9,7 @@ images with ``qemu-img check``.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,12 +24,15 @@ import pytest
 from helpers import PASSPHRASE, BorgCLI, tmpfs
 
 import vbremote
+from vbremote._restorer import _plan as plan_module
 from vbremote._restorer._rewrite import new_identity, set_vdi_uuids, settings_with, vdi_uuids
 from vbremote._restorer._source import source_from_archive
 from vbremote._restorer._stale import STALE_PREFIX, load_stale, remove_stale, save_stale, stale_name
+from vbremote._restorer._vm import machine_folder_name
 from vbremote._settings import parse_settings
 from vbremote._snapshotter._lock import vm_lock
 from vbremote.testing import MIB, GuestWorkload, SimulatedVirtualBox, Timing, qemu_tools_available
+from vbremote.testing._vdi import VDI
 
 PROFILES = ["6.1", "7.1"]
 
@@ -445,6 +449,19 @@ class TestElsewhere:
             subprocess.run(["qemu-img", "check", "-f", "vdi", str(medium.location)], check=True,
                            capture_output=True)
 
+    def test_as_new_with_other_disk_formats_refused(self, scene71: Scene, tmp_path: Path):
+        """As a new VM, disks whose headers vbremote cannot give new uuids (not VDI) are refused before any
+        write, instead of a VM that fails to register after every byte was written."""
+        settings = settings_text(disk="dev.vmdk").replace(b'format="VDI"', b'format="VMDK"')
+        archive = write_crafted(scene71.repo, tmp_path, settings, extra={"dev.vmdk": b"\1" * 4096})
+        restorer = vbremote.Restorer(scene71.host, scene71.repo)
+        target = tmp_path / "new"
+        assert [p.code for p in restorer.plan(archive, target, as_new="copy").problems] == ["as-new-format"]
+        with pytest.raises(vbremote.RestorePreflightFailed, match="VMDK"):
+            restorer.restore(archive, target, as_new="copy")
+        assert not target.exists()
+        assert restorer.plan(archive, target).problems == ()
+
     def test_as_new_reads_the_current_vm(self, scene71: Scene):
         """As a new VM beside a powered-off current VM: its disks are read as seeds, so little is fetched."""
         archive = scene71.take()
@@ -482,6 +499,34 @@ class TestPreflight:
         assert result.vm is not None
         assert result.vm.state is vbremote.MachineState.POWERED_OFF
 
+    def test_power_off_only_once_the_plan_is_clear(self, scene71: Scene, monkeypatch: pytest.MonkeyPatch):
+        """With power_off=True, a restore its plan refuses (no room, a symlink in the folder) leaves the
+        VM running: every check of the plan runs before the power-off."""
+        archive = scene71.take()
+        scene71.sim.start("dev", workload=None)
+        restorer = vbremote.Restorer(scene71.host, scene71.repo)
+        folder = scene71.host.vm("dev").folder
+        real_usage = shutil.disk_usage
+        with monkeypatch.context() as patched:
+            patched.setattr(plan_module.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=0))
+            with pytest.raises(vbremote.RestorePreflightFailed) as caught:
+                restorer.restore(archive, power_off=True)
+            assert [p.code for p in caught.value.problems] == ["no-space"]
+        assert scene71.host.state("dev") is vbremote.MachineState.RUNNING
+        disk = next(folder / f.path for f in archive.files
+                    if f.role is vbremote.FileRole.DISK and (folder / f.path).exists())
+        moved = disk.with_name("elsewhere.vdi")
+        disk.rename(moved)
+        disk.symlink_to(moved)
+        with pytest.raises(vbremote.RestoreError, match="symlink"):
+            restorer.restore(archive, power_off=True)
+        assert scene71.host.state("dev") is vbremote.MachineState.RUNNING
+        disk.unlink()
+        moved.rename(disk)
+        result = restorer.restore(archive, power_off=True)
+        assert result.vm is not None
+        assert result.vm.state is vbremote.MachineState.POWERED_OFF
+
     def test_version_mismatch(self, scene71: Scene, tmp_path: Path):
         """A saved state of VirtualBox 7.1 is refused on 7.0; with discard_state it restores powered off."""
         scene71.sim.start("dev", workload=HOT)
@@ -496,14 +541,43 @@ class TestPreflight:
             with pytest.raises(vbremote.RestorePreflightFailed):
                 restorer.restore(archive)
             assert not (other.vms_folder / "dev").exists()
+            # The state that is discarded is neither fetched nor written.
+            plan = restorer.plan(archive, discard_state=True)
+            assert plan.problems == ()
+            assert [f.source.role for f in plan.files].count(vbremote.FileRole.STATE) == 0
             result = restorer.restore(archive, discard_state=True)
             assert result.vm is not None
             assert result.vm.state is vbremote.MachineState.POWERED_OFF
             assert result.vm.state_file is None
+            assert list(result.vm.folder.rglob("*.sav")) == []
             for port, content in instant.items():
                 assert other.disk_content("dev", port) == content
         finally:
             other.close()
+
+    def test_offline_archive_of_a_saved_vm(self, scene71: Scene, tmp_path: Path):
+        """A VM that was Saved is archived offline with its state: it restores Saved in place, and on another
+        release its saved state is refused before any write, as an online archive's is."""
+        scene71.sim.start("dev", workload=HOT)
+        wait_writes(scene71, 5)
+        scene71.host.save_state("dev")
+        archive = scene71.take()
+        assert archive.mode is vbremote.SnapshotMode.OFFLINE
+        assert vbremote.FileRole.STATE in {f.role for f in archive.files}
+        other = SimulatedVirtualBox(tmp_path / "other", version="7.0")
+        try:
+            restorer = vbremote.Restorer(vbremote.VirtualBoxHost.connect(manager=other.manager()), scene71.repo)
+            assert [p.code for p in restorer.plan(archive).problems] == ["vbox-version"]
+            with pytest.raises(vbremote.RestorePreflightFailed):
+                restorer.restore(archive)
+            assert not (other.vms_folder / "dev").exists()
+        finally:
+            other.close()
+        result = vbremote.Restorer(scene71.host, scene71.repo).restore(archive)
+        assert result.vm is not None
+        assert result.vm.state is vbremote.MachineState.SAVED
+        scene71.host.start("dev")
+        assert scene71.host.state("dev") is vbremote.MachineState.RUNNING
 
     def test_cpu_vendor(self, scene71: Scene):
         """A saved state taken on another CPU vendor is refused, with the way out; offline archives are not."""
@@ -530,6 +604,49 @@ class TestPreflight:
                 call(archive, target)
         assert not (tmp_path / "t").exists()
         assert scene71.host.vm("dev").state is vbremote.MachineState.POWERED_OFF
+
+
+class TestFolderFromName:
+    @pytest.mark.parametrize(("name", "folder"), [
+        # The examples VirtualBox's own check of sanitiseMachineFilename lists (VirtualBoxImpl.cpp, 7.1.12).
+        ("OS/2 2.1", "OS_2 2.1"),
+        ("-!My VM!-", "__My VM_-"),
+        ("\U00010330", "____"),
+        ("  My VM  ", "__My VM__"),
+        (".My VM.", "_My VM_"),
+        ("My VM", "My VM"),
+        # And what an archive's author might try.
+        ("..", "__"),
+        ("../../etc", "_._.._etc"),
+        ("/root/.ssh", "_root_.ssh"),
+        ("a\\b", "a_b"),
+    ])
+    def test_as_virtualbox_names_a_new_machines_folder(self, name: str, folder: str):
+        """A VM's name gives the folder name VirtualBox gives a new machine: one name, never a path."""
+        assert machine_folder_name(name) == folder
+
+    @pytest.mark.parametrize("name", ["../../escaped", "/abs/escaped", ".."])
+    def test_a_hostile_name_stays_in_the_default_folder(self, repo: vbremote.Repository, tmp_path: Path, name: str):
+        """target=None on a host without the VM: the folder is made from the archive's VM name inside the
+        default machine folder, whatever the name says."""
+        VDI.create(tmp_path / "real.vdi", MIB)
+        data = settings_text().replace(b'name="dev"', f'name="{name}"'.encode())
+        archive = write_crafted(repo, tmp_path, data, extra={"dev.vdi": (tmp_path / "real.vdi").read_bytes()})
+        with SimulatedVirtualBox(tmp_path / "other", version="7.1") as other:
+            host = vbremote.VirtualBoxHost.connect(manager=other.manager())
+            default = host.default_machine_folder
+            escaped = Path(os.path.normpath(default / name))
+            restorer = vbremote.Restorer(host, repo)
+            plan = restorer.plan(archive)
+            assert plan.target.parent == default
+            assert plan.target.name == machine_folder_name(name)
+            result = restorer.restore(archive)
+            assert result.vm is not None
+            assert result.vm.folder == plan.target
+            # Where the name points, taken as a path, nothing was made.
+            assert not escaped.is_relative_to(default)
+            assert not (escaped / "dev.vdi").exists()
+            assert (plan.target / "dev.vdi").exists()
 
 
 class TestUnregisterFirst:

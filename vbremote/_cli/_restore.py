@@ -15,6 +15,7 @@ from .._errors import ArchiveNotFound, RestorePreflightFailed, VBRemoteError
 from .._models import ArchiveInfo, MachineState
 from .._repository import Repository
 from .._restorer import RestorePlan, Restorer, RestoreResult
+from .._restorer._vm import machine_folder_name
 from ._app import App, CommandFailed, exit_code_for
 from ._choose import choose_vm, confirm
 from ._commands import _archive_doc, _monitored, _repo_detail, _size, cli, json_option, pass_app
@@ -206,8 +207,11 @@ def drill(app: App, vm: str | None, run_seconds: float) -> None:
         vm = choose_vm(app, sorted({a.vm_name for a in repo.archives()}), purpose="drill")
     archive = _newest(repo, vm)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    name = f"{archive.vm_name}-drill-{stamp}"
+    # The VM's name comes from the archive: the scratch folder is made from it as VirtualBox would
+    # make a new machine's, so it is always one new folder below the default machine folder.
+    name = machine_folder_name(f"{archive.vm_name}-drill-{stamp}")
     folder = host.default_machine_folder / name
+    made_here = not folder.exists()
     steps: list[dict[str, Any]] = []
     registered: str | None = None
     failure: tuple[str, BaseException] | None = None
@@ -244,7 +248,7 @@ def drill(app: App, vm: str | None, run_seconds: float) -> None:
                         if not host.state(registered).is_off:
                             host.power_off(registered)
                         host.unregister(registered)
-                    if folder.exists():
+                    if made_here and folder.exists():
                         shutil.rmtree(folder)
             except (VBRemoteError, OSError) as exc:
                 if failure is None:

@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import posixpath
 import re
 import socket
 import tempfile
@@ -41,6 +42,7 @@ import attrs
 from attrs import define, frozen
 
 from .._errors import (
+    ArchiveInvalid,
     ArchiveNotFound,
     ConfigurationError,
     RestoreError,
@@ -71,6 +73,67 @@ log = logging.getLogger("vbremote.restore")
 
 _VERSION = re.compile(r"(\d+)\.(\d+)")
 _VM_NAME = re.compile(r"[^/\\\0]{1,200}")
+
+
+# The characters VirtualBox keeps in a machine's folder and file names; every other
+# character becomes "_", one per byte of its UTF-8 form (sanitiseMachineFilename in
+# src/VBox/Main/src-server/VirtualBoxImpl.cpp, 7.1.12: RTStrPurgeComplementSet over these ranges).
+_FOLDER_NAME_RANGES = (
+    (0x20, 0x20), (0x28, 0x29), (0x2D, 0x2E), (0x30, 0x39), (0x41, 0x5A), (0x61, 0x7A), (0x5F, 0x5F),
+    (0xA0, 0xD7AF),
+)
+
+
+def machine_folder_name(name: str) -> str:
+    """The folder name VirtualBox gives a new machine called ``name`` (never a path: no separators, no ``..``).
+
+    As ``VirtualBox::composeMachineFilename`` does: characters outside a safe
+    set become ``_`` (one per UTF-8 byte), then a leading dot or dash, a
+    trailing dot and leading and trailing spaces become ``_`` too.
+    """
+    chars = [
+        c if any(lo <= ord(c) <= hi for lo, hi in _FOLDER_NAME_RANGES) else "_" * len(c.encode("utf-8", "replace"))
+        for c in name
+    ]
+    folder = "".join(chars)
+    if not folder:
+        return folder
+    if folder[0] in ".-":
+        folder = "_" + folder[1:]
+    if folder[-1] == ".":
+        folder = folder[:-1] + "_"
+    stripped = folder.lstrip(" ")
+    folder = "_" * (len(folder) - len(stripped)) + stripped
+    stripped = folder.rstrip(" ")
+    return stripped + "_" * (len(folder) - len(stripped))
+
+
+def _saved(source: RestoreSource) -> bool:
+    """Whether the archived machine is in a saved state: its settings name a state file.
+
+    Online and migrate archives always are; an offline archive of a VM that
+    was Saved is too (the Snapshotter archives it as it is). VirtualBox
+    registers a machine Saved exactly when its settings have a ``stateFile``
+    (``Machine::i_loadMachineDataFromSettings``, MachineImpl.cpp).
+    """
+    return bool(parse_settings(source.settings).state_file) or source.mode is not SnapshotMode.OFFLINE
+
+
+def _without_machine_state(source: RestoreSource) -> RestoreSource:
+    """``source`` without the machine's own saved-state file (a state that is discarded is not restored).
+
+    A user snapshot's saved state stays, even where it is the same file.
+    """
+    settings = parse_settings(source.settings)
+    if not settings.state_file:
+        return source
+    state = posixpath.normpath(settings.state_file)
+    kept = {posixpath.normpath(node.state_file) for node in settings.snapshots() if node.state_file}
+    if state in kept:
+        return source
+    files = tuple(f for f in source.files
+                  if not (f.role is FileRole.STATE and posixpath.normpath(f.target_path) == state))
+    return attrs.evolve(source, files=files)
 
 
 def _major_minor(version: str | None) -> tuple[int, int] | None:
@@ -184,7 +247,7 @@ class Restorer:
             seeds: Further local files that may hold needed data (only read).
             power_off: The restore will power a running VM off (no ``vm-running`` problem).
             discard_state: Restore a saved-state archive ``PoweredOff`` (no
-                version or CPU problems).
+                version or CPU problems); its state file is not restored.
             cpu_portability_level: The level the restored VM gets (0 to 3).
             as_new: Restore as a new VM of this name (new uuids), beside the current one.
             external: Where ``_external/`` files go, relative to the target.
@@ -200,7 +263,8 @@ class Restorer:
             ConfigurationError: A bad argument.
         """
         source, folder, current = self._prepare(archive, target, as_new=as_new, external=external,
-                                                cpu_portability_level=cpu_portability_level)
+                                                cpu_portability_level=cpu_portability_level,
+                                                discard_state=discard_state)
         _, local_seeds = self._local_files(folder, source, current, as_new=as_new)
         plan = make_plan(self.repository, source, folder, seeds=[*seeds, *sorted(local_seeds)], progress=progress)
         problems = self._preflight(source, folder, power_off=power_off, discard_state=discard_state,
@@ -215,6 +279,7 @@ class Restorer:
         as_new: str | None,
         external: Mapping[str, str] | None,
         cpu_portability_level: int | None,
+        discard_state: bool,
     ) -> tuple[RestoreSource, Path, VMInfo | None]:
         if as_new is not None and (not isinstance(as_new, str) or not _VM_NAME.fullmatch(as_new)
                                    or as_new in (".", "..")):
@@ -223,6 +288,8 @@ class Restorer:
                 not isinstance(cpu_portability_level, int) or not 0 <= cpu_portability_level <= 3):
             raise ConfigurationError(f"the CPU portability level is 0 to 3, not {cpu_portability_level!r}")
         source = self.source(archive, external=external)
+        if discard_state:
+            source = _without_machine_state(source)
         current = self._registered(source.vm_uuid)
         if target is not None:
             folder = Path(os.path.abspath(target))
@@ -231,7 +298,12 @@ class Restorer:
         elif current is not None:
             folder = current.folder
         else:
-            folder = self.host.default_machine_folder / source.vm_name
+            # The name comes from the archive: only ever one folder below the default machine folder.
+            name = machine_folder_name(source.vm_name)
+            folder = self.host.default_machine_folder / name
+            if not name or folder.parent != self.host.default_machine_folder:
+                raise ArchiveInvalid(f"archive {source.archive!r}: its VM's name {source.vm_name!r} gives no folder"
+                                     " name; give the restore a target folder", archive=source.archive)
         return source, folder, current
 
     def _registered(self, uuid: str) -> VMInfo | None:
@@ -253,6 +325,15 @@ class Restorer:
         problems: list[PlanProblem] = []
         current = self._registered(source.vm_uuid)
         if as_new is not None:
+            # A new VM's disks get new uuids, written into their headers: vbremote rewrites VDI headers only.
+            others = sorted({m.format for m in parse_settings(source.settings).all_media()
+                             if m.format.upper() != "VDI"})
+            if others:
+                problems.append(PlanProblem(
+                    "as-new-format", f"the archive's disks include {', '.join(others)} images; a restore as a new "
+                    "VM gives each disk a new uuid, which vbremote can write into VDI headers only",
+                    "restore in place or into another folder on another host (same uuids), or convert the "
+                    "disks to VDI"))
             for vm in self.host.vms():
                 if vm.name == as_new:
                     problems.append(PlanProblem(
@@ -279,7 +360,7 @@ class Restorer:
                     problems.append(PlanProblem(
                         "target-in-use", f"{folder} is the folder of another registered VM, {vm.name!r}",
                         "restore into another folder"))
-        if source.mode is not SnapshotMode.OFFLINE and not discard_state:
+        if _saved(source) and not discard_state:
             problems.extend(self._saved_state_problems(source, cpu_portability_level))
         return problems
 
@@ -373,7 +454,8 @@ class Restorer:
             ArchiveNotFound, ArchiveMetadataError, ArchiveInvalid, ConfigurationError: As for :meth:`plan`.
         """
         source, folder, current = self._prepare(archive, target, as_new=as_new, external=external,
-                                                cpu_portability_level=cpu_portability_level)
+                                                cpu_portability_level=cpu_portability_level,
+                                                discard_state=discard_state)
         with contextlib.ExitStack() as locks:
             # The archive's uuid also for a new VM: it reads the current VM's files as seeds.
             self._hold(locks, source, vm_key(source.vm_uuid), f"the VM {source.vm_name!r}")
@@ -382,7 +464,8 @@ class Restorer:
                     fresh is not None and current is not None and fresh.folder != current.folder):
                 # The VM changed while the lock was waited for: where it restores to may have too.
                 source, folder, current = self._prepare(archive, target, as_new=as_new, external=external,
-                                                        cpu_portability_level=cpu_portability_level)
+                                                        cpu_portability_level=cpu_portability_level,
+                                                        discard_state=discard_state)
             else:
                 current = fresh
             self._hold(locks, source, _folder_key(folder), f"the target folder {folder}")
@@ -423,7 +506,16 @@ class Restorer:
             raise _refused(source, folder, problems)
         in_place = as_new is None
         if in_place and current is not None and current.state.is_running and power_off:
-            # Before the plan: a running guest changes the very blocks the plan compares.
+            # Every check a plan makes runs before the VM is powered off: a plan of the running VM
+            # first (its comparison goes stale at once, but a symlink in the folder, an unreadable
+            # seed or too little space refuses the restore while the VM still runs)…
+            old_files, local_seeds = self._local_files(folder, source, current, as_new=as_new)
+            trial = make_plan(self.repository, source, folder, seeds=[*seeds, *sorted(local_seeds)],
+                              progress=progress)
+            if trial.problems:
+                raise _refused(source, folder, trial.problems)
+            # …then the plan that counts, of disks that no longer change: a running guest changes the
+            # very blocks a plan compares.
             log.info("%s: powering off for the restore", current.name)
             self.host.power_off(current)
         old_files, local_seeds = self._local_files(folder, source, current, as_new=as_new)
@@ -539,10 +631,13 @@ class Restorer:
     def _check(self, info: VMInfo, source: RestoreSource, settings: bytes, *, discard_state: bool) -> None:
         """The registered VM is what the archive holds; otherwise unregister it again and raise."""
         problems: list[str] = []
-        saved = source.mode is not SnapshotMode.OFFLINE and not discard_state
-        expected = MachineState.SAVED if saved else MachineState.POWERED_OFF
-        if info.state is not expected:
-            problems.append(f"it is {info.state.value}, not {expected.value}")
+        saved = _saved(source) and not discard_state
+        # A VM archived after a crash keeps its "aborted" mark (Aborted, or AbortedSaved with a state
+        # file: Machine::i_loadMachineDataFromSettings, MachineImpl.cpp of 7.1.12).
+        expected = (MachineState.SAVED, MachineState.ABORTED_SAVED) if saved else (
+            MachineState.POWERED_OFF, MachineState.ABORTED)
+        if info.state not in expected:
+            problems.append(f"it is {info.state.value}, not {expected[0].value}")
         media = [m for a in info.attachments for m in a.chain]
         if info.snapshot_tree is not None:
             media += [m for s in info.snapshot_tree.walk() for a in s.attachments for m in a.chain]
