@@ -971,7 +971,7 @@ class TestStaleAfterKill:
     def test_killed_then_rerun_removes_stale(self, point: str, tmp_path: Path, repo: vbremote.Repository,
                                              borg_cli: BorgCLI, transport: vbremote.LocalTransport, base_dir: Path):
         """SIGKILL right after the new settings are written, or right after they are registered: a re-run
-        removes the old VM's stale files and lists them."""
+        removes the old VM's stale files and lists them, but not one that became a symlink."""
         scene = Scene(tmp_path, "7.1", repo, borg_cli, transport)
         archive = scene.take()
         scene.sim.start("dev", workload=HOT)
@@ -1026,6 +1026,13 @@ class TestStaleAfterKill:
             child.communicate()
         assert all(p.exists() for p in expected)  # killed before it removed anything
         assert any(p.name.startswith(STALE_PREFIX) for p in folder.iterdir())
+        # A listed file replaced by a symlink meanwhile: neither it nor what it points to is removed.
+        saved = min(p for p in expected if p.suffix == ".sav")
+        outside = tmp_path / "outside.sav"
+        outside.write_bytes(b"not the VM's")
+        saved.unlink()
+        saved.symlink_to(outside)
+        expected.remove(saved)
         with SimulatedVirtualBox(tmp_path / "vbox", version="7.1") as sim:
             host = vbremote.VirtualBoxHost.connect(manager=sim.manager())
             assert any(vm.uuid == archive.vm_uuid for vm in host.vms()) == (point == "registered")
@@ -1034,6 +1041,8 @@ class TestStaleAfterKill:
                 result = vbremote.Restorer(host, again).restore(archive.name, folder)
             assert set(result.removed) == expected
             assert not any(p.exists() for p in expected)
+            assert saved.is_symlink()
+            assert outside.read_bytes() == b"not the VM's"
             assert all(p.exists() for p in restored)
             assert not any(p.name.startswith(STALE_PREFIX) for p in folder.iterdir())
             assert result.vm is not None
