@@ -296,18 +296,20 @@ class TestInPlace:
         assert plan.target == scene.host.vm("dev").folder
         total = sum(f.source.size for f in plan.files)
         assert 0 < plan.bytes_to_fetch < total / 2, plan.table()
-        hashed_while_running: list[bool] = []
+        running_at_hash: list[bool] = []
 
         def while_hashing(event: vbremote.Progress) -> None:
-            # A guest still running while the plan compares its files would make the plan stale.
-            if event.operation == "hash" and not hashed_while_running:
+            # A guest still running while the plan compares its files would make the plan stale: the
+            # plan made while it runs (only to find problems before the power-off) must not be the one used.
+            if event.operation == "hash":
                 running = scene.host.state("dev").is_running
-                hashed_while_running.append(running)
-                if running:
+                if running and not running_at_hash:
                     wait_writes(scene, 10)
+                running_at_hash.append(running)
 
         result = restorer.restore(archive, power_off=True, progress=while_hashing)
-        assert hashed_while_running == [False]
+        assert running_at_hash[0] is True and running_at_hash[-1] is False
+        assert running_at_hash == sorted(running_at_hash, reverse=True)  # all hashing after the power-off last
         assert result.vm is not None
         assert result.vm.state is vbremote.MachineState.SAVED
         assert result.vm.uuid == archive.vm_uuid
