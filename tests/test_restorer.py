@@ -308,7 +308,8 @@ class TestInPlace:
                 running_at_hash.append(running)
 
         result = restorer.restore(archive, power_off=True, progress=while_hashing)
-        assert running_at_hash[0] is True and running_at_hash[-1] is False
+        assert running_at_hash[0] is True
+        assert running_at_hash[-1] is False
         assert running_at_hash == sorted(running_at_hash, reverse=True)  # all hashing after the power-off last
         assert result.vm is not None
         assert result.vm.state is vbremote.MachineState.SAVED
