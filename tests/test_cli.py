@@ -24,6 +24,7 @@ from test_ssh import sshd  # noqa: F401  (the real sshd on loopback)
 
 import vbremote
 from vbremote._cli import EXIT_CODES
+from vbremote._snapshotter._lock import vm_lock
 from vbremote.testing import MIB, SimulatedVirtualBox
 
 ROOT = Path(__file__).parent.parent
@@ -847,6 +848,18 @@ class TestRestore:
         assert "name-taken" in done.stdout
         assert "choose another name" in done.stdout
         assert "name-taken" in one_line_error(done)
+
+    def test_locked_by_snapshot_run(self, snapped):
+        """restore takes the VM's lock in the configured state folder: while a snapshot run holds it, exit code 5
+        and nothing is written."""
+        snapped.config.write_text('state_dir = "state-here"\n' + snapped.config.read_text())
+        with SimulatedVirtualBox(snapped.home, workload=None) as sim:
+            uuid = sim.manager().getVirtualBox().findMachine("alpha").id
+        with vm_lock(snapped.tmp / "state-here", uuid):
+            done = snapped("restore", "alpha", "--yes")
+        assert done.returncode == 5, done.stderr
+        assert "holds the lock" in one_line_error(done)
+        assert disk(snapped, "alpha") != snapped.archived
 
     def test_as_new(self, snapped):
         """--as-new registers the archive as a second VM beside the current one."""

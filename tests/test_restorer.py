@@ -30,12 +30,20 @@ from vbremote._restorer import _plan as plan_module
 from vbremote._restorer._checks import HostReference, host_references, vmdk_extents
 from vbremote._restorer._rewrite import new_identity, set_vdi_uuids, settings_with, vdi_uuids
 from vbremote._restorer._source import source_from_archive
+from vbremote._restorer._stale import STALE_PREFIX, load_stale, remove_stale, save_stale, stale_name
 from vbremote._restorer._vm import machine_folder_name
 from vbremote._settings import parse_settings
+from vbremote._snapshotter._lock import vm_lock
 from vbremote.testing import MIB, GuestWorkload, SimulatedVirtualBox, Timing, qemu_tools_available
 from vbremote.testing._vdi import VDI
 
 PROFILES = ["6.1", "7.1"]
+
+
+@pytest.fixture(autouse=True)
+def private_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restorers made without a state folder keep their locks under the test's folder, not the home folder."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
 
 
 class Scene:
@@ -976,3 +984,221 @@ class TestKilled:
             assert result.vm.state is vbremote.MachineState.SAVED
             for port, content in instant.items():
                 assert sim.disk_content("dev", port) == content
+
+
+def files_and_times(folder: Path) -> dict[Path, tuple[int, int]]:
+    """Every file under ``folder`` with its size and mtime (nanoseconds)."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+class TestLocks:
+    def test_held_vm_lock_refuses(self, scene71: Scene, tmp_path: Path):
+        """While a snapshot run holds the VM's lock, a restore raises RestoreLocked at once: nothing written, the
+        VM still registered."""
+        scene = scene71
+        archive = scene.take()
+        folder = scene.host.vm("dev").folder
+        before = files_and_times(folder)
+        restorer = vbremote.Restorer(scene.host, scene.repo, state_dir=tmp_path / "state")
+        with vm_lock(tmp_path / "state", archive.vm_uuid):
+            started = time.monotonic()
+            with pytest.raises(vbremote.RestoreLocked) as caught:
+                restorer.restore(archive)
+            assert time.monotonic() - started < 1
+        assert caught.value.lock_file.endswith(f"{archive.vm_uuid}.lock")
+        assert caught.value.archive == archive.name
+        assert files_and_times(folder) == before
+        assert scene.host.vm("dev").folder == folder
+
+    def test_lock_wait(self, scene71: Scene, tmp_path: Path):
+        """With lock_wait, a restore waits that long for a held lock before it gives up; a negative wait is refused."""
+        scene = scene71
+        archive = scene.take()
+        restorer = vbremote.Restorer(scene.host, scene.repo, state_dir=tmp_path / "state", lock_wait=0.3)
+        with vm_lock(tmp_path / "state", archive.vm_uuid):
+            started = time.monotonic()
+            with pytest.raises(vbremote.RestoreLocked):
+                restorer.restore(archive)
+            assert time.monotonic() - started >= 0.3
+        with pytest.raises(vbremote.ConfigurationError):
+            vbremote.Restorer(scene.host, scene.repo, lock_wait=-1)
+
+    def test_snapshot_refused_during_restore(self, scene71: Scene, tmp_path: Path):
+        """A snapshot run of the VM while a restore plans (the VM still registered) is refused with
+        SnapshotInProgress."""
+        scene = scene71
+        archive = scene.take()
+        refused: list[str] = []
+
+        def snapshot_meanwhile(event: vbremote.Progress) -> None:
+            if event.operation == "hash" and not refused:
+                with pytest.raises(vbremote.SnapshotInProgress) as caught:
+                    scene.snapshotter.take(archive.vm_uuid)
+                refused.append(str(caught.value))
+
+        result = vbremote.Restorer(scene.host, scene.repo, state_dir=tmp_path / "state").restore(
+            archive, progress=snapshot_meanwhile)
+        assert refused
+        assert "restore" in refused[0]
+        assert result.vm is not None
+        with vm_lock(tmp_path / "state", archive.vm_uuid):  # let go once the restore is done
+            pass
+
+    def test_second_restore_into_same_folder(self, scene71: Scene, tmp_path: Path):
+        """A restore of another VM into a folder a restore is writing is refused with RestoreLocked."""
+        scene = scene71
+        scene.sim.create_vm("two", disk_size=4 * MIB)
+        archive = scene.take()
+        other = scene.snapshotter.take("two").archive
+        scene.host.unregister("two")  # nothing else would stop a restore of it into dev's folder meanwhile
+        folder = scene.host.vm("dev").folder
+        restorer = vbremote.Restorer(scene.host, scene.repo, state_dir=tmp_path / "state")
+        seen: list[dict[Path, tuple[int, int]]] = []
+
+        def second(event: vbremote.Progress) -> None:
+            if event.operation == "restore" and not seen:
+                before = files_and_times(folder)
+                with pytest.raises(vbremote.RestoreLocked) as caught:
+                    restorer.restore(other, folder)
+                assert "target folder" in str(caught.value)
+                seen.append(files_and_times(folder))
+                assert seen[0] == before
+
+        restorer.restore(archive, progress=second)
+        assert seen
+        assert not (folder / "two.vbox").exists()
+
+
+class TestStaleList:
+    def test_not_followed_through_symlinks(self, tmp_path: Path):
+        """A listed file that became a symlink, or lies under a folder that became one, is left with its target."""
+        folder = tmp_path / "vm"
+        outside = tmp_path / "outside"
+        (folder / "Snapshots").mkdir(parents=True)
+        outside.mkdir()
+        (outside / "diff.vdi").write_bytes(b"outside")
+        (outside / "dev.sav").write_bytes(b"outside")
+        (folder / "gone.vdi").write_bytes(b"stale")
+        (folder / "kept.vdi").write_bytes(b"kept")
+        save_stale(folder, "u1", [folder / "Snapshots" / "diff.vdi", folder / "dev.sav", folder / "gone.vdi",
+                                  folder / "kept.vdi"])
+        (folder / "Snapshots").rmdir()
+        (folder / "Snapshots").symlink_to(outside)
+        (folder / "dev.sav").symlink_to(outside / "dev.sav")
+        listed = load_stale(folder, "u1")
+        assert listed == {folder / "Snapshots" / "diff.vdi", folder / "dev.sav", folder / "gone.vdi",
+                          folder / "kept.vdi"}
+        removed = remove_stale(folder, listed, keep={folder / "kept.vdi"})
+        assert removed == (folder / "gone.vdi",)
+        assert (outside / "diff.vdi").read_bytes() == b"outside"
+        assert (outside / "dev.sav").read_bytes() == b"outside"
+        assert (folder / "dev.sav").is_symlink()
+        assert (folder / "kept.vdi").read_bytes() == b"kept"
+
+    def test_hostile_entries_ignored(self, tmp_path: Path):
+        """Entries that leave the folder, and lists of another VM or of an unknown version, name nothing."""
+        folder = tmp_path / "vm"
+        folder.mkdir()
+        (tmp_path / "victim").write_bytes(b"x")
+        name = f"{STALE_PREFIX}u1.json"
+        (folder / name).write_text('{"version":1,"vm_uuid":"u1","files":["../victim","/etc/passwd","a/../b",""]}')
+        assert load_stale(folder, "u1") == set()
+        (folder / name).write_text('{"version":1,"vm_uuid":"u2","files":["x"]}')
+        assert load_stale(folder, "u1") == set()
+        (folder / name).write_text('{"version":9,"vm_uuid":"u1","files":["x"]}')
+        assert load_stale(folder, "u1") == set()
+        assert remove_stale(folder, {tmp_path / "victim", folder}, keep=set()) == ()
+        assert (tmp_path / "victim").exists()
+
+    def test_uuid_chooses_no_path(self, tmp_path: Path):
+        """A VM uuid that is not one (an archive of another tool says what it likes) names a file in the folder."""
+        folder = tmp_path / "a" / "vm"
+        folder.mkdir(parents=True)
+        save_stale(folder, "../../x", [folder / "f.vdi"])
+        assert [p.parent for p in tmp_path.rglob("*.json")] == [folder]
+        assert load_stale(folder, "../../x") == {folder / "f.vdi"}
+        canonical = "0a1b2c3d-0000-4000-8000-000000000001"
+        assert stale_name("{" + canonical.upper() + "}") == f"{STALE_PREFIX}{canonical}.json"
+
+
+class TestStaleAfterKill:
+    @pytest.mark.parametrize("point", ["settings-written", "registered"])
+    def test_killed_then_rerun_removes_stale(self, point: str, tmp_path: Path, repo: vbremote.Repository,
+                                             borg_cli: BorgCLI, transport: vbremote.LocalTransport, base_dir: Path):
+        """SIGKILL right after the new settings are written, or right after they are registered: a re-run
+        removes the old VM's stale files and lists them, but not one that became a symlink."""
+        scene = Scene(tmp_path, "7.1", repo, borg_cli, transport)
+        archive = scene.take()
+        scene.sim.start("dev", workload=HOT)
+        wait_writes(scene, 5)
+        scene.host.take_snapshot("dev", "later")
+        wait_writes(scene, 5)
+        scene.host.save_state("dev")
+        info = scene.host.vm("dev")
+        folder = info.folder
+        named: set[Path | None] = {m.location for a in info.attachments for m in a.chain}
+        named |= {info.state_file, info.nvram_file}
+        for snap in info.snapshots():
+            named |= {m.location for a in snap.attachments for m in a.chain} | {snap.state_file, snap.nvram_file}
+        restored = {folder / f.path for f in archive.files}
+        expected = {p for p in named if p is not None and p.exists() and p.is_relative_to(folder)
+                    and p not in restored}
+        assert {p.suffix for p in expected} >= {".vdi", ".sav"}
+        scene.close()
+        repo.close()
+        hook = ("vm_module._write_atomically = stall_after(vm_module._write_atomically)" if point == "settings-written"
+                else "vbremote.VirtualBoxHost.register = stall_after(vbremote.VirtualBoxHost.register)")
+        script = textwrap.dedent(f"""
+            import time
+            import vbremote
+            import vbremote._restorer._vm as vm_module
+            from vbremote.testing import SimulatedVirtualBox
+
+            def stall_after(step):
+                def stalled(*args, **kwargs):
+                    done = step(*args, **kwargs)
+                    print("KILLPOINT", flush=True)
+                    time.sleep(600)
+                    return done
+                return stalled
+
+            {hook}
+            sim = SimulatedVirtualBox({str(tmp_path / "vbox")!r}, version="7.1")
+            host = vbremote.VirtualBoxHost.connect(manager=sim.manager())
+            with vbremote.Repository.open(vbremote.LocalTransport({str(transport.path)!r}),
+                                          passphrase={PASSPHRASE!r}, base_dir={str(base_dir)!r}) as repo:
+                vbremote.Restorer(host, repo).restore({archive.name!r}, {str(folder)!r})
+        """)
+        env = {**os.environ, "PYTHONPATH": str(Path(vbremote.__file__).parent.parent)}
+        child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 env=env, text=True, start_new_session=True)
+        try:
+            assert child.stdout is not None
+            line = child.stdout.readline()
+            assert line.strip() == "KILLPOINT", child.stderr.read() if child.stderr else ""
+        finally:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
+        assert all(p.exists() for p in expected)  # killed before it removed anything
+        assert any(p.name.startswith(STALE_PREFIX) for p in folder.iterdir())
+        # A listed file replaced by a symlink meanwhile: neither it nor what it points to is removed.
+        saved = min(p for p in expected if p.suffix == ".sav")
+        outside = tmp_path / "outside.sav"
+        outside.write_bytes(b"not the VM's")
+        saved.unlink()
+        saved.symlink_to(outside)
+        expected.remove(saved)
+        with SimulatedVirtualBox(tmp_path / "vbox", version="7.1") as sim:
+            host = vbremote.VirtualBoxHost.connect(manager=sim.manager())
+            assert any(vm.uuid == archive.vm_uuid for vm in host.vms()) == (point == "registered")
+            with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir,
+                                          lock_wait=60) as again:
+                result = vbremote.Restorer(host, again).restore(archive.name, folder)
+            assert set(result.removed) == expected
+            assert not any(p.exists() for p in expected)
+            assert saved.is_symlink()
+            assert outside.read_bytes() == b"not the VM's"
+            assert all(p.exists() for p in restored)
+            assert not any(p.name.startswith(STALE_PREFIX) for p in folder.iterdir())
+            assert result.vm is not None
+            assert [s.name for s in result.vm.snapshots()] == []

@@ -157,7 +157,7 @@ def restore(
     host = app.host()
     repo = app.open_repository()
     archive = _pick_archive(app, repo, what)
-    restorer = Restorer(host, repo)
+    restorer = Restorer(host, repo, state_dir=app.state_dir())
     seeds = app.config.vm(archive.vm_name).seeds
     with _monitored(app, "restore", vm=archive.vm_name, archive=archive.name, **_repo_detail(app)) as run:
         with app.progress() as progress:
@@ -232,8 +232,9 @@ def drill(app: App, vm: str | None, run_seconds: float, allow_host_references: b
     with _monitored(app, "drill", vm=vm, archive=archive.name, **_repo_detail(app)) as run:
         try:
             with step("restore"), app.progress() as progress:
-                result = Restorer(host, repo).restore(archive, folder, as_new=name, verify="full", progress=progress,
-                                                      allow_host_references=allow_host_references)
+                result = Restorer(host, repo, state_dir=app.state_dir()).restore(
+                    archive, folder, as_new=name, verify="full", progress=progress,
+                    allow_host_references=allow_host_references)
                 assert result.vm is not None
                 registered = result.vm.uuid
             with step("start"):

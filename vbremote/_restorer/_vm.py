@@ -10,9 +10,15 @@ the VM:
   keeps a registered machine's settings and media open, and would start it
   from whatever the files hold). The settings file is written, atomically,
   only once the data is verified, then registered and checked.
+- **Locks.** A restore holds the per-VM lock that snapshot runs hold (the
+  archive's VM uuid), and a lock of the target folder, for its whole length:
+  it never rewrites disks a snapshot run is reading, and two restores never
+  share a target (nor its journal).
 - **Stale files.** An in-place restore removes the files that the old VM's
   settings named (disks, differencing images, saved states, NVRAM files)
-  and the archive does not contain, and nothing else.
+  and the archive does not contain, and nothing else. Their list is made and
+  persisted in the target before anything changes, so a restore killed after
+  the old settings were replaced still removes them when it is run again.
 - **A new VM** (``as_new``): new machine and medium uuids, written in the
   settings and in every VDI header, and a new name, so an old snapshot opens
   beside the current VM.
@@ -21,13 +27,14 @@ the VM:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import posixpath
 import re
 import socket
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,19 +46,23 @@ from .._errors import (
     ArchiveNotFound,
     ConfigurationError,
     RestoreError,
+    RestoreLocked,
     RestorePreflightFailed,
     SettingsFileError,
+    SnapshotInProgress,
     VMNotFound,
 )
 from .._hostinfo import cpu_vendor
 from .._models import ArchiveInfo, FileRole, MachineState, Progress, SnapshotMode, VMInfo
 from .._settings import parse_settings, relocate
+from .._snapshotter._lock import check_lock_wait, state_dir_or_default, vm_lock
 from ._apply import ApplyStats, Prefetch, Verify, apply_plan
 from ._checks import source_host_references
 from ._foreign import foreign_source
 from ._plan import PlanProblem, RestorePlan, make_plan
 from ._rewrite import new_identity, set_vdi_uuids, settings_with
 from ._source import RestoreSource, referenced_files, source_from_archive
+from ._stale import forget_stale, is_regular_inside, load_stale, remove_stale, save_stale, stale_name, vm_key
 
 if TYPE_CHECKING:
     from .._repository import Repository
@@ -160,11 +171,25 @@ class Restorer:
         repository: The open repository the archives are in.
         cpu_vendor: This host's CPU vendor, compared with a saved state's
             (default: read from ``/proc/cpuinfo``).
+        state_dir: vbremote's state folder, which holds the lock files that
+            :meth:`restore` shares with the :class:`~vbremote.Snapshotter`
+            (default: ``$XDG_STATE_HOME/vbremote``, else ``~/.local/state/vbremote``).
+        lock_wait: Seconds :meth:`restore` waits when a snapshot run or
+            another restore holds the VM's lock or the target folder's
+            (default: do not wait).
+
+    Raises:
+        ConfigurationError: A negative ``lock_wait``.
     """
 
     host: VirtualBoxHost
     repository: Repository
     cpu_vendor: str | None = attrs.field(factory=cpu_vendor)
+    state_dir: Path = attrs.field(default=None, converter=state_dir_or_default, kw_only=True)
+    lock_wait: float = attrs.field(default=0.0, kw_only=True)
+
+    def __attrs_post_init__(self) -> None:
+        check_lock_wait(self.lock_wait)
 
     # -- planning -----------------------------------------------------------------
 
@@ -210,6 +235,10 @@ class Restorer:
         allow_host_references: bool = False,
     ) -> RestorePlan:
         """What restoring ``archive`` does, block by block, and what stops it; writes nothing.
+
+        A plan takes no lock: a snapshot run or a restore going on meanwhile
+        can make it stale (the files it compared change). :meth:`restore`
+        makes its own plan under the locks.
 
         Args:
             archive: The archive (an :class:`ArchiveInfo` or its name).
@@ -416,11 +445,15 @@ class Restorer:
     ) -> RestoreResult:
         """Restore ``archive`` into ``target`` and register the VM.
 
-        The order: preflight (nothing written); power off if asked (before
-        the plan, which compares the VM's files); plan (the ``no-space``
-        check); unregister the VM being replaced; write the data (resumable:
-        run again after an interruption and it continues); write the
-        settings file; register and check the VM; remove the stale files.
+        The order: take the VM's lock (the archive's VM uuid, shared with
+        snapshot runs; also for ``as_new``, which reads the current VM's
+        files) and the target folder's, held to the end; preflight (nothing
+        written); power off if asked (before the plan, which compares the
+        VM's files); plan (the ``no-space`` check); record the stale files in
+        the target; unregister the VM being replaced; write the data
+        (resumable: run again after an interruption and it continues); write
+        the settings file; register and check the VM; remove the stale files
+        (also those an interrupted restore of the VM into the folder recorded).
 
         A restore as a new VM reads the current VM's files as seeds when it
         is not running (its disks hold most of the data of any of its archives).
@@ -437,6 +470,8 @@ class Restorer:
             The registered VM, the data path's stats, the stale files removed.
 
         Raises:
+            RestoreLocked: A snapshot run or another restore holds the VM's lock
+                or the target folder's (after ``lock_wait``); nothing was changed.
             RestorePreflightFailed: The plan has problems (listed on the error); nothing was written.
             IntegrityError: A chunk failed verification; the VM is not registered.
             TargetSpaceError: The target is full; run again once space is freed.
@@ -446,6 +481,52 @@ class Restorer:
         source, folder, current = self._prepare(archive, target, as_new=as_new, external=external,
                                                 cpu_portability_level=cpu_portability_level,
                                                 discard_state=discard_state)
+        with contextlib.ExitStack() as locks:
+            # The archive's uuid also for a new VM: it reads the current VM's files as seeds.
+            self._hold(locks, source, vm_key(source.vm_uuid), f"the VM {source.vm_name!r}")
+            fresh = self._registered(source.vm_uuid)
+            if (fresh is None) != (current is None) or (
+                    fresh is not None and current is not None and fresh.folder != current.folder):
+                # The VM changed while the lock was waited for: where it restores to may have too.
+                source, folder, current = self._prepare(archive, target, as_new=as_new, external=external,
+                                                        cpu_portability_level=cpu_portability_level,
+                                                        discard_state=discard_state)
+            else:
+                current = fresh
+            self._hold(locks, source, _folder_key(folder), f"the target folder {folder}")
+            result = self._restore(source, folder, current, power_off=power_off, register=register,
+                                   verify=verify, seeds=seeds, discard_state=discard_state,
+                                   cpu_portability_level=cpu_portability_level, as_new=as_new, progress=progress,
+                                   allow_host_references=allow_host_references)
+        return result
+
+    def _hold(self, locks: contextlib.ExitStack, source: RestoreSource, key: str, what: str) -> None:
+        """Take the lock ``key`` (a VM uuid or a folder's key) into ``locks``; :class:`RestoreLocked` if held."""
+        try:
+            path = locks.enter_context(vm_lock(self.state_dir, key, wait=self.lock_wait, vm=what))
+        except SnapshotInProgress as exc:
+            raise RestoreLocked(
+                f"archive {source.archive!r} cannot be restored now: a snapshot run or another restore holds the "
+                f"lock of {what} ({exc.lock_file}); waited {self.lock_wait:g} s, nothing was changed",
+                archive=source.archive, vm=source.vm_name, lock_file=exc.lock_file) from None
+        log.debug("%s: holding %s", what, path)
+
+    def _restore(
+        self,
+        source: RestoreSource,
+        folder: Path,
+        current: VMInfo | None,
+        *,
+        power_off: bool,
+        register: bool,
+        verify: Verify,
+        seeds: Sequence[str | os.PathLike[str]],
+        discard_state: bool,
+        cpu_portability_level: int | None,
+        as_new: str | None,
+        progress: Callable[[Progress], None] | None,
+        allow_host_references: bool,
+    ) -> RestoreResult:
         problems = self._preflight(source, folder, power_off=power_off, discard_state=discard_state,
                                    cpu_portability_level=cpu_portability_level, as_new=as_new,
                                    allow_host_references=allow_host_references)
@@ -466,12 +547,16 @@ class Restorer:
             log.info("%s: powering off for the restore", current.name)
             self.host.power_off(current)
         old_files, local_seeds = self._local_files(folder, source, current, as_new=as_new)
+        settings_path = folder / (source.settings_path if as_new is None else f"{as_new}.vbox")
+        written = {folder / f.target_path for f in source.files} | {settings_path}
         # Chunks the plan will fetch start coming while it still hashes; nothing is written before the apply.
         with Prefetch(self.repository) as prefetch:
             plan = make_plan(self.repository, source, folder, seeds=[*seeds, *sorted(local_seeds)],
                              progress=progress, fetch_known=prefetch)
             if plan.problems:
                 raise _refused(source, folder, plan.problems)
+            # Before the old settings can be lost (unregistered, replaced): afterwards nothing names these files.
+            stale = self._stale_files(folder, source, old_files, written) if in_place else set()
             if in_place and current is not None:
                 log.info("%s: unregistering before the restore writes", current.name)
                 self.host.unregister(current)
@@ -479,13 +564,11 @@ class Restorer:
             stats = apply_plan(self.repository, plan, verify=verify, progress=progress, prefetch=prefetch)
         settings = settings_with(source.settings, drop_state=discard_state,
                                  cpu_portability_level=cpu_portability_level)
-        settings_path = folder / source.settings_path
         if as_new is not None:
             settings, _, media = new_identity(settings, name=as_new)
             for f in source.files:
                 if f.role is FileRole.DISK:
                     set_vdi_uuids(folder / f.target_path, media)
-            settings_path = folder / f"{as_new}.vbox"
         try:
             # A final guard: every path stays inside the folder the file is written to.
             settings = relocate(settings, old_folder=str(folder))
@@ -496,8 +579,8 @@ class Restorer:
         if register:
             info = self.host.register(settings_path)
             self._check(info, source, settings, discard_state=discard_state)
-        written = {folder / f.target_path for f in source.files} | {settings_path}
-        removed = _remove_stale(folder, old_files - written)
+        removed = self._remove_stale(folder, source, stale, keep=written | _referenced(settings_path, settings)
+                                     ) if in_place else ()
         log.info("%s: restored from %s into %s (%d bytes fetched, %d stale files removed)", source.vm_name,
                  source.archive, folder, stats.bytes_fetched, len(removed))
         return RestoreResult(vm=info, stats=stats, removed=removed, resumed=stats.resumed,
@@ -543,6 +626,35 @@ class Restorer:
                     outside.add(absolute)
             return inside, outside
         return set(), set()
+
+    def _stale_files(self, folder: Path, source: RestoreSource, old: set[Path], written: set[Path]) -> set[Path]:
+        """The files an in-place restore removes once done, persisted in the target before anything changes.
+
+        ``old`` are the files inside the folder that the old settings name,
+        ``written`` those the restore writes; an interrupted restore's list
+        (its old settings may be gone by now) adds what it still names.
+        """
+        candidates = (old | load_stale(folder, source.vm_uuid)) - written
+        stale = {p for p in candidates if is_regular_inside(folder, p)}
+        if folder / stale_name(source.vm_uuid) in written:
+            # An archive of a folder that held such a list (another tool archived it): the file is data now.
+            log.warning("%s: the archive holds %s; the stale files are not recorded", source.archive,
+                        stale_name(source.vm_uuid))
+        elif stale:
+            try:
+                save_stale(folder, source.vm_uuid, stale)
+            except OSError as exc:
+                raise RestoreError(f"archive {source.archive!r}: cannot record the stale files in {folder}: "
+                                   f"{exc.strerror}; nothing was changed", archive=source.archive) from exc
+        return stale
+
+    def _remove_stale(self, folder: Path, source: RestoreSource, stale: set[Path], *, keep: set[Path]
+                      ) -> tuple[Path, ...]:
+        """Remove ``stale`` but what ``keep`` names, then the persisted list; returns the files removed."""
+        removed = remove_stale(folder, stale, keep)
+        if folder / stale_name(source.vm_uuid) not in keep:
+            forget_stale(folder, source.vm_uuid)
+        return removed
 
     def _check(self, info: VMInfo, source: RestoreSource, settings: bytes, *, discard_state: bool) -> None:
         """The registered VM is what the archive holds; otherwise unregister it again and raise."""
@@ -596,18 +708,12 @@ def _write_atomically(path: Path, data: bytes) -> None:
         os.close(folder)
 
 
-def _remove_stale(folder: Path, stale: Iterable[Path]) -> tuple[Path, ...]:
-    removed: list[Path] = []
-    for path in sorted(stale):
-        if path.is_symlink() or not path.is_file():
-            continue
-        if posixpath.commonpath([str(folder), str(path)]) != str(folder):
-            continue
-        try:
-            path.unlink()
-        except OSError as exc:
-            log.warning("stale file %s could not be removed: %s", path, exc)
-            continue
-        removed.append(path)
-    return tuple(removed)
+def _folder_key(folder: Path) -> str:
+    """The lock key of a target folder: a hash of its real path (the folder may not exist yet)."""
+    return "folder-" + hashlib.sha256(os.fsencode(os.path.realpath(folder))).hexdigest()[:32]
 
+
+def _referenced(settings_path: Path, settings: bytes) -> set[Path]:
+    """The files the settings written to ``settings_path`` reference, as absolute normalised paths."""
+    return {Path(os.path.normpath(settings_path.parent / written))
+            for written, _role, _what in referenced_files(parse_settings(settings))}
