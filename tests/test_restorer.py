@@ -836,6 +836,36 @@ class TestUnregisterFirst:
         for port, content in instant.items():
             assert scene.sim.disk_content("dev", port) == content
 
+    def test_interrupted_restore_goes_on_in_the_vms_own_folder(self, scene71: Scene, tmp_path: Path):
+        """target=None after an interrupted in-place restore (the VM unregistered) is the VM's own folder,
+        also when it is not the default machine folder; once finished, the next default is as before."""
+        scene = scene71
+        archive = scene.take()
+        restorer = vbremote.Restorer(scene.host, scene.repo)
+        scene.host.unregister(scene.host.vm("dev"))
+        elsewhere = tmp_path / "elsewhere"
+        assert restorer.restore(archive, elsewhere).vm is not None  # the VM now lives outside the default folder
+
+        class Stop(Exception):
+            pass
+
+        def fail(event: vbremote.Progress) -> None:
+            if event.operation == "restore" and event.done > 0:
+                raise Stop
+
+        scene.sim.start("dev", workload=HOT)
+        wait_writes(scene, 5)
+        with pytest.raises(Stop):
+            restorer.restore(archive, power_off=True, progress=fail)
+        assert not any(vm.uuid == archive.vm_uuid for vm in scene.host.vms())
+        assert restorer.plan(archive).target == elsewhere
+        result = restorer.restore(archive)
+        assert result.vm is not None
+        assert result.vm.folder == elsewhere
+        assert result.resumed
+        scene.host.unregister(scene.host.vm("dev"))
+        assert restorer.plan(archive).target == scene.host.default_machine_folder / "dev"
+
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import posixpath
@@ -306,6 +307,9 @@ class Restorer:
             folder = self.host.default_machine_folder / as_new
         elif current is not None:
             folder = current.folder
+        elif (unfinished := self._unfinished_folder(source.vm_uuid)) is not None:
+            # An interrupted in-place restore unregistered the VM: it goes on in the VM's own folder.
+            folder = unfinished
         else:
             # The name comes from the archive: only ever one folder below the default machine folder.
             name = machine_folder_name(source.vm_name)
@@ -314,6 +318,32 @@ class Restorer:
                 raise ArchiveInvalid(f"archive {source.archive!r}: its VM's name {source.vm_name!r} gives no folder"
                                      " name; give the restore a target folder", archive=source.archive)
         return source, folder, current
+
+    # An in-place restore unregisters the VM before it writes. Until it has finished, a record
+    # in the state folder keeps the VM's folder, so that target=None finds it again after an
+    # interruption (the VM is then registered nowhere to be found by its uuid).
+
+    def _unfinished_record(self, uuid: str) -> Path:
+        return self.state_dir / "restoring" / f"{vm_key(uuid)}.json"
+
+    def _unfinished_folder(self, uuid: str) -> Path | None:
+        """The folder of an interrupted in-place restore of VM ``uuid``, if one is recorded and still there."""
+        try:
+            recorded = json.loads(self._unfinished_record(uuid).read_text())["folder"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        folder = Path(recorded) if isinstance(recorded, str) else None
+        if folder is None or not folder.is_absolute() or not folder.is_dir():
+            return None
+        return folder
+
+    def _record_unfinished(self, uuid: str, folder: Path, archive: str) -> None:
+        record = self._unfinished_record(uuid)
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _write_atomically(record, json.dumps({"folder": os.fspath(folder), "archive": archive}).encode())
+        except OSError as exc:
+            raise ConfigurationError(f"cannot use the state folder {self.state_dir}: {exc.strerror}") from exc
 
     def _registered(self, uuid: str) -> VMInfo | None:
         try:
@@ -558,6 +588,7 @@ class Restorer:
             # Before the old settings can be lost (unregistered, replaced): afterwards nothing names these files.
             stale = self._stale_files(folder, source, old_files, written) if in_place else set()
             if in_place and current is not None:
+                self._record_unfinished(source.vm_uuid, folder, source.archive)
                 log.info("%s: unregistering before the restore writes", current.name)
                 self.host.unregister(current)
             folder.mkdir(parents=True, exist_ok=True)
@@ -581,6 +612,9 @@ class Restorer:
             self._check(info, source, settings, discard_state=discard_state)
         removed = self._remove_stale(folder, source, stale, keep=written | _referenced(settings_path, settings)
                                      ) if in_place else ()
+        if in_place:
+            with contextlib.suppress(FileNotFoundError):
+                self._unfinished_record(source.vm_uuid).unlink()
         log.info("%s: restored from %s into %s (%d bytes fetched, %d stale files removed)", source.vm_name,
                  source.archive, folder, stats.bytes_fetched, len(removed))
         return RestoreResult(vm=info, stats=stats, removed=removed, resumed=stats.resumed,
