@@ -8,6 +8,7 @@ images with ``qemu-img check``.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -27,6 +28,7 @@ from hypothesis import strategies as st
 
 import vbremote
 from vbremote._restorer import _plan as plan_module
+from vbremote._restorer import _vm as vm_module
 from vbremote._restorer._checks import HostReference, host_references, vmdk_extents
 from vbremote._restorer._rewrite import new_identity, set_vdi_uuids, settings_with, vdi_uuids
 from vbremote._restorer._source import source_from_archive
@@ -835,6 +837,28 @@ class TestUnregisterFirst:
         assert result.vm.state is vbremote.MachineState.SAVED
         for port, content in instant.items():
             assert scene.sim.disk_content("dev", port) == content
+
+    @pytest.mark.parametrize(("code", "error"), [(errno.ENOSPC, vbremote.TargetSpaceError),
+                                                  (errno.EIO, vbremote.RestoreError)])
+    def test_settings_write_failure_is_typed(self, scene71: Scene, monkeypatch: pytest.MonkeyPatch, code: int,
+                                             error: type[vbremote.RestoreError]):
+        """A failure writing the settings file is a RestoreError (TargetSpaceError when full), not an OSError."""
+        archive = scene71.take()
+        settings_file = scene71.host.vm("dev").settings_file
+
+        real = vm_module._write_atomically
+
+        def fail(path: Path, data: bytes) -> None:
+            if path.suffix != ".vbox":
+                return real(path, data)
+            raise OSError(code, os.strerror(code), str(path))
+
+        monkeypatch.setattr(vm_module, "_write_atomically", fail)
+        with pytest.raises(error) as caught:
+            vbremote.Restorer(scene71.host, scene71.repo).restore(archive)
+        assert type(caught.value) is error
+        assert caught.value.path == str(settings_file)
+        assert isinstance(caught.value.__cause__, OSError)
 
     def test_interrupted_restore_goes_on_in_the_vms_own_folder(self, scene71: Scene, tmp_path: Path):
         """target=None after an interrupted in-place restore (the VM unregistered) is the VM's own folder,

@@ -27,6 +27,7 @@ the VM:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -35,7 +36,7 @@ import posixpath
 import re
 import socket
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,7 @@ from .._errors import (
     RestorePreflightFailed,
     SettingsFileError,
     SnapshotInProgress,
+    TargetSpaceError,
     VMNotFound,
 )
 from .._hostinfo import cpu_vendor
@@ -591,21 +593,24 @@ class Restorer:
                 self._record_unfinished(source.vm_uuid, folder, source.archive)
                 log.info("%s: unregistering before the restore writes", current.name)
                 self.host.unregister(current)
-            folder.mkdir(parents=True, exist_ok=True)
+            with _writing(folder, source.archive):
+                folder.mkdir(parents=True, exist_ok=True)
             stats = apply_plan(self.repository, plan, verify=verify, progress=progress, prefetch=prefetch)
         settings = settings_with(source.settings, drop_state=discard_state,
                                  cpu_portability_level=cpu_portability_level)
         if as_new is not None:
             settings, _, media = new_identity(settings, name=as_new)
-            for f in source.files:
-                if f.role is FileRole.DISK:
-                    set_vdi_uuids(folder / f.target_path, media)
+            with _writing(folder, source.archive):
+                for f in source.files:
+                    if f.role is FileRole.DISK:
+                        set_vdi_uuids(folder / f.target_path, media)
         try:
             # A final guard: every path stays inside the folder the file is written to.
             settings = relocate(settings, old_folder=str(folder))
         except SettingsFileError as exc:
             raise RestoreError(f"archive {source.archive!r}: {exc}", archive=source.archive) from exc
-        _write_atomically(settings_path, settings)
+        with _writing(folder, source.archive):
+            _write_atomically(settings_path, settings)
         info = None
         if register:
             info = self.host.register(settings_path)
@@ -720,6 +725,19 @@ def _refused(source: RestoreSource, folder: Path, problems: Sequence[PlanProblem
     listed = "; ".join(f"{p.code}: {p.message} ({p.remedy})" for p in problems)
     return RestorePreflightFailed(f"archive {source.archive!r} cannot be restored into {folder}: {listed}",
                                   archive=source.archive, problems=tuple(problems))
+
+
+@contextlib.contextmanager
+def _writing(folder: Path, archive: str) -> Iterator[None]:
+    """Raise what goes wrong writing into ``folder`` as :class:`TargetSpaceError` or :class:`RestoreError`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise TargetSpaceError(
+                f"the file system of {folder} is full: {exc.strerror}; free space and restore again to continue",
+                archive=archive, path=exc.filename) from exc
+        raise RestoreError(f"writing into {folder} failed: {exc}", archive=archive, path=exc.filename) from exc
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
