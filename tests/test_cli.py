@@ -833,6 +833,22 @@ class TestRestore:
         assert doc["plan"]["bytes_reused"] > 0
         assert disk(snapped, "alpha") == newest
 
+    def test_verify_and_portability_options(self, snapped):
+        """--verify full reads back every block (none: no read-back); --cpu-portability-level reaches the VM."""
+        scribble(snapped, "alpha", fill=b"\x5a")
+        full = snapped.json("restore", "alpha", "--yes", "--verify", "full", "--cpu-portability-level", "2")
+        validate(full, "restore")
+        size = full["plan"]["bytes_reused"] + full["plan"]["bytes_to_write"]
+        assert full["stats"]["bytes_verified"] >= size > full["stats"]["bytes_written"]
+        with SimulatedVirtualBox(snapped.home, workload=None) as sim:
+            machine = sim.manager().getVirtualBox().findMachine("alpha")
+            assert machine.CPUIDPortabilityLevel == 2
+        scribble(snapped, "alpha", fill=b"\x5b")
+        none = snapped.json("restore", "alpha", "--yes", "--verify", "none")
+        assert none["stats"]["bytes_verified"] == 0
+        assert disk(snapped, "alpha") == snapped.archived
+        assert snapped("restore", "alpha", "--yes", "--cpu-portability-level", "4").returncode == 2
+
     def test_plan_shown_and_no_write_without_yes(self, snapped):
         """Without --yes and without a terminal, the plan is shown, nothing is written, exit code 2."""
         done = snapped("restore", "alpha")

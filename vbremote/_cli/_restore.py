@@ -6,7 +6,7 @@ import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 from rich.table import Table
@@ -129,6 +129,10 @@ def _result_doc(result: RestoreResult) -> dict[str, Any]:
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (for scripts).")
 @click.option("--power-off", is_flag=True, help="Power the VM off first if it runs.")
 @click.option("--discard-state", is_flag=True, help="Restore a saved-state archive powered off.")
+@click.option("--cpu-portability-level", type=click.IntRange(0, 3),
+              help="The CPU portability level the restored VM gets (accepts a saved state from another host).")
+@click.option("--verify", type=click.Choice(["written", "full", "none"]), default="written", show_default=True,
+              help="Read back the blocks written (written), every block (full), or none.")
 @click.option("--allow-host-references", is_flag=True,
               help="Keep what the archive's settings give the VM of this host (shared folders, serial ports on host "
                    "files, ...); only for archives whose author you trust.")
@@ -142,6 +146,8 @@ def restore(
     yes: bool,
     power_off: bool,
     discard_state: bool,
+    cpu_portability_level: int | None,
+    verify: Literal["written", "full", "none"],
     allow_host_references: bool,
 ) -> None:
     """Restore a VM from an archive: only the blocks that differ travel.
@@ -162,7 +168,8 @@ def restore(
     with _monitored(app, "restore", vm=archive.vm_name, archive=archive.name, **_repo_detail(app)) as run:
         with app.progress() as progress:
             plan = restorer.plan(archive, target, seeds, power_off=power_off, discard_state=discard_state,
-                                 as_new=as_new, progress=progress, allow_host_references=allow_host_references)
+                                 cpu_portability_level=cpu_portability_level, as_new=as_new, progress=progress,
+                                 allow_host_references=allow_host_references)
         _show_plan(app, archive, plan, as_new)
         if plan.problems:
             codes = ", ".join(p.code for p in plan.problems)
@@ -174,7 +181,8 @@ def restore(
         confirm(app, f"Restore {archive.name} into {plan.target}?", yes=yes)
         with app.progress() as progress:
             result = restorer.restore(archive, target, power_off=power_off, seeds=seeds,
-                                      discard_state=discard_state, as_new=as_new, progress=progress,
+                                      discard_state=discard_state, cpu_portability_level=cpu_portability_level,
+                                      verify=verify, as_new=as_new, progress=progress,
                                       allow_host_references=allow_host_references)
         doc = {
             "repository": app.repository_config().name,
