@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Iterable, Set
 from pathlib import Path, PurePosixPath
 
-from ._journal import JOURNAL_NAME, fsync_dir
+from ._journal import JOURNAL_NAME, fsync_dir, replace_durably
 
 __all__ = [
     "STALE_PREFIX", "forget_stale", "is_regular_inside", "load_stale", "remove_stale", "save_stale", "stale_name",
@@ -106,23 +106,7 @@ def save_stale(folder: Path, vm_uuid: str, files: Iterable[Path]) -> None:
     """
     entries = sorted({rel for p in files if (rel := _relative(folder, p)) is not None})
     data = json.dumps({"version": _VERSION, "vm_uuid": vm_uuid, "files": entries}, separators=(",", ":")).encode()
-    name = stale_name(vm_uuid)
-    temp = folder / (name + ".tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, folder / name)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    fsync_dir(folder)
+    replace_durably(folder / stale_name(vm_uuid), data)
 
 
 def forget_stale(folder: Path, vm_uuid: str) -> None:

@@ -35,7 +35,6 @@ import os
 import posixpath
 import re
 import socket
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,6 +61,7 @@ from .._snapshotter._lock import check_lock_wait, state_dir_or_default, vm_lock
 from ._apply import ApplyStats, Prefetch, Verify, apply_plan
 from ._checks import source_host_references
 from ._foreign import foreign_source
+from ._journal import replace_durably
 from ._plan import PlanProblem, RestorePlan, make_plan
 from ._rewrite import new_identity, set_vdi_uuids, settings_with
 from ._source import RestoreSource, referenced_files, source_from_archive
@@ -742,22 +742,7 @@ def _writing(folder: Path, archive: str) -> Iterator[None]:
 
 def _write_atomically(path: Path, data: bytes) -> None:
     """Write, fsync, rename over, fsync the folder: the file is the old one or the new one, whole."""
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    replace_durably(path, data)
 
 
 def _folder_key(folder: Path) -> str:
