@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from test_ssh import SSHServer, sshd  # noqa: F401 - the real sshd fixture, shared
 
 import vbremote
+from vbremote import _repository as repository_module
 from vbremote._borg._idhash import IdHasher, ReadAheadMeter, hash_ranges
 from vbremote._borg._items import MAX_CHUNK_SIZE, contents_from_rows
 from vbremote.testing import MIB
@@ -57,6 +58,25 @@ class TestChunkLists:
         with pytest.raises(vbremote.ArchiveNotFound) as caught:
             repo.chunk_lists("nope")
         assert caught.value.archive == "nope"
+
+
+    @pytest.mark.parametrize(("bound", "value"), [("MAX_LISTED_ITEMS", 1), ("MAX_LISTED_CHUNKS", 5)])
+    def test_absurd_listings_refused_as_they_are_read(self, repo, tmp_path, monkeypatch, bound, value):
+        """More items or chunks than the bounds allow: ArchiveInvalid naming the archive (bounds lowered to
+        fit a test); the listing stops in the worker, where it is read."""
+        image = tmp_path / "d.img"
+        image.write_bytes(disk_content(6, seed=3))
+        (tmp_path / "n").write_bytes(b"nvram")
+        repo.write_archive("a", [
+            vbremote.FileSpec(image, "disk.img", vbremote.FileRole.DISK),
+            vbremote.FileSpec(tmp_path / "n", "vm.nvram", vbremote.FileRole.NVRAM),
+        ], metadata())
+        assert len(repo.chunk_lists("a").files()["disk.img"].chunks) == 6
+        monkeypatch.setattr(repository_module, bound, value)
+        with pytest.raises(vbremote.ArchiveInvalid, match="refused as absurd") as caught:
+            repo.chunk_lists("a")
+        assert caught.value.archive == "a"
+        assert [a.name for a in repo.archives()] == ["a"]  # in step afterwards
 
 
 class TestArchiveValidation:

@@ -24,6 +24,7 @@ from test_ssh import sshd  # noqa: F401  (the real sshd on loopback)
 
 import vbremote
 from vbremote._cli import EXIT_CODES
+from vbremote._snapshotter._lock import vm_lock
 from vbremote.testing import MIB, SimulatedVirtualBox
 
 ROOT = Path(__file__).parent.parent
@@ -832,6 +833,22 @@ class TestRestore:
         assert doc["plan"]["bytes_reused"] > 0
         assert disk(snapped, "alpha") == newest
 
+    def test_verify_and_portability_options(self, snapped):
+        """--verify full reads back every block (none: no read-back); --cpu-portability-level reaches the VM."""
+        scribble(snapped, "alpha", fill=b"\x5a")
+        full = snapped.json("restore", "alpha", "--yes", "--verify", "full", "--cpu-portability-level", "2")
+        validate(full, "restore")
+        size = full["plan"]["bytes_reused"] + full["plan"]["bytes_to_write"]
+        assert full["stats"]["bytes_verified"] >= size > full["stats"]["bytes_written"]
+        with SimulatedVirtualBox(snapped.home, workload=None) as sim:
+            machine = sim.manager().getVirtualBox().findMachine("alpha")
+            assert machine.CPUIDPortabilityLevel == 2
+        scribble(snapped, "alpha", fill=b"\x5b")
+        none = snapped.json("restore", "alpha", "--yes", "--verify", "none")
+        assert none["stats"]["bytes_verified"] == 0
+        assert disk(snapped, "alpha") == snapped.archived
+        assert snapped("restore", "alpha", "--yes", "--cpu-portability-level", "4").returncode == 2
+
     def test_plan_shown_and_no_write_without_yes(self, snapped):
         """Without --yes and without a terminal, the plan is shown, nothing is written, exit code 2."""
         done = snapped("restore", "alpha")
@@ -874,6 +891,18 @@ class TestRestore:
         assert doc["plan"]["ejected"] == doc["ejected"]
         assert disk(created, "alpha") == archived
 
+    def test_locked_by_snapshot_run(self, snapped):
+        """restore takes the VM's lock in the configured state folder: while a snapshot run holds it, exit code 5
+        and nothing is written."""
+        snapped.config.write_text('state_dir = "state-here"\n' + snapped.config.read_text())
+        with SimulatedVirtualBox(snapped.home, workload=None) as sim:
+            uuid = sim.manager().getVirtualBox().findMachine("alpha").id
+        with vm_lock(snapped.tmp / "state-here", uuid):
+            done = snapped("restore", "alpha", "--yes")
+        assert done.returncode == 5, done.stderr
+        assert "holds the lock" in one_line_error(done)
+        assert disk(snapped, "alpha") != snapped.archived
+
     def test_as_new(self, snapped):
         """--as-new registers the archive as a second VM beside the current one."""
         doc = snapped.json("restore", "alpha", "--as-new", "alpha-old", "--yes")
@@ -901,6 +930,40 @@ class TestRestore:
             child.close()
             assert child.exitstatus == code
             assert disk(snapped, "alpha") == (changed if answer == "n" else newest)
+
+
+    def test_host_references(self, created):
+        """An archive whose settings share a host folder is refused with the option named; with it, it restores."""
+        from vbremote.testing._vdi import VDI
+
+        source = created.tmp / "crafted"
+        source.mkdir()
+        VDI.create(source / "dev.vdi", MIB, image_uuid="aaaaaaaa-2222-3333-4444-555555555555")
+        (source / "dev.vbox").write_text(
+            '<?xml version="1.0"?>\n<VirtualBox xmlns="http://www.virtualbox.org/" version="1.19-linux">'
+            '<Machine uuid="{11111111-2222-3333-4444-555555555555}" name="dev" OSType="Other">'
+            '<MediaRegistry><HardDisks><HardDisk uuid="{aaaaaaaa-2222-3333-4444-555555555555}" location="dev.vdi"'
+            ' format="VDI" type="Normal"/></HardDisks></MediaRegistry><Hardware><CPU count="1"/>'
+            '<SharedFolders><SharedFolder name="home" hostPath="/home" writable="true"/></SharedFolders></Hardware>'
+            '<StorageControllers><StorageController name="SATA" type="AHCI" PortCount="1">'
+            '<AttachedDevice type="HardDisk" port="0" device="0"><Image uuid="{aaaaaaaa-2222-3333-4444-555555555555}"/>'
+            '</AttachedDevice></StorageController></StorageControllers></Machine></VirtualBox>\n')
+        metadata = vbremote.SnapshotMetadata(vm_name="dev", vm_uuid="11111111-2222-3333-4444-555555555555")
+        with created.open() as repo:
+            repo.write_archive("crafted", [
+                vbremote.FileSpec(source / "dev.vbox", "dev.vbox", vbremote.FileRole.SETTINGS),
+                vbremote.FileSpec(source / "dev.vdi", "dev.vdi", vbremote.FileRole.DISK),
+            ], metadata)
+        target = str(created.tmp / "restored")
+        done = created("restore", "crafted", "--target", target, "--yes")
+        assert done.returncode == 5
+        assert "host-reference" in done.stdout
+        assert "--allow-host-references" in done.stdout
+        assert not (created.tmp / "restored").exists()
+        doc = created.json("restore", "crafted", "--target", target, "--yes", "--allow-host-references")
+        validate(doc, "restore")
+        assert doc["vm"]["name"] == "dev"
+        assert 'hostPath="/home"' in (created.tmp / "restored" / "dev.vbox").read_text()
 
 
 class TestDrill:

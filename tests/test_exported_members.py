@@ -31,7 +31,7 @@ EXPECTED = {
     "DEFAULT_NAME_TEMPLATE", "TRANSIENT_PREFIX", "SnapshotError", "SnapshotInProgress", "SnapshotResult",
     "SnapshotStats", "Snapshotter", "TransientSnapshotLeft",
     "ApplyStats", "BlockAction", "FilePlan", "PlanProblem", "RestoreError", "RestoreFileState", "RestorePlan",
-    "RestorePreflightFailed", "RestoreState", "TargetSpaceError", "Restorer", "RestoreResult",
+    "RestoreLocked", "RestorePreflightFailed", "RestoreState", "TargetSpaceError", "Restorer", "RestoreResult",
     "ImageDrive",
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -14,6 +15,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import PASSPHRASE, metadata, tmpfs
@@ -251,6 +253,23 @@ class TestApply:
         assert (target / "a.img").read_bytes() == a
         assert (target / "b.bin").read_bytes() == b
         assert plan.files[0].blocks_fetched == 0
+
+    def test_zero_block_past_the_local_end(self, repo, tmp_path):
+        """A zero block that starts inside a shorter local file and ends past it is never read back short
+        (the read-back runs while later blocks are written, before the file has its final size)."""
+        rng = random.Random(6)
+        head = rng.randbytes(3 * MIB)
+        (tmp_path / "d.img").write_bytes(head + bytes(MIB))
+        info = repo.write_archive("a", [vbremote.FileSpec(tmp_path / "d.img", "d.img", vbremote.FileRole.DISK)],
+                                  metadata()).archive
+        for attempt in range(8):
+            target = tmp_path / f"t{attempt}"
+            target.mkdir()
+            (target / "d.img").write_bytes(head + rng.randbytes(MIB // 2))
+            plan = make_plan(repo, restore_source(repo, info), target)
+            assert [a.kind for a in plan.files[0].actions] == ["reuse", "reuse", "reuse", "zero"]
+            apply_plan(repo, plan)
+            assert (target / "d.img").read_bytes() == head + bytes(MIB)
 
     def test_symlink_in_target_is_refused(self, repo, vdi_folder, tmp_path):
         """A symlink at a file's place in the target: RestoreError before any write; its target is untouched."""
@@ -559,6 +578,41 @@ class TestVerify:
         assert files_of(target, NAMES) == files_of(vdi_folder, NAMES)
 
 
+    def test_blocks_an_interrupted_run_recorded_are_read_back_on_resume(self, repo, tmp_path, monkeypatch):
+        """A block the journal of an interrupted run records as done is trusted by the plan, so the resumed
+        run reads it back: one that rotted meanwhile raises IntegrityError naming it."""
+        data = random.Random(10).randbytes(8 * MIB)
+        (tmp_path / "d.img").write_bytes(data)
+        info = repo.write_archive("a", [vbremote.FileSpec(tmp_path / "d.img", "d.img", vbremote.FileRole.DISK)],
+                                  metadata()).archive
+        target = tmp_path / "t"
+        source = restore_source(repo, info)
+        monkeypatch.setattr(apply_module, "JOURNAL_EVERY_BYTES", 2 * MIB)
+
+        class Stop(Exception):
+            pass
+
+        def stop_late(event: vbremote.Progress) -> None:
+            if event.done >= 6 * MIB:
+                raise Stop
+
+        with pytest.raises(Stop):
+            apply_plan(repo, make_plan(repo, source, target), progress=stop_late)
+        state = vbremote.RestoreState.load(target)
+        assert state is not None
+        ((start, end), *_) = state.file("d.img").done  # type: ignore[union-attr]
+        assert end - start >= MIB
+        with (target / "d.img").open("r+b") as f:  # the first recorded block rots on the disk
+            f.seek(start + 100)
+            f.write(bytes([data[start + 100] ^ 1]))
+        resumed = make_plan(repo, source, target)
+        assert resumed.resumed
+        assert resumed.files[0].blocks_done > 0
+        with pytest.raises(vbremote.IntegrityError) as caught:
+            apply_plan(repo, resumed)
+        assert (caught.value.path, caught.value.offset) == ("d.img", start)
+
+
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 20 MiB tmpfs (needs root and mount rights; skipped otherwise)."""
@@ -587,6 +641,109 @@ class TestDiskFull:
         assert resumed.bytes_to_fetch < plan.bytes_to_fetch  # what was written before is reused
         apply_plan(repo, resumed)
         assert files_of(target, NAMES) == expected
+
+
+class TestCompleteness:
+    def test_a_stream_that_ends_early_is_an_error(self, repo, tmp_path, monkeypatch):
+        """A fetch stream that ends without its last chunk and without an error: RestoreError, not success;
+        what came is recorded, and the next run completes."""
+        data = random.Random(8).randbytes(4 * MIB)
+        (tmp_path / "d.img").write_bytes(data)
+        info = repo.write_archive("a", [vbremote.FileSpec(tmp_path / "d.img", "d.img", vbremote.FileRole.DISK)],
+                                  metadata()).archive
+        target = tmp_path / "t"
+        target.mkdir()
+        (target / "d.img").write_bytes(random.Random(9).randbytes(4 * MIB))
+        source = restore_source(repo, info)
+        plan = make_plan(repo, source, target)
+        assert plan.files[0].blocks_fetched == 4
+        whole = vbremote.ChunkStream.__iter__
+
+        def all_but_the_last(stream: vbremote.ChunkStream) -> Iterator[vbremote.FetchedChunk]:
+            yield from list(whole(stream))[:-1]
+
+        with monkeypatch.context() as patched:
+            patched.setattr(vbremote.ChunkStream, "__iter__", all_but_the_last)
+            with pytest.raises(vbremote.RestoreError, match="3 of the 4 chunks"):
+                apply_plan(repo, plan)
+        journal_is_true(target, {"d.img": data})
+        resumed = make_plan(repo, source, target)
+        assert resumed.bytes_to_fetch == MIB
+        apply_plan(repo, resumed)
+        assert (target / "d.img").read_bytes() == data
+
+
+class TestDurability:
+    def test_every_recorded_block_was_fsynced_and_none_after_a_failed_fsync(self, repo, tmp_path, monkeypatch):
+        """Each journal save records only blocks an fsync made durable after they were written; after an
+        fsync fails, nothing more is recorded (a later fsync may succeed over lost pages)."""
+        data = random.Random(7).randbytes(16 * MIB)
+        (tmp_path / "d.img").write_bytes(data)
+        info = repo.write_archive("a", [vbremote.FileSpec(tmp_path / "d.img", "d.img", vbremote.FileRole.DISK)],
+                                  metadata()).archive
+        target = tmp_path / "t"
+        plan = make_plan(repo, restore_source(repo, info), target)
+        monkeypatch.setattr(apply_module, "JOURNAL_EVERY_BYTES", 4 * MIB)
+        real_fsync, real_write, real_save = os.fsync, apply_module._Applier.write, vbremote.RestoreState.save
+        written = 0  # bytes of d.img written so far, and durable after the last good fsync
+        durable = 0
+        saves: list[tuple[int, int]] = []  # (bytes the save records, bytes durable then)
+        failed = False
+        fsyncs = 0
+
+        def write(self: Any, path: str, data: bytes, offset: int) -> None:
+            nonlocal written
+            real_write(self, path, data, offset)
+            written += len(data)
+
+        def fsync(fd: int) -> None:
+            nonlocal durable, failed, fsyncs
+            if os.readlink(f"/proc/self/fd/{fd}").endswith("d.img"):
+                fsyncs += 1
+                if fsyncs == 2:
+                    failed = True
+                    raise OSError(errno.EIO, "writeback lost")
+                seen = written
+                real_fsync(fd)
+                if not failed:
+                    durable = seen
+                return
+            real_fsync(fd)
+
+        def save(self: vbremote.RestoreState, folder: Path) -> None:
+            saves.append((self.done_bytes, durable))
+            real_save(self, folder)
+
+        monkeypatch.setattr(apply_module._Applier, "write", write)
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(vbremote.RestoreState, "save", save)
+        with pytest.raises(vbremote.RestoreError, match="writeback lost"):
+            apply_plan(repo, plan)
+        assert failed
+        assert any(recorded > 0 for recorded, _ in saves)  # something was recorded before the failure
+        for recorded, durable_then in saves:
+            assert recorded <= durable_then, saves
+        state = vbremote.RestoreState.load(target)
+        assert state is not None
+        assert state.done_bytes <= durable
+
+
+class TestSpace:
+    def test_writes_into_holes_count_as_growth(self, repo, small_fs, tmp_path):
+        """Data written into the holes of a sparse local file takes space: too much of it is a no-space problem
+        before any write (a restore's own zero blocks are holes, so this is the next restore's common case)."""
+        data = random.Random(11).randbytes(24 * MIB)
+        (tmp_path / "d.img").write_bytes(data)
+        info = repo.write_archive("a", [vbremote.FileSpec(tmp_path / "d.img", "d.img", vbremote.FileRole.DISK)],
+                                  metadata()).archive
+        target = small_fs / "vm"
+        target.mkdir()
+        with (target / "d.img").open("wb") as f:
+            f.truncate(24 * MIB)  # all hole: nothing past the end to grow into
+        plan = make_plan(repo, restore_source(repo, info), target)
+        assert plan.grows_by == 0
+        assert [p.code for p in plan.problems] == ["no-space"]
+        assert str(24 * MIB) in plan.problems[0].message
 
 
 class TestVerifyFull:

@@ -255,6 +255,28 @@ class TestHostileArchives:
         _edit_vbox(folder, old, new)
         assert "outside the VM folder" in str(_refused(tmp_path, borg_cli, borg_repo, base_dir, folder))
 
+    def test_host_reference_is_a_problem(self, tmp_path, borg_cli, borg_repo, base_dir):
+        """Another tool's archive whose settings share the host's / is planned with a host-reference problem and
+        refused before any write; trusted, it restores with the shared folder kept."""
+        folder = _crafted(tmp_path)
+        _edit_vbox(folder, "<Hardware>", '<Hardware><SharedFolders><SharedFolder name="root" hostPath="/"'
+                                         ' writable="true" autoMount="true"/></SharedFolders>')
+        _borg_create(borg_cli, borg_repo, "shares", folder)
+        target = tmp_path / "t" / VM
+        with SimulatedVirtualBox(tmp_path / "other", version="6.1") as sim, _open(borg_repo, base_dir) as repository:
+            host = vbremote.VirtualBoxHost.connect(manager=sim.manager())
+            restorer = vbremote.Restorer(host, repository)
+            (problem,) = restorer.plan("shares", target).problems
+            assert problem.code == "host-reference"
+            assert "shared folder 'root': '/'" in problem.message
+            with pytest.raises(vbremote.RestorePreflightFailed):
+                restorer.restore("shares", target)
+            assert not (tmp_path / "t").exists()
+            assert host.vms() == ()
+            result = restorer.restore("shares", target, allow_host_references=True)
+            assert result.vm is not None
+            assert b'hostPath="/"' in result.settings_file.read_bytes()
+
     def test_dtd_refused(self, tmp_path, borg_cli, borg_repo, base_dir):
         """A settings file with a DTD (entity expansion) is refused as the archive's fault."""
         folder = _crafted(tmp_path)

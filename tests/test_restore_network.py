@@ -150,7 +150,7 @@ class TestLinkCutRestorer:
                     pytest.raises((vbremote.ConnectionFailed, vbremote.RestoreError)) as raised,
                     _open(transport, base) as repo,
                 ):
-                    vbremote.Restorer(host, repo).restore(archive.name, progress=cut)
+                    vbremote.Restorer(host, repo, state_dir=tmp_path / "state").restore(archive.name, progress=cut)
             finally:
                 net.up()
             assert cut_at, f"the link was never cut: the restore ended before, with {raised.value!r}"
@@ -159,7 +159,7 @@ class TestLinkCutRestorer:
             assert not any(vm.uuid == archive.vm_uuid for vm in host.vms())
             assert vbremote.RestoreState.load(folder) is not None
             with _open(transport, base) as repo:
-                result = vbremote.Restorer(host, repo).restore(archive.name, folder)
+                result = vbremote.Restorer(host, repo, state_dir=tmp_path / "state").restore(archive.name, folder)
             assert result.resumed
             assert result.vm.uuid == archive.vm_uuid
             assert host.state(result.vm) is vbremote.MachineState.POWERED_OFF

@@ -8,7 +8,9 @@ images with ``qemu-img check``.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,18 +21,31 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
+import hypothesis
 import pytest
 from helpers import PASSPHRASE, BorgCLI, tmpfs
+from hypothesis import strategies as st
 
 import vbremote
+from vbremote._restorer import _plan as plan_module
+from vbremote._restorer import _vm as vm_module
+from vbremote._restorer._checks import HostReference, host_references, vmdk_extents
 from vbremote._restorer._rewrite import eject_images, new_identity, set_vdi_uuids, settings_with, vdi_uuids
 from vbremote._restorer._source import source_from_archive
+from vbremote._restorer._stale import STALE_PREFIX, load_stale, remove_stale, save_stale, stale_name
 from vbremote._restorer._vm import machine_folder_name
 from vbremote._settings import parse_settings
+from vbremote._snapshotter._lock import vm_lock
 from vbremote.testing import MIB, GuestWorkload, SimulatedVirtualBox, Timing, qemu_tools_available
 from vbremote.testing._vdi import VDI
 
 PROFILES = ["6.1", "7.1"]
+
+
+@pytest.fixture(autouse=True)
+def private_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restorers made without a state folder keep their locks under the test's folder, not the home folder."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
 
 
 class Scene:
@@ -90,18 +105,20 @@ def write_crafted(repo: vbremote.Repository, tmp_path: Path, settings: bytes, *,
 
 
 def settings_text(*, disk: str = "dev.vdi", state: str | None = None, nvram: str | None = None,
-                  snapshot_folder: str | None = None) -> bytes:
+                  snapshot_folder: str | None = None, disk_format: str = "VDI", hardware: str = "",
+                  machine: str = "", version: str = "1.19") -> bytes:
     machine_uuid = "{11111111-2222-3333-4444-555555555555}"
     state_attr = f' stateFile="{state}"' if state else ""
     folder_attr = f' snapshotFolder="{snapshot_folder}"' if snapshot_folder else ""
     nvram_xml = f'<BIOS><NVRAM path="{nvram}"/></BIOS>' if nvram else ""
     return (
-        '<?xml version="1.0"?>\n<VirtualBox xmlns="http://www.virtualbox.org/" version="1.19-linux">'
+        f'<?xml version="1.0"?>\n<VirtualBox xmlns="http://www.virtualbox.org/" version="{version}-linux">'
         f'<Machine uuid="{machine_uuid}" name="dev" OSType="Other"{state_attr}{folder_attr}>'
         '<MediaRegistry><HardDisks>'
-        f'<HardDisk uuid="{{aaaaaaaa-2222-3333-4444-555555555555}}" location="{disk}" format="VDI" type="Normal"/>'
-        '</HardDisks></MediaRegistry>'
-        f'<Hardware><CPU count="1"/>{nvram_xml}</Hardware>'
+        f'<HardDisk uuid="{{aaaaaaaa-2222-3333-4444-555555555555}}" location="{disk}" format="{disk_format}"'
+        ' type="Normal"/>'
+        f'</HardDisks></MediaRegistry>{machine}'
+        f'<Hardware><CPU count="1"/>{nvram_xml}{hardware}</Hardware>'
         '<StorageControllers><StorageController name="SATA" type="AHCI" PortCount="1">'
         '<AttachedDevice type="HardDisk" port="0" device="0">'
         '<Image uuid="{aaaaaaaa-2222-3333-4444-555555555555}"/></AttachedDevice>'
@@ -326,18 +343,21 @@ class TestInPlace:
         assert plan.target == scene.host.vm("dev").folder
         total = sum(f.source.size for f in plan.files)
         assert 0 < plan.bytes_to_fetch < total / 2, plan.table()
-        hashed_while_running: list[bool] = []
+        running_at_hash: list[bool] = []
 
         def while_hashing(event: vbremote.Progress) -> None:
-            # A guest still running while the plan compares its files would make the plan stale.
-            if event.operation == "hash" and not hashed_while_running:
+            # A guest still running while the plan compares its files would make the plan stale: the
+            # plan made while it runs (only to find problems before the power-off) must not be the one used.
+            if event.operation == "hash":
                 running = scene.host.state("dev").is_running
-                hashed_while_running.append(running)
-                if running:
+                if running and not running_at_hash:
                     wait_writes(scene, 10)
+                running_at_hash.append(running)
 
         result = restorer.restore(archive, power_off=True, progress=while_hashing)
-        assert hashed_while_running == [False]
+        assert running_at_hash[0] is True
+        assert running_at_hash[-1] is False
+        assert running_at_hash == sorted(running_at_hash, reverse=True)  # all hashing after the power-off last
         assert result.vm is not None
         assert result.vm.state is vbremote.MachineState.SAVED
         assert result.vm.uuid == archive.vm_uuid
@@ -479,6 +499,19 @@ class TestElsewhere:
             subprocess.run(["qemu-img", "check", "-f", "vdi", str(medium.location)], check=True,
                            capture_output=True)
 
+    def test_as_new_with_other_disk_formats_refused(self, scene71: Scene, tmp_path: Path):
+        """As a new VM, disks whose headers vbremote cannot give new uuids (not VDI) are refused before any
+        write, instead of a VM that fails to register after every byte was written."""
+        settings = settings_text(disk="dev.vmdk").replace(b'format="VDI"', b'format="VMDK"')
+        archive = write_crafted(scene71.repo, tmp_path, settings, extra={"dev.vmdk": b"\1" * 4096})
+        restorer = vbremote.Restorer(scene71.host, scene71.repo)
+        target = tmp_path / "new"
+        assert [p.code for p in restorer.plan(archive, target, as_new="copy").problems] == ["as-new-format"]
+        with pytest.raises(vbremote.RestorePreflightFailed, match="VMDK"):
+            restorer.restore(archive, target, as_new="copy")
+        assert not target.exists()
+        assert restorer.plan(archive, target).problems == ()
+
     def test_as_new_reads_the_current_vm(self, scene71: Scene):
         """As a new VM beside a powered-off current VM: its disks are read as seeds, so little is fetched."""
         archive = scene71.take()
@@ -516,6 +549,34 @@ class TestPreflight:
         assert result.vm is not None
         assert result.vm.state is vbremote.MachineState.POWERED_OFF
 
+    def test_power_off_only_once_the_plan_is_clear(self, scene71: Scene, monkeypatch: pytest.MonkeyPatch):
+        """With power_off=True, a restore its plan refuses (no room, a symlink in the folder) leaves the
+        VM running: every check of the plan runs before the power-off."""
+        archive = scene71.take()
+        scene71.sim.start("dev", workload=None)
+        restorer = vbremote.Restorer(scene71.host, scene71.repo)
+        folder = scene71.host.vm("dev").folder
+        real_usage = shutil.disk_usage
+        with monkeypatch.context() as patched:
+            patched.setattr(plan_module.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=0))
+            with pytest.raises(vbremote.RestorePreflightFailed) as caught:
+                restorer.restore(archive, power_off=True)
+            assert [p.code for p in caught.value.problems] == ["no-space"]
+        assert scene71.host.state("dev") is vbremote.MachineState.RUNNING
+        disk = next(folder / f.path for f in archive.files
+                    if f.role is vbremote.FileRole.DISK and (folder / f.path).exists())
+        moved = disk.with_name("elsewhere.vdi")
+        disk.rename(moved)
+        disk.symlink_to(moved)
+        with pytest.raises(vbremote.RestoreError, match="symlink"):
+            restorer.restore(archive, power_off=True)
+        assert scene71.host.state("dev") is vbremote.MachineState.RUNNING
+        disk.unlink()
+        moved.rename(disk)
+        result = restorer.restore(archive, power_off=True)
+        assert result.vm is not None
+        assert result.vm.state is vbremote.MachineState.POWERED_OFF
+
     def test_version_mismatch(self, scene71: Scene, tmp_path: Path):
         """A saved state of VirtualBox 7.1 is refused on 7.0; with discard_state it restores powered off."""
         scene71.sim.start("dev", workload=HOT)
@@ -530,10 +591,15 @@ class TestPreflight:
             with pytest.raises(vbremote.RestorePreflightFailed):
                 restorer.restore(archive)
             assert not (other.vms_folder / "dev").exists()
+            # The state that is discarded is neither fetched nor written.
+            plan = restorer.plan(archive, discard_state=True)
+            assert plan.problems == ()
+            assert [f.source.role for f in plan.files].count(vbremote.FileRole.STATE) == 0
             result = restorer.restore(archive, discard_state=True)
             assert result.vm is not None
             assert result.vm.state is vbremote.MachineState.POWERED_OFF
             assert result.vm.state_file is None
+            assert list(result.vm.folder.rglob("*.sav")) == []
             for port, content in instant.items():
                 assert other.disk_content("dev", port) == content
         finally:
@@ -588,6 +654,153 @@ class TestPreflight:
                 call(archive, target)
         assert not (tmp_path / "t").exists()
         assert scene71.host.vm("dev").state is vbremote.MachineState.POWERED_OFF
+
+
+VMDK_HEAD = '# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="{create}"\n\n'
+
+#: One crafted settings file (and its disk) per kind of host reference, the value it must be reported with.
+HOST_REFERENCES = {
+    "shared-folder": (dict(hardware='<SharedFolders><SharedFolder name="x" hostPath="/" writable="true"'
+                                    ' autoMount="true"/></SharedFolders>'), "shared folder 'x'", "/"),
+    "serial-rawfile": (dict(hardware='<UART><Port slot="0" enabled="true" IOBase="0x3f8" IRQ="4" hostMode="RawFile"'
+                                     ' path="/home/user/.bashrc"/></UART>'), "serial port 0 (RawFile)",
+                       "/home/user/.bashrc"),
+    "serial-pipe": (dict(hardware='<UART><Port slot="1" enabled="false" IOBase="0x2f8" IRQ="3" hostMode="HostPipe"'
+                                  ' server="true" path="/run/x.sock"/></UART>'), "serial port 1 (HostPipe)",
+                    "/run/x.sock"),
+    "parallel-port": (dict(hardware='<LPT><Port slot="0" enabled="true" IOBase="0x378" IRQ="7"'
+                                    ' path="/dev/parport0"/></LPT>'), "parallel port 0", "/dev/parport0"),
+    "recording-1.18": (dict(version="1.18", machine='<VideoCapture enabled="true" screens="1"'
+                                                    ' file="/home/user/.ssh/authorized_keys"/>'),
+                       "recording file of screen 0", "/home/user/.ssh/authorized_keys"),
+    "recording-1.19": (dict(machine='<Recording enabled="true" screens="1"><Screen id="0" enabled="true" dest="1"'
+                                    ' file="/etc/cron.d/x.webm"/></Recording>'),
+                       "recording file of screen 0", "/etc/cron.d/x.webm"),
+    "extradata": (dict(machine='<ExtraData><ExtraDataItem name="GUI/LastCloseAction" value="PowerOff"/>'
+                               '<ExtraDataItem name="VBoxInternal/PDM/Devices/evil/Path" value="/var/lib/evil.so"/>'
+                               '</ExtraData>'), "ExtraData VBoxInternal/PDM/Devices/evil/Path", "/var/lib/evil.so"),
+    "nat-tftp": (dict(hardware='<Network><Adapter slot="0" enabled="true" type="82540EM"><NAT>'
+                               '<TFTP prefix="/etc" boot-file="shadow"/></NAT></Adapter></Network>'),
+                 "the TFTP folder of network adapter 0", "/etc"),
+    "generic-vde": (dict(hardware='<Network><Adapter slot="1" enabled="true" type="82540EM"><DisabledModes>'
+                                  '<GenericInterface driver="VDE"><Property name="network" value="/run/vde.ctl"/>'
+                                  '</GenericInterface></DisabledModes><NAT/></Adapter></Network>'),
+                    "a setting of network adapter 1 (VDE)", "network=/run/vde.ctl"),
+    "vmdk-absolute": (dict(disk="dev.vmdk", disk_format="VMDK",
+                           vmdk=VMDK_HEAD.format(create="fullDevice") + 'RW 2048 FLAT "/dev/sda" 0\n'),
+                      "extent 1 of the VMDK descriptor dev.vmdk", "/dev/sda"),
+    "vmdk-climbs": (dict(disk="dev.vmdk", disk_format="VMDK",
+                         vmdk=VMDK_HEAD.format(create="monolithicFlat") + 'RW 8 FLAT "../../../etc/shadow" 0\n'),
+                    "extent 1 of the VMDK descriptor dev.vmdk", "../../../etc/shadow"),
+}
+
+
+def small_vdi(tmp_path: Path) -> bytes:
+    """A real, empty 1 MiB VDI with the uuid of the disk of :func:`settings_text`."""
+    path = tmp_path / "small.vdi"
+    VDI.create(path, MIB, image_uuid="aaaaaaaa-2222-3333-4444-555555555555")
+    return path.read_bytes()
+
+
+def crafted_with(repo: vbremote.Repository, tmp_path: Path, kind: str) -> vbremote.ArchiveInfo:
+    spec = dict(HOST_REFERENCES[kind][0])
+    vmdk = spec.pop("vmdk", None)
+    disk = spec.get("disk", "dev.vdi")
+    data = vmdk.encode() if vmdk is not None else small_vdi(tmp_path)
+    return write_crafted(repo, tmp_path, settings_text(**spec), extra={disk: data})
+
+
+@pytest.fixture
+def empty_host(tmp_path: Path) -> Iterator[vbremote.VirtualBoxHost]:
+    """A simulated VirtualBox 7.1 host with no VM."""
+    sim = SimulatedVirtualBox(tmp_path / "vbox", version="7.1")
+    yield vbremote.VirtualBoxHost.connect(manager=sim.manager())
+    sim.close()
+
+
+class TestHostReferences:
+    @pytest.mark.parametrize("kind", sorted(HOST_REFERENCES))
+    def test_reported_and_refused(self, empty_host: vbremote.VirtualBoxHost, repo: vbremote.Repository,
+                                  tmp_path: Path, kind: str):
+        """Each kind of host reference is a host-reference problem; restore refuses it and writes nothing."""
+        archive = crafted_with(repo, tmp_path, kind)
+        _, what, value = HOST_REFERENCES[kind]
+        restorer = vbremote.Restorer(empty_host, repo)
+        target = tmp_path / "t" / "dev"
+        problems = restorer.plan(archive, target).problems
+        assert [p.code for p in problems] == ["host-reference"]
+        assert what in problems[0].message
+        assert repr(value) in problems[0].message
+        assert "allow_host_references=True" in problems[0].remedy
+        with pytest.raises(vbremote.RestorePreflightFailed) as caught:
+            restorer.restore(archive, target)
+        assert [p.code for p in caught.value.problems] == ["host-reference"]
+        assert not (tmp_path / "t").exists()
+        assert empty_host.vms() == ()
+
+    def test_allowed_shared_folder_restores(self, empty_host: vbremote.VirtualBoxHost, repo: vbremote.Repository,
+                                            tmp_path: Path, caplog: pytest.LogCaptureFixture):
+        """With allow_host_references=True the VM registers with its shared folder intact, and a warning says so."""
+        archive = crafted_with(repo, tmp_path, "shared-folder")
+        restorer = vbremote.Restorer(empty_host, repo)
+        target = tmp_path / "t" / "dev"
+        assert restorer.plan(archive, target, allow_host_references=True).problems == ()
+        with caplog.at_level("WARNING", logger="vbremote.restore"):
+            result = restorer.restore(archive, target, allow_host_references=True)
+        assert result.vm is not None
+        assert result.vm.uuid == "11111111-2222-3333-4444-555555555555"
+        assert b'<SharedFolder name="x" hostPath="/" writable="true" autoMount="true"' in \
+            result.settings_file.read_bytes()
+        assert any("shared folder 'x'" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+    def test_plain_settings_restore(self, empty_host: vbremote.VirtualBoxHost, repo: vbremote.Repository,
+                                    tmp_path: Path):
+        """Settings without host references (a USB filter, a disconnected port with an old path, a GUI ExtraData
+        item, the default recording file) plan no problem and restore as before."""
+        hardware = ('<USB><DeviceFilters><DeviceFilter name="any" active="true"/></DeviceFilters></USB>'
+                    '<UART><Port slot="0" enabled="false" IOBase="0x3f8" IRQ="4" hostMode="Disconnected"'
+                    ' path="/var/log/old-serial.log"/></UART>')
+        machine = ('<ExtraData><ExtraDataItem name="GUI/LastCloseAction" value="PowerOff"/></ExtraData>'
+                   '<Recording enabled="false" screens="1"><Screen id="0" enabled="true" dest="1" file="."/>'
+                   '</Recording>')
+        disk = small_vdi(tmp_path)
+        archive = write_crafted(repo, tmp_path, settings_text(hardware=hardware, machine=machine),
+                                extra={"dev.vdi": disk})
+        restorer = vbremote.Restorer(empty_host, repo)
+        target = tmp_path / "t" / "dev"
+        assert restorer.plan(archive, target).problems == ()
+        result = restorer.restore(archive, target)
+        assert result.vm is not None
+        assert (target / "dev.vdi").read_bytes() == disk
+
+    def test_snapshot_hardware_and_own_folder(self):
+        """A snapshot's own hardware is searched too; raw and recording files inside the VM folder are the VM's."""
+        snapshot = ('<Snapshot uuid="{bbbbbbbb-2222-3333-4444-555555555555}" name="base"'
+                    ' timeStamp="2026-01-01T00:00:00Z">'
+                    '<Hardware><SharedFolders><SharedFolder name="old" hostPath="/srv/old"/></SharedFolders></Hardware>'
+                    '</Snapshot>')
+        hardware = ('<UART><Port slot="0" enabled="true" IOBase="0x3f8" IRQ="4" hostMode="RawFile"'
+                    ' path="/vms/dev/serial.log"/></UART>')
+        machine = ('<Recording enabled="true" screens="1"><Screen id="0" enabled="true" dest="1"'
+                   ' file="/vms/dev/dev.webm"/></Recording>' + snapshot)
+        data = settings_text(hardware=hardware, machine=machine)
+        found = host_references(data, folder="/vms/dev")
+        assert found == (HostReference("shared folder 'old' of snapshot 'base'", "/srv/old"),)
+        elsewhere = {r.what for r in host_references(data, folder="/vms/other")}
+        assert elsewhere == {"serial port 0 (RawFile)", "recording file of screen 0",
+                             "shared folder 'old' of snapshot 'base'"}
+
+    @hypothesis.given(before=st.lists(st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\n\0"),
+                                              max_size=40)),
+                      name=st.text(st.characters(exclude_categories=("Cs",), exclude_characters='"\n\r\0'),
+                                   min_size=1, max_size=60))
+    def test_vmdk_extents_found(self, before: list[str], name: str):
+        """Whatever lines surround it, a quoted extent name is found exactly; no input makes the parser fail."""
+        text = VMDK_HEAD.format(create="monolithicFlat") + "".join(line + "\n" for line in before)
+        text += f'RDONLY 16 SPARSE "{name}"\r\nRW 8 ZERO\n'
+        found = vmdk_extents(text.encode())
+        assert found[-1] == name
+        assert vmdk_extents(b"KDMV" + text.encode()) == ()
 
 
 class TestFolderFromName:
@@ -664,6 +877,58 @@ class TestUnregisterFirst:
         assert result.vm.state is vbremote.MachineState.SAVED
         for port, content in instant.items():
             assert scene.sim.disk_content("dev", port) == content
+
+    @pytest.mark.parametrize(("code", "error"), [(errno.ENOSPC, vbremote.TargetSpaceError),
+                                                  (errno.EIO, vbremote.RestoreError)])
+    def test_settings_write_failure_is_typed(self, scene71: Scene, monkeypatch: pytest.MonkeyPatch, code: int,
+                                             error: type[vbremote.RestoreError]):
+        """A failure writing the settings file is a RestoreError (TargetSpaceError when full), not an OSError."""
+        archive = scene71.take()
+        settings_file = scene71.host.vm("dev").settings_file
+
+        real = vm_module._write_atomically
+
+        def fail(path: Path, data: bytes) -> None:
+            if path.suffix != ".vbox":
+                return real(path, data)
+            raise OSError(code, os.strerror(code), str(path))
+
+        monkeypatch.setattr(vm_module, "_write_atomically", fail)
+        with pytest.raises(error) as caught:
+            vbremote.Restorer(scene71.host, scene71.repo).restore(archive)
+        assert type(caught.value) is error
+        assert caught.value.path == str(settings_file)
+        assert isinstance(caught.value.__cause__, OSError)
+
+    def test_interrupted_restore_goes_on_in_the_vms_own_folder(self, scene71: Scene, tmp_path: Path):
+        """target=None after an interrupted in-place restore (the VM unregistered) is the VM's own folder,
+        also when it is not the default machine folder; once finished, the next default is as before."""
+        scene = scene71
+        archive = scene.take()
+        restorer = vbremote.Restorer(scene.host, scene.repo)
+        scene.host.unregister(scene.host.vm("dev"))
+        elsewhere = tmp_path / "elsewhere"
+        assert restorer.restore(archive, elsewhere).vm is not None  # the VM now lives outside the default folder
+
+        class Stop(Exception):
+            pass
+
+        def fail(event: vbremote.Progress) -> None:
+            if event.operation == "restore" and event.done > 0:
+                raise Stop
+
+        scene.sim.start("dev", workload=HOT)
+        wait_writes(scene, 5)
+        with pytest.raises(Stop):
+            restorer.restore(archive, power_off=True, progress=fail)
+        assert not any(vm.uuid == archive.vm_uuid for vm in scene.host.vms())
+        assert restorer.plan(archive).target == elsewhere
+        result = restorer.restore(archive)
+        assert result.vm is not None
+        assert result.vm.folder == elsewhere
+        assert result.resumed
+        scene.host.unregister(scene.host.vm("dev"))
+        assert restorer.plan(archive).target == scene.host.default_machine_folder / "dev"
 
 
 @pytest.fixture
@@ -815,6 +1080,225 @@ class TestKilled:
                 assert sim.disk_content("dev", port) == content
 
 
+def files_and_times(folder: Path) -> dict[Path, tuple[int, int]]:
+    """Every file under ``folder`` with its size and mtime (nanoseconds)."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+class TestLocks:
+    def test_held_vm_lock_refuses(self, scene71: Scene, tmp_path: Path):
+        """While a snapshot run holds the VM's lock, a restore raises RestoreLocked at once: nothing written, the
+        VM still registered."""
+        scene = scene71
+        archive = scene.take()
+        folder = scene.host.vm("dev").folder
+        before = files_and_times(folder)
+        restorer = vbremote.Restorer(scene.host, scene.repo, state_dir=tmp_path / "state")
+        with vm_lock(tmp_path / "state", archive.vm_uuid):
+            started = time.monotonic()
+            with pytest.raises(vbremote.RestoreLocked) as caught:
+                restorer.restore(archive)
+            assert time.monotonic() - started < 1
+        assert caught.value.lock_file.endswith(f"{archive.vm_uuid}.lock")
+        assert caught.value.archive == archive.name
+        assert files_and_times(folder) == before
+        assert scene.host.vm("dev").folder == folder
+
+    def test_lock_wait(self, scene71: Scene, tmp_path: Path):
+        """With lock_wait, a restore waits that long for a held lock before it gives up; a negative wait is refused."""
+        scene = scene71
+        archive = scene.take()
+        restorer = vbremote.Restorer(scene.host, scene.repo, state_dir=tmp_path / "state", lock_wait=0.3)
+        with vm_lock(tmp_path / "state", archive.vm_uuid):
+            started = time.monotonic()
+            with pytest.raises(vbremote.RestoreLocked):
+                restorer.restore(archive)
+            assert time.monotonic() - started >= 0.3
+        with pytest.raises(vbremote.ConfigurationError):
+            vbremote.Restorer(scene.host, scene.repo, lock_wait=-1)
+
+    def test_snapshot_refused_during_restore(self, scene71: Scene, tmp_path: Path):
+        """A snapshot run of the VM while a restore plans (the VM still registered) is refused with
+        SnapshotInProgress."""
+        scene = scene71
+        archive = scene.take()
+        refused: list[str] = []
+
+        def snapshot_meanwhile(event: vbremote.Progress) -> None:
+            if event.operation == "hash" and not refused:
+                with pytest.raises(vbremote.SnapshotInProgress) as caught:
+                    scene.snapshotter.take(archive.vm_uuid)
+                refused.append(str(caught.value))
+
+        result = vbremote.Restorer(scene.host, scene.repo, state_dir=tmp_path / "state").restore(
+            archive, progress=snapshot_meanwhile)
+        assert refused
+        assert "restore" in refused[0]
+        assert result.vm is not None
+        with vm_lock(tmp_path / "state", archive.vm_uuid):  # let go once the restore is done
+            pass
+
+    def test_second_restore_into_same_folder(self, scene71: Scene, tmp_path: Path):
+        """A restore of another VM into a folder a restore is writing is refused with RestoreLocked."""
+        scene = scene71
+        scene.sim.create_vm("two", disk_size=4 * MIB)
+        archive = scene.take()
+        other = scene.snapshotter.take("two").archive
+        scene.host.unregister("two")  # nothing else would stop a restore of it into dev's folder meanwhile
+        folder = scene.host.vm("dev").folder
+        restorer = vbremote.Restorer(scene.host, scene.repo, state_dir=tmp_path / "state")
+        seen: list[dict[Path, tuple[int, int]]] = []
+
+        def second(event: vbremote.Progress) -> None:
+            if event.operation == "restore" and not seen:
+                before = files_and_times(folder)
+                with pytest.raises(vbremote.RestoreLocked) as caught:
+                    restorer.restore(other, folder)
+                assert "target folder" in str(caught.value)
+                seen.append(files_and_times(folder))
+                assert seen[0] == before
+
+        restorer.restore(archive, progress=second)
+        assert seen
+        assert not (folder / "two.vbox").exists()
+
+
+class TestStaleList:
+    def test_not_followed_through_symlinks(self, tmp_path: Path):
+        """A listed file that became a symlink, or lies under a folder that became one, is left with its target."""
+        folder = tmp_path / "vm"
+        outside = tmp_path / "outside"
+        (folder / "Snapshots").mkdir(parents=True)
+        outside.mkdir()
+        (outside / "diff.vdi").write_bytes(b"outside")
+        (outside / "dev.sav").write_bytes(b"outside")
+        (folder / "gone.vdi").write_bytes(b"stale")
+        (folder / "kept.vdi").write_bytes(b"kept")
+        save_stale(folder, "u1", [folder / "Snapshots" / "diff.vdi", folder / "dev.sav", folder / "gone.vdi",
+                                  folder / "kept.vdi"])
+        (folder / "Snapshots").rmdir()
+        (folder / "Snapshots").symlink_to(outside)
+        (folder / "dev.sav").symlink_to(outside / "dev.sav")
+        listed = load_stale(folder, "u1")
+        assert listed == {folder / "Snapshots" / "diff.vdi", folder / "dev.sav", folder / "gone.vdi",
+                          folder / "kept.vdi"}
+        removed = remove_stale(folder, listed, keep={folder / "kept.vdi"})
+        assert removed == (folder / "gone.vdi",)
+        assert (outside / "diff.vdi").read_bytes() == b"outside"
+        assert (outside / "dev.sav").read_bytes() == b"outside"
+        assert (folder / "dev.sav").is_symlink()
+        assert (folder / "kept.vdi").read_bytes() == b"kept"
+
+    def test_hostile_entries_ignored(self, tmp_path: Path):
+        """Entries that leave the folder, and lists of another VM or of an unknown version, name nothing."""
+        folder = tmp_path / "vm"
+        folder.mkdir()
+        (tmp_path / "victim").write_bytes(b"x")
+        name = f"{STALE_PREFIX}u1.json"
+        (folder / name).write_text('{"version":1,"vm_uuid":"u1","files":["../victim","/etc/passwd","a/../b",""]}')
+        assert load_stale(folder, "u1") == set()
+        (folder / name).write_text('{"version":1,"vm_uuid":"u2","files":["x"]}')
+        assert load_stale(folder, "u1") == set()
+        (folder / name).write_text('{"version":9,"vm_uuid":"u1","files":["x"]}')
+        assert load_stale(folder, "u1") == set()
+        assert remove_stale(folder, {tmp_path / "victim", folder}, keep=set()) == ()
+        assert (tmp_path / "victim").exists()
+
+    def test_uuid_chooses_no_path(self, tmp_path: Path):
+        """A VM uuid that is not one (an archive of another tool says what it likes) names a file in the folder."""
+        folder = tmp_path / "a" / "vm"
+        folder.mkdir(parents=True)
+        save_stale(folder, "../../x", [folder / "f.vdi"])
+        assert [p.parent for p in tmp_path.rglob("*.json")] == [folder]
+        assert load_stale(folder, "../../x") == {folder / "f.vdi"}
+        canonical = "0a1b2c3d-0000-4000-8000-000000000001"
+        assert stale_name("{" + canonical.upper() + "}") == f"{STALE_PREFIX}{canonical}.json"
+
+
+class TestStaleAfterKill:
+    @pytest.mark.parametrize("point", ["settings-written", "registered"])
+    def test_killed_then_rerun_removes_stale(self, point: str, tmp_path: Path, repo: vbremote.Repository,
+                                             borg_cli: BorgCLI, transport: vbremote.LocalTransport, base_dir: Path):
+        """SIGKILL right after the new settings are written, or right after they are registered: a re-run
+        removes the old VM's stale files and lists them, but not one that became a symlink."""
+        scene = Scene(tmp_path, "7.1", repo, borg_cli, transport)
+        archive = scene.take()
+        scene.sim.start("dev", workload=HOT)
+        wait_writes(scene, 5)
+        scene.host.take_snapshot("dev", "later")
+        wait_writes(scene, 5)
+        scene.host.save_state("dev")
+        info = scene.host.vm("dev")
+        folder = info.folder
+        named: set[Path | None] = {m.location for a in info.attachments for m in a.chain}
+        named |= {info.state_file, info.nvram_file}
+        for snap in info.snapshots():
+            named |= {m.location for a in snap.attachments for m in a.chain} | {snap.state_file, snap.nvram_file}
+        restored = {folder / f.path for f in archive.files}
+        expected = {p for p in named if p is not None and p.exists() and p.is_relative_to(folder)
+                    and p not in restored}
+        assert {p.suffix for p in expected} >= {".vdi", ".sav"}
+        scene.close()
+        repo.close()
+        hook = ("vm_module._write_atomically = stall_after(vm_module._write_atomically)" if point == "settings-written"
+                else "vbremote.VirtualBoxHost.register = stall_after(vbremote.VirtualBoxHost.register)")
+        script = textwrap.dedent(f"""
+            import time
+            import vbremote
+            import vbremote._restorer._vm as vm_module
+            from vbremote.testing import SimulatedVirtualBox
+
+            def stall_after(step):
+                def stalled(*args, **kwargs):
+                    done = step(*args, **kwargs)
+                    if {point!r} == "registered" or str(args[0]).endswith(".vbox"):  # the settings, no other file
+                        print("KILLPOINT", flush=True)
+                        time.sleep(600)
+                    return done
+                return stalled
+
+            {hook}
+            sim = SimulatedVirtualBox({str(tmp_path / "vbox")!r}, version="7.1")
+            host = vbremote.VirtualBoxHost.connect(manager=sim.manager())
+            with vbremote.Repository.open(vbremote.LocalTransport({str(transport.path)!r}),
+                                          passphrase={PASSPHRASE!r}, base_dir={str(base_dir)!r}) as repo:
+                vbremote.Restorer(host, repo).restore({archive.name!r}, {str(folder)!r})
+        """)
+        env = {**os.environ, "PYTHONPATH": str(Path(vbremote.__file__).parent.parent)}
+        child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 env=env, text=True, start_new_session=True)
+        try:
+            assert child.stdout is not None
+            line = child.stdout.readline()
+            assert line.strip() == "KILLPOINT", child.stderr.read() if child.stderr else ""
+        finally:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
+        assert all(p.exists() for p in expected)  # killed before it removed anything
+        assert any(p.name.startswith(STALE_PREFIX) for p in folder.iterdir())
+        # A listed file replaced by a symlink meanwhile: neither it nor what it points to is removed.
+        saved = min(p for p in expected if p.suffix == ".sav")
+        outside = tmp_path / "outside.sav"
+        outside.write_bytes(b"not the VM's")
+        saved.unlink()
+        saved.symlink_to(outside)
+        expected.remove(saved)
+        with SimulatedVirtualBox(tmp_path / "vbox", version="7.1") as sim:
+            host = vbremote.VirtualBoxHost.connect(manager=sim.manager())
+            assert any(vm.uuid == archive.vm_uuid for vm in host.vms()) == (point == "registered")
+            with vbremote.Repository.open(transport, passphrase=PASSPHRASE, base_dir=base_dir,
+                                          lock_wait=60) as again:
+                result = vbremote.Restorer(host, again).restore(archive.name, folder)
+            assert set(result.removed) == expected
+            assert not any(p.exists() for p in expected)
+            assert saved.is_symlink()
+            assert outside.read_bytes() == b"not the VM's"
+            assert all(p.exists() for p in restored)
+            assert not any(p.name.startswith(STALE_PREFIX) for p in folder.iterdir())
+            assert result.vm is not None
+            assert [s.name for s in result.vm.snapshots()] == []
+
+
 def insert_iso(scene: Scene, name: str = "install.iso") -> Path:
     """A DVD image outside the VM folder (as an installer ISO is), inserted into the VM's DVD drive."""
     iso = scene.tmp_path / "isos" / name
@@ -824,7 +1308,7 @@ def insert_iso(scene: Scene, name: str = "install.iso") -> Path:
     return iso
 
 
-def files_and_times(*folders: Path) -> dict[Path, int]:
+def mtimes(*folders: Path) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for folder in folders for p in folder.rglob("*") if p.is_file()}
 
 
@@ -851,11 +1335,11 @@ class TestImages:
         assert "eject_missing_images=True" in problem.remedy
         assert str(iso) in problem.remedy
         folder = scene71.host.vm("dev").folder
-        before = files_and_times(folder, scene71.tmp_path / "elsewhere")
+        before = mtimes(folder, scene71.tmp_path / "elsewhere")
         with pytest.raises(vbremote.RestorePreflightFailed, match="image-missing") as caught:
             restorer.restore(archive)
         assert [p.code for p in caught.value.problems] == ["image-missing"]
-        assert files_and_times(folder, scene71.tmp_path / "elsewhere") == before
+        assert mtimes(folder, scene71.tmp_path / "elsewhere") == before
         assert scene71.host.vm("dev").state is vbremote.MachineState.POWERED_OFF
 
     def test_missing_image_on_another_host_nothing_written(self, scene71: Scene, tmp_path: Path):

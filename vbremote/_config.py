@@ -263,7 +263,7 @@ class Config:
         hooks: The hook commands.
         pings: The ping URLs.
         virtualbox: Which VirtualBox.
-        state_dir: Where the command remembers the last VM chosen.
+        state_dir: Where the command remembers the last VM chosen and keeps the VM locks.
     """
 
     file: Path | None = None

@@ -27,10 +27,11 @@ adapter boundary and raised ``from`` the original, so callers catch one tree::
     │   ├── SourceChanged                          a local file changed while it was read
     │   └── BorgError                              any other failure reported by borg
     ├── SnapshotError                              taking a snapshot (Snapshotter)
-    │   ├── SnapshotInProgress                     another run holds the VM's snapshot lock
+    │   ├── SnapshotInProgress                     a snapshot run or a restore holds the VM's lock
     │   └── TransientSnapshotLeft                  the run's transient snapshot could not be deleted
     ├── RestoreError                               a restore could not be planned or applied
     │   ├── RestorePreflightFailed                 a preflight check refused the restore; nothing was written
+    │   ├── RestoreLocked                          a snapshot run or another restore holds the VM or the target
     │   └── TargetSpaceError                       the target folder's file system is full
     ├── PruneError                                 pruning
     │   └── PruneRefused                           a guard (or an append-only repository) said no
@@ -77,6 +78,7 @@ __all__ = [
     "RepositoryNotFound",
     "RepositoryReadOnly",
     "RestoreError",
+    "RestoreLocked",
     "RestorePreflightFailed",
     "SettingsFileError",
     "SnapshotError",
@@ -321,6 +323,23 @@ class RestorePreflightFailed(RestoreError):
         self.problems = problems
 
 
+class RestoreLocked(RestoreError):
+    """A snapshot run or another restore on this host holds the VM's lock or the target folder's; nothing was done.
+
+    See ``Restorer(lock_wait=...)``. The VM is left as it was (still
+    registered, its files untouched).
+
+    Attributes:
+        vm: The VM (name or uuid) whose archive was being restored.
+        lock_file: The lock file that is held.
+    """
+
+    def __init__(self, message: str, *, archive: str = "", vm: str = "", lock_file: str = "") -> None:
+        super().__init__(message, archive=archive)
+        self.vm = vm
+        self.lock_file = lock_file
+
+
 class TargetSpaceError(RestoreError):
     """The target folder's file system ran out of space (or quota) during a restore.
 
@@ -342,7 +361,9 @@ class SnapshotError(VBRemoteError):
 
 
 class SnapshotInProgress(SnapshotError):
-    """Another snapshot run on this host holds the VM's lock (see ``Snapshotter(lock_wait=...)``); nothing was done.
+    """Another snapshot run or a restore on this host holds the VM's lock; nothing was done.
+
+    See ``Snapshotter(lock_wait=...)``.
 
     Attributes:
         lock_file: The lock file that is held.

@@ -87,6 +87,14 @@ ENCRYPTION_MODES = (
 #: repository, so a second host only needs the passphrase.
 DEFAULT_ENCRYPTION = "repokey"
 
+MAX_LISTED_ITEMS = 1_000_000
+"""The most items :meth:`Repository.chunk_lists` accepts in one archive (a VM folder holds a few
+dozen); a listing with more is refused as it is read, before it takes the memory."""
+
+MAX_LISTED_CHUNKS = 1 << 25
+"""The most chunks :meth:`Repository.chunk_lists` accepts in one archive: 32 TiB of 1 MiB disk
+chunks (VirtualBox's VDI stops at 2 TiB per disk), about 4 GiB of memory for the listing."""
+
 #: Chosen by measurement (docs/repositories.md): VDI allocates 1 MiB blocks,
 #: so 1 MiB chunks send what a guest changed and no more.
 DEFAULT_BLOCK_SIZE = 1 << 20
@@ -693,12 +701,15 @@ class Repository:
         Raises:
             ArchiveNotFound: No such archive.
             ArchiveInvalid: A path that is absolute, not normalised or leaves the
-                folder, a duplicate path, an unknown item type, or sizes that do
-                not add up; the error names the archive and the item.
+                folder, a duplicate path, an unknown item type, sizes that do
+                not add up, or more than :data:`MAX_LISTED_ITEMS` items or
+                :data:`MAX_LISTED_CHUNKS` chunks; the error names the archive
+                and the item.
         """
         name = archive.name if isinstance(archive, ArchiveInfo) else archive
         try:
-            rows = self._worker.call("chunk_lists", archive=name)
+            rows = self._worker.call("chunk_lists", archive=name, max_items=MAX_LISTED_ITEMS,
+                                     max_chunks=MAX_LISTED_CHUNKS)
         except ArchiveNotFound as exc:
             raise ArchiveNotFound(str(exc), location=self.transport.location, archive=name) from exc
         return contents_from_rows(name, rows, location=self.transport.location)

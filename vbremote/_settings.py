@@ -55,11 +55,13 @@ from ._errors import SettingsFileError
 __all__ = [
     "MAX_SETTINGS_SIZE",
     "Attachment",
+    "HostLink",
     "Image",
     "MachineSettings",
     "Medium",
     "SnapshotNode",
     "freeze_instant",
+    "host_links",
     "parse_settings",
     "relocate",
 ]
@@ -491,6 +493,112 @@ def parse_settings(data: bytes) -> MachineSettings:
         current_state_modified=machine.get("currentStateModified", "true") != "false",
         images=_images(registry),
     )
+
+
+@frozen
+class HostLink:
+    """A setting that points the VM at something of the host, outside its own files.
+
+    Attributes:
+        kind: ``shared-folder``, ``serial-port``, ``parallel-port``,
+            ``recording``, ``tpm``, ``tftp``, ``generic-network`` or ``extradata``.
+        name: The shared folder's name, the port's or network adapter's
+            slot, the recording screen, the ExtraData item's name ("" where
+            there is none).
+        mode: A serial port's ``hostMode``, a TPM's ``type``, a generic
+            network driver's name ("" otherwise).
+        value: The path, device, address or value, as written.
+        snapshot: The name of the snapshot whose hardware holds it, or
+            ``None`` for the machine's current state.
+    """
+
+    kind: str
+    name: str
+    mode: str
+    value: str
+    snapshot: str | None = None
+
+
+def _hardware_links(owner: ET.Element, snapshot: str | None) -> Iterator[HostLink]:
+    """The host links of one ``Machine`` or ``Snapshot``: its hardware's and its recording settings'.
+
+    Element and attribute names as MachineConfigFile::readHardware reads them
+    (``SharedFolders/SharedFolder@hostPath``; ``UART`` or ``Uart``
+    ``/Port@hostMode,path`` by readSerialPorts; ``LPT`` or ``Lpt``
+    ``/Port@path`` by readParallelPorts; ``TrustedPlatformModule@type,location``;
+    ``Network/Adapter`` with ``NAT/TFTP@prefix``, the host folder NAT's TFTP
+    server serves the guest, and ``GenericInterface@driver`` with its
+    ``Property@name,value``, e.g. a VDE socket, by readNetworkAdapters and
+    readAttachedNetworkMode, disabled modes under ``DisabledModes`` included),
+    src/VBox/Main/xml/Settings.cpp of 6.1.38 and 7.1.12. Recording settings
+    are read by readRecordingSettings: ``VideoCapture@file`` before settings
+    1.19 (6.1 writes it beside ``Hardware``, 7.1 inside it), ``Recording/Screen@file``
+    from 1.19 on (beside ``Hardware``); every place is read whatever the version.
+    """
+    for hardware in owner.findall(_N + "Hardware"):
+        for folder in hardware.findall(f"{_N}SharedFolders/{_N}SharedFolder"):
+            yield HostLink("shared-folder", folder.get("name", ""), "", folder.get("hostPath", ""), snapshot)
+        for tag in ("UART", "Uart"):
+            for port in hardware.findall(f"{_N}{tag}/{_N}Port"):
+                mode = port.get("hostMode", "")
+                if port.get("path") or mode not in ("", "Disconnected"):
+                    yield HostLink("serial-port", port.get("slot", ""), mode, port.get("path", ""), snapshot)
+        for tag in ("LPT", "Lpt"):
+            for port in hardware.findall(f"{_N}{tag}/{_N}Port"):
+                if port.get("path"):
+                    yield HostLink("parallel-port", port.get("slot", ""), "", port.get("path", ""), snapshot)
+        for adapter in hardware.findall(f"{_N}Network/{_N}Adapter"):
+            slot = adapter.get("slot", "")
+            for tftp in adapter.iter(_N + "TFTP"):
+                if tftp.get("prefix"):
+                    yield HostLink("tftp", slot, "", tftp.get("prefix", ""), snapshot)
+            for generic in adapter.iter(_N + "GenericInterface"):
+                for item in generic.findall(_N + "Property"):
+                    value = f"{item.get('name', '')}={item.get('value', '')}"
+                    yield HostLink("generic-network", slot, generic.get("driver", ""), value, snapshot)
+        for tpm in hardware.findall(_N + "TrustedPlatformModule"):
+            kind = tpm.get("type", "")
+            if kind in ("Host", "Swtpm") or tpm.get("location"):
+                yield HostLink("tpm", "", kind, tpm.get("location", ""), snapshot)
+    capture = [*owner.findall(_N + "VideoCapture"), *owner.findall(f"{_N}Hardware/{_N}VideoCapture")]
+    for element in capture:
+        if element.get("file"):
+            yield HostLink("recording", "0", "", element.get("file", ""), snapshot)
+    for recording in owner.findall(_N + "Recording"):
+        for screen in [recording, *recording.findall(_N + "Screen")]:
+            if screen.get("file"):
+                yield HostLink("recording", screen.get("id", "0"), "", screen.get("file", ""), snapshot)
+
+
+def host_links(data: bytes) -> tuple[HostLink, ...]:
+    """Every setting of a ``.vbox`` file that points the VM at the host.
+
+    Shared folders, serial and parallel ports with a host side, a host or
+    external TPM, recording files, NAT TFTP folders and generic network
+    drivers' settings, of the machine's current state and of
+    every snapshot's hardware (snapshots carry their own), and the
+    machine's ExtraData items (``ExtraData/ExtraDataItem@name,value``,
+    ConfigFileBase::readExtraData; snapshots have none). Whether one is
+    harmful is the caller's to judge.
+
+    Args:
+        data: The file's bytes.
+
+    Returns:
+        The machine's links, then each snapshot's (depth first), then the ExtraData items.
+
+    Raises:
+        SettingsFileError: Not a VirtualBox settings file, malformed, hostile or too large.
+    """
+    _, root = _load(data)
+    _version(root)
+    machine = _machine(root)
+    links = list(_hardware_links(machine, None))
+    for snapshot in machine.iter(_N + "Snapshot"):
+        links.extend(_hardware_links(snapshot, snapshot.get("name", "")))
+    for item in machine.findall(f"{_N}ExtraData/{_N}ExtraDataItem"):
+        links.append(HostLink("extradata", item.get("name", ""), "", item.get("value", "")))
+    return tuple(links)
 
 
 # -- the frozen instant -------------------------------------------------------

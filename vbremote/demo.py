@@ -227,17 +227,17 @@ def snapshots(workdir: Path, repo: Repository, disk_mib: int) -> None:
         for info in repo.archives(vm=name):
             print(f"   {info.name:<44} {info.time:%Y-%m-%d %H:%M:%S}  {info.mode.value:<7} {len(info.files)} files")
         print(f"    VirtualBox snapshots of the VM now: {len(host.vm(name).snapshots())}")
-        restore(host, repo, name, taken[-1])
+        restore(host, repo, name, taken[-1], workdir / "state")
 
 
 class _StopHalfway(Exception):
     """Raised from the demo's progress callback to interrupt a restore on purpose."""
 
 
-def restore(host: VirtualBoxHost, repo: Repository, name: str, snapshot: SnapshotResult) -> None:
+def restore(host: VirtualBoxHost, repo: Repository, name: str, snapshot: SnapshotResult, state_dir: Path) -> None:
     """Back to the newest snapshot in place: the plan, a restore interrupted half-way, and its resumption."""
     host.power_off(name)
-    restorer = Restorer(host, repo)
+    restorer = Restorer(host, repo, state_dir=state_dir)
     plan = restorer.plan(snapshot.archive)
     print("11. The VM is powered off; the guest wrote on after snapshot 2. Back to snapshot 2 in place; the plan"
           " (nothing is written yet):")

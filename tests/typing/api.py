@@ -132,7 +132,7 @@ def nightly(repo: vbremote.Repository, names: list[str]) -> list[vbremote.Snapsh
 
 def restore_latest(repo: vbremote.Repository, name: str) -> vbremote.VMInfo | None:
     host = vbremote.VirtualBoxHost.connect()
-    restorer = vbremote.Restorer(host, repo)
+    restorer = vbremote.Restorer(host, repo, state_dir=Path("/var/lib/vbremote"), lock_wait=5)
     plan: vbremote.RestorePlan = restorer.plan(name, seeds=[Path("/srv/old.vdi")])
     print(plan.table(), plan.bytes_to_fetch, host.default_machine_folder)
     problems: tuple[vbremote.PlanProblem, ...] = plan.problems
@@ -143,6 +143,9 @@ def restore_latest(repo: vbremote.Repository, name: str) -> vbremote.VMInfo | No
                                                           cpu_portability_level=1, progress=lambda e: print(e.done))
     except vbremote.RestorePreflightFailed as exc:
         print(exc.archive, [p.code for p in exc.problems])
+        return None
+    except vbremote.RestoreLocked as exc:
+        print(exc.vm, exc.lock_file)
         return None
     copy = restorer.restore(name, as_new=f"{name}-copy", register=False, eject_missing_images=True)
     ejected: tuple[vbremote.ImageDrive, ...] = copy.ejected

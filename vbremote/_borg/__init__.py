@@ -59,6 +59,7 @@ _ERRORS: Mapping[str, type[_errors.RepositoryError]] = {
     "integrity": _errors.IntegrityError,
     "archive_missing": _errors.ArchiveNotFound,
     "archive_exists": _errors.ArchiveExists,
+    "archive_invalid": _errors.ArchiveInvalid,
     "file_missing": _errors.FileNotInArchive,
     "changed": _errors.SourceChanged,
     "os": _errors.RepositoryError,
@@ -367,7 +368,7 @@ class BorgWorker:
         cls = _ERRORS.get(kind)
         if cls is _errors.IntegrityError:
             return _errors.IntegrityError(message, location=self.location, chunk_id=context.get("chunk_id"))
-        if cls is _errors.ArchiveNotFound or cls is _errors.ArchiveExists:
+        if cls is _errors.ArchiveNotFound or cls is _errors.ArchiveExists or cls is _errors.ArchiveInvalid:
             return cls(message, location=self.location, archive=context.get("archive", ""))
         if cls is _errors.FileNotInArchive:
             return _errors.FileNotInArchive(

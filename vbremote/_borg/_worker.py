@@ -585,16 +585,28 @@ class Worker:
         chunks = [(bytes(c.id), int(c.size)) for c in found.chunks]
         return sum(size for _, size in chunks), chunks
 
-    def op_chunk_lists(self, archive: str) -> list[tuple[Any, ...]]:
+    def op_chunk_lists(
+        self, archive: str, max_items: int, max_chunks: int
+    ) -> list[tuple[Any, ...]]:
         """Every item of an archive in one pass: (path, mode, size or None,
         chunks [(id, size)] or None, source or None, hardlink_master).
 
-        Raw, as stored: the parent validates (the archive is untrusted input).
+        Raw, as stored: the parent validates (the archive is untrusted input);
+        only the number of items and chunks is checked here, as they are read.
         """
         if archive not in self.manifest.archives:
             raise _Refused("archive_missing", f"no archive named {archive!r}")
         rows: list[tuple[Any, ...]] = []
+        chunk_count = 0
         for item in self._archive(archive).iter_items():
+            # An archive is untrusted input: its listing is refused before it can take the memory of both
+            # processes, not after (a hostile one may claim any number of items and chunks).
+            chunk_count += len(item.chunks) if "chunks" in item else 0
+            if len(rows) >= max_items or chunk_count > max_chunks:
+                raise _Refused(
+                    "archive_invalid",
+                    f"archive {archive!r} lists more than {max_items} items or {max_chunks} chunks;"
+                    " refused as absurd", archive=archive)
             chunks = [(bytes(c.id), int(c.size)) for c in item.chunks] if "chunks" in item else None
             size = item.get("size")
             rows.append((

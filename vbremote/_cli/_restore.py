@@ -6,7 +6,7 @@ import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 from rich.table import Table
@@ -141,6 +141,13 @@ def _result_doc(result: RestoreResult) -> dict[str, Any]:
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (for scripts).")
 @click.option("--power-off", is_flag=True, help="Power the VM off first if it runs.")
 @click.option("--discard-state", is_flag=True, help="Restore a saved-state archive powered off.")
+@click.option("--cpu-portability-level", type=click.IntRange(0, 3),
+              help="The CPU portability level the restored VM gets (accepts a saved state from another host).")
+@click.option("--verify", type=click.Choice(["written", "full", "none"]), default="written", show_default=True,
+              help="Read back the blocks written (written), every block (full), or none.")
+@click.option("--allow-host-references", is_flag=True,
+              help="Keep what the archive's settings give the VM of this host (shared folders, serial ports on host "
+                   "files, ...); only for archives whose author you trust.")
 @click.option("--eject-missing-images", is_flag=True,
               help="Restore the DVD and floppy drives whose images are missing on this host empty.")
 @json_option
@@ -153,6 +160,9 @@ def restore(
     yes: bool,
     power_off: bool,
     discard_state: bool,
+    cpu_portability_level: int | None,
+    verify: Literal["written", "full", "none"],
+    allow_host_references: bool,
     eject_missing_images: bool,
 ) -> None:
     """Restore a VM from an archive: only the blocks that differ travel.
@@ -161,16 +171,21 @@ def restore(
     either at a terminal, choose the VM and then the archive (newest first).
     The plan (what travels, what is reused, what is written) is shown and
     must be confirmed before anything is written (--yes for scripts).
+    Settings that give the VM something of this host (a shared folder, a
+    serial port on a host file, VBoxInternal ExtraData ...) are refused
+    unless --allow-host-references is given.
     """
     host = app.host()
     repo = app.open_repository()
     archive = _pick_archive(app, repo, what)
-    restorer = Restorer(host, repo)
+    restorer = Restorer(host, repo, state_dir=app.state_dir())
     seeds = app.config.vm(archive.vm_name).seeds
     with _monitored(app, "restore", vm=archive.vm_name, archive=archive.name, **_repo_detail(app)) as run:
         with app.progress() as progress:
             plan = restorer.plan(archive, target, seeds, power_off=power_off, discard_state=discard_state,
-                                 as_new=as_new, eject_missing_images=eject_missing_images, progress=progress)
+                                 cpu_portability_level=cpu_portability_level, as_new=as_new, progress=progress,
+                                 eject_missing_images=eject_missing_images,
+                                 allow_host_references=allow_host_references)
         _show_plan(app, archive, plan, as_new)
         if plan.problems:
             codes = ", ".join(p.code for p in plan.problems)
@@ -182,8 +197,10 @@ def restore(
         confirm(app, f"Restore {archive.name} into {plan.target}?", yes=yes)
         with app.progress() as progress:
             result = restorer.restore(archive, target, power_off=power_off, seeds=seeds,
-                                      discard_state=discard_state, as_new=as_new,
-                                      eject_missing_images=eject_missing_images, progress=progress)
+                                      discard_state=discard_state, cpu_portability_level=cpu_portability_level,
+                                      verify=verify, as_new=as_new, progress=progress,
+                                      eject_missing_images=eject_missing_images,
+                                      allow_host_references=allow_host_references)
         doc = {
             "repository": app.repository_config().name,
             "archive": _archive_doc(archive),
@@ -208,9 +225,11 @@ def restore(
 @click.argument("vm", required=False)
 @click.option("--run-seconds", type=click.FloatRange(0, 3600), default=10.0, show_default=True,
               help="How long the restored VM must keep running.")
+@click.option("--allow-host-references", is_flag=True,
+              help="Restore settings that reach outside the VM folder (shared folders, host serial ports …).")
 @json_option
 @pass_app
-def drill(app: App, vm: str | None, run_seconds: float) -> None:
+def drill(app: App, vm: str | None, run_seconds: float, allow_host_references: bool) -> None:
     """A restore drill: the VM's newest archive restored as a new VM, run, verified, removed.
 
     Steps: restore as a new VM into a scratch folder (every block read back
@@ -240,7 +259,9 @@ def drill(app: App, vm: str | None, run_seconds: float) -> None:
     with _monitored(app, "drill", vm=vm, archive=archive.name, **_repo_detail(app)) as run:
         try:
             with step("restore"), app.progress() as progress:
-                result = Restorer(host, repo).restore(archive, folder, as_new=name, verify="full", progress=progress)
+                result = Restorer(host, repo, state_dir=app.state_dir()).restore(
+                    archive, folder, as_new=name, verify="full", progress=progress,
+                    allow_host_references=allow_host_references)
                 assert result.vm is not None
                 registered = result.vm.uuid
             with step("start"):

@@ -221,6 +221,8 @@ class _Applier:
         self.dirty: set[str] = set()
         self.last_flush = time.monotonic()
         self.verifying = False
+        self.sync_failed = False
+        self.arrived: set[bytes] = set()  # the ids fetched and handed to the writer
         self.syncer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vbremote-sync")
         self.syncing: concurrent.futures.Future[None] | None = None
         self.verifier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vbremote-verify")
@@ -280,9 +282,21 @@ class _Applier:
         self.sync(*self.take_batch())
 
     def sync(self, batch: list[tuple[str, ChunkRef]], dirty: set[str]) -> None:
-        """fsync the files of a batch, then record its blocks in the journal (and have them read back)."""
-        for path in sorted(dirty):
-            os.fsync(self.fds[path])
+        """fsync the files of a batch, then record its blocks in the journal (and have them read back).
+
+        After an fsync failed, nothing more is ever recorded: Linux may report a
+        write-back error once and a later fsync of the same file succeed
+        although the pages it failed to write are gone.
+        """
+        if self.sync_failed:
+            raise RestoreError("an earlier fsync of the target failed; nothing more is recorded",
+                               archive=self.plan.source.archive)
+        try:
+            for path in sorted(dirty):
+                os.fsync(self.fds[path])
+        except BaseException:
+            self.sync_failed = True
+            raise
         if not batch:
             return
         by_path: dict[str, list[ChunkRef]] = {}
@@ -371,9 +385,13 @@ class _Applier:
             for action in f.actions:
                 if action.kind != "zero" or action.chunk.offset >= size:
                     continue
-                self.punch(self.fds[path], action.chunk.offset, min(action.chunk.size, size - action.chunk.offset))
+                end = action.chunk.offset + action.chunk.size
+                self.punch(self.fds[path], action.chunk.offset, min(end, size) - action.chunk.offset)
                 self.bytes_zero += action.chunk.size
-                self.record(path, action.chunk)
+                if end <= size:
+                    # A block that reaches past the current end reads as zeros only once the file has its
+                    # final size (at the end): recorded now, the read-back could see it short.
+                    self.record(path, action.chunk)
 
     def fetch(self, places: dict[bytes, list[tuple[str, BlockAction]]], stream_ids: list[bytes]) -> None:
         if not stream_ids:
@@ -434,6 +452,7 @@ class _Applier:
                     )
                 self.bytes_fetched += len(data)
                 self.chunks_fetched += 1
+                self.arrived.add(chunk.id)
                 queue.put((data, where))
         finally:
             queue.put(None)
@@ -599,6 +618,13 @@ def apply_plan(
             for path, a in failed:
                 again.setdefault(a.chunk.id, []).append((path, a))
             applier.fetch(again, list(again))
+        missing = [i for i in fetches if i not in applier.arrived]
+        if missing:
+            # A stream that ends early without an error must not pass for a finished restore.
+            _flush_quietly(applier)  # what did arrive stays recorded
+            raise RestoreError(
+                f"the repository sent {len(fetches) - len(missing)} of the {len(fetches)} chunks asked for; "
+                f"chunk {missing[0].hex()} never came; restore again to continue", archive=archive)
         applier.flush()
         applier.sizes()
         verified = 0 if verify == "none" else applier.verify(verify)
@@ -635,5 +661,7 @@ def _flush_quietly(applier: _Applier) -> None:
     """Record what can still be made durable after a failure; keep the old journal if that fails too."""
     with contextlib.suppress(OSError):
         applier.wait_sync()  # a batch that failed is simply not recorded
+    if applier.sync_failed:
+        return  # nothing written after a failed fsync is trusted
     with contextlib.suppress(OSError):
         applier.flush()

@@ -13,20 +13,45 @@ letter or an absolute path is refused, not guessed at.
 
 Both kinds of archives use these checks: vbremote's own (whose settings were
 relocated when the snapshot was taken) and those of other tools.
+
+Host references (:func:`host_references`, :func:`source_host_references`)
+are the settings that give the VM something of the host beyond its own
+files: a shared folder, a serial or parallel port on a host file, pipe or
+device, a recording file, a host TPM, a NAT TFTP folder, a generic network
+driver's settings, ``VBoxInternal`` ExtraData, a VMDK
+descriptor whose extents are host files. Genuine VMs have them, so they are
+not refused here: the Restorer reports them as preflight problems unless
+the caller trusts the archive.
 """
 
 from __future__ import annotations
 
+import os
+import posixpath
 import re
 from collections.abc import Callable, Iterator
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
 
 from attrs import frozen
 
 from .._errors import ArchiveInvalid, ConfigurationError, RepositoryError, SettingsFileError
 from .._models import FileRole, _check_archive_path
-from .._settings import MachineSettings, parse_settings
+from .._settings import HostLink, MachineSettings, host_links, parse_settings
 
-__all__ = ["SettingsReference", "check_settings", "settings_references"]
+if TYPE_CHECKING:
+    from .._repository import Repository
+    from ._source import RestoreSource
+
+__all__ = [
+    "HostReference",
+    "SettingsReference",
+    "check_settings",
+    "host_references",
+    "settings_references",
+    "source_host_references",
+    "vmdk_extents",
+]
 
 #: Builds the error that names the archive: :class:`ArchiveInvalid` or
 #: :class:`ArchiveMetadataError` (both take these arguments).
@@ -148,3 +173,188 @@ def _inside(path: str, what: str, *, archive: str, location: str, error: ErrorFa
         f"archive {archive!r}: its settings name a file outside the VM folder ({what}: {path!r}; {problem})",
         location=location, archive=archive,
     )
+
+
+# -- host references ----------------------------------------------------------
+
+
+@frozen
+class HostReference:
+    """Something of the host that a restored VM would be given: a folder, a file, a device, a setting.
+
+    Attributes:
+        what: What names it, for messages (e.g. ``shared folder 'data'``,
+            ``serial port 1 (RawFile) of snapshot 'base'``, ``ExtraData
+            VBoxInternal/Devices/...``, ``extent 1 of the VMDK descriptor disk.vmdk``).
+        value: The path, device, address or value, as written.
+    """
+
+    what: str
+    value: str
+
+
+#: ExtraData items whose names start so configure the VM's devices and
+#: drivers directly (Console's CFGM overlay takes every ``VBoxInternal/`` key,
+#: and ``VBoxInternal2/`` keys tune the API's settings, host paths included,
+#: e.g. ``VBoxInternal2/Audio/Debug/PathOut``: i_configCfgmOverlay and
+#: i_configDumpAPISettingsTweaks, src/VBox/Main/src-client/ConsoleImplConfigCommon.cpp, 7.1.12).
+_EXTRADATA_PREFIXES = ("vboxinternal/", "vboxinternal2/")
+
+
+def _inside_folder(path: str, folder: str | os.PathLike[str] | None) -> bool:
+    """Whether an absolute ``path`` lies in ``folder`` (the VM folder a restore writes)."""
+    if folder is None or not path.startswith("/"):
+        return False
+    normal = PurePosixPath(posixpath.normpath(path))
+    return normal.is_relative_to(PurePosixPath(posixpath.normpath(os.fspath(folder)))) and ".." not in normal.parts
+
+
+def _described(link: HostLink, folder: str | os.PathLike[str] | None) -> HostReference | None:
+    owner = "" if link.snapshot is None else f" of snapshot {link.snapshot!r}"
+    if link.kind == "shared-folder":
+        # Always one: the guest reads (and may write) the host folder, wherever it is.
+        return HostReference(f"shared folder {link.name!r}{owner}", link.value)
+    if link.kind == "serial-port":
+        if link.mode == "Disconnected" or (link.mode == "RawFile" and _inside_folder(link.value, folder)):
+            return None
+        return HostReference(f"serial port {link.name} ({link.mode or 'no mode'}){owner}", link.value)
+    if link.kind == "parallel-port":
+        return HostReference(f"parallel port {link.name}{owner}", link.value)
+    if link.kind == "tftp":
+        return HostReference(f"the TFTP folder of network adapter {link.name}{owner}", link.value)
+    if link.kind == "generic-network":
+        driver = link.mode or "no driver"
+        return HostReference(f"a setting of network adapter {link.name} ({driver}){owner}", link.value)
+    if link.kind == "tpm":
+        return HostReference(f"TPM ({link.mode or 'no type'}){owner}", link.value)
+    if link.kind == "recording":
+        # "" and "." mean the default file in the machine folder; VirtualBox
+        # itself only accepts absolute names (RecordingScreenSettings::getFilename
+        # and setFilename, src/VBox/Main/src-server/RecordingScreenSettingsImpl.cpp, 7.1.12).
+        if link.value in ("", ".") or _inside_folder(link.value, folder):
+            return None
+        return HostReference(f"recording file of screen {link.name}{owner}", link.value)
+    if link.kind == "extradata" and link.name.lower().startswith(_EXTRADATA_PREFIXES):
+        return HostReference(f"ExtraData {link.name}", link.value)
+    return None
+
+
+def host_references(data: bytes, *, folder: str | os.PathLike[str] | None = None) -> tuple[HostReference, ...]:
+    """Every host reference of an archived settings file, of the machine and of every snapshot.
+
+    Listed are: each shared folder (wherever its host path is); each serial
+    port with a host side (``RawFile``, ``HostPipe``, ``HostDevice``,
+    ``TCP``); each parallel port with a host device; a host or external TPM;
+    each recording file other than the default one; a NAT adapter's TFTP
+    folder; each setting of a generic network driver (e.g. a VDE socket); each ExtraData item
+    named ``VBoxInternal/...`` or ``VBoxInternal2/...``. A raw file or
+    recording file inside ``folder`` (an absolute path in it, as VirtualBox
+    writes them) is the VM's own and not listed. DVD and floppy images are
+    not host references here (see :func:`settings_references`).
+
+    Args:
+        data: The settings file's bytes.
+        folder: The VM folder the settings will be registered from, if known.
+
+    Returns:
+        The references, the machine's first, then each snapshot's, then the ExtraData items.
+
+    Raises:
+        SettingsFileError: The file is not a VirtualBox settings file (see
+            :func:`vbremote._settings.parse_settings`).
+    """
+    found = (_described(link, folder) for link in host_links(data))
+    return tuple(reference for reference in found if reference is not None)
+
+
+# VMDK.cpp (src/VBox/Storage, 6.1.38 and 7.1.12): a file that does not start
+# with the sparse magic "KDMV" is read as a text descriptor, its first 128 KiB
+# at most (vmdkDescriptorRead, vmdkDescriptorReadAscii); an extent line
+# starts with its access (RW, RDONLY, NOACCESS), then the size in sectors,
+# the type (SPARSE, FLAT, ZERO, VMFS) and, but for ZERO, the file name,
+# quoted or not (vmdkParseDescriptor, vmdkStringUnquote). A name starting
+# with "/" is absolute; others are relative to the descriptor's folder. A
+# monolithic sparse image has one extent, itself, whatever its embedded
+# descriptor says (vmdkDescriptorReadSparse).
+_VMDK_SPARSE_MAGIC = b"KDMV"
+_VMDK_DESCRIPTOR_MAX = 128 << 10
+_VMDK_EXTENT = re.compile(r"(?:RW|RDONLY|NOACCESS)\s*\S*?\s*(?P<type>SPARSE|FLAT|ZERO|VMFS)(?P<rest>.*)")
+
+
+def vmdk_extents(head: bytes) -> tuple[str, ...]:
+    """The extent file names of a VMDK text descriptor, as written.
+
+    Args:
+        head: The image file's first bytes (128 KiB, or all of a smaller file).
+
+    Returns:
+        Each extent's file name (``ZERO`` extents have none); nothing for a
+        monolithic sparse image (its one extent is the file itself).
+    """
+    if head.startswith(_VMDK_SPARSE_MAGIC):
+        return ()
+    text = head[:_VMDK_DESCRIPTOR_MAX].split(b"\0", 1)[0].decode("utf-8", "replace")
+    names: list[str] = []
+    for line in text.split("\n"):
+        match = _VMDK_EXTENT.match(line.rstrip("\r"))
+        if match is None or match["type"] == "ZERO":
+            continue
+        rest = match["rest"].lstrip(" \t")
+        quoted = rest.startswith('"')
+        name = rest[1:].split('"', 1)[0] if quoted else next(iter(rest.split()), "")
+        if name:
+            names.append(name)
+    return tuple(names)
+
+
+def _extent_outside(name: str, descriptor: str) -> bool:
+    """Whether an extent of the descriptor at ``descriptor`` (relative to the VM folder) leaves the folder."""
+    if name.startswith("/"):
+        return True
+    joined = posixpath.normpath(posixpath.join(posixpath.dirname(descriptor), name))
+    return joined == ".." or joined.startswith("../")
+
+
+def source_host_references(
+    repository: Repository, source: RestoreSource, *, folder: str | os.PathLike[str] | None = None
+) -> tuple[HostReference, ...]:
+    """Every host reference of what an archive restores: its settings' and its VMDK descriptors'.
+
+    The settings are :attr:`RestoreSource.settings` (see
+    :func:`host_references`). A disk the settings register with format
+    ``VMDK`` (or whose file ends in ``.vmdk``) is read from the archive, its
+    first 128 KiB at most, and each extent that its text descriptor names
+    outside the VM folder (an absolute path, such as a raw host disk, or a
+    ``..`` that climbs out) is a reference.
+
+    Args:
+        repository: The open repository the source's chunks are in.
+        source: What the archive restores.
+        folder: The target VM folder.
+
+    Returns:
+        The settings' references, then the descriptors'.
+
+    Raises:
+        IntegrityError: A descriptor's chunk fails verification.
+        SettingsFileError: The settings cannot be parsed.
+    """
+    references = list(host_references(source.settings, folder=folder))
+    formats = {posixpath.normpath(m.location): m.format for m in parse_settings(source.settings).all_media()}
+    for item in source.files:
+        if item.role is not FileRole.DISK:
+            continue
+        if formats.get(item.target_path, "").lower() != "vmdk" and not item.target_path.lower().endswith(".vmdk"):
+            continue
+        head = [chunk for chunk in item.chunks if chunk.offset < _VMDK_DESCRIPTOR_MAX]
+        if not head:
+            continue
+        got: dict[bytes, bytes] = {}
+        with repository.fetch([chunk.id for chunk in head]) as stream:
+            for chunk in stream:
+                got[chunk.id] = chunk.data
+        data = b"".join(got[chunk.id] for chunk in head)
+        for number, name in enumerate(vmdk_extents(data[:_VMDK_DESCRIPTOR_MAX]), start=1):
+            if _extent_outside(name, item.target_path):
+                references.append(HostReference(f"extent {number} of the VMDK descriptor {item.target_path}", name))
+    return tuple(references)

@@ -172,19 +172,7 @@ class RestoreState:
         Raises:
             OSError: The write failed (the old journal is left as it was).
         """
-        folder = Path(target)
-        temp = folder / (JOURNAL_NAME + ".tmp")
-        data = json.dumps(self.to_json(), separators=(",", ":")).encode()
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, folder / JOURNAL_NAME)
-        fsync_dir(folder)
+        replace_durably(Path(target) / JOURNAL_NAME, json.dumps(self.to_json(), separators=(",", ":")).encode())
 
 
 def remove_journal(target: str | os.PathLike[str]) -> None:
@@ -194,6 +182,35 @@ def remove_journal(target: str | os.PathLike[str]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(folder / name)
     fsync_dir(folder)
+
+
+def replace_durably(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data``: the file is the old one or the new one, whole, and durable.
+
+    Written to a temporary file beside it (a fixed name, hidden: a write
+    killed half-way leaves one file, replaced by the next), fsynced, renamed
+    over ``path``, then the folder fsynced. Never follows a symlink at the
+    temporary name.
+
+    Raises:
+        OSError: The write failed (``path`` is left as it was, the temporary file removed).
+    """
+    temp = path.with_name((path.name if path.name.startswith(".") else "." + path.name) + ".tmp")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    fsync_dir(path.parent)
 
 
 def fsync_dir(folder: str | os.PathLike[str]) -> None:

@@ -18,6 +18,7 @@ process). Each chunk of the archive is then one of:
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 import shutil
@@ -445,15 +446,64 @@ def _size_stages(
     return [set(cost) - {costliest}, {costliest}]
 
 
+def _holes(path: Path) -> list[tuple[int, int]]:
+    """The holes of a sparse file as ``(start, end)`` ranges (none where the file system does not say)."""
+    holes: list[tuple[int, int]] = []
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return holes
+    try:
+        size = os.fstat(fd).st_size
+        offset = 0
+        while offset < size:
+            hole = os.lseek(fd, offset, os.SEEK_HOLE)
+            if hole >= size:
+                break
+            try:
+                data = os.lseek(fd, hole, os.SEEK_DATA)
+            except OSError:  # ENXIO: a hole up to the end
+                data = size
+            holes.append((hole, data))
+            offset = data
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
+    return holes
+
+
+def _filled_holes(plan: RestorePlan) -> int:
+    """Bytes the restore writes into holes of the existing files (they take space as data past the end does)."""
+    filled = 0
+    for f in plan.files:
+        if not f.local_size:
+            continue
+        holes = _holes(target_file(plan.target, f.source.target_path))
+        if not holes:
+            continue
+        for a in f.actions:
+            if a.kind not in ("copy", "fetch") or a.chunk.offset >= f.local_size:
+                continue
+            start, end = a.chunk.offset, min(a.chunk.offset + a.chunk.size, f.local_size)
+            at = bisect.bisect_right(holes, (start, end)) - 1
+            for hole_start, hole_end in holes[max(at, 0):]:
+                if hole_start >= end:
+                    break
+                filled += max(0, min(end, hole_end) - max(start, hole_start))
+    return filled
+
+
 def _space_problems(plan: RestorePlan) -> tuple[PlanProblem, ...]:
     folder = plan.target
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     free = shutil.disk_usage(folder).free
-    if plan.grows_by > free:
+    grows = plan.grows_by + _filled_holes(plan)
+    if grows > free:
         return (PlanProblem(
             "no-space",
-            f"the restore writes up to {plan.grows_by} bytes more than the files in {plan.target} hold now, "
+            f"the restore writes up to {grows} bytes more than the files in {plan.target} hold now, "
             f"and only {free} bytes are free there",
             "free space on that file system, or restore into another folder",
         ),)

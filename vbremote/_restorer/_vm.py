@@ -10,9 +10,15 @@ the VM:
   keeps a registered machine's settings and media open, and would start it
   from whatever the files hold). The settings file is written, atomically,
   only once the data is verified, then registered and checked.
+- **Locks.** A restore holds the per-VM lock that snapshot runs hold (the
+  archive's VM uuid), and a lock of the target folder, for its whole length:
+  it never rewrites disks a snapshot run is reading, and two restores never
+  share a target (nor its journal).
 - **Stale files.** An in-place restore removes the files that the old VM's
   settings named (disks, differencing images, saved states, NVRAM files)
-  and the archive does not contain, and nothing else.
+  and the archive does not contain, and nothing else. Their list is made and
+  persisted in the target before anything changes, so a restore killed after
+  the old settings were replaced still removes them when it is run again.
 - **Missing DVD and floppy images.** An archive refers to them, never holds
   them; one missing on this host stops the restore before any write
   (``image-missing``), or with ``eject_missing_images`` its drives are
@@ -25,13 +31,15 @@ the VM:
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
+import json
 import logging
 import os
 import posixpath
 import re
 import socket
-import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,19 +51,26 @@ from .._errors import (
     ArchiveNotFound,
     ConfigurationError,
     RestoreError,
+    RestoreLocked,
     RestorePreflightFailed,
     SettingsFileError,
+    SnapshotInProgress,
+    TargetSpaceError,
     VMNotFound,
 )
 from .._hostinfo import cpu_vendor
 from .._models import ArchiveInfo, FileRole, MachineState, Progress, SnapshotMode, VMInfo
 from .._settings import parse_settings, relocate
+from .._snapshotter._lock import check_lock_wait, state_dir_or_default, vm_lock
 from ._apply import ApplyStats, Prefetch, Verify, apply_plan
+from ._checks import source_host_references
 from ._foreign import foreign_source
 from ._images import ImageDrive, image_drives, missing_images
+from ._journal import replace_durably
 from ._plan import PlanProblem, RestorePlan, make_plan
 from ._rewrite import eject_images, new_identity, set_vdi_uuids, settings_with
 from ._source import RestoreSource, referenced_files, source_from_archive
+from ._stale import forget_stale, is_regular_inside, load_stale, remove_stale, save_stale, stale_name, vm_key
 
 if TYPE_CHECKING:
     from .._repository import Repository
@@ -113,6 +128,23 @@ def _saved(source: RestoreSource) -> bool:
     return bool(parse_settings(source.settings).state_file) or source.mode is not SnapshotMode.OFFLINE
 
 
+def _without_machine_state(source: RestoreSource) -> RestoreSource:
+    """``source`` without the machine's own saved-state file (a state that is discarded is not restored).
+
+    A user snapshot's saved state stays, even where it is the same file.
+    """
+    settings = parse_settings(source.settings)
+    if not settings.state_file:
+        return source
+    state = posixpath.normpath(settings.state_file)
+    kept = {posixpath.normpath(node.state_file) for node in settings.snapshots() if node.state_file}
+    if state in kept:
+        return source
+    files = tuple(f for f in source.files
+                  if not (f.role is FileRole.STATE and posixpath.normpath(f.target_path) == state))
+    return attrs.evolve(source, files=files)
+
+
 def _major_minor(version: str | None) -> tuple[int, int] | None:
     match = _VERSION.match(version or "")
     return (int(match[1]), int(match[2])) if match else None
@@ -150,11 +182,25 @@ class Restorer:
         repository: The open repository the archives are in.
         cpu_vendor: This host's CPU vendor, compared with a saved state's
             (default: read from ``/proc/cpuinfo``).
+        state_dir: vbremote's state folder, which holds the lock files that
+            :meth:`restore` shares with the :class:`~vbremote.Snapshotter`
+            (default: ``$XDG_STATE_HOME/vbremote``, else ``~/.local/state/vbremote``).
+        lock_wait: Seconds :meth:`restore` waits when a snapshot run or
+            another restore holds the VM's lock or the target folder's
+            (default: do not wait).
+
+    Raises:
+        ConfigurationError: A negative ``lock_wait``.
     """
 
     host: VirtualBoxHost
     repository: Repository
     cpu_vendor: str | None = attrs.field(factory=cpu_vendor)
+    state_dir: Path = attrs.field(default=None, converter=state_dir_or_default, kw_only=True)
+    lock_wait: float = attrs.field(default=0.0, kw_only=True)
+
+    def __attrs_post_init__(self) -> None:
+        check_lock_wait(self.lock_wait)
 
     # -- planning -----------------------------------------------------------------
 
@@ -198,8 +244,13 @@ class Restorer:
         external: Mapping[str, str] | None = None,
         eject_missing_images: bool = False,
         progress: Callable[[Progress], None] | None = None,
+        allow_host_references: bool = False,
     ) -> RestorePlan:
         """What restoring ``archive`` does, block by block, and what stops it; writes nothing.
+
+        A plan takes no lock: a snapshot run or a restore going on meanwhile
+        can make it stale (the files it compared change). :meth:`restore`
+        makes its own plan under the locks.
 
         Args:
             archive: The archive (an :class:`ArchiveInfo` or its name).
@@ -210,7 +261,7 @@ class Restorer:
             seeds: Further local files that may hold needed data (only read).
             power_off: The restore will power a running VM off (no ``vm-running`` problem).
             discard_state: Restore a saved-state archive ``PoweredOff`` (no
-                version or CPU problems).
+                version or CPU problems); its state file is not restored.
             cpu_portability_level: The level the restored VM gets (0 to 3).
             as_new: Restore as a new VM of this name (new uuids), beside the current one.
             external: Where ``_external/`` files go, relative to the target.
@@ -218,6 +269,12 @@ class Restorer:
                 images are missing on this host empty (no ``image-missing``
                 problem; the plan's ``ejected`` lists them).
             progress: Called while local files are hashed.
+            allow_host_references: Keep what the archive's settings give the
+                VM of the host (shared folders, serial and parallel ports on
+                host files or devices, recording files, ``VBoxInternal``
+                ExtraData, VMDK extents outside the folder ...), logging each,
+                instead of reporting each as a ``host-reference`` problem.
+                Only for archives whose author you trust.
 
         Returns:
             The plan; its ``problems`` are what :meth:`restore` refuses on
@@ -229,11 +286,13 @@ class Restorer:
             ConfigurationError: A bad argument.
         """
         source, folder, current = self._prepare(archive, target, as_new=as_new, external=external,
-                                                cpu_portability_level=cpu_portability_level)
+                                                cpu_portability_level=cpu_portability_level,
+                                                discard_state=discard_state)
         _, local_seeds = self._local_files(folder, source, current, as_new=as_new)
         plan = make_plan(self.repository, source, folder, seeds=[*seeds, *sorted(local_seeds)], progress=progress)
         problems = self._preflight(source, folder, power_off=power_off, discard_state=discard_state,
-                                   cpu_portability_level=cpu_portability_level, as_new=as_new)
+                                   cpu_portability_level=cpu_portability_level, as_new=as_new,
+                                   allow_host_references=allow_host_references)
         missing = _missing_drives(source, folder)
         if not eject_missing_images:
             problems += _image_problems(missing)
@@ -248,6 +307,7 @@ class Restorer:
         as_new: str | None,
         external: Mapping[str, str] | None,
         cpu_portability_level: int | None,
+        discard_state: bool,
     ) -> tuple[RestoreSource, Path, VMInfo | None]:
         if as_new is not None and (not isinstance(as_new, str) or not _VM_NAME.fullmatch(as_new)
                                    or as_new in (".", "..")):
@@ -256,6 +316,8 @@ class Restorer:
                 not isinstance(cpu_portability_level, int) or not 0 <= cpu_portability_level <= 3):
             raise ConfigurationError(f"the CPU portability level is 0 to 3, not {cpu_portability_level!r}")
         source = self.source(archive, external=external)
+        if discard_state:
+            source = _without_machine_state(source)
         current = self._registered(source.vm_uuid)
         if target is not None:
             folder = Path(os.path.abspath(target))
@@ -263,6 +325,9 @@ class Restorer:
             folder = self.host.default_machine_folder / as_new
         elif current is not None:
             folder = current.folder
+        elif (unfinished := self._unfinished_folder(source.vm_uuid)) is not None:
+            # An interrupted in-place restore unregistered the VM: it goes on in the VM's own folder.
+            folder = unfinished
         else:
             # The name comes from the archive: only ever one folder below the default machine folder.
             name = machine_folder_name(source.vm_name)
@@ -271,6 +336,32 @@ class Restorer:
                 raise ArchiveInvalid(f"archive {source.archive!r}: its VM's name {source.vm_name!r} gives no folder"
                                      " name; give the restore a target folder", archive=source.archive)
         return source, folder, current
+
+    # An in-place restore unregisters the VM before it writes. Until it has finished, a record
+    # in the state folder keeps the VM's folder, so that target=None finds it again after an
+    # interruption (the VM is then registered nowhere to be found by its uuid).
+
+    def _unfinished_record(self, uuid: str) -> Path:
+        return self.state_dir / "restoring" / f"{vm_key(uuid)}.json"
+
+    def _unfinished_folder(self, uuid: str) -> Path | None:
+        """The folder of an interrupted in-place restore of VM ``uuid``, if one is recorded and still there."""
+        try:
+            recorded = json.loads(self._unfinished_record(uuid).read_text())["folder"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        folder = Path(recorded) if isinstance(recorded, str) else None
+        if folder is None or not folder.is_absolute() or not folder.is_dir():
+            return None
+        return folder
+
+    def _record_unfinished(self, uuid: str, folder: Path, archive: str) -> None:
+        record = self._unfinished_record(uuid)
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _write_atomically(record, json.dumps({"folder": os.fspath(folder), "archive": archive}).encode())
+        except OSError as exc:
+            raise ConfigurationError(f"cannot use the state folder {self.state_dir}: {exc.strerror}") from exc
 
     def _registered(self, uuid: str) -> VMInfo | None:
         try:
@@ -287,10 +378,20 @@ class Restorer:
         discard_state: bool,
         cpu_portability_level: int | None,
         as_new: str | None,
+        allow_host_references: bool = False,
     ) -> list[PlanProblem]:
         problems: list[PlanProblem] = []
         current = self._registered(source.vm_uuid)
         if as_new is not None:
+            # A new VM's disks get new uuids, written into their headers: vbremote rewrites VDI headers only.
+            others = sorted({m.format for m in parse_settings(source.settings).all_media()
+                             if m.format.upper() != "VDI"})
+            if others:
+                problems.append(PlanProblem(
+                    "as-new-format", f"the archive's disks include {', '.join(others)} images; a restore as a new "
+                    "VM gives each disk a new uuid, which vbremote can write into VDI headers only",
+                    "restore in place or into another folder on another host (same uuids), or convert the "
+                    "disks to VDI"))
             for vm in self.host.vms():
                 if vm.name == as_new:
                     problems.append(PlanProblem(
@@ -319,6 +420,19 @@ class Restorer:
                         "restore into another folder"))
         if _saved(source) and not discard_state:
             problems.extend(self._saved_state_problems(source, cpu_portability_level))
+        # The settings are registered as archived: whatever of the host they name, the VM gets when it starts.
+        for reference in source_host_references(self.repository, source, folder=folder):
+            if allow_host_references:
+                log.warning("%s: archive %s gives the VM %s: %s (allowed)", source.vm_name, source.archive,
+                            reference.what, reference.value)
+                continue
+            problems.append(PlanProblem(
+                "host-reference",
+                f"the archive's settings give the VM {reference.what}: {reference.value!r}; VirtualBox gives the "
+                "restored VM that host path or setting when it starts (an archive of your own VM has it if the VM "
+                "had it when the snapshot was taken)",
+                "restore with allow_host_references=True (vbremote restore --allow-host-references) if you trust "
+                "this archive's author, or remove it from the VM's settings in the archive"))
         return problems
 
     def _saved_state_problems(self, source: RestoreSource, cpu_portability_level: int | None) -> list[PlanProblem]:
@@ -376,14 +490,19 @@ class Restorer:
         external: Mapping[str, str] | None = None,
         eject_missing_images: bool = False,
         progress: Callable[[Progress], None] | None = None,
+        allow_host_references: bool = False,
     ) -> RestoreResult:
         """Restore ``archive`` into ``target`` and register the VM.
 
-        The order: preflight (nothing written); power off if asked (before
-        the plan, which compares the VM's files); plan (the ``no-space``
-        check); unregister the VM being replaced; write the data (resumable:
-        run again after an interruption and it continues); write the
-        settings file; register and check the VM; remove the stale files.
+        The order: take the VM's lock (the archive's VM uuid, shared with
+        snapshot runs; also for ``as_new``, which reads the current VM's
+        files) and the target folder's, held to the end; preflight (nothing
+        written); power off if asked (before the plan, which compares the
+        VM's files); plan (the ``no-space`` check); record the stale files in
+        the target; unregister the VM being replaced; write the data
+        (resumable: run again after an interruption and it continues); write
+        the settings file; register and check the VM; remove the stale files
+        (also those an interrupted restore of the VM into the folder recorded).
 
         A restore as a new VM reads the current VM's files as seeds when it
         is not running (its disks hold most of the data of any of its archives).
@@ -391,6 +510,7 @@ class Restorer:
         Args:
             archive, target, seeds, power_off, discard_state, cpu_portability_level, as_new, external:
                 As for :meth:`plan`.
+            allow_host_references: As for :meth:`plan`.
             eject_missing_images: Restore the DVD and floppy drives whose images
                 are missing on this host empty: the settings file written
                 attaches nothing there and its media registry drops those
@@ -404,6 +524,8 @@ class Restorer:
             The registered VM, the data path's stats, the stale files removed.
 
         Raises:
+            RestoreLocked: A snapshot run or another restore holds the VM's lock
+                or the target folder's (after ``lock_wait``); nothing was changed.
             RestorePreflightFailed: The plan has problems (listed on the error); nothing was written.
             IntegrityError: A chunk failed verification; the VM is not registered.
             TargetSpaceError: The target is full; run again once space is freed.
@@ -411,9 +533,59 @@ class Restorer:
             ArchiveNotFound, ArchiveMetadataError, ArchiveInvalid, ConfigurationError: As for :meth:`plan`.
         """
         source, folder, current = self._prepare(archive, target, as_new=as_new, external=external,
-                                                cpu_portability_level=cpu_portability_level)
+                                                cpu_portability_level=cpu_portability_level,
+                                                discard_state=discard_state)
+        with contextlib.ExitStack() as locks:
+            # The archive's uuid also for a new VM: it reads the current VM's files as seeds.
+            self._hold(locks, source, vm_key(source.vm_uuid), f"the VM {source.vm_name!r}")
+            fresh = self._registered(source.vm_uuid)
+            if (fresh is None) != (current is None) or (
+                    fresh is not None and current is not None and fresh.folder != current.folder):
+                # The VM changed while the lock was waited for: where it restores to may have too.
+                source, folder, current = self._prepare(archive, target, as_new=as_new, external=external,
+                                                        cpu_portability_level=cpu_portability_level,
+                                                        discard_state=discard_state)
+            else:
+                current = fresh
+            self._hold(locks, source, _folder_key(folder), f"the target folder {folder}")
+            result = self._restore(source, folder, current, power_off=power_off, register=register,
+                                   verify=verify, seeds=seeds, discard_state=discard_state,
+                                   cpu_portability_level=cpu_portability_level, as_new=as_new, progress=progress,
+                                   allow_host_references=allow_host_references,
+                                   eject_missing_images=eject_missing_images)
+        return result
+
+    def _hold(self, locks: contextlib.ExitStack, source: RestoreSource, key: str, what: str) -> None:
+        """Take the lock ``key`` (a VM uuid or a folder's key) into ``locks``; :class:`RestoreLocked` if held."""
+        try:
+            path = locks.enter_context(vm_lock(self.state_dir, key, wait=self.lock_wait, vm=what))
+        except SnapshotInProgress as exc:
+            raise RestoreLocked(
+                f"archive {source.archive!r} cannot be restored now: a snapshot run or another restore holds the "
+                f"lock of {what} ({exc.lock_file}); waited {self.lock_wait:g} s, nothing was changed",
+                archive=source.archive, vm=source.vm_name, lock_file=exc.lock_file) from None
+        log.debug("%s: holding %s", what, path)
+
+    def _restore(
+        self,
+        source: RestoreSource,
+        folder: Path,
+        current: VMInfo | None,
+        *,
+        power_off: bool,
+        register: bool,
+        verify: Verify,
+        seeds: Sequence[str | os.PathLike[str]],
+        discard_state: bool,
+        cpu_portability_level: int | None,
+        as_new: str | None,
+        progress: Callable[[Progress], None] | None,
+        allow_host_references: bool,
+        eject_missing_images: bool,
+    ) -> RestoreResult:
         problems = self._preflight(source, folder, power_off=power_off, discard_state=discard_state,
-                                   cpu_portability_level=cpu_portability_level, as_new=as_new)
+                                   cpu_portability_level=cpu_portability_level, as_new=as_new,
+                                   allow_host_references=allow_host_references)
         # Checked once, before any write: the drives ejected are the ones found missing here.
         missing = _missing_drives(source, folder)
         if not eject_missing_images:
@@ -423,20 +595,35 @@ class Restorer:
         ejected = missing if eject_missing_images else ()
         in_place = as_new is None
         if in_place and current is not None and current.state.is_running and power_off:
-            # Before the plan: a running guest changes the very blocks the plan compares.
+            # Every check a plan makes runs before the VM is powered off: a plan of the running VM
+            # first (its comparison goes stale at once, but a symlink in the folder, an unreadable
+            # seed or too little space refuses the restore while the VM still runs)…
+            old_files, local_seeds = self._local_files(folder, source, current, as_new=as_new)
+            trial = make_plan(self.repository, source, folder, seeds=[*seeds, *sorted(local_seeds)],
+                              progress=progress)
+            if trial.problems:
+                raise _refused(source, folder, trial.problems)
+            # …then the plan that counts, of disks that no longer change: a running guest changes the
+            # very blocks a plan compares.
             log.info("%s: powering off for the restore", current.name)
             self.host.power_off(current)
         old_files, local_seeds = self._local_files(folder, source, current, as_new=as_new)
+        settings_path = folder / (source.settings_path if as_new is None else f"{as_new}.vbox")
+        written = {folder / f.target_path for f in source.files} | {settings_path}
         # Chunks the plan will fetch start coming while it still hashes; nothing is written before the apply.
         with Prefetch(self.repository) as prefetch:
             plan = make_plan(self.repository, source, folder, seeds=[*seeds, *sorted(local_seeds)],
                              progress=progress, fetch_known=prefetch)
             if plan.problems:
                 raise _refused(source, folder, plan.problems)
+            # Before the old settings can be lost (unregistered, replaced): afterwards nothing names these files.
+            stale = self._stale_files(folder, source, old_files, written) if in_place else set()
             if in_place and current is not None:
+                self._record_unfinished(source.vm_uuid, folder, source.archive)
                 log.info("%s: unregistering before the restore writes", current.name)
                 self.host.unregister(current)
-            folder.mkdir(parents=True, exist_ok=True)
+            with _writing(folder, source.archive):
+                folder.mkdir(parents=True, exist_ok=True)
             stats = apply_plan(self.repository, plan, verify=verify, progress=progress, prefetch=prefetch)
         settings = settings_with(source.settings, drop_state=discard_state,
                                  cpu_portability_level=cpu_portability_level)
@@ -444,25 +631,28 @@ class Restorer:
         for drive in ejected:
             log.warning("%s: the %s image %s is missing on this host; the %s is restored empty", source.vm_name,
                         drive.kind, drive.image, drive.describe())
-        settings_path = folder / source.settings_path
         if as_new is not None:
             settings, _, media = new_identity(settings, name=as_new)
-            for f in source.files:
-                if f.role is FileRole.DISK:
-                    set_vdi_uuids(folder / f.target_path, media)
-            settings_path = folder / f"{as_new}.vbox"
+            with _writing(folder, source.archive):
+                for f in source.files:
+                    if f.role is FileRole.DISK:
+                        set_vdi_uuids(folder / f.target_path, media)
         try:
             # A final guard: every path stays inside the folder the file is written to.
             settings = relocate(settings, old_folder=str(folder))
         except SettingsFileError as exc:
             raise RestoreError(f"archive {source.archive!r}: {exc}", archive=source.archive) from exc
-        _write_atomically(settings_path, settings)
+        with _writing(folder, source.archive):
+            _write_atomically(settings_path, settings)
         info = None
         if register:
             info = self.host.register(settings_path)
             self._check(info, source, settings, discard_state=discard_state)
-        written = {folder / f.target_path for f in source.files} | {settings_path}
-        removed = _remove_stale(folder, old_files - written)
+        removed = self._remove_stale(folder, source, stale, keep=written | _referenced(settings_path, settings)
+                                     ) if in_place else ()
+        if in_place:
+            with contextlib.suppress(FileNotFoundError):
+                self._unfinished_record(source.vm_uuid).unlink()
         log.info("%s: restored from %s into %s (%d bytes fetched, %d stale files removed)", source.vm_name,
                  source.archive, folder, stats.bytes_fetched, len(removed))
         return RestoreResult(vm=info, stats=stats, removed=removed, resumed=stats.resumed,
@@ -508,6 +698,35 @@ class Restorer:
                     outside.add(absolute)
             return inside, outside
         return set(), set()
+
+    def _stale_files(self, folder: Path, source: RestoreSource, old: set[Path], written: set[Path]) -> set[Path]:
+        """The files an in-place restore removes once done, persisted in the target before anything changes.
+
+        ``old`` are the files inside the folder that the old settings name,
+        ``written`` those the restore writes; an interrupted restore's list
+        (its old settings may be gone by now) adds what it still names.
+        """
+        candidates = (old | load_stale(folder, source.vm_uuid)) - written
+        stale = {p for p in candidates if is_regular_inside(folder, p)}
+        if folder / stale_name(source.vm_uuid) in written:
+            # An archive of a folder that held such a list (another tool archived it): the file is data now.
+            log.warning("%s: the archive holds %s; the stale files are not recorded", source.archive,
+                        stale_name(source.vm_uuid))
+        elif stale:
+            try:
+                save_stale(folder, source.vm_uuid, stale)
+            except OSError as exc:
+                raise RestoreError(f"archive {source.archive!r}: cannot record the stale files in {folder}: "
+                                   f"{exc.strerror}; nothing was changed", archive=source.archive) from exc
+        return stale
+
+    def _remove_stale(self, folder: Path, source: RestoreSource, stale: set[Path], *, keep: set[Path]
+                      ) -> tuple[Path, ...]:
+        """Remove ``stale`` but what ``keep`` names, then the persisted list; returns the files removed."""
+        removed = remove_stale(folder, stale, keep)
+        if folder / stale_name(source.vm_uuid) not in keep:
+            forget_stale(folder, source.vm_uuid)
+        return removed
 
     def _check(self, info: VMInfo, source: RestoreSource, settings: bytes, *, discard_state: bool) -> None:
         """The registered VM is what the archive holds; otherwise unregister it again and raise."""
@@ -563,38 +782,30 @@ def _refused(source: RestoreSource, folder: Path, problems: Sequence[PlanProblem
                                   archive=source.archive, problems=tuple(problems))
 
 
+@contextlib.contextmanager
+def _writing(folder: Path, archive: str) -> Iterator[None]:
+    """Raise what goes wrong writing into ``folder`` as :class:`TargetSpaceError` or :class:`RestoreError`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise TargetSpaceError(
+                f"the file system of {folder} is full: {exc.strerror}; free space and restore again to continue",
+                archive=archive, path=exc.filename) from exc
+        raise RestoreError(f"writing into {folder} failed: {exc}", archive=archive, path=exc.filename) from exc
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     """Write, fsync, rename over, fsync the folder: the file is the old one or the new one, whole."""
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    replace_durably(path, data)
 
 
-def _remove_stale(folder: Path, stale: Iterable[Path]) -> tuple[Path, ...]:
-    removed: list[Path] = []
-    for path in sorted(stale):
-        if path.is_symlink() or not path.is_file():
-            continue
-        if posixpath.commonpath([str(folder), str(path)]) != str(folder):
-            continue
-        try:
-            path.unlink()
-        except OSError as exc:
-            log.warning("stale file %s could not be removed: %s", path, exc)
-            continue
-        removed.append(path)
-    return tuple(removed)
+def _folder_key(folder: Path) -> str:
+    """The lock key of a target folder: a hash of its real path (the folder may not exist yet)."""
+    return "folder-" + hashlib.sha256(os.fsencode(os.path.realpath(folder))).hexdigest()[:32]
 
+
+def _referenced(settings_path: Path, settings: bytes) -> set[Path]:
+    """The files the settings written to ``settings_path`` reference, as absolute normalised paths."""
+    return {Path(os.path.normpath(settings_path.parent / written))
+            for written, _role, _what in referenced_files(parse_settings(settings))}

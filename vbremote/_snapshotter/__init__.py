@@ -57,7 +57,7 @@ from .._repository import DEFAULT_CHECKPOINT_INTERVAL, Repository
 from .._settings import freeze_instant, parse_settings, relocate
 from .._vbox import VirtualBoxHost
 from ._collect import Collected, anchor_images, collect
-from ._lock import default_state_dir, vm_lock
+from ._lock import check_lock_wait, state_dir_or_default, vm_lock
 from ._results import SnapshotResult, SnapshotStats
 
 __all__ = [
@@ -106,10 +106,6 @@ def _check_template(template: str) -> str:
     return template
 
 
-def _state_dir(value: str | os.PathLike[str] | None) -> Path:
-    return default_state_dir() if value is None else Path(value)
-
-
 @define(eq=False)
 class Snapshotter:
     """Takes snapshots of VMs into a repository.
@@ -143,13 +139,12 @@ class Snapshotter:
     host: VirtualBoxHost
     repository: Repository
     name_template: str = field(default=DEFAULT_NAME_TEMPLATE, converter=_check_template, kw_only=True)
-    state_dir: Path = field(default=None, converter=_state_dir, kw_only=True)
+    state_dir: Path = field(default=None, converter=state_dir_or_default, kw_only=True)
     lock_wait: float = field(default=0.0, kw_only=True)
     checkpoint_interval: float | None = field(default=DEFAULT_CHECKPOINT_INTERVAL, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
-        if self.lock_wait < 0:
-            raise ConfigurationError("lock_wait must be >= 0 seconds")
+        check_lock_wait(self.lock_wait)
         interval = self.checkpoint_interval
         if interval is not None and (
             isinstance(interval, bool) or not isinstance(interval, int | float) or not 0 < interval < float("inf")

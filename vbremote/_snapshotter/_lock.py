@@ -1,7 +1,9 @@
-"""The per-VM, host-local snapshot lock: an ``flock`` on a file in vbremote's state folder.
+"""The per-VM, host-local lock of snapshot runs and restores: an ``flock`` on a file in vbremote's state folder.
 
 Two snapshot runs on one VM must never overlap: a second run would see the
-first run's transient snapshot as a leftover and delete it under it. The lock
+first run's transient snapshot as a leftover and delete it under it. Nor may a
+restore overlap a snapshot run of the same VM (it would rewrite the disks the
+run reads) or another restore (they would share the journal). The lock
 is an advisory ``fcntl.flock`` on ``<state folder>/locks/<vm uuid>.lock``,
 held for the whole run. The kernel releases it when the process ends, however
 it ends, so a crashed run never leaves a stale lock; the lock file itself
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from .._errors import ConfigurationError, SnapshotInProgress
 
-__all__ = ["default_state_dir", "vm_lock"]
+__all__ = ["check_lock_wait", "default_state_dir", "state_dir_or_default", "vm_lock"]
 
 _POLL = 0.05
 
@@ -37,9 +39,24 @@ def default_state_dir() -> Path:
     return root / "vbremote"
 
 
+def state_dir_or_default(value: str | os.PathLike[str] | None) -> Path:
+    """The ``state_dir`` argument as a path; ``None`` is :func:`default_state_dir`."""
+    return default_state_dir() if value is None else Path(value)
+
+
+def check_lock_wait(value: float) -> None:
+    """Refuse a negative ``lock_wait``.
+
+    Raises:
+        ConfigurationError: ``value`` is below zero.
+    """
+    if value < 0:
+        raise ConfigurationError("lock_wait must be >= 0 seconds")
+
+
 @contextlib.contextmanager
 def vm_lock(state_dir: Path, vm_uuid: str, *, wait: float = 0.0, vm: str = "") -> Iterator[Path]:
-    """Hold the snapshot lock of one VM for the block.
+    """Hold the lock of one VM (or another key, such as a restore's target folder) for the block.
 
     Args:
         state_dir: The state folder (created if missing, private to the user).
@@ -73,7 +90,7 @@ def vm_lock(state_dir: Path, vm_uuid: str, *, wait: float = 0.0, vm: str = "") -
                 if time.monotonic() >= deadline:
                     holder = _holder(fd)
                     raise SnapshotInProgress(
-                        f"another snapshot run{holder} holds the lock of {vm or vm_uuid} ({path});"
+                        f"another snapshot run or restore{holder} holds the lock of {vm or vm_uuid} ({path});"
                         f" waited {wait:g} s",
                         vm=vm or vm_uuid, lock_file=str(path),
                     ) from None
