@@ -865,6 +865,32 @@ class TestRestore:
         assert "choose another name" in done.stdout
         assert "name-taken" in one_line_error(done)
 
+    def test_missing_image_refused_then_ejected(self, created):
+        """A DVD image gone since the snapshot: refused with the image-missing problem (exit code 5, nothing
+        written); --eject-missing-images restores with the drive empty and lists it."""
+        iso = created.tmp / "isos" / "install.iso"
+        iso.parent.mkdir()
+        iso.write_bytes(b"iso" * 1000)
+        with SimulatedVirtualBox(created.home, workload=None) as sim:
+            sim.insert_image("alpha", iso)
+        assert created("snapshot", "alpha").returncode == 0
+        archived = disk(created, "alpha")
+        scribble(created, "alpha")
+        iso.unlink()
+        done = created("restore", "alpha", "--yes")
+        assert done.returncode == 5
+        assert "image-missing" in one_line_error(done)
+        assert str(iso) in done.stdout
+        assert "--eject-missing-images" in done.stdout
+        assert disk(created, "alpha") != archived
+        doc = created.json("restore", "alpha", "--yes", "--eject-missing-images")
+        validate(doc, "restore")
+        assert doc["vm"]["state"] == "PoweredOff"
+        assert doc["plan"]["problems"] == []
+        assert [(d["image"], d["kind"], d["snapshot"]) for d in doc["ejected"]] == [(str(iso), "DVD", None)]
+        assert doc["plan"]["ejected"] == doc["ejected"]
+        assert disk(created, "alpha") == archived
+
     def test_locked_by_snapshot_run(self, snapped):
         """restore takes the VM's lock in the configured state folder: while a snapshot run holds it, exit code 5
         and nothing is written."""

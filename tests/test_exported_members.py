@@ -32,6 +32,7 @@ EXPECTED = {
     "SnapshotStats", "Snapshotter", "TransientSnapshotLeft",
     "ApplyStats", "BlockAction", "FilePlan", "PlanProblem", "RestoreError", "RestoreFileState", "RestorePlan",
     "RestoreLocked", "RestorePreflightFailed", "RestoreState", "TargetSpaceError", "Restorer", "RestoreResult",
+    "ImageDrive",
 }
 
 

@@ -30,7 +30,7 @@ import vbremote
 from vbremote._restorer import _plan as plan_module
 from vbremote._restorer import _vm as vm_module
 from vbremote._restorer._checks import HostReference, host_references, vmdk_extents
-from vbremote._restorer._rewrite import new_identity, set_vdi_uuids, settings_with, vdi_uuids
+from vbremote._restorer._rewrite import eject_images, new_identity, set_vdi_uuids, settings_with, vdi_uuids
 from vbremote._restorer._source import source_from_archive
 from vbremote._restorer._stale import STALE_PREFIX, load_stale, remove_stale, save_stale, stale_name
 from vbremote._restorer._vm import machine_folder_name
@@ -235,6 +235,46 @@ class TestRewrite:
         assert old == "aaaaaaaa-2222-3333-4444-555555555555"
         assert [m.uuid for m in parsed.all_media()] == [media[old]]
         assert [a.medium for a in parsed.attachments] == [media[old]]
+
+    def test_eject_images(self):
+        """Ejecting empties each DVD or floppy drive of those images (machine and snapshots, both storage layouts)
+        and drops them from the registry; other images and drives stay."""
+        dvd, floppy, kept = "dddddddd-0000-4000-8000-000000000000", "ffffffff-0000-4000-8000-000000000000", \
+            "eeeeeeee-0000-4000-8000-000000000000"
+
+        def devices(*uuids: str) -> str:
+            return "".join(
+                f'<AttachedDevice type="{kind}" port="{port}" device="0"><Image uuid="{{{uuid}}}"/></AttachedDevice>'
+                for port, (kind, uuid) in enumerate(zip(("DVD", "Floppy", "DVD"), uuids, strict=False), start=1))
+
+        registry = (f'<DVDImages><Image uuid="{{{dvd}}}" location="/isos/a.iso"/>'
+                    f'<Image uuid="{{{kept}}}" location="/isos/b.iso"/></DVDImages>'
+                    f'<FloppyImages><Image uuid="{{{floppy}}}" location="/img/boot.img"/></FloppyImages>')
+        # The machine in the layout before 1.17 (controllers beside Hardware), the snapshot in the later one.
+        snapshot = (f'<Snapshot uuid="{{99999999-0000-4000-8000-000000000000}}" name="s" '
+                    f'timeStamp="2026-01-01T00:00:00Z"><Hardware><StorageControllers>'
+                    f'<StorageController name="IDE" type="PIIX4">{devices(dvd, floppy)}</StorageController>'
+                    '</StorageControllers></Hardware></Snapshot>')
+        text = settings_text().decode()
+        text = text.replace("</HardDisks>", "</HardDisks>" + registry)
+        text = text.replace("<Hardware>", snapshot + "<Hardware>", 1)
+        text = text.replace("</StorageController></StorageControllers></Machine>",
+                            f'</StorageController><StorageController name="IDE" type="PIIX4">'
+                            f'{devices(dvd, floppy, kept)}</StorageController></StorageControllers></Machine>')
+        data = text.encode()
+        before = parse_settings(data)
+        assert {a.medium for a in before.attachments} >= {dvd, floppy, kept}
+        out = eject_images(data, {dvd, "{" + floppy.upper() + "}"})
+        parsed = parse_settings(out)
+        assert [(i.uuid, i.kind) for i in parsed.images] == [(kept, "DVD")]
+        assert [(a.type, a.medium) for a in parsed.attachments if a.type != "HardDisk"] == [
+            ("DVD", None), ("Floppy", None), ("DVD", kept)]
+        assert parsed.snapshot is not None
+        assert [(a.type, a.medium) for a in parsed.snapshot.attachments] == [("DVD", None), ("Floppy", None)]
+        assert b"<FloppyImages" not in out
+        assert b'<AttachedDevice type="DVD" port="1" device="0" />' in out
+        assert [m.uuid for m in parsed.all_media()] == [m.uuid for m in before.all_media()]
+        assert eject_images(data, ()) is data
 
     def test_vdi_uuids_rewritten(self, tmp_path: Path):
         """A differencing VDI gets its new uuid and its parent's new uuid; qemu-img still reads both."""
@@ -1257,3 +1297,147 @@ class TestStaleAfterKill:
             assert not any(p.name.startswith(STALE_PREFIX) for p in folder.iterdir())
             assert result.vm is not None
             assert [s.name for s in result.vm.snapshots()] == []
+
+
+def insert_iso(scene: Scene, name: str = "install.iso") -> Path:
+    """A DVD image outside the VM folder (as an installer ISO is), inserted into the VM's DVD drive."""
+    iso = scene.tmp_path / "isos" / name
+    iso.parent.mkdir(exist_ok=True)
+    iso.write_bytes(name.encode() * 512)
+    scene.sim.insert_image("dev", iso)
+    return iso
+
+
+def mtimes(*folders: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for folder in folders for p in folder.rglob("*") if p.is_file()}
+
+
+def dvd(attachments: tuple[vbremote.DiskAttachment, ...]) -> vbremote.DiskAttachment:
+    (drive,) = [a for a in attachments if a.type == "DVD"]
+    return drive
+
+
+class TestImages:
+    def test_missing_image_refused_in_place_before_any_write(self, scene71: Scene, caplog: pytest.LogCaptureFixture):
+        """A DVD image gone since the snapshot: plan names it and its drive; restore refuses, writes nothing and
+        leaves the VM registered as it was."""
+        iso = insert_iso(scene71)
+        archive = scene71.take()
+        scene71.sim.start("dev", workload=HOT)
+        wait_writes(scene71, 5)
+        scene71.sim.power_off("dev")
+        iso.unlink()
+        restorer = vbremote.Restorer(scene71.host, scene71.repo)
+        (problem,) = restorer.plan(archive).problems
+        assert problem.code == "image-missing"
+        assert str(iso) in problem.message
+        assert "DVD drive SATA port 2 device 0 of the current state" in problem.message
+        assert "eject_missing_images=True" in problem.remedy
+        assert str(iso) in problem.remedy
+        folder = scene71.host.vm("dev").folder
+        before = mtimes(folder, scene71.tmp_path / "elsewhere")
+        with pytest.raises(vbremote.RestorePreflightFailed, match="image-missing") as caught:
+            restorer.restore(archive)
+        assert [p.code for p in caught.value.problems] == ["image-missing"]
+        assert mtimes(folder, scene71.tmp_path / "elsewhere") == before
+        assert scene71.host.vm("dev").state is vbremote.MachineState.POWERED_OFF
+
+    def test_missing_image_on_another_host_nothing_written(self, scene71: Scene, tmp_path: Path):
+        """Onto another host without the image: refused, the target folder is never made, no VM registered."""
+        iso = insert_iso(scene71)
+        archive = scene71.take()
+        iso.unlink()
+        other = SimulatedVirtualBox(tmp_path / "other", version="7.1")
+        try:
+            host = vbremote.VirtualBoxHost.connect(manager=other.manager())
+            with pytest.raises(vbremote.RestorePreflightFailed, match="image-missing"):
+                vbremote.Restorer(host, scene71.repo).restore(archive)
+            assert not (other.vms_folder / "dev").exists()
+            assert host.vms() == ()
+        finally:
+            other.close()
+
+    def test_image_present_restores_attached(self, scene71: Scene, tmp_path: Path):
+        """With the image where the settings say: no problem, the VM registers with the image in its drive."""
+        iso = insert_iso(scene71)
+        archive = scene71.take()
+        other = SimulatedVirtualBox(tmp_path / "other", version="7.1")
+        try:
+            restorer = vbremote.Restorer(vbremote.VirtualBoxHost.connect(manager=other.manager()), scene71.repo)
+            assert restorer.plan(archive).problems == ()
+            result = restorer.restore(archive)
+            assert result.vm is not None
+            assert result.ejected == ()
+            (image,) = dvd(result.vm.attachments).chain
+            assert image.location == iso
+            assert image.accessible
+        finally:
+            other.close()
+
+    def test_eject_restores_empty_drives(self, scene: Scene, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+        """eject_missing_images: the VM registers Saved as archived with an empty drive, in its user snapshot too;
+        each ejection is listed and logged, the image leaves the settings."""
+        iso = insert_iso(scene)
+        scene.host.take_snapshot("dev", "first")
+        scene.sim.start("dev", workload=HOT)
+        archive = scene.take()
+        assert archive.mode is vbremote.SnapshotMode.ONLINE
+        iso.unlink()
+        other = SimulatedVirtualBox(tmp_path / "other", version=scene.profile)
+        try:
+            host = vbremote.VirtualBoxHost.connect(manager=other.manager())
+            restorer = vbremote.Restorer(host, scene.repo)
+            plan = restorer.plan(archive, eject_missing_images=True)
+            assert plan.problems == ()
+            caplog.set_level("WARNING", logger="vbremote.restore")
+            result = restorer.restore(archive, eject_missing_images=True)
+            assert result.ejected == plan.ejected
+            assert [(d.image, d.kind, d.port, d.snapshot) for d in result.ejected] == [
+                (iso, "DVD", 2, None), (iso, "DVD", 2, "first")]
+            logged = [r.getMessage() for r in caplog.records if r.name == "vbremote.restore"]
+            assert sum(str(iso) in m and "restored empty" in m for m in logged) == 2
+            vm = result.vm
+            assert vm is not None
+            assert vm.state is vbremote.MachineState.SAVED
+            assert dvd(vm.attachments).chain == ()
+            assert vm.snapshot_tree is not None
+            assert vm.snapshot_tree.name == "first"
+            assert dvd(vm.snapshot_tree.attachments).chain == ()
+            assert parse_settings(result.settings_file.read_bytes()).images == ()
+            host.start("dev")
+            assert host.state("dev") is vbremote.MachineState.RUNNING
+        finally:
+            other.close()
+
+    def test_missing_in_user_snapshot_only(self, scene71: Scene, tmp_path: Path):
+        """An image only a user snapshot attaches (the current drive holds another, present): the problem names the
+        snapshot's drive; ejecting empties that drive only and keeps the present image attached."""
+        old = insert_iso(scene71, "old.iso")
+        scene71.host.take_snapshot("dev", "with-old")
+        new = insert_iso(scene71, "new.iso")
+        archive = scene71.take()
+        old.unlink()
+        other = SimulatedVirtualBox(tmp_path / "other", version="7.1")
+        try:
+            restorer = vbremote.Restorer(vbremote.VirtualBoxHost.connect(manager=other.manager()), scene71.repo)
+            (problem,) = restorer.plan(archive).problems
+            assert problem.code == "image-missing"
+            assert str(old) in problem.message
+            assert str(new) not in problem.message
+            assert "of snapshot 'with-old'" in problem.message
+            assert "current state" not in problem.message
+            with pytest.raises(vbremote.RestorePreflightFailed):
+                restorer.restore(archive)
+            assert not (other.vms_folder / "dev").exists()
+            result = restorer.restore(archive, eject_missing_images=True)
+            assert [(d.image, d.snapshot) for d in result.ejected] == [(old, "with-old")]
+            assert result.vm is not None
+            assert result.vm.state is vbremote.MachineState.POWERED_OFF
+            (image,) = dvd(result.vm.attachments).chain
+            assert image.location == new
+            assert image.accessible
+            assert result.vm.snapshot_tree is not None
+            assert dvd(result.vm.snapshot_tree.attachments).chain == ()
+            assert [i.location for i in parse_settings(result.settings_file.read_bytes()).images] == [str(new)]
+        finally:
+            other.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import subprocess
 import time
@@ -454,6 +455,92 @@ class TestOpening:
         assert after.state_file == vm.state_file
         assert vm.state_file.is_file()
         assert parse_settings(after.settings_file.read_bytes()).state_file is not None
+
+    def test_missing_dvd_image_registers_and_is_ignored_at_start(self, sim: SimulatedVirtualBox, tmp_path: Path):
+        """A machine whose DVD image is gone opens and registers; the image is Inaccessible with
+        VERR_FILE_NOT_FOUND once refreshed, and the VM still starts (the drive ignored).
+
+        ``VirtualBox::initMedia`` (``Medium::init`` on 6.1.38, ``Medium::initFromSettings`` on 7.1.12) loads
+        ``DVDImages`` unopened (``VirtualBoxImpl.cpp``, ``MediumImpl.cpp``), ``registerMachine`` checks no media, and
+        ``Console::i_configMedium`` ignores an inaccessible DVD or floppy image with a runtime warning
+        (``ConsoleImpl2.cpp`` of 6.1.38, ``ConsoleImplConfigCommon.cpp`` of 7.1.12).
+        """
+        iso = tmp_path / "isos" / "install.iso"
+        iso.parent.mkdir()
+        iso.write_bytes(b"\1" * 4096)
+        uuid = sim.insert_image("dev", iso)
+        registry = parse_settings(sim.machine("dev").settings_path.read_bytes())
+        assert [(i.uuid, i.location, i.kind) for i in registry.images] == [(uuid, str(iso), "DVD")]
+        mgr = sim.manager()
+        vbox = mgr.getVirtualBox()
+        machine = vbox.findMachine("dev")
+        settings = machine.settingsFilePath
+        machine.unregister(mgr.constants.CleanupMode_DetachAllReturnHardDisksOnly)
+        iso.unlink()
+        opened = vbox.openMachine(settings) if sim.profile == "6.1" else vbox.openMachine(settings, "")
+        vbox.registerMachine(opened)
+        (drive,) = [a for a in mgr.getArray(vbox.findMachine("dev"), "mediumAttachments")
+                    if a.type == mgr.constants.DeviceType_DVD]
+        image = drive.medium
+        assert image.id == uuid
+        assert image.deviceType == mgr.constants.DeviceType_DVD
+        assert image.format == "RAW"
+        assert image.state == mgr.constants.MediumState_Inaccessible
+        assert "not yet performed" in image.lastAccessError
+        assert image.refreshState() == mgr.constants.MediumState_Inaccessible
+        assert "VERR_FILE_NOT_FOUND" in image.lastAccessError
+        host = host_of(sim)
+        host.start("dev")
+        assert host.state("dev") is vbremote.MachineState.RUNNING
+        # The settings keep the image: the drive is only ignored for this run.
+        assert parse_settings(sim.machine("dev").settings_path.read_bytes()).images[0].uuid == uuid
+
+    def test_dvd_image_shared_between_machines(self, sim71: SimulatedVirtualBox, tmp_path: Path):
+        """One image in two VMs is one medium (one uuid); registering it under its uuid at another path fails.
+
+        ``VirtualBox::i_registerMedium`` keeps a known medium of the same uuid and location, and refuses one
+        whose uuid or location alone is known, ``E_INVALIDARG`` (``i_checkMediaForConflicts``,
+        ``VirtualBoxImpl.cpp`` of 6.1.38 and 7.1.12).
+        """
+        iso = tmp_path / "tools.iso"
+        iso.write_bytes(b"\2" * 2048)
+        sim71.create_vm("other", disk_size=4 * MIB)
+        uuid = sim71.insert_image("dev", iso)
+        assert sim71.insert_image("other", iso) == uuid
+        mgr = sim71.manager()
+        vbox = mgr.getVirtualBox()
+        machine = vbox.findMachine("other")
+        settings = Path(machine.settingsFilePath)
+        machine.unregister(mgr.constants.CleanupMode_DetachAllReturnHardDisksOnly)
+        vbox.registerMachine(vbox.openMachine(str(settings), ""))
+        machine = vbox.findMachine("other")
+        machine.unregister(mgr.constants.CleanupMode_DetachAllReturnHardDisksOnly)
+        settings.write_text(settings.read_text().replace(f'location="{iso}"', f'location="{tmp_path}/moved.iso"'))
+        with pytest.raises(SimulatedVBoxError) as info:
+            vbox.openMachine(str(settings), "")
+        assert mgr.xcptIsEqual(info.value, 0x80070057)
+        assert "Cannot register the DVD image" in info.value.msg
+
+    def test_image_unknown_to_the_registry_is_an_empty_drive(self, sim71: SimulatedVirtualBox):
+        """A DVD attachment naming an image that no registry lists loads as an empty drive, not an error.
+
+        ``Machine::i_loadStorageDevices`` (``MachineImpl.cpp``, 6.1.38 and 7.1.12): VBOX_E_OBJECT_NOT_FOUND
+        from ``i_findRemoveableMedium`` "is not an error ... go ahead without this removeable medium attachment".
+        """
+        mgr = sim71.manager()
+        vbox = mgr.getVirtualBox()
+        machine = vbox.findMachine("dev")
+        settings = Path(machine.settingsFilePath)
+        machine.unregister(mgr.constants.CleanupMode_DetachAllReturnHardDisksOnly)
+        text = settings.read_text()
+        text, count = re.subn(r'(<AttachedDevice type="DVD"[^>]*?)\s*/>',
+                              r'\1><Image uuid="{0badbeef-0000-4000-8000-000000000000}" /></AttachedDevice>', text)
+        assert count == 1
+        settings.write_text(text)
+        vbox.registerMachine(vbox.openMachine(str(settings), ""))
+        (drive,) = [a for a in mgr.getArray(vbox.findMachine("dev"), "mediumAttachments")
+                    if a.type == mgr.constants.DeviceType_DVD]
+        assert drive.medium is None
 
 
 class TestFilesAndGuest:

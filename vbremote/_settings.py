@@ -56,6 +56,7 @@ __all__ = [
     "MAX_SETTINGS_SIZE",
     "Attachment",
     "HostLink",
+    "Image",
     "MachineSettings",
     "Medium",
     "SnapshotNode",
@@ -110,6 +111,21 @@ class Medium:
     format: str
     type: str | None
     children: tuple[Medium, ...]
+
+
+@frozen
+class Image:
+    """A DVD or floppy image in the machine's media registry (``DVDImages``, ``FloppyImages``).
+
+    Attributes:
+        uuid: The image's uuid (no braces, lower case).
+        location: Its path as written (relative to the VM folder, or absolute).
+        kind: ``DVD`` or ``Floppy``.
+    """
+
+    uuid: str
+    location: str
+    kind: str
 
 
 @frozen
@@ -178,6 +194,7 @@ class MachineSettings:
         version: The settings version, e.g. ``"1.19"`` (without the host suffix).
         current_state_modified: Whether the current state differs from the
             current snapshot (``Machine/@currentStateModified``, true when absent).
+        images: The media registry's DVD and floppy images.
     """
 
     uuid: str
@@ -191,6 +208,7 @@ class MachineSettings:
     nvram: str | None
     version: str = ""
     current_state_modified: bool = True
+    images: tuple[Image, ...] = ()
 
     def all_media(self) -> Iterator[Medium]:
         """Every hard disk in the registry, parents before children."""
@@ -364,6 +382,15 @@ def _media(parent: ET.Element) -> tuple[Medium, ...]:
     return tuple(out)
 
 
+def _images(registry: ET.Element | None) -> tuple[Image, ...]:
+    out = []
+    for holder, kind in (("DVDImages", "DVD"), ("FloppyImages", "Floppy")):
+        found = registry.find(_N + holder) if registry is not None else None
+        for image in found.findall(_N + "Image") if found is not None else ():
+            out.append(Image(uuid=_bare(_required(image, "uuid")), location=_required(image, "location"), kind=kind))
+    return tuple(out)
+
+
 def _controllers(owner: ET.Element) -> Iterator[ET.Element]:
     """The storage controllers of a ``Machine`` or ``Snapshot``, in both layouts.
 
@@ -464,6 +491,7 @@ def parse_settings(data: bytes) -> MachineSettings:
         version=f"{version[0]}.{version[1]}",
         # readMachine: absent means true (Settings.cpp).
         current_state_modified=machine.get("currentStateModified", "true") != "false",
+        images=_images(registry),
     )
 
 

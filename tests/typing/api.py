@@ -147,6 +147,8 @@ def restore_latest(repo: vbremote.Repository, name: str) -> vbremote.VMInfo | No
     except vbremote.RestoreLocked as exc:
         print(exc.vm, exc.lock_file)
         return None
-    copy = restorer.restore(name, as_new=f"{name}-copy", register=False)
+    copy = restorer.restore(name, as_new=f"{name}-copy", register=False, eject_missing_images=True)
+    ejected: tuple[vbremote.ImageDrive, ...] = copy.ejected
+    print([(d.image, d.kind, d.snapshot, d.describe()) for d in ejected])
     print(result.stats.bytes_fetched, result.removed, result.resumed, copy.settings_file)
     return result.vm

@@ -14,7 +14,7 @@ from rich.table import Table
 from .._errors import ArchiveNotFound, RestorePreflightFailed, VBRemoteError
 from .._models import ArchiveInfo, MachineState
 from .._repository import Repository
-from .._restorer import RestorePlan, Restorer, RestoreResult
+from .._restorer import ImageDrive, RestorePlan, Restorer, RestoreResult
 from .._restorer._vm import machine_folder_name
 from ._app import App, CommandFailed, exit_code_for
 from ._choose import choose_vm, confirm
@@ -73,7 +73,16 @@ def _plan_doc(plan: RestorePlan) -> dict[str, Any]:
             for f in plan.files
         ],
         "problems": [{"code": p.code, "message": p.message, "remedy": p.remedy} for p in plan.problems],
+        "ejected": _ejected_doc(plan.ejected),
     }
+
+
+def _ejected_doc(drives: tuple[ImageDrive, ...]) -> list[dict[str, Any]]:
+    return [
+        {"image": str(d.image), "kind": d.kind, "uuid": d.uuid, "controller": d.controller, "port": d.port,
+         "device": d.device, "snapshot": d.snapshot}
+        for d in drives
+    ]
 
 
 def _show_plan(app: App, archive: ArchiveInfo, plan: RestorePlan, as_new: str | None) -> None:
@@ -100,6 +109,8 @@ def _show_plan(app: App, archive: ArchiveInfo, plan: RestorePlan, as_new: str | 
         + (" An interrupted restore of this archive continues." if plan.resumed else ""),
         markup=False,
     )
+    for drive in plan.ejected:
+        console.print(f"missing image {drive.image}: the {drive.describe()} is restored empty", markup=False)
     for problem in plan.problems:
         console.print(f"problem ({problem.code}): {problem.message}; {problem.remedy}", markup=False)
 
@@ -112,6 +123,7 @@ def _result_doc(result: RestoreResult) -> dict[str, Any]:
         "settings_file": str(result.settings_file),
         "removed": [str(p) for p in result.removed],
         "resumed": result.resumed,
+        "ejected": _ejected_doc(result.ejected),
         "stats": {
             "bytes_fetched": stats.bytes_fetched,
             "bytes_copied": stats.bytes_copied,
@@ -136,6 +148,8 @@ def _result_doc(result: RestoreResult) -> dict[str, Any]:
 @click.option("--allow-host-references", is_flag=True,
               help="Keep what the archive's settings give the VM of this host (shared folders, serial ports on host "
                    "files, ...); only for archives whose author you trust.")
+@click.option("--eject-missing-images", is_flag=True,
+              help="Restore the DVD and floppy drives whose images are missing on this host empty.")
 @json_option
 @pass_app
 def restore(
@@ -149,6 +163,7 @@ def restore(
     cpu_portability_level: int | None,
     verify: Literal["written", "full", "none"],
     allow_host_references: bool,
+    eject_missing_images: bool,
 ) -> None:
     """Restore a VM from an archive: only the blocks that differ travel.
 
@@ -169,6 +184,7 @@ def restore(
         with app.progress() as progress:
             plan = restorer.plan(archive, target, seeds, power_off=power_off, discard_state=discard_state,
                                  cpu_portability_level=cpu_portability_level, as_new=as_new, progress=progress,
+                                 eject_missing_images=eject_missing_images,
                                  allow_host_references=allow_host_references)
         _show_plan(app, archive, plan, as_new)
         if plan.problems:
@@ -183,6 +199,7 @@ def restore(
             result = restorer.restore(archive, target, power_off=power_off, seeds=seeds,
                                       discard_state=discard_state, cpu_portability_level=cpu_portability_level,
                                       verify=verify, as_new=as_new, progress=progress,
+                                      eject_missing_images=eject_missing_images,
                                       allow_host_references=allow_host_references)
         doc = {
             "repository": app.repository_config().name,
@@ -193,6 +210,8 @@ def restore(
         run.result = doc
     app.emit(doc)
     state = result.vm.state.value if result.vm else "not registered"
+    for drive in result.ejected:
+        app.say(f"The {drive.describe()} is empty: its image {drive.image} is missing on this host.")
     app.say(
         f"Restored {archive.name} into {plan.target}: fetched {_size(result.stats.bytes_fetched)},"
         f" wrote {_size(result.stats.bytes_written)}; the VM is {state}."

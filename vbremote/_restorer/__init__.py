@@ -10,12 +10,16 @@ The package is built by steps, each in a module of its own:
 - :mod:`._vm`: the :class:`Restorer` (preflight, unregister, register, stale
   files, restore as a new VM).
 - :mod:`._rewrite`: the settings and disk-image rewrites of a restore (dropped
-  state, CPU portability level, moved files, a new identity for a copy).
+  state, CPU portability level, moved files, a new identity for a copy,
+  ejected images).
+- :mod:`._images`: the DVD and floppy images an archive refers to, and which
+  of them are missing on this host (:class:`ImageDrive`).
 """
 
 from __future__ import annotations
 
 from ._apply import ApplyStats, Prefetch, apply_plan
+from ._images import ImageDrive
 from ._journal import JOURNAL_NAME, RestoreFileState, RestoreState
 from ._plan import BlockAction, FilePlan, PlanProblem, RestorePlan, make_plan
 from ._source import RestoreSource, SourceFile, source_from_archive
@@ -26,6 +30,7 @@ __all__ = [
     "ApplyStats",
     "BlockAction",
     "FilePlan",
+    "ImageDrive",
     "PlanProblem",
     "Prefetch",
     "RestoreFileState",

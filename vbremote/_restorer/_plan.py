@@ -31,6 +31,7 @@ from attrs import field, frozen
 
 from .._errors import ConfigurationError, RestoreError
 from .._models import ChunkRef, Progress
+from ._images import ImageDrive
 from ._journal import RestoreState, intervals_cover
 from ._source import RestoreSource, SourceFile
 
@@ -121,6 +122,8 @@ class RestorePlan:
         fingerprint: A hash of the archive id and every file's chunk list; the
             journal is keyed by it.
         resumed: Whether a journal of an interrupted restore of this archive was found.
+        ejected: The DVD and floppy drives the restore empties because their
+            images are missing on this host (``eject_missing_images=True``).
     """
 
     source: RestoreSource
@@ -129,6 +132,7 @@ class RestorePlan:
     problems: tuple[PlanProblem, ...] = ()
     fingerprint: str = ""
     resumed: bool = False
+    ejected: tuple[ImageDrive, ...] = ()
 
     @property
     def bytes_to_fetch(self) -> int:

@@ -4,6 +4,8 @@
   elsewhere in the target folder (``_external/`` disks mapped by the caller).
 - :func:`new_identity` gives the settings a new machine uuid and name and
   every hard disk a new uuid, for a restore as a new VM beside the current one.
+- :func:`eject_images` empties the DVD and floppy drives that attach images
+  missing on this host, and drops those images from the media registry.
 - :func:`set_vdi_uuids` rewrites a VDI image's own uuid and its parent's, so
   that the images match the rewritten settings.
 
@@ -21,13 +23,13 @@ from __future__ import annotations
 
 import os
 import uuid as uuid_module
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from .._errors import SettingsFileError
 from .._settings import _N, _bare, _braced, _dump, _load, _machine, _version
 
-__all__ = ["new_identity", "rewrite_paths", "set_vdi_uuids", "settings_with", "vdi_uuids"]
+__all__ = ["eject_images", "new_identity", "rewrite_paths", "set_vdi_uuids", "settings_with", "vdi_uuids"]
 
 # VDI 1.1: a 72-byte pre-header (text, signature, version), then the header,
 # whose uuids start 0x188 bytes into the file: the image's own, its last
@@ -87,6 +89,56 @@ def settings_with(data: bytes, *, drop_state: bool = False, cpu_portability_leve
             cpu = hardware.makeelement(_N + "CPU", {})
             hardware.insert(0, cpu)
         cpu.set("CpuIdPortabilityLevel", str(cpu_portability_level))
+    return _dump(prolog, root)
+
+
+def eject_images(data: bytes, uuids: Iterable[str]) -> bytes:
+    """The settings with every DVD or floppy drive that attaches one of these images empty, and the images gone.
+
+    An empty drive is an ``AttachedDevice`` of type ``DVD`` or ``Floppy``
+    without an ``Image`` (nor ``HostDrive``) child: MachineConfigFile::
+    buildStorageControllersXML writes the ``Image`` element only for a
+    non-zero medium uuid, and readStorageControllers reads a device without
+    one as an empty drive (src/VBox/Main/xml/Settings.cpp, 6.1.38 and 7.1.12).
+    The machine's and every snapshot's hardware (in both storage layouts) are
+    rewritten; the images leave the registry's ``DVDImages``/``FloppyImages``,
+    and a holder left empty goes too (buildMediaRegistry writes none when a
+    list is empty). Everything else is kept.
+
+    Args:
+        data: The settings file.
+        uuids: The images' medium uuids.
+
+    Returns:
+        The rewritten settings file (``data`` itself when no uuid is given).
+
+    Raises:
+        SettingsFileError: Not a readable settings file.
+    """
+    wanted = {_bare(uuid) for uuid in uuids}
+    if not wanted:
+        return data
+    prolog, root = _load(data)
+    _version(root)
+    machine = _machine(root)
+    for device in machine.iter(_N + "AttachedDevice"):
+        if device.get("type") not in ("DVD", "Floppy"):
+            continue
+        for image in device.findall(_N + "Image"):
+            if _bare(image.get("uuid", "")) in wanted:
+                device.remove(image)
+                if not len(device):
+                    device.text = None  # written as VirtualBox writes an empty drive: <AttachedDevice .../>
+    registry = machine.find(_N + "MediaRegistry")
+    for holder_name in ("DVDImages", "FloppyImages"):
+        holder = registry.find(_N + holder_name) if registry is not None else None
+        if holder is None or registry is None:
+            continue
+        for image in holder.findall(_N + "Image"):
+            if _bare(image.get("uuid", "")) in wanted:
+                holder.remove(image)
+        if not len(holder):
+            registry.remove(holder)
     return _dump(prolog, root)
 
 

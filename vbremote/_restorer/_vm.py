@@ -19,6 +19,10 @@ the VM:
   and the archive does not contain, and nothing else. Their list is made and
   persisted in the target before anything changes, so a restore killed after
   the old settings were replaced still removes them when it is run again.
+- **Missing DVD and floppy images.** An archive refers to them, never holds
+  them; one missing on this host stops the restore before any write
+  (``image-missing``), or with ``eject_missing_images`` its drives are
+  restored empty and reported (see :mod:`._images`).
 - **A new VM** (``as_new``): new machine and medium uuids, written in the
   settings and in every VDI header, and a new name, so an old snapshot opens
   beside the current VM.
@@ -61,9 +65,10 @@ from .._snapshotter._lock import check_lock_wait, state_dir_or_default, vm_lock
 from ._apply import ApplyStats, Prefetch, Verify, apply_plan
 from ._checks import source_host_references
 from ._foreign import foreign_source
+from ._images import ImageDrive, image_drives, missing_images
 from ._journal import replace_durably
 from ._plan import PlanProblem, RestorePlan, make_plan
-from ._rewrite import new_identity, set_vdi_uuids, settings_with
+from ._rewrite import eject_images, new_identity, set_vdi_uuids, settings_with
 from ._source import RestoreSource, referenced_files, source_from_archive
 from ._stale import forget_stale, is_regular_inside, load_stale, remove_stale, save_stale, stale_name, vm_key
 
@@ -156,6 +161,8 @@ class RestoreResult:
         removed: Stale files removed from the target folder (absolute paths).
         resumed: Whether an interrupted restore of the same archive was continued.
         settings_file: The settings file written.
+        ejected: The DVD and floppy drives restored empty because their images
+            were missing on this host (``eject_missing_images=True``).
     """
 
     vm: VMInfo | None
@@ -163,6 +170,7 @@ class RestoreResult:
     removed: tuple[Path, ...]
     resumed: bool
     settings_file: Path
+    ejected: tuple[ImageDrive, ...] = ()
 
 
 @define(eq=False)
@@ -234,6 +242,7 @@ class Restorer:
         cpu_portability_level: int | None = None,
         as_new: str | None = None,
         external: Mapping[str, str] | None = None,
+        eject_missing_images: bool = False,
         progress: Callable[[Progress], None] | None = None,
         allow_host_references: bool = False,
     ) -> RestorePlan:
@@ -256,6 +265,9 @@ class Restorer:
             cpu_portability_level: The level the restored VM gets (0 to 3).
             as_new: Restore as a new VM of this name (new uuids), beside the current one.
             external: Where ``_external/`` files go, relative to the target.
+            eject_missing_images: Restore the DVD and floppy drives whose
+                images are missing on this host empty (no ``image-missing``
+                problem; the plan's ``ejected`` lists them).
             progress: Called while local files are hashed.
             allow_host_references: Keep what the archive's settings give the
                 VM of the host (shared folders, serial and parallel ports on
@@ -281,7 +293,11 @@ class Restorer:
         problems = self._preflight(source, folder, power_off=power_off, discard_state=discard_state,
                                    cpu_portability_level=cpu_portability_level, as_new=as_new,
                                    allow_host_references=allow_host_references)
-        return attrs.evolve(plan, problems=(*plan.problems, *problems))
+        missing = _missing_drives(source, folder)
+        if not eject_missing_images:
+            problems += _image_problems(missing)
+        return attrs.evolve(plan, problems=(*plan.problems, *problems),
+                            ejected=missing if eject_missing_images else ())
 
     def _prepare(
         self,
@@ -472,6 +488,7 @@ class Restorer:
         cpu_portability_level: int | None = None,
         as_new: str | None = None,
         external: Mapping[str, str] | None = None,
+        eject_missing_images: bool = False,
         progress: Callable[[Progress], None] | None = None,
         allow_host_references: bool = False,
     ) -> RestoreResult:
@@ -494,6 +511,11 @@ class Restorer:
             archive, target, seeds, power_off, discard_state, cpu_portability_level, as_new, external:
                 As for :meth:`plan`.
             allow_host_references: As for :meth:`plan`.
+            eject_missing_images: Restore the DVD and floppy drives whose images
+                are missing on this host empty: the settings file written
+                attaches nothing there and its media registry drops those
+                images; each is logged and listed in ``ejected``. Without it a
+                missing image is an ``image-missing`` problem.
             register: Register the VM (``False``: only write the files).
             verify: ``"written"``, ``"full"`` or ``"none"`` (see :func:`apply_plan`).
             progress: Called with :class:`Progress` events while hashing and writing.
@@ -529,7 +551,8 @@ class Restorer:
             result = self._restore(source, folder, current, power_off=power_off, register=register,
                                    verify=verify, seeds=seeds, discard_state=discard_state,
                                    cpu_portability_level=cpu_portability_level, as_new=as_new, progress=progress,
-                                   allow_host_references=allow_host_references)
+                                   allow_host_references=allow_host_references,
+                                   eject_missing_images=eject_missing_images)
         return result
 
     def _hold(self, locks: contextlib.ExitStack, source: RestoreSource, key: str, what: str) -> None:
@@ -558,12 +581,18 @@ class Restorer:
         as_new: str | None,
         progress: Callable[[Progress], None] | None,
         allow_host_references: bool,
+        eject_missing_images: bool,
     ) -> RestoreResult:
         problems = self._preflight(source, folder, power_off=power_off, discard_state=discard_state,
                                    cpu_portability_level=cpu_portability_level, as_new=as_new,
                                    allow_host_references=allow_host_references)
+        # Checked once, before any write: the drives ejected are the ones found missing here.
+        missing = _missing_drives(source, folder)
+        if not eject_missing_images:
+            problems += _image_problems(missing)
         if problems:
             raise _refused(source, folder, problems)
+        ejected = missing if eject_missing_images else ()
         in_place = as_new is None
         if in_place and current is not None and current.state.is_running and power_off:
             # Every check a plan makes runs before the VM is powered off: a plan of the running VM
@@ -598,6 +627,10 @@ class Restorer:
             stats = apply_plan(self.repository, plan, verify=verify, progress=progress, prefetch=prefetch)
         settings = settings_with(source.settings, drop_state=discard_state,
                                  cpu_portability_level=cpu_portability_level)
+        settings = eject_images(settings, {drive.uuid for drive in ejected})
+        for drive in ejected:
+            log.warning("%s: the %s image %s is missing on this host; the %s is restored empty", source.vm_name,
+                        drive.kind, drive.image, drive.describe())
         if as_new is not None:
             settings, _, media = new_identity(settings, name=as_new)
             with _writing(folder, source.archive):
@@ -623,7 +656,7 @@ class Restorer:
         log.info("%s: restored from %s into %s (%d bytes fetched, %d stale files removed)", source.vm_name,
                  source.archive, folder, stats.bytes_fetched, len(removed))
         return RestoreResult(vm=info, stats=stats, removed=removed, resumed=stats.resumed,
-                             settings_file=settings_path)
+                             settings_file=settings_path, ejected=ejected)
 
     def _local_files(
         self, folder: Path, source: RestoreSource, current: VMInfo | None, *, as_new: str | None
@@ -719,6 +752,28 @@ class Restorer:
             raise RestoreError(
                 f"archive {source.archive!r}: the restored VM {info.name!r} did not register as archived: "
                 + "; ".join(problems) + "; it was unregistered again", archive=source.archive)
+
+
+def _missing_drives(source: RestoreSource, folder: Path) -> tuple[ImageDrive, ...]:
+    """The drives of the archived settings whose DVD or floppy image is not on this host."""
+    drives = image_drives(parse_settings(source.settings), folder)
+    return tuple(drive for using in missing_images(drives).values() for drive in using)
+
+
+def _image_problems(drives: Sequence[ImageDrive]) -> list[PlanProblem]:
+    """One ``image-missing`` problem per missing image, naming its path, the drives and the ways out."""
+    by_image: dict[Path, list[ImageDrive]] = {}
+    for drive in drives:
+        by_image.setdefault(drive.image, []).append(drive)
+    problems = []
+    for image, using in by_image.items():
+        problems.append(PlanProblem(
+            "image-missing",
+            f"the {using[0].kind} image {image} is not on this host (an archive refers to images, it does not "
+            "hold them); the archived settings attach it to the " + ", ".join(d.describe() for d in using),
+            f"put the image (or a copy of it) back at {image}, or pass eject_missing_images=True "
+            f"(--eject-missing-images) to restore {'that drive' if len(using) == 1 else 'those drives'} empty"))
+    return problems
 
 
 def _refused(source: RestoreSource, folder: Path, problems: Sequence[PlanProblem]) -> RestorePreflightFailed:

@@ -149,18 +149,20 @@ class _IMedium(_COM):
         return self._uuid
 
     def _record(self) -> Any:
-        try:
-            return self._machine.media[self._uuid]
-        except KeyError:
-            raise SimulatedVBoxError("E_ACCESSDENIED", "The object is not ready") from None
+        found = self._machine.media.get(self._uuid) or self._machine.removable.get(self._uuid)
+        if found is None:
+            raise SimulatedVBoxError("E_ACCESSDENIED", "The object is not ready")
+        return found
 
     id = property(lambda self: self._uuid)
     location = property(lambda self: str(self._record().path))
     name = property(lambda self: self._record().path.name)
-    format = property(lambda self: "VDI")
-    deviceType = property(lambda self: 3)
-    type = property(lambda self: 0)
-    readOnly = property(lambda self: bool(self._record().children))
+    # DVD and floppy images are opened with the RAW backend and are read-only (Medium::init for
+    # DeviceType_DVD / DeviceType_Floppy, MediumImpl.cpp).
+    format = property(lambda self: "VDI" if self._record().kind == "HardDisk" else "RAW")
+    deviceType = property(lambda self: {"Floppy": 1, "DVD": 2}.get(self._record().kind, 3))
+    type = property(lambda self: 0 if self._record().kind == "HardDisk" else 4)  # Normal, Readonly
+    readOnly = property(lambda self: self._record().kind != "HardDisk" or bool(self._record().children))
 
     # Medium::getState, getLogicalSize, getSize and getLastAccessError read what the
     # last check found: a medium read from settings is Inaccessible with sizes 0 until
@@ -206,7 +208,7 @@ class _IMedium(_COM):
         return 1 if self._record().accessible else 4
 
     def close(self) -> None:
-        if self._machine.registered and self._uuid in self._machine.media:
+        if self._machine.registered and (self._uuid in self._machine.media or self._uuid in self._machine.removable):
             raise SimulatedVBoxError(
                 "VBOX_E_OBJECT_IN_USE", f"Medium '{self._record().path}' cannot be closed because it is still attached"
             )

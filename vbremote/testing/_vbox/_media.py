@@ -60,6 +60,8 @@ def check_medium(medium: _Medium) -> None:
     """
     if medium.path.is_file():
         medium.access_error = ""
+        if medium.kind != "HardDisk":
+            medium.size = medium.path.stat().st_size  # a RAW image's logical size is its file's
     else:
         medium.access_error = (f"Could not open the medium '{medium.path}'. VD: error VERR_FILE_NOT_FOUND opening "
                                f"image file '{medium.path}' (VERR_FILE_NOT_FOUND)")

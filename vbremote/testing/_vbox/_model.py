@@ -129,6 +129,8 @@ class _Medium:
     # needs it (IMedium::refreshState, a lock); until then it reads as
     # Inaccessible with size 0 (Medium::initOne, MediumImpl.cpp).
     access_error: str = ""
+    # "HardDisk", or "DVD" / "Floppy" for an image of the registry's DVDImages / FloppyImages.
+    kind: str = "HardDisk"
 
     @property
     def accessible(self) -> bool:
@@ -308,6 +310,8 @@ class _Machine:
     state_file: str | None = None
     last_state_change: str = ""
     media: dict[str, _Medium] = field(factory=dict)
+    # The DVD and floppy images of the machine's media registry (read-only, never VDI).
+    removable: dict[str, _Medium] = field(factory=dict)
     attachments: list[_Attachment] = field(factory=list)
     snapshots: dict[str, _Snapshot] = field(factory=dict)
     root: str | None = None

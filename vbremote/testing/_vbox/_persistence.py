@@ -33,7 +33,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..._settings import NS, Medium, SnapshotNode, _bare, parse_settings
+from ..._settings import NS, Attachment, Medium, SnapshotNode, _bare, parse_settings
 from .._vdi import VDI
 from ._model import NOT_CHECKED, _Attachment, _Machine, _Medium, _Snapshot, now_iso
 
@@ -66,7 +66,8 @@ def write_settings(machine: _Machine, profile: str, *, aborted: bool = False) ->
     if aborted or machine.state in ("Aborted", "AbortedSaved"):
         attributes["aborted"] = "true"
     element = ET.SubElement(root, "Machine", attributes)
-    registry = ET.SubElement(ET.SubElement(element, "MediaRegistry"), "HardDisks")
+    registry_element = ET.SubElement(element, "MediaRegistry")
+    registry = ET.SubElement(registry_element, "HardDisks")
 
     def add_medium(holder: ET.Element, medium: _Medium) -> None:
         disk = ET.SubElement(holder, "HardDisk", {"uuid": f"{{{medium.uuid}}}",
@@ -80,6 +81,14 @@ def write_settings(machine: _Machine, profile: str, *, aborted: bool = False) ->
     for medium in machine.media.values():
         if medium.parent is None:
             add_medium(registry, medium)
+    # buildMediaRegistry (Settings.cpp): HardDisks, then DVDImages and FloppyImages, each only when not empty.
+    for kind, holder_name in (("DVD", "DVDImages"), ("Floppy", "FloppyImages")):
+        images = [m for m in machine.removable.values() if m.kind == kind]
+        if images:
+            holder = ET.SubElement(registry_element, holder_name)
+            for image in images:
+                ET.SubElement(holder, "Image", {"uuid": f"{{{image.uuid}}}",
+                                                "location": _location(machine, image.path)})
     if machine.root:
         _snapshot_element(machine, version, element, machine.snapshots[machine.root])
     _state(element, machine, version, machine.attachments, machine.nvram)
@@ -204,8 +213,23 @@ def machine_from_settings(settings: Path, data: bytes, profile: str) -> _Machine
 
     for medium in parsed.media:
         add(medium, None)
-    machine.attachments = [_Attachment(a.controller, a.port, a.device, a.type, a.medium)
-                           for a in parsed.attachments]
+    for image in parsed.images:
+        # VirtualBox::initMedia with Medium::init (6.1.38) or Medium::initFromSettings (7.1.12), VirtualBoxImpl.cpp
+        # and MediumImpl.cpp: an image of the registry is loaded without opening its file, Inaccessible until checked.
+        location = Path(image.location)
+        path = location if location.is_absolute() else folder / location
+        machine.removable[image.uuid] = _Medium(image.uuid, path, None, 0, access_error=NOT_CHECKED, kind=image.kind)
+
+    def attachment(a: Attachment) -> _Attachment:
+        medium = a.medium
+        if a.type in ("DVD", "Floppy") and medium is not None and medium not in machine.removable:
+            # Machine::i_loadStorageDevices (MachineImpl.cpp): an image no media registry knows "is not an
+            # error ... just go ahead without this removeable medium attachment" (an empty drive). The
+            # simulator knows only the machine's own registry, not the global one of VirtualBox.xml.
+            medium = None
+        return _Attachment(a.controller, a.port, a.device, a.type, medium)
+
+    machine.attachments = [attachment(a) for a in parsed.attachments]
     descriptions = {_bare(s.get("uuid", "")): (s.findtext(_N + "Description") or "")
                     for s in element.iter(_N + "Snapshot")}
 
@@ -213,8 +237,7 @@ def machine_from_settings(settings: Path, data: bytes, profile: str) -> _Machine
         stamp = dt.datetime.strptime(node.time_stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
         machine.snapshots[node.uuid] = _Snapshot(
             node.uuid, node.name, descriptions.get(node.uuid, ""), int(stamp.timestamp() * 1000),
-            node.state_file, [_Attachment(a.controller, a.port, a.device, a.type, a.medium)
-                              for a in node.attachments], parent,
+            node.state_file, [attachment(a) for a in node.attachments], parent,
             [child.uuid for child in node.children], nvram=node.nvram)
         for child in node.children:
             add_snapshot(child, node.uuid)

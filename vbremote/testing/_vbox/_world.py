@@ -187,6 +187,38 @@ class World:
             self._write_registry()
             return machine.uuid
 
+    def insert_image(self, vm: str, path: str | os.PathLike[str], *, kind: str = "DVD") -> str:
+        """Insert a DVD image into the VM's DVD drive (as ``VBoxManage storageattach --medium``); returns its uuid.
+
+        The image joins the machine's media registry (``DVDImages``) at its
+        absolute path; the file need not exist (VirtualBox refuses to open a
+        missing one, so this sets the scene of an image deleted later).
+
+        Args:
+            vm: The VM's name or uuid (powered off or saved).
+            path: The image file.
+            kind: ``"DVD"`` (the simulator's VMs have one DVD drive and no floppy controller).
+
+        Raises:
+            ConfigurationError: No such VM, a VM that is not off, or another kind.
+        """
+        if kind != "DVD":
+            raise ConfigurationError("the simulated VMs have a DVD drive only")
+        machine = self.machine(vm)
+        with self.lock:
+            if machine.state not in OFFLINE or self.is_locked(machine):
+                raise ConfigurationError(f"{machine.name} is {machine.state} or locked")
+            drive = next(a for a in machine.attachments if a.type == "DVD")
+            where = Path(os.path.abspath(path))
+            # IVirtualBox::openMedium gives back the image it knows at that path (i_findDVDOrFloppyImage).
+            known = [m for other in self.machines.values() for m in other.removable.values() if m.path == where]
+            image = _Medium(known[0].uuid if known else str(uuid_module.uuid4()), where, None, 0, kind=kind)
+            _media.check_medium(image)
+            machine.removable[image.uuid] = image
+            drive.medium = image.uuid
+            self.write_settings(machine)
+            return image.uuid
+
     def machine(self, vm: str) -> _Machine:
         """The registered machine with this name or uuid.
 
@@ -321,6 +353,12 @@ class World:
                 )
             resume = machine.state in ("Saved", "AbortedSaved")
             _media.check_media(machine)  # the VM process opens (locks) its media
+            # Console::i_configMedium (ConsoleImpl2.cpp of 6.1.38, ConsoleImplConfigCommon.cpp of 7.1.12):
+            # an attached DVD or floppy image is refreshed and, when inaccessible, "ignored" with a
+            # runtime warning; the VM starts with that drive empty (i_lockMedia locks only hard disks
+            # as vital, MachineImpl.cpp). The settings keep the image.
+            for image in machine.removable.values():
+                _media.check_medium(image)
             unusable = _media.inaccessible_disk(machine)
             machine.holder = "vm"
             # The launching session becomes a Remote one with the VM process's console
@@ -849,6 +887,17 @@ class World:
         the known medium between the machines; the simulator does not model
         shared media and refuses that with ``E_NOTIMPL``).
         """
+        # DVD and floppy images (the same uuid at the same path) are shared between machines:
+        # VirtualBox::i_registerMedium keeps the medium it knows (i_checkMediaForConflicts returns it as the
+        # duplicate; VirtualBoxImpl.cpp, 6.1.38 and 7.1.12); one uuid at another path conflicts like a hard disk.
+        images = {m.uuid: m for other in self.machines.values() for m in other.removable.values()}
+        image_at = {m.path: m for m in images.values()}
+        for image in machine.removable.values():
+            found = images.get(image.uuid) or image_at.get(image.path)
+            if found is not None and (found.path, found.uuid) != (image.path, image.uuid):
+                raise SimulatedVBoxError(
+                    "E_INVALIDARG", f"Cannot register the {image.kind} image '{image.path}' {{{image.uuid}}} "
+                    f"because an image '{found.path}' with UUID {{{found.uuid}}} already exists")
         known = {medium.uuid: medium for other in self.machines.values() for medium in other.media.values()}
         at = {medium.path: medium for medium in known.values()}
         for medium in machine.media.values():
