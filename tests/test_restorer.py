@@ -126,6 +126,20 @@ def settings_text(*, disk: str = "dev.vdi", state: str | None = None, nvram: str
     ).encode()
 
 
+def killed_at(script: str, marker: str) -> None:
+    """Run ``script`` in a child process (a session of its own) until it prints ``marker``, then SIGKILL it."""
+    env = {**os.environ, "PYTHONPATH": str(Path(vbremote.__file__).parent.parent)}
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=env, text=True, start_new_session=True)
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        assert line.strip() == marker, child.stderr.read() if child.stderr else ""
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+
+
 class TestSource:
     def test_snapshotter_archive(self, scene: Scene):
         """A Snapshotter archive gives every data file at its archive path, and the settings it was frozen with."""
@@ -1056,16 +1070,7 @@ class TestKilled:
                                           passphrase={PASSPHRASE!r}, base_dir={str(base_dir)!r}) as repo:
                 vbremote.Restorer(host, repo).restore({archive.name!r}, progress=stall)
         """)
-        env = {**os.environ, "PYTHONPATH": str(Path(vbremote.__file__).parent.parent)}
-        child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 env=env, text=True, start_new_session=True)
-        try:
-            assert child.stdout is not None
-            line = child.stdout.readline()
-            assert line.strip() == "WRITING", child.stderr.read() if child.stderr else ""
-        finally:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.communicate()
+        killed_at(script, "WRITING")
         with SimulatedVirtualBox(tmp_path / "vbox", version="7.1") as sim:
             host = vbremote.VirtualBoxHost.connect(manager=sim.manager())
             assert not any(vm.uuid == archive.vm_uuid for vm in host.vms())
@@ -1264,16 +1269,7 @@ class TestStaleAfterKill:
                                           passphrase={PASSPHRASE!r}, base_dir={str(base_dir)!r}) as repo:
                 vbremote.Restorer(host, repo).restore({archive.name!r}, {str(folder)!r})
         """)
-        env = {**os.environ, "PYTHONPATH": str(Path(vbremote.__file__).parent.parent)}
-        child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 env=env, text=True, start_new_session=True)
-        try:
-            assert child.stdout is not None
-            line = child.stdout.readline()
-            assert line.strip() == "KILLPOINT", child.stderr.read() if child.stderr else ""
-        finally:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.communicate()
+        killed_at(script, "KILLPOINT")
         assert all(p.exists() for p in expected)  # killed before it removed anything
         assert any(p.name.startswith(STALE_PREFIX) for p in folder.iterdir())
         # A listed file replaced by a symlink meanwhile: neither it nor what it points to is removed.
