@@ -179,9 +179,7 @@ class TestApply:
         """Zero chunks are never fetched; over local data they become holes, past it they stay unwritten."""
         rng = random.Random(1)
         content = b"".join(bytes(MIB) if i % 2 else rng.randbytes(MIB) for i in range(16))
-        (tmp_path / "d.img").write_bytes(content)
-        info = repo.write_archive("a", [vbremote.FileSpec(tmp_path / "d.img", "d.img", vbremote.FileRole.DISK)],
-                                  metadata()).archive
+        info = one_disk(repo, tmp_path, content)
         target = tmp_path / "t"
         target.mkdir()
         (target / "d.img").write_bytes(rng.randbytes(8 * MIB))  # the first half full of other data
@@ -259,9 +257,7 @@ class TestApply:
         (the read-back runs while later blocks are written, before the file has its final size)."""
         rng = random.Random(6)
         head = rng.randbytes(3 * MIB)
-        (tmp_path / "d.img").write_bytes(head + bytes(MIB))
-        info = repo.write_archive("a", [vbremote.FileSpec(tmp_path / "d.img", "d.img", vbremote.FileRole.DISK)],
-                                  metadata()).archive
+        info = one_disk(repo, tmp_path, head + bytes(MIB))
         for attempt in range(8):
             target = tmp_path / f"t{attempt}"
             target.mkdir()
@@ -411,6 +407,13 @@ def run_child(script: Path, args: list[str], kill_after: float | None) -> dict[s
     out, err = child.communicate()
     assert child.returncode == 0, err
     return json.loads(out)  # type: ignore[no-any-return]
+
+
+def one_disk(repo: vbremote.Repository, tmp_path: Path, data: bytes) -> vbremote.ArchiveInfo:
+    """An archive "a" of one disk image, ``d.img``, holding ``data``."""
+    (tmp_path / "d.img").write_bytes(data)
+    spec = vbremote.FileSpec(tmp_path / "d.img", "d.img", vbremote.FileRole.DISK)
+    return repo.write_archive("a", [spec], metadata()).archive
 
 
 def journal_is_true(target: Path, expected: dict[str, bytes]) -> int:
@@ -582,9 +585,7 @@ class TestVerify:
         """A block the journal of an interrupted run records as done is trusted by the plan, so the resumed
         run reads it back: one that rotted meanwhile raises IntegrityError naming it."""
         data = random.Random(10).randbytes(8 * MIB)
-        (tmp_path / "d.img").write_bytes(data)
-        info = repo.write_archive("a", [vbremote.FileSpec(tmp_path / "d.img", "d.img", vbremote.FileRole.DISK)],
-                                  metadata()).archive
+        info = one_disk(repo, tmp_path, data)
         target = tmp_path / "t"
         source = restore_source(repo, info)
         monkeypatch.setattr(apply_module, "JOURNAL_EVERY_BYTES", 2 * MIB)
@@ -648,9 +649,7 @@ class TestCompleteness:
         """A fetch stream that ends without its last chunk and without an error: RestoreError, not success;
         what came is recorded, and the next run completes."""
         data = random.Random(8).randbytes(4 * MIB)
-        (tmp_path / "d.img").write_bytes(data)
-        info = repo.write_archive("a", [vbremote.FileSpec(tmp_path / "d.img", "d.img", vbremote.FileRole.DISK)],
-                                  metadata()).archive
+        info = one_disk(repo, tmp_path, data)
         target = tmp_path / "t"
         target.mkdir()
         (target / "d.img").write_bytes(random.Random(9).randbytes(4 * MIB))
@@ -678,9 +677,7 @@ class TestDurability:
         """Each journal save records only blocks an fsync made durable after they were written; after an
         fsync fails, nothing more is recorded (a later fsync may succeed over lost pages)."""
         data = random.Random(7).randbytes(16 * MIB)
-        (tmp_path / "d.img").write_bytes(data)
-        info = repo.write_archive("a", [vbremote.FileSpec(tmp_path / "d.img", "d.img", vbremote.FileRole.DISK)],
-                                  metadata()).archive
+        info = one_disk(repo, tmp_path, data)
         target = tmp_path / "t"
         plan = make_plan(repo, restore_source(repo, info), target)
         monkeypatch.setattr(apply_module, "JOURNAL_EVERY_BYTES", 4 * MIB)
@@ -733,9 +730,7 @@ class TestSpace:
         """Data written into the holes of a sparse local file takes space: too much of it is a no-space problem
         before any write (a restore's own zero blocks are holes, so this is the next restore's common case)."""
         data = random.Random(11).randbytes(24 * MIB)
-        (tmp_path / "d.img").write_bytes(data)
-        info = repo.write_archive("a", [vbremote.FileSpec(tmp_path / "d.img", "d.img", vbremote.FileRole.DISK)],
-                                  metadata()).archive
+        info = one_disk(repo, tmp_path, data)
         target = small_fs / "vm"
         target.mkdir()
         with (target / "d.img").open("wb") as f:
