@@ -126,6 +126,27 @@ def settings_text(*, disk: str = "dev.vdi", state: str | None = None, nvram: str
     ).encode()
 
 
+def stale_scene(scene: Scene) -> tuple[vbremote.ArchiveInfo, Path, set[Path]]:
+    """An archive of "dev", then a later snapshot and a saved state: the archive, the VM's folder, and the
+    files of the VM's folder that its settings name and the archive lacks (stale after a restore in place)."""
+    archive = scene.take()
+    scene.sim.start("dev", workload=HOT)
+    wait_writes(scene, 5)
+    scene.host.take_snapshot("dev", "later")
+    wait_writes(scene, 5)
+    scene.host.save_state("dev")
+    info = scene.host.vm("dev")
+    assert [s.name for s in info.snapshots()].count("later") == 1
+    folder = info.folder
+    named: set[Path | None] = {m.location for a in info.attachments for m in a.chain}
+    named |= {info.state_file, info.nvram_file}
+    for snap in info.snapshots():
+        named |= {m.location for a in snap.attachments for m in a.chain} | {snap.state_file, snap.nvram_file}
+    restored = {folder / f.path for f in archive.files}
+    expected = {p for p in named if p is not None and p.exists() and p.is_relative_to(folder) and p not in restored}
+    return archive, folder, expected
+
+
 def killed_at(script: str, marker: str) -> None:
     """Run ``script`` in a child process (a session of its own) until it prints ``marker``, then SIGKILL it."""
     env = {**os.environ, "PYTHONPATH": str(Path(vbremote.__file__).parent.parent)}
@@ -401,35 +422,19 @@ class TestInPlace:
         """Files the old VM named and the archive lacks (a later snapshot's images and state) are removed and
         listed; other files in the folder stay."""
         scene = scene71
-        archive = scene.take()
-        scene.sim.start("dev", workload=HOT)
-        wait_writes(scene, 5)
-        scene.host.take_snapshot("dev", "later")
-        wait_writes(scene, 5)
-        scene.host.save_state("dev")
-        info = scene.host.vm("dev")
-        folder = info.folder
-        later = [s for s in info.snapshots() if s.name == "later"]
-        assert later
-        named: set[Path | None] = {m.location for a in info.attachments for m in a.chain}
-        named |= {info.state_file, info.nvram_file}
-        for snap in info.snapshots():
-            named |= {m.location for a in snap.attachments for m in a.chain} | {snap.state_file, snap.nvram_file}
+        archive, folder, expected = stale_scene(scene)
         keep = folder / "Logs" / "VBox.log"
         keep.parent.mkdir(exist_ok=True)
         keep.write_text("log")
         mine = folder / "notes.txt"
         mine.write_text("mine")
-        restored = {folder / f.path for f in archive.files}
-        expected = {p for p in named if p is not None and p.exists() and p.is_relative_to(folder)
-                    and p not in restored}
         result = vbremote.Restorer(scene.host, scene.repo).restore(archive)
         assert {p.suffix for p in expected} >= {".vdi", ".sav"}
         assert set(result.removed) == expected
         assert not any(p.exists() for p in result.removed)
         assert keep.read_text() == "log"
         assert mine.read_text() == "mine"
-        assert all(p.exists() for p in restored)
+        assert all((folder / f.path).exists() for f in archive.files)
         assert result.vm is not None
         assert [s.name for s in result.vm.snapshots()] == []
 
@@ -1227,21 +1232,7 @@ class TestStaleAfterKill:
         """SIGKILL right after the new settings are written, or right after they are registered: a re-run
         removes the old VM's stale files and lists them, but not one that became a symlink."""
         scene = Scene(tmp_path, "7.1", repo, borg_cli, transport)
-        archive = scene.take()
-        scene.sim.start("dev", workload=HOT)
-        wait_writes(scene, 5)
-        scene.host.take_snapshot("dev", "later")
-        wait_writes(scene, 5)
-        scene.host.save_state("dev")
-        info = scene.host.vm("dev")
-        folder = info.folder
-        named: set[Path | None] = {m.location for a in info.attachments for m in a.chain}
-        named |= {info.state_file, info.nvram_file}
-        for snap in info.snapshots():
-            named |= {m.location for a in snap.attachments for m in a.chain} | {snap.state_file, snap.nvram_file}
-        restored = {folder / f.path for f in archive.files}
-        expected = {p for p in named if p is not None and p.exists() and p.is_relative_to(folder)
-                    and p not in restored}
+        archive, folder, expected = stale_scene(scene)
         assert {p.suffix for p in expected} >= {".vdi", ".sav"}
         scene.close()
         repo.close()
@@ -1289,7 +1280,7 @@ class TestStaleAfterKill:
             assert not any(p.exists() for p in expected)
             assert saved.is_symlink()
             assert outside.read_bytes() == b"not the VM's"
-            assert all(p.exists() for p in restored)
+            assert all((folder / f.path).exists() for f in archive.files)
             assert not any(p.name.startswith(STALE_PREFIX) for p in folder.iterdir())
             assert result.vm is not None
             assert [s.name for s in result.vm.snapshots()] == []
