@@ -106,7 +106,7 @@ def write_crafted(repo: vbremote.Repository, tmp_path: Path, settings: bytes, *,
 
 def settings_text(*, disk: str = "dev.vdi", state: str | None = None, nvram: str | None = None,
                   snapshot_folder: str | None = None, disk_format: str = "VDI", hardware: str = "",
-                  machine: str = "", version: str = "1.19") -> bytes:
+                  machine: str = "", version: str = "1.19", devices: str = "") -> bytes:
     machine_uuid = "{11111111-2222-3333-4444-555555555555}"
     state_attr = f' stateFile="{state}"' if state else ""
     folder_attr = f' snapshotFolder="{snapshot_folder}"' if snapshot_folder else ""
@@ -119,9 +119,9 @@ def settings_text(*, disk: str = "dev.vdi", state: str | None = None, nvram: str
         ' type="Normal"/>'
         f'</HardDisks></MediaRegistry>{machine}'
         f'<Hardware><CPU count="1"/>{nvram_xml}{hardware}</Hardware>'
-        '<StorageControllers><StorageController name="SATA" type="AHCI" PortCount="1">'
+        '<StorageControllers><StorageController name="SATA" type="AHCI" PortCount="2">'
         '<AttachedDevice type="HardDisk" port="0" device="0">'
-        '<Image uuid="{aaaaaaaa-2222-3333-4444-555555555555}"/></AttachedDevice>'
+        f'<Image uuid="{{aaaaaaaa-2222-3333-4444-555555555555}}"/></AttachedDevice>{devices}'
         '</StorageController></StorageControllers></Machine></VirtualBox>\n'
     ).encode()
 
@@ -705,6 +705,9 @@ HOST_REFERENCES = {
                                   '<GenericInterface driver="VDE"><Property name="network" value="/run/vde.ctl"/>'
                                   '</GenericInterface></DisabledModes><NAT/></Adapter></Network>'),
                     "a setting of network adapter 1 (VDE)", "network=/run/vde.ctl"),
+    "host-drive": (dict(devices='<AttachedDevice passthrough="false" type="DVD" port="1" device="0">'
+                                '<HostDrive src="/dev/sr0"/></AttachedDevice>'),
+                   "host DVD drive passed through at SATA port 1 device 0", "/dev/sr0"),
     "vmdk-absolute": (dict(disk="dev.vmdk", disk_format="VMDK",
                            vmdk=VMDK_HEAD.format(create="fullDevice") + 'RW 2048 FLAT "/dev/sda" 0\n'),
                       "extent 1 of the VMDK descriptor dev.vmdk", "/dev/sda"),
@@ -820,6 +823,46 @@ class TestHostReferences:
         found = vmdk_extents(text.encode())
         assert found[-1] == name
         assert vmdk_extents(b"KDMV" + text.encode()) == ()
+
+
+class TestReservedNames:
+    @pytest.mark.parametrize("name", [".vbremote-restore.json", ".vbremote-restore.json.tmp",
+                                      ".vbremote-stale-11111111-2222-3333-4444-555555555555.json"])
+    def test_archive_holding_a_restore_record_refused(self, repo: vbremote.Repository, tmp_path: Path,
+                                                      empty_host: vbremote.VirtualBoxHost, name: str):
+        """An archive that would write the journal or a stale-file list (which a later restore would trust, and
+        remove files by) is refused before any write."""
+        record = b'{"version":1,"vm_uuid":"11111111-2222-3333-4444-555555555555","files":["notes.txt"]}'
+        archive = write_crafted(repo, tmp_path, settings_text(), extra={"dev.vdi": small_vdi(tmp_path), name: record})
+        target = tmp_path / "target"
+        restorer = vbremote.Restorer(empty_host, repo)
+        for call in (restorer.plan, restorer.restore):
+            with pytest.raises(vbremote.ArchiveInvalid, match="keeps for its own records") as caught:
+                call(archive, target)
+            assert caught.value.path == name
+        assert not target.exists()
+
+    def test_refused_restore_puts_the_records_back(self, scene71: Scene, tmp_path: Path):
+        """A restore refused after it recorded the stale files (here: the state folder cannot hold the
+        unfinished-restore record) leaves no record behind, and the running VM runs on."""
+        archive, folder, stale = stale_scene(scene71)
+        scene71.host.start("dev")  # resumes the saved state
+        state = tmp_path / "another-state"
+        state.mkdir()
+        (state / "restoring").write_text("a file where the record's folder would go")
+        restorer = vbremote.Restorer(scene71.host, scene71.repo, state_dir=state)
+        recorded: list[bool] = []
+
+        def hashing(event: vbremote.Progress) -> None:  # the stale files are recorded after the first plan
+            recorded.append(any(p.name.startswith(STALE_PREFIX) for p in folder.iterdir()))
+
+        with pytest.raises(vbremote.ConfigurationError, match="state folder"):
+            restorer.restore(archive, power_off=True, progress=hashing)
+        assert recorded
+        assert not any(recorded)
+        assert scene71.host.state("dev") is vbremote.MachineState.RUNNING
+        assert not any(p.name.startswith(STALE_PREFIX) for p in folder.iterdir())
+        assert all(p.exists() for p in stale if p.suffix != ".sav")  # (the resume removed the saved state)
 
 
 class TestFolderFromName:
@@ -1345,14 +1388,22 @@ class TestImages:
             other.close()
 
     def test_image_present_restores_attached(self, scene71: Scene, tmp_path: Path):
-        """With the image where the settings say: no problem, the VM registers with the image in its drive."""
+        """With the image where the settings say, outside the VM folder: a host reference (the guest reads a host
+        file); allowed, the VM registers with the image in its drive. An image inside the folder is none."""
         iso = insert_iso(scene71)
         archive = scene71.take()
         other = SimulatedVirtualBox(tmp_path / "other", version="7.1")
         try:
             restorer = vbremote.Restorer(vbremote.VirtualBoxHost.connect(manager=other.manager()), scene71.repo)
-            assert restorer.plan(archive).problems == ()
-            result = restorer.restore(archive)
+            (problem,) = restorer.plan(archive).problems
+            assert problem.code == "host-reference"
+            assert str(iso) in problem.message
+            assert "DVD image" in problem.message
+            with pytest.raises(vbremote.RestorePreflightFailed):
+                restorer.restore(archive)
+            assert restorer.plan(archive, target=iso.parent).problems == ()  # the image inside the target folder
+            assert restorer.plan(archive, allow_host_references=True).problems == ()
+            result = restorer.restore(archive, allow_host_references=True)
             assert result.vm is not None
             assert result.ejected == ()
             (image,) = dvd(result.vm.attachments).chain
@@ -1407,16 +1458,17 @@ class TestImages:
         other = SimulatedVirtualBox(tmp_path / "other", version="7.1")
         try:
             restorer = vbremote.Restorer(vbremote.VirtualBoxHost.connect(manager=other.manager()), scene71.repo)
-            (problem,) = restorer.plan(archive).problems
+            # The present image outside the folder is a host reference, allowed here.
+            (problem,) = restorer.plan(archive, allow_host_references=True).problems
             assert problem.code == "image-missing"
             assert str(old) in problem.message
             assert str(new) not in problem.message
             assert "of snapshot 'with-old'" in problem.message
             assert "current state" not in problem.message
             with pytest.raises(vbremote.RestorePreflightFailed):
-                restorer.restore(archive)
+                restorer.restore(archive, allow_host_references=True)
             assert not (other.vms_folder / "dev").exists()
-            result = restorer.restore(archive, eject_missing_images=True)
+            result = restorer.restore(archive, eject_missing_images=True, allow_host_references=True)
             assert [(d.image, d.snapshot) for d in result.ejected] == [(old, "with-old")]
             assert result.vm is not None
             assert result.vm.state is vbremote.MachineState.POWERED_OFF

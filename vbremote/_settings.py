@@ -501,7 +501,7 @@ class HostLink:
 
     Attributes:
         kind: ``shared-folder``, ``serial-port``, ``parallel-port``,
-            ``recording``, ``tpm``, ``tftp``, ``generic-network`` or ``extradata``.
+            ``recording``, ``tpm``, ``tftp``, ``generic-network``, ``host-drive`` or ``extradata``.
         name: The shared folder's name, the port's or network adapter's
             slot, the recording screen, the ExtraData item's name ("" where
             there is none).
@@ -560,6 +560,20 @@ def _hardware_links(owner: ET.Element, snapshot: str | None) -> Iterator[HostLin
             kind = tpm.get("type", "")
             if kind in ("Host", "Swtpm") or tpm.get("location"):
                 yield HostLink("tpm", "", kind, tpm.get("location", ""), snapshot)
+    # A host's optical or floppy drive passed to the guest: ``AttachedDevice/HostDrive@src``
+    # (readStorageControllers), or before settings 1.9 ``Hardware/DVDDrive|FloppyDrive/HostDrive@src``
+    # (readDVDAndFloppies_pre1_9), Settings.cpp of 7.1.12.
+    for controllers in [*owner.findall(_N + "StorageControllers"),
+                        *owner.findall(f"{_N}Hardware/{_N}StorageControllers")]:
+        for controller in controllers.findall(_N + "StorageController"):
+            for device in controller.findall(_N + "AttachedDevice"):
+                for drive in device.findall(_N + "HostDrive"):
+                    at_port, at_device = device.get("port", "0"), device.get("device", "0")
+                    where = f"{controller.get('name', '')} port {at_port} device {at_device}"
+                    yield HostLink("host-drive", where, device.get("type", ""), drive.get("src", ""), snapshot)
+    for kind in ("DVDDrive", "FloppyDrive"):
+        for drive in owner.findall(f"{_N}Hardware/{_N}{kind}/{_N}HostDrive"):
+            yield HostLink("host-drive", kind, kind.removesuffix("Drive"), drive.get("src", ""), snapshot)
     capture = [*owner.findall(_N + "VideoCapture"), *owner.findall(f"{_N}Hardware/{_N}VideoCapture")]
     for element in capture:
         if element.get("file"):

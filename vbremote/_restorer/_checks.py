@@ -30,7 +30,7 @@ import os
 import posixpath
 import re
 from collections.abc import Callable, Iterator
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from attrs import frozen
@@ -38,6 +38,7 @@ from attrs import frozen
 from .._errors import ArchiveInvalid, ConfigurationError, RepositoryError, SettingsFileError
 from .._models import FileRole, _check_archive_path
 from .._settings import HostLink, MachineSettings, host_links, parse_settings
+from ._images import image_drives
 
 if TYPE_CHECKING:
     from .._repository import Repository
@@ -234,6 +235,9 @@ def _described(link: HostLink, folder: str | os.PathLike[str] | None) -> HostRef
         if link.value in ("", ".") or _inside_folder(link.value, folder):
             return None
         return HostReference(f"recording file of screen {link.name}{owner}", link.value)
+    if link.kind == "host-drive":
+        # The guest reads (a floppy: writes) the host's own drive.
+        return HostReference(f"host {link.mode or 'drive'} drive passed through at {link.name}{owner}", link.value)
     if link.kind == "extradata" and link.name.lower().startswith(_EXTRADATA_PREFIXES):
         return HostReference(f"ExtraData {link.name}", link.value)
     return None
@@ -340,6 +344,16 @@ def source_host_references(
         SettingsFileError: The settings cannot be parsed.
     """
     references = list(host_references(source.settings, folder=folder))
+    if folder is not None:
+        # A DVD or floppy image outside the folder is a host file the guest reads, and a floppy one it
+        # may write: VirtualBox gives DVD images the type Readonly and other images Writethrough
+        # (Medium::initFromSettings, MediumImpl.cpp of 7.1.12), and attaches a floppy read-write when
+        # the host file is writable (Console::i_configMedium, ConsoleImplConfigCommon.cpp). A missing
+        # one is an image-missing problem instead (see _images.py).
+        inside = Path(os.path.abspath(folder))
+        for drive in image_drives(parse_settings(source.settings), inside):
+            if not drive.image.is_relative_to(inside) and drive.image.exists():
+                references.append(HostReference(f"the {drive.kind} image of the {drive.describe()}", str(drive.image)))
     formats = {posixpath.normpath(m.location): m.format for m in parse_settings(source.settings).all_media()}
     for item in source.files:
         if item.role is not FileRole.DISK:

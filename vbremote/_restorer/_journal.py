@@ -163,7 +163,7 @@ class RestoreState:
         try:
             raw = Path(target, JOURNAL_NAME).read_bytes()
             return cls.from_json(json.loads(raw))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             return None
 
     def save(self, target: str | os.PathLike[str]) -> None:

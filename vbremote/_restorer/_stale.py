@@ -86,7 +86,7 @@ def load_stale(folder: Path, vm_uuid: str) -> set[Path]:
         entries = data["files"]
         if not isinstance(entries, list):
             return set()
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, RecursionError):
         return set()
     out: set[Path] = set()
     for entry in entries:

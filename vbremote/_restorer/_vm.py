@@ -66,11 +66,20 @@ from ._apply import ApplyStats, Prefetch, Verify, apply_plan
 from ._checks import source_host_references
 from ._foreign import foreign_source
 from ._images import ImageDrive, image_drives, missing_images
-from ._journal import replace_durably
+from ._journal import JOURNAL_NAME, replace_durably
 from ._plan import PlanProblem, RestorePlan, make_plan
 from ._rewrite import eject_images, new_identity, set_vdi_uuids, settings_with
 from ._source import RestoreSource, referenced_files, source_from_archive
-from ._stale import forget_stale, is_regular_inside, load_stale, remove_stale, save_stale, stale_name, vm_key
+from ._stale import (
+    STALE_PREFIX,
+    forget_stale,
+    is_regular_inside,
+    load_stale,
+    remove_stale,
+    save_stale,
+    stale_name,
+    vm_key,
+)
 
 if TYPE_CHECKING:
     from .._repository import Repository
@@ -115,6 +124,21 @@ def machine_folder_name(name: str) -> str:
     folder = "_" * (len(folder) - len(stripped)) + stripped
     stripped = folder.rstrip(" ")
     return stripped + "_" * (len(folder) - len(stripped))
+
+
+def _no_reserved_names(source: RestoreSource) -> RestoreSource:
+    """``source``, unless it would write one of the restore's own files (the journal, a stale-file record).
+
+    Raises:
+        ArchiveInvalid: It would; such a file is the restore's to write and to trust.
+    """
+    for f in source.files:
+        name = f.target_path
+        if name in (JOURNAL_NAME, JOURNAL_NAME + ".tmp") or name.startswith(STALE_PREFIX):
+            raise ArchiveInvalid(
+                f"archive {source.archive!r} holds {name!r}, a name a restore keeps for its own records "
+                "(the journal, the list of stale files); refused", archive=source.archive, path=name)
+    return source
 
 
 def _saved(source: RestoreSource) -> bool:
@@ -220,7 +244,7 @@ class Restorer:
             ConfigurationError: ``external`` for an archive of another tool, or a bad mapping.
         """
         if isinstance(archive, ArchiveInfo):
-            return source_from_archive(self.repository, archive, external=external)
+            return _no_reserved_names(source_from_archive(self.repository, archive, external=external))
         try:
             info = self.repository.archive(archive)
         except ArchiveNotFound:
@@ -228,8 +252,8 @@ class Restorer:
             if external:
                 raise ConfigurationError(f"archive {archive!r} was made by another tool: it has no _external/ files"
                                          ) from None
-            return foreign_source(self.repository, archive, contents)
-        return source_from_archive(self.repository, info, external=external)
+            return _no_reserved_names(foreign_source(self.repository, archive, contents))
+        return _no_reserved_names(source_from_archive(self.repository, info, external=external))
 
     def plan(
         self,
@@ -351,7 +375,10 @@ class Restorer:
         except (OSError, ValueError, KeyError, TypeError):
             return None
         folder = Path(recorded) if isinstance(recorded, str) else None
-        if folder is None or not folder.is_absolute() or not folder.is_dir():
+        try:
+            if folder is None or not folder.is_absolute() or not folder.is_dir():
+                return None
+        except OSError:
             return None
         return folder
 
@@ -594,34 +621,46 @@ class Restorer:
             raise _refused(source, folder, problems)
         ejected = missing if eject_missing_images else ()
         in_place = as_new is None
-        if in_place and current is not None and current.state.is_running and power_off:
+        running = in_place and current is not None and current.state.is_running and power_off
+        old_files, local_seeds = self._local_files(folder, source, current, as_new=as_new)
+        settings_path = folder / (source.settings_path if as_new is None else f"{as_new}.vbox")
+        written = {folder / f.target_path for f in source.files} | {settings_path}
+        if running:
             # Every check a plan makes runs before the VM is powered off: a plan of the running VM
             # first (its comparison goes stale at once, but a symlink in the folder, an unreadable
-            # seed or too little space refuses the restore while the VM still runs)…
-            old_files, local_seeds = self._local_files(folder, source, current, as_new=as_new)
+            # seed or too little space refuses the restore while the VM still runs); the plan that
+            # counts is made after the power-off, of disks that no longer change.
             trial = make_plan(self.repository, source, folder, seeds=[*seeds, *sorted(local_seeds)],
                               progress=progress)
             if trial.problems:
                 raise _refused(source, folder, trial.problems)
-            # …then the plan that counts, of disks that no longer change: a running guest changes the
-            # very blocks a plan compares.
-            log.info("%s: powering off for the restore", current.name)
-            self.host.power_off(current)
-        old_files, local_seeds = self._local_files(folder, source, current, as_new=as_new)
-        settings_path = folder / (source.settings_path if as_new is None else f"{as_new}.vbox")
-        written = {folder / f.target_path for f in source.files} | {settings_path}
-        # Chunks the plan will fetch start coming while it still hashes; nothing is written before the apply.
-        with Prefetch(self.repository) as prefetch:
-            plan = make_plan(self.repository, source, folder, seeds=[*seeds, *sorted(local_seeds)],
-                             progress=progress, fetch_known=prefetch)
-            if plan.problems:
-                raise _refused(source, folder, plan.problems)
-            # Before the old settings can be lost (unregistered, replaced): afterwards nothing names these files.
-            stale = self._stale_files(folder, source, old_files, written) if in_place else set()
+        # Before anything changes (the power-off included) and while the old settings still name them:
+        # the stale files, and the folder of a VM about to be unregistered, are recorded. A refusal
+        # before the VM is unregistered puts both records back as they were.
+        previous_stale = load_stale(folder, source.vm_uuid) if in_place else set()
+        stale = self._stale_files(folder, source, old_files, written) if in_place else set()
+        try:
             if in_place and current is not None:
                 self._record_unfinished(source.vm_uuid, folder, source.archive)
-                log.info("%s: unregistering before the restore writes", current.name)
-                self.host.unregister(current)
+            if running and current is not None:
+                log.info("%s: powering off for the restore", current.name)
+                self.host.power_off(current)
+        except BaseException:
+            self._undo_records(folder, source, previous_stale, current)
+            raise
+        # Chunks the plan will fetch start coming while it still hashes; nothing is written before the apply.
+        with Prefetch(self.repository) as prefetch:
+            try:
+                plan = make_plan(self.repository, source, folder, seeds=[*seeds, *sorted(local_seeds)],
+                                 progress=progress, fetch_known=prefetch)
+                if plan.problems:
+                    raise _refused(source, folder, plan.problems)
+                if in_place and current is not None:
+                    log.info("%s: unregistering before the restore writes", current.name)
+                    self.host.unregister(current)
+            except BaseException:
+                self._undo_records(folder, source, previous_stale, current)
+                raise
             with _writing(folder, source.archive):
                 folder.mkdir(parents=True, exist_ok=True)
             stats = apply_plan(self.repository, plan, verify=verify, progress=progress, prefetch=prefetch)
@@ -651,8 +690,11 @@ class Restorer:
         removed = self._remove_stale(folder, source, stale, keep=written | _referenced(settings_path, settings)
                                      ) if in_place else ()
         if in_place:
-            with contextlib.suppress(FileNotFoundError):
-                self._unfinished_record(source.vm_uuid).unlink()
+            try:
+                self._unfinished_record(source.vm_uuid).unlink(missing_ok=True)
+            except OSError as exc:  # the restore is done; the record only points target=None at this folder
+                log.warning("%s: cannot remove %s: %s", source.vm_name, self._unfinished_record(source.vm_uuid),
+                            exc.strerror)
         log.info("%s: restored from %s into %s (%d bytes fetched, %d stale files removed)", source.vm_name,
                  source.archive, folder, stats.bytes_fetched, len(removed))
         return RestoreResult(vm=info, stats=stats, removed=removed, resumed=stats.resumed,
@@ -699,6 +741,18 @@ class Restorer:
             return inside, outside
         return set(), set()
 
+    def _undo_records(self, folder: Path, source: RestoreSource, previous: set[Path], current: VMInfo | None
+                      ) -> None:
+        """Put the stale record (and the unfinished-restore record) back as they were before this restore."""
+        with contextlib.suppress(OSError):
+            if previous:
+                save_stale(folder, source.vm_uuid, previous)
+            elif folder.is_dir():
+                forget_stale(folder, source.vm_uuid)
+        if current is not None:
+            with contextlib.suppress(OSError):
+                self._unfinished_record(source.vm_uuid).unlink()
+
     def _stale_files(self, folder: Path, source: RestoreSource, old: set[Path], written: set[Path]) -> set[Path]:
         """The files an in-place restore removes once done, persisted in the target before anything changes.
 
@@ -708,11 +762,7 @@ class Restorer:
         """
         candidates = (old | load_stale(folder, source.vm_uuid)) - written
         stale = {p for p in candidates if is_regular_inside(folder, p)}
-        if folder / stale_name(source.vm_uuid) in written:
-            # An archive of a folder that held such a list (another tool archived it): the file is data now.
-            log.warning("%s: the archive holds %s; the stale files are not recorded", source.archive,
-                        stale_name(source.vm_uuid))
-        elif stale:
+        if stale:
             try:
                 save_stale(folder, source.vm_uuid, stale)
             except OSError as exc:
@@ -725,7 +775,10 @@ class Restorer:
         """Remove ``stale`` but what ``keep`` names, then the persisted list; returns the files removed."""
         removed = remove_stale(folder, stale, keep)
         if folder / stale_name(source.vm_uuid) not in keep:
-            forget_stale(folder, source.vm_uuid)
+            try:
+                forget_stale(folder, source.vm_uuid)
+            except OSError as exc:  # the files are gone; a list left names nothing a later restore may remove
+                log.warning("%s: cannot remove the stale-file list in %s: %s", source.vm_name, folder, exc.strerror)
         return removed
 
     def _check(self, info: VMInfo, source: RestoreSource, settings: bytes, *, discard_state: bool) -> None:

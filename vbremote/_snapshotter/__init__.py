@@ -323,10 +323,14 @@ class Snapshotter:
         # The archived settings are written to a folder of this VM's under the state folder, used
         # only under the VM's lock: what a killed run left there, the next run removes (take()).
         private = self._scratch(info.uuid)
-        private.mkdir(parents=True, mode=0o700)
         try:
+            private.mkdir(parents=True, mode=0o700)
             settings_copy = private / info.settings_file.name
             settings_copy.write_bytes(settings)
+        except OSError as exc:
+            shutil.rmtree(private, ignore_errors=True)
+            raise ConfigurationError(f"cannot use the state folder {self.state_dir}: {exc}") from exc
+        try:
             files = [FileSpec(settings_copy, info.settings_file.name, FileRole.SETTINGS), *collected.files]
             sizes = {spec.path: spec.source.stat().st_size for spec in files}
             log.info("%s: archiving %d files, %d bytes", info.name, len(files), sum(sizes.values()))
