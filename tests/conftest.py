@@ -13,6 +13,19 @@ import vbremote
 from vbremote.testing import MIB, make_vdi, qemu_tools_available
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _state_folder_of_the_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Snapshotters and Restorers made without a state folder keep their locks in the run's own folder,
+    never in the home folder of whoever runs the tests (subprocesses inherit it)."""
+    before = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("xdg-state"))
+    yield
+    if before is None:
+        del os.environ["XDG_STATE_HOME"]
+    else:
+        os.environ["XDG_STATE_HOME"] = before
+
+
 @pytest.fixture
 def base_dir(tmp_path: Path) -> Path:
     """A private borg base folder (keys, cache, security data) for one test."""
