@@ -68,6 +68,13 @@ class BorgCLI:
             raise AssertionError(f"borg {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
         return result.stdout
 
+    def check_and_extract(self, repo_path: str | os.PathLike[str], archive: str, out: Path) -> Path:
+        """``borg check --verify-data`` of the repository, then ``borg extract`` of ``archive`` into ``out`` (made)."""
+        self("check", "--verify-data", os.fspath(repo_path))
+        out.mkdir()
+        self("extract", f"{os.fspath(repo_path)}::{archive}", cwd=out)
+        return out
+
 
 def metadata(name: str = "dev", vm_uuid: str | None = None, **kwargs: object) -> vbremote.SnapshotMetadata:
     return vbremote.SnapshotMetadata(vm_name=name, vm_uuid=vm_uuid or str(uuid.uuid4()), **kwargs)  # type: ignore[arg-type]

@@ -139,10 +139,7 @@ class TestCheckpointsDuringAWrite:
         repo.compact()
         assert repo.check(verify_data=True).ok
         repo.close()
-        borg_cli("check", "--verify-data", str(transport.path))
-        out = tmp_path / "out"
-        out.mkdir()
-        borg_cli("extract", f"{transport.path}::b", cwd=out)
+        out = borg_cli.check_and_extract(transport.path, "b", tmp_path / "out")
         assert (out / "disk.img").read_bytes() == content
 
     def test_no_checkpoints_when_disabled(self, repo, tmp_path):

@@ -212,10 +212,7 @@ class TestWrite:
         result = repo.write_archive("repeats", [spec], metadata())
         assert (result.chunks, result.chunks_new, result.bytes_new) == (48, 3, 3 * MIB)
         repo.close()
-        borg_cli("check", "--verify-data", str(transport.path))
-        out = tmp_path / "out"
-        out.mkdir()
-        borg_cli("extract", f"{transport.path}::repeats", cwd=out)
+        out = borg_cli.check_and_extract(transport.path, "repeats", tmp_path / "out")
         assert (out / "disk.img").read_bytes() == content
 
     def test_repeat_read_before_its_first_block(self, repo, tmp_path):
