@@ -639,18 +639,14 @@ class Restorer:
         # before the VM is unregistered puts both records back as they were.
         previous_stale = load_stale(folder, source.vm_uuid) if in_place else set()
         stale = self._stale_files(folder, source, old_files, written) if in_place else set()
-        try:
-            if in_place and current is not None:
-                self._record_unfinished(source.vm_uuid, folder, source.archive)
-            if running and current is not None:
-                log.info("%s: powering off for the restore", current.name)
-                self.host.power_off(current)
-        except BaseException:
-            self._undo_records(folder, source, previous_stale, current)
-            raise
         # Chunks the plan will fetch start coming while it still hashes; nothing is written before the apply.
         with Prefetch(self.repository) as prefetch:
             try:
+                if in_place and current is not None:
+                    self._record_unfinished(source.vm_uuid, folder, source.archive)
+                if running and current is not None:
+                    log.info("%s: powering off for the restore", current.name)
+                    self.host.power_off(current)
                 plan = make_plan(self.repository, source, folder, seeds=[*seeds, *sorted(local_seeds)],
                                  progress=progress, fetch_known=prefetch)
                 if plan.problems:

@@ -339,7 +339,8 @@ class Snapshotter:
             shutil.rmtree(private, ignore_errors=True)
 
     def _scratch(self, vm_uuid: str) -> Path:
-        """This VM's private work folder: ``<state folder>/work/<vm uuid>``, used under its lock only."""
+        """This VM's private work folder: a folder named by its uuid in the state folder's ``work``, used under
+        its lock only."""
         return self.state_dir / "work" / vm_uuid
 
     def _write(
